@@ -1,0 +1,226 @@
+"""Use and resume checkpoints: atomic writes, safe loading (no arbitrary unpickling), clear errors.
+
+A *use* checkpoint holds what it takes to apply a learned optimizer: the rule's class and
+constructor config, its weights, and metadata (task, steps, validation score, versions).
+A *resume* checkpoint also holds the meta-training state (meta-optimizer, epoch, RNG,
+best weights so far) so that training continues exactly where it stopped.
+Both are ``torch.save`` files of plain containers and tensors, loaded with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from l2l.optimizers import LEARNED_RULES
+from l2l.version import __version__
+
+USE_FORMAT = "l2l-use"
+RESUME_FORMAT = "l2l-resume"
+FORMAT_VERSION = 1
+CHECKPOINT_SUFFIX = ".pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, truncated, of the wrong kind or mismatched with the run."""
+
+
+class UseCheckpoint(NamedTuple):
+    """A learned optimizer loaded from a use checkpoint, with its metadata."""
+
+    rule: nn.Module
+    metadata: dict[str, Any]
+
+
+def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes ``payload`` with ``torch.save`` to a temporary file, then renames it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _read(path: Path, expected_format: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or unsafe files.
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not an l2l checkpoint "
+            f"({type(error).__name__}: {_reason(error)})"
+        ) from None
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not an l2l checkpoint (no 'format' entry)")
+    found = payload["format"]
+    if found != expected_format:
+        hint = " (pass the resume checkpoint to --resume, the use checkpoint to --optimizer)"
+        raise CheckpointError(f"checkpoint {path} is a {found!r} checkpoint, expected {expected_format!r}{hint}")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('format_version')!r}; this l2l reads version {FORMAT_VERSION}"
+        )
+    return payload
+
+
+def _require_keys(path: Path, payload: dict[str, Any], keys: tuple[str, ...]) -> None:
+    missing = [key for key in keys if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+
+
+def rule_spec(rule: nn.Module) -> dict[str, Any]:
+    """Class name and constructor config of a learned rule: what rebuilds it."""
+    name = type(rule).__name__
+    if name not in LEARNED_RULES:
+        raise CheckpointError(f"cannot checkpoint a {name}: known learned rules are {', '.join(LEARNED_RULES)}")
+    return {"class": name, "config": rule.config()}
+
+
+def build_rule(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None, *, source: str = "checkpoint") -> nn.Module:
+    """Rebuilds a learned rule from :func:`rule_spec` output and optionally loads weights into it."""
+    if not isinstance(spec, dict) or spec.get("class") not in LEARNED_RULES:
+        raise CheckpointError(
+            f"{source} names an unknown learned optimizer {spec.get('class') if isinstance(spec, dict) else spec!r}; "
+            f"this l2l knows {', '.join(LEARNED_RULES)}"
+        )
+    try:
+        rule = LEARNED_RULES[spec["class"]].from_config(spec["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{source} has an invalid optimizer config {spec['config']!r}: {error}") from None
+    if state_dict is not None:
+        try:
+            rule.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{source}'s weights do not match its optimizer config {spec['config']!r}: {str(error).splitlines()[0]}"
+            ) from None
+    return rule
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every checkpoint."""
+    return {"l2l": __version__, "torch": str(torch.__version__)}
+
+
+def save_use_checkpoint(path: str | os.PathLike, rule: nn.Module, metadata: dict[str, Any]) -> Path:
+    """Writes a use checkpoint of ``rule`` (weights copied to CPU) with ``metadata``.
+
+    Args:
+        path: destination file (written atomically).
+        rule: a learned rule (``CoordinateWiseLSTM``).
+        metadata: JSON-like facts about its training: task, steps, validation score, ...
+    """
+    payload = {
+        "format": USE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "rule": rule_spec(rule),
+        "state_dict": {key: value.detach().cpu().clone() for key, value in rule.state_dict().items()},
+        "metadata": {**metadata, "versions": versions(), "saved_at": _now()},
+    }
+    return atomic_save(payload, path)
+
+
+def load_use_checkpoint(name_or_path: str | os.PathLike, *, device: torch.device | str | None = None) -> UseCheckpoint:
+    """Loads a learned optimizer from a path or a shipped checkpoint name (see :func:`shipped_checkpoints`)."""
+    path = resolve_checkpoint(name_or_path)
+    payload = _read(path, USE_FORMAT)
+    _require_keys(path, payload, ("rule", "state_dict", "metadata"))
+    rule = build_rule(payload["rule"], payload["state_dict"], source=f"checkpoint {path}")
+    if device is not None:
+        rule = rule.to(device)
+    return UseCheckpoint(rule, payload["metadata"])
+
+
+def load_optimizer(name_or_path: str | os.PathLike, *, device: torch.device | str | None = None) -> nn.Module:
+    """The learned update rule stored in a use checkpoint (path or shipped name)."""
+    return load_use_checkpoint(name_or_path, device=device).rule
+
+
+RESUME_KEYS = ("train_config", "rule", "state_dict", "best_state_dict", "meta_optimizer", "epoch", "rng", "progress")
+
+
+def save_resume_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Writes a resume checkpoint; ``payload`` must hold every key of ``RESUME_KEYS``."""
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing:
+        raise ValueError(f"resume payload lacks {', '.join(missing)}")
+    return atomic_save(
+        {"format": RESUME_FORMAT, "format_version": FORMAT_VERSION, **payload, "versions": versions(), "saved_at": _now()},
+        path,
+    )
+
+
+def load_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks a resume checkpoint written by :func:`save_resume_checkpoint`."""
+    path = Path(path)
+    payload = _read(path, RESUME_FORMAT)
+    _require_keys(path, payload, RESUME_KEYS)
+    return payload
+
+
+def shipped_checkpoints() -> dict[str, Path]:
+    """Checkpoints shipped with l2l (``checkpoints/*.pt``), by name."""
+    found: dict[str, Path] = {}
+    for directory in _shipped_directories():
+        for file in sorted(directory.glob(f"*{CHECKPOINT_SUFFIX}")):
+            found.setdefault(file.stem, file)
+    return found
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A checkpoint file from a path, or from the name of a shipped checkpoint (``"quadratic"``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_checkpoints()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise CheckpointError(
+        f"no checkpoint file {str(name_or_path)!r}, and no shipped checkpoint of that name "
+        f"(shipped: {', '.join(shipped) or 'none'})"
+    )
+
+
+def _shipped_directories() -> list[Path]:
+    directories = []
+    try:  # Installed: checkpoints/ is the data package l2l.checkpoints.
+        directories.append(Path(str(resources.files("l2l.checkpoints"))))
+    except (ModuleNotFoundError, TypeError):
+        pass
+    # Imported from a source checkout: checkpoints/ sits beside the package directory.
+    directories.append(Path(__file__).resolve().parent.parent / "checkpoints")
+    return [directory for directory in directories if directory.is_dir()]
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of a torch.load error (its first line is often generic advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "global" in line.lower() and "weights_only" not in line:
+            return f"refused to unpickle an object that is not plain data: {line}"
+    return lines[0] if lines else "no details"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,243 @@
+"""The ``l2l`` command line: ``train``, ``bench`` and ``tasks``. Parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from l2l.checkpoint import CheckpointError, load_use_checkpoint
+from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
+from l2l.meta.evaluate import benchmark, format_table, resolve_device
+from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, meta_train
+from l2l.tasks.registry import get_task, list_tasks
+
+
+def _task_options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--task-option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _loss_weights(text: str) -> str | tuple[float, ...]:
+    return text if text in ("uniform", "linear", "final") else _float_list(text)
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+# (flag, TrainConfig field, type, help). Defaults come from TrainConfig; None marks "not given".
+_TRAIN_FLAGS = [
+    ("--task", "task", str, "task family (see `l2l tasks`)"),
+    ("--epochs", "epochs", int, "meta-training epochs; each samples fresh instances"),
+    ("--batch-size", "batch_size", int, "optimizee instances per epoch (K)"),
+    ("--optimizee-steps", "optimizee_steps", int, "optimizee steps per epoch (default: the family's)"),
+    ("--unroll", "unroll", int, "steps per truncation of BPTT (default: the family's)"),
+    ("--meta-lr", "meta_lr", float, "Adam learning rate of the LSTM"),
+    ("--clip-grad-norm", "clip_grad_norm", float, "meta-gradient norm clipping"),
+    ("--loss-weights", "loss_weights", _loss_weights, "uniform | linear | final | comma-separated weights per unroll step"),
+    ("--hidden-size", "hidden_size", int, "LSTM units per layer"),
+    ("--num-layers", "num_layers", int, "LSTM layers"),
+    ("--preprocess", "preprocess", str, "gradient preprocessing: log_sign | none"),
+    ("--preprocess-p", "preprocess_p", float, "exponent p of the log/sign preprocessing"),
+    ("--output-scale", "output_scale", float, "factor on the LSTM output"),
+    ("--val-every", "val_every", int, "validate every N epochs"),
+    ("--val-problems", "val_problems", int, "held-out validation instances"),
+    ("--max-nonfinite", "max_nonfinite", int, "stop after this many non-finite meta-steps in a row"),
+    ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs"),
+    ("--seed", "seed", int, "seed of every random stream of the run"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+]
+
+
+def _add_train(subparsers) -> None:
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "train",
+        help="meta-train a learned optimizer, then compare it with tuned baselines",
+        description="Meta-train a coordinatewise LSTM optimizer by truncated BPTT. Writes OUT/optimizer.pt (use "
+        "checkpoint, best validation weights), OUT/resume.pt and OUT/history.json, then benchmarks the result "
+        "against tuned SGD, momentum, NAG, RMSProp and Adam on held-out instances.",
+    )
+    for flag, name, kind, text in _TRAIN_FLAGS:
+        default = getattr(defaults, name)
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (default: {default})")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
+    parser.add_argument("--second-order", dest="second_order", action="store_const", const=True, default=None,
+                        help="differentiate through the optimizee gradients (default: off, as in the paper)")
+    parser.add_argument("--config", type=Path, help="TrainConfig JSON file; flags given here override it")
+    parser.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
+    parser.add_argument("--resume", type=Path, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
+    parser.add_argument("--bench-problems", type=int, default=512, help="held-out instances of the final comparison")
+    parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.second_order is not None:
+        given["second_order"] = True
+    if args.task_option:
+        given["task_options"] = _task_options(args.task_option)
+    if args.resume is not None:
+        config = config_from_resume(args.resume, **given)
+        out = args.out or args.resume.parent
+    else:
+        base = TrainConfig.from_json(args.config.read_text()).to_dict() if args.config else {}
+        config = TrainConfig.from_dict({**base, **given})
+        out = args.out or Path("runs") / config.task
+    print(f"l2l train: task {config.task}, {config.epochs} epochs, output {out}", file=sys.stderr)
+    try:
+        result = meta_train(config, out, resume=args.resume, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)
+        return 130
+    print(
+        f"trained {result.epochs} epochs; best validation loss {result.best_score:.4g} at epoch {result.best_epoch}; "
+        f"{result.skipped_steps} non-finite meta-steps skipped"
+    )
+    print(f"use checkpoint: {result.use_checkpoint}\nresume checkpoint: {result.resume_checkpoint}")
+    if args.no_bench:
+        return 0
+    family = get_task(config.task, **config.task_options)
+    bench = BenchConfig(
+        task=config.task, task_options=config.task_options, optimizers=(str(result.use_checkpoint),),
+        steps=config.optimizee_steps, problems=args.bench_problems, seed=args.bench_seed, device=config.device,
+    )
+    report = _run_bench(bench, family, {"lstm": result.rule}, quiet=args.quiet)
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    print(format_table(report))
+    print(f"comparison written to {out / 'bench.json'}")
+    return 0
+
+
+def _run_bench(config: BenchConfig, family, learned: dict, *, quiet: bool) -> dict:
+    device = resolve_device(config.device)
+    say = None if quiet else (lambda message: print(f"  {message}", file=sys.stderr))
+    return benchmark(
+        family, learned, baselines=config.baselines, steps=config.steps or family.default_steps,
+        problems=config.problems, tune_problems=config.tune_problems, lr_grid=config.lr_grid,
+        seed=config.seed, device=device, progress=say,
+    )
+
+
+def _add_bench(subparsers) -> None:
+    defaults = BenchConfig()
+    parser = subparsers.add_parser(
+        "bench",
+        help="compare learned optimizers with tuned hand-designed ones",
+        description="Evaluate learned optimizers and SGD, momentum, NAG, RMSProp and Adam (learning rate tuned on a "
+        "log grid, on instances separate from the evaluation instances) on the same held-out instances.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--task", default=defaults.task, help="task family (see `l2l tasks`)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
+    parser.add_argument("--optimizer", action="append", default=[], metavar="PATH",
+                        help="use checkpoint or shipped name (repeatable); the first is reported as 'lstm'")
+    parser.add_argument("--baselines", type=_name_list, default=defaults.baselines,
+                        help=f"comma-separated subset of {','.join(BASELINE_NAMES)} ('' for none)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizee steps (default: the family's)")
+    parser.add_argument("--problems", type=int, default=defaults.problems, help="held-out evaluation instances")
+    parser.add_argument("--tune-problems", type=int, default=defaults.tune_problems, help="instances for tuning baseline learning rates")
+    parser.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID, help="comma-separated learning rates")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the instances")
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    parser.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    config = BenchConfig(
+        task=args.task, task_options=_task_options(args.task_option), optimizers=tuple(args.optimizer),
+        baselines=args.baselines, steps=args.steps, problems=args.problems, tune_problems=args.tune_problems,
+        lr_grid=args.lr_grid, seed=args.seed, device=args.device,
+    )
+    family = get_task(config.task, **config.task_options)
+    learned = {}
+    for index, name_or_path in enumerate(config.optimizers):
+        loaded = load_use_checkpoint(name_or_path)
+        trained_on = loaded.metadata.get("task")
+        if trained_on and trained_on != config.task and not args.quiet:
+            print(f"note: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
+        label = "lstm" if index == 0 else f"lstm[{Path(str(name_or_path)).stem}]"
+        learned[label] = loaded.rule
+    report = _run_bench(config, family, learned, quiet=args.quiet)
+    report["optimizers"] = list(config.optimizers)
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"report written to {args.json}")
+    if args.plot:
+        from l2l.plotting import plot_curves
+
+        print(f"figure written to {plot_curves(report, args.plot)}")
+    return 0
+
+
+def _add_tasks(subparsers) -> None:
+    parser = subparsers.add_parser("tasks", help="list the task families", description="List the registered task families.")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=_tasks)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    families = list_tasks()
+    rows = [
+        {"name": name, "steps": family.default_steps, "unroll": family.default_unroll, "options": family.config(),
+         "description": family.description}
+        for name, family in families.items()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(row["name"]) for row in rows)
+    print(f"{'task'.ljust(width)}  steps  unroll  description")
+    for row in rows:
+        print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['description']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``l2l`` argument parser."""
+    from l2l.version import __version__
+
+    parser = argparse.ArgumentParser(prog="l2l", description="Learned optimizers: meta-train, benchmark, list tasks.")
+    parser.add_argument("--version", action="version", version=f"l2l {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{train,bench,tasks}", required=True)
+    _add_train(subparsers)
+    _add_bench(subparsers)
+    _add_tasks(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (errors print one line, status 2)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, CheckpointError, NonFiniteError, ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"l2l {args.command}: error: {error}", file=sys.stderr)
+        return 2

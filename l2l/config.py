@@ -1,0 +1,174 @@
+"""Run configurations (TrainConfig, BenchConfig): validated dataclasses that round-trip through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSS_WEIGHTINGS = ("uniform", "linear", "final")
+DEFAULT_LR_GRID = tuple(10.0 ** (k / 2) for k in range(-10, 3))  # 1e-5 ... 10 in half-decades
+BASELINE_NAMES = ("sgd", "momentum", "nag", "rmsprop", "adam")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or of the wrong kind."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    _require(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+        f"{name} must be a positive finite number, got {value!r}",
+    )
+
+
+def _check_device(value: str) -> None:
+    _require(
+        value in ("auto", "cpu", "cuda") or value.startswith("cuda:"),
+        f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}",
+    )
+
+
+class _JSONConfig:
+    """to_dict/from_dict/JSON for the dataclasses below; unknown keys are errors, not silently dropped."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        # JSON has no tuples; every sequence field of these configs is a tuple.
+        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JSONConfig):
+    """Everything that defines a meta-training run. Defaults reproduce the paper's quadratic setting.
+
+    ``optimizee_steps`` and ``unroll`` default (None) to the task family's own defaults.
+    """
+
+    task: str = "quadratic"
+    task_options: dict = field(default_factory=dict)
+    # Learned optimizer.
+    hidden_size: int = 20
+    num_layers: int = 2
+    preprocess: str = "log_sign"
+    preprocess_p: float = 10.0
+    output_scale: float = 0.1
+    # Truncated BPTT.
+    epochs: int = 1000
+    batch_size: int = 128
+    optimizee_steps: int | None = None
+    unroll: int | None = None
+    loss_weights: str | tuple = "uniform"
+    second_order: bool = False
+    meta_lr: float = 1e-3
+    clip_grad_norm: float = 1.0
+    # Validation and selection.
+    val_every: int = 50
+    val_problems: int = 256
+    # Robustness, bookkeeping.
+    max_nonfinite: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
+        _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
+        for name in ("hidden_size", "num_layers", "epochs", "batch_size", "val_every", "val_problems", "max_nonfinite", "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("optimizee_steps", "unroll"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.optimizee_steps is not None and self.unroll is not None:
+            _require(
+                self.unroll <= self.optimizee_steps,
+                f"unroll ({self.unroll}) must not exceed optimizee_steps ({self.optimizee_steps})",
+            )
+        _require(self.preprocess in ("log_sign", "none"), f"preprocess must be 'log_sign' or 'none', got {self.preprocess!r}")
+        for name in ("preprocess_p", "output_scale", "meta_lr", "clip_grad_norm"):
+            _positive_float(name, getattr(self, name))
+        if isinstance(self.loss_weights, str):
+            _require(
+                self.loss_weights in LOSS_WEIGHTINGS,
+                f"loss_weights must be one of {', '.join(LOSS_WEIGHTINGS)} or a list of numbers, got {self.loss_weights!r}",
+            )
+        else:
+            weights = tuple(self.loss_weights)
+            _require(
+                len(weights) > 0 and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights),
+                f"loss_weights must be non-negative finite numbers, got {self.loss_weights!r}",
+            )
+            if self.unroll is not None:
+                _require(
+                    len(weights) == self.unroll,
+                    f"loss_weights has {len(weights)} entries but the unroll has {self.unroll} steps",
+                )
+        _require(isinstance(self.second_order, bool), "second_order must be true or false")
+        _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check_device(self.device)
+
+    def optimizer_config(self) -> dict[str, Any]:
+        """Constructor arguments of the learned optimizer this run trains."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "preprocess": self.preprocess,
+            "preprocess_p": self.preprocess_p,
+            "output_scale": self.output_scale,
+        }
+
+
+@dataclass(frozen=True)
+class BenchConfig(_JSONConfig):
+    """A comparison of learned and tuned hand-designed optimizers on held-out instances."""
+
+    task: str = "quadratic"
+    task_options: dict = field(default_factory=dict)
+    optimizers: tuple = ()  # checkpoint paths or shipped names
+    baselines: tuple = BASELINE_NAMES
+    steps: int | None = None
+    problems: int = 512
+    tune_problems: int = 128
+    lr_grid: tuple = DEFAULT_LR_GRID
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
+        for name in self.baselines:
+            _require(name in BASELINE_NAMES, f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        _positive_int("problems", self.problems)
+        _positive_int("tune_problems", self.tune_problems)
+        _require(len(self.lr_grid) > 0, "lr_grid must not be empty")
+        for lr in self.lr_grid:
+            _positive_float("every learning rate in lr_grid", lr)
+        _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check_device(self.device)

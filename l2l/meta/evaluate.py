@@ -1,0 +1,192 @@
+"""Runs update rules on held-out instances: summaries, baseline learning-rate tuning, benchmarks."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from l2l.meta.unroll import run
+from l2l.optimizers.base import UpdateRule
+from l2l.optimizers.baselines import get_baseline
+from l2l.seeding import make_generator
+from l2l.tasks.base import Task, TaskFamily
+
+
+class RunResult(NamedTuple):
+    """One optimizer on one set of instances."""
+
+    losses: Tensor  # [T + 1, K] on the CPU, the initial loss first
+    metrics: dict[str, Tensor]  # held-out figures per instance, each [K]
+    seconds: float
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return resolved
+
+
+def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0) -> RunResult:
+    """Runs ``rule`` for ``steps`` steps from the task's initial parameters.
+
+    Minibatches (stochastic tasks) are drawn from a generator seeded by ``seed`` alone, so
+    every rule evaluated with the same seed sees the same data (common random numbers).
+    """
+    generator = make_generator(seed, "evaluate-batches", task.device)
+    begin = time.perf_counter()
+    losses, carry = run(rule, task, steps, generator=generator)
+    with torch.no_grad():
+        metrics = {name: value.detach().cpu() for name, value in task.metrics(carry.params).items()}
+    losses = losses.cpu()
+    return RunResult(losses, metrics, time.perf_counter() - begin)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    """JSON-ready figures of a run: final-loss mean/median/sem, summed loss, mean curve.
+
+    Non-finite figures (diverged instances) are reported as ``None`` and counted.
+    """
+    losses = result.losses.double()
+    final = losses[-1]
+    num = final.numel()
+    finite = torch.isfinite(losses).all(0)
+    summary = {
+        "final_loss": {
+            "mean": _finite_or_none(final.mean().item()),
+            "median": _finite_or_none(final.median().item()),
+            "sem": _finite_or_none((final.std(unbiased=True) / math.sqrt(num)).item()) if num > 1 else 0.0,
+        },
+        "summed_loss_mean": _finite_or_none(losses.sum(0).mean().item()),
+        "diverged": int((~finite).sum().item()),
+        "curve_mean": [_finite_or_none(v) for v in losses.mean(1).tolist()],
+        "curve_sem": [_finite_or_none(v) for v in (losses.std(1) / math.sqrt(num)).tolist()] if num > 1 else [0.0] * len(losses),
+        "seconds": result.seconds,
+    }
+    for name, values in result.metrics.items():
+        summary[name] = {"mean": _finite_or_none(values.double().mean().item())}
+    return summary
+
+
+def tune_learning_rate(
+    make_rule: Callable[[float], UpdateRule], task: Task, steps: int, grid: tuple[float, ...], *, seed: int = 0
+) -> tuple[float, dict[float, float]]:
+    """Picks the learning rate with the lowest mean final loss on ``task`` (tuning instances).
+
+    Args:
+        make_rule: builds the rule for a learning rate.
+        task: tuning instances, separate from the evaluation instances.
+        steps: optimizee steps per run.
+        grid: candidate learning rates.
+        seed: seeds the minibatches (stochastic tasks).
+
+    Returns:
+        ``(best_lr, scores)`` with ``scores[lr]`` the mean final loss (``inf`` if diverged).
+    """
+    scores: dict[float, float] = {}
+    for lr in grid:
+        final = evaluate(make_rule(lr), task, steps, seed=seed).losses[-1]
+        score = final.double().mean().item()
+        scores[lr] = score if math.isfinite(score) else math.inf
+    best = min(grid, key=lambda lr: scores[lr])
+    return best, scores
+
+
+def benchmark(
+    family: TaskFamily,
+    learned: dict[str, UpdateRule],
+    *,
+    baselines: tuple[str, ...],
+    steps: int,
+    problems: int,
+    tune_problems: int,
+    lr_grid: tuple[float, ...],
+    seed: int,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Compares learned rules with tuned baselines on the same held-out instances.
+
+    Baseline learning rates are tuned on ``tune_problems`` instances drawn from a stream
+    separate from the ``problems`` evaluation instances; every optimizer is then run on the
+    same evaluation instances with the same minibatches.
+
+    Returns:
+        ``{"task", "task_options", "steps", "problems", "seed", "device", "results": {name: summary}}``
+        where a summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules)
+        and, for baselines, ``"lr_scores"``.
+    """
+    say = progress or (lambda message: None)
+    eval_task = family.sample(problems, make_generator(seed, "bench"), device)
+    tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device)
+    results: dict[str, Any] = {}
+    for name, rule in learned.items():
+        say(f"evaluating {name}")
+        results[name] = {"lr": None, **summarize(evaluate(rule.to(device), eval_task, steps, seed=seed))}
+    for name in baselines:
+        say(f"tuning {name} over {len(lr_grid)} learning rates")
+        best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed + 1)
+        summary = summarize(evaluate(get_baseline(name, best_lr), eval_task, steps, seed=seed))
+        edge = best_lr in (min(lr_grid), max(lr_grid))
+        results[name] = {
+            "lr": best_lr,
+            **summary,
+            "lr_scores": {f"{lr:.3g}": _finite_or_none(score) for lr, score in scores.items()},
+            "lr_at_grid_edge": edge,
+        }
+    return {
+        "task": family.name,
+        "task_options": family.config(),
+        "steps": steps,
+        "problems": problems,
+        "tune_problems": tune_problems,
+        "seed": seed,
+        "device": str(device),
+        "results": results,
+    }
+
+
+def format_table(report: dict[str, Any], reference: str = "adam") -> str:
+    """A plain-text table of :func:`benchmark`'s report, one row per optimizer, best first."""
+    results = report["results"]
+    ref = results.get(reference, {}).get("final_loss", {}).get("mean")
+
+    def fmt(value: float | None, spec: str = ".4g") -> str:
+        return "diverged" if value is None else format(value, spec)
+
+    extra = sorted({key for r in results.values() for key in r if isinstance(r[key], dict) and "mean" in r[key] and key != "final_loss"})
+    header = ["optimizer", "lr", "final mean", "± sem", "median", "summed mean", f"vs {reference}"] + extra
+    rows = []
+    order = sorted(results, key=lambda n: math.inf if results[n]["final_loss"]["mean"] is None else results[n]["final_loss"]["mean"])
+    for name in order:
+        r = results[name]
+        final = r["final_loss"]
+        ratio = None if (ref is None or final["mean"] is None or ref == 0) else final["mean"] / ref
+        lr = "learned" if r["lr"] is None else f"{r['lr']:.3g}" + ("*" if r.get("lr_at_grid_edge") else "")
+        rows.append(
+            [name, lr, fmt(final["mean"]), fmt(final["sem"], ".2g"), fmt(final["median"]), fmt(r["summed_loss_mean"]),
+             "-" if ratio is None else f"{ratio:.3f}x"]
+            + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
+        )
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = [
+        f"{report['task']}: {report['problems']} held-out instances, {report['steps']} steps, seed {report['seed']} "
+        f"(baseline lr tuned on {report['tune_problems']} separate instances)",
+        "  ".join(cell.ljust(width) for cell, width in zip(header, widths)),
+        "  ".join("-" * width for width in widths),
+    ]
+    lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    if any(r.get("lr_at_grid_edge") for r in results.values()):
+        lines.append("* best learning rate at the edge of the grid: widen --lr-grid")
+    return "\n".join(lines)

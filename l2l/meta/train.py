@@ -1,0 +1,315 @@
+"""Meta-training by truncated backpropagation through time (Andrychowicz et al., 2016, section 2).
+
+Each epoch samples fresh optimizee instances and optimizes them for ``optimizee_steps``
+steps, unrolled ``unroll`` steps at a time. After each truncation the meta-loss (weighted
+sum of the losses over the truncation, averaged over instances) is backpropagated into the
+learned optimizer, whose weights Adam updates; parameters and optimizer state are carried,
+detached, into the next truncation. A fixed held-out set selects the best weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from l2l.checkpoint import (
+    CheckpointError,
+    build_rule,
+    load_resume_checkpoint,
+    rule_spec,
+    save_resume_checkpoint,
+    save_use_checkpoint,
+)
+from l2l.config import TrainConfig
+from l2l.meta.evaluate import evaluate, resolve_device
+from l2l.meta.unroll import detach_carry, start, unroll
+from l2l.optimizers.lstm import CoordinateWiseLSTM
+from l2l.seeding import derive_seed, make_generator
+from l2l.tasks.base import TaskFamily
+from l2l.tasks.registry import get_task
+
+USE_CHECKPOINT = "optimizer.pt"
+RESUME_CHECKPOINT = "resume.pt"
+HISTORY_FILE = "history.json"
+
+# What a resumed run may change without changing its result.
+RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every")
+
+
+class NonFiniteError(RuntimeError):
+    """Meta-training kept producing non-finite losses or meta-gradients."""
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`meta_train`."""
+
+    rule: nn.Module  # the best learned optimizer by validation score (on the CPU)
+    best_score: float  # its mean final validation loss
+    best_epoch: int
+    epochs: int  # epochs completed
+    skipped_steps: int  # meta-steps skipped for non-finite loss or gradient
+    history: list[dict[str, Any]] = field(default_factory=list)
+    use_checkpoint: Path | None = None
+    resume_checkpoint: Path | None = None
+
+
+def loss_weights(config: TrainConfig, unroll: int) -> Tensor:
+    """Weights ``[unroll]`` of the per-step losses in the meta-loss."""
+    if config.loss_weights == "uniform":
+        return torch.ones(unroll)
+    if config.loss_weights == "linear":
+        return torch.arange(1, unroll + 1, dtype=torch.float32) / unroll
+    if config.loss_weights == "final":
+        weights = torch.zeros(unroll)
+        weights[-1] = 1.0
+        return weights
+    weights = torch.tensor(config.loss_weights, dtype=torch.float32)
+    if weights.numel() != unroll:
+        raise ValueError(f"loss_weights has {weights.numel()} entries but the unroll has {unroll} steps")
+    return weights
+
+
+def horizon(config: TrainConfig, family: TaskFamily) -> tuple[int, int]:
+    """``(optimizee_steps, unroll)`` with the family's defaults filled in."""
+    steps = config.optimizee_steps or family.default_steps
+    length = config.unroll or min(family.default_unroll, steps)
+    if length > steps:
+        raise ValueError(f"unroll ({length}) must not exceed optimizee_steps ({steps})")
+    return steps, length
+
+
+def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
+    """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot."""
+    saved_values, asked_values = saved.to_dict(), asked.to_dict()
+    changed = [key for key in saved_values if key not in RESUMABLE_OVERRIDES and saved_values[key] != asked_values[key]]
+    if changed:
+        details = ", ".join(f"{key}: checkpoint {saved_values[key]!r}, asked {asked_values[key]!r}" for key in changed)
+        raise CheckpointError(
+            f"the resume checkpoint was trained with a different configuration ({details}); "
+            f"only {', '.join(RESUMABLE_OVERRIDES)} may change on resume"
+        )
+
+
+class MetaTrainer:
+    """Holds one meta-training run's state; :meth:`run` trains, checkpointing as it goes."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = resolve_device(config.device)
+        self.family = get_task(config.task, **config.task_options)
+        self.steps, self.unroll = horizon(config, self.family)
+        self.weights = loss_weights(config, self.unroll).to(self.device)
+        self.rule = CoordinateWiseLSTM(**config.optimizer_config(), seed=derive_seed(config.seed, "init")).to(self.device)
+        self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
+        self.instance_generator = make_generator(config.seed, "train")
+        self.batch_generator = make_generator(config.seed, "train-batches", self.device)
+        self.validation_task = self.family.sample(config.val_problems, make_generator(config.seed, "validation"), self.device)
+        self.epoch = 0
+        self.skipped = 0
+        self.consecutive_skipped = 0
+        self.best_score = math.inf
+        self.best_epoch = -1
+        self.best_state = copy.deepcopy(self.rule.state_dict())
+        self.history: list[dict[str, Any]] = []
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self) -> Tensor:
+        """One epoch: fresh instances, ``steps / unroll`` truncations, one meta-step each.
+
+        Returns:
+            The mean meta-loss per truncation (a 0-d tensor; NaN if every step was skipped).
+        """
+        config = self.config
+        task = self.family.sample(config.batch_size, self.instance_generator, self.device)
+        carry = start(self.rule, task, generator=self.batch_generator)
+        if not bool(torch.isfinite(carry.loss).all()):
+            raise NonFiniteError(
+                f"task {config.task!r} gave a non-finite loss at its initial parameters; check the task's data and initialisation"
+            )
+        meta_losses = []
+        while carry.step < self.steps:
+            length = min(self.unroll, self.steps - carry.step)
+            losses, carry = unroll(
+                self.rule, task, carry, length, generator=self.batch_generator, second_order=config.second_order
+            )
+            meta_loss = (self.weights[:length, None] * losses).sum(0).mean()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            meta_loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), config.clip_grad_norm)
+            # One host synchronisation per meta-step, outside the unroll.
+            if bool(torch.isfinite(meta_loss) & torch.isfinite(grad_norm)):
+                self.meta_optimizer.step()
+                self.consecutive_skipped = 0
+                meta_losses.append(meta_loss.detach())
+            else:
+                self.skipped += 1
+                self.consecutive_skipped += 1
+                if self.consecutive_skipped >= config.max_nonfinite:
+                    raise NonFiniteError(
+                        f"{self.consecutive_skipped} meta-steps in a row had a non-finite meta-loss or meta-gradient "
+                        f"(epoch {self.epoch}); training stopped. Lower --meta-lr or --clip-grad-norm, or check the task."
+                    )
+                break  # The trajectory diverged: the rest of this epoch would only repeat it.
+            carry = detach_carry(carry)
+        return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+
+    def validate(self) -> float:
+        """Mean final loss of the current rule on the fixed held-out instances."""
+        final = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses[-1]
+        score = final.double().mean().item()
+        return score if math.isfinite(score) else math.inf
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "task": self.config.task,
+            "task_options": self.family.config(),
+            "optimizee_steps": self.steps,
+            "unroll": self.unroll,
+            "validation_score": self.best_score if math.isfinite(self.best_score) else None,
+            "validation_problems": self.config.val_problems,
+            "best_epoch": self.best_epoch,
+            "epochs_trained": self.epoch,
+            "train_config": self.config.to_dict(),
+        }
+
+    def save(self) -> None:
+        """Writes the resume checkpoint, the use checkpoint (best weights) and the history."""
+        if self.out_dir is None:
+            return
+        save_resume_checkpoint(
+            self.out_dir / RESUME_CHECKPOINT,
+            {
+                "train_config": self.config.to_dict(),
+                "rule": rule_spec(self.rule),
+                "state_dict": _cpu(self.rule.state_dict()),
+                "best_state_dict": _cpu(self.best_state),
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "epoch": self.epoch,
+                "rng": {"instances": self.instance_generator.get_state(), "batches": self.batch_generator.get_state()},
+                "progress": {
+                    "skipped": self.skipped,
+                    "consecutive_skipped": self.consecutive_skipped,
+                    "best_score": self.best_score,
+                    "best_epoch": self.best_epoch,
+                    "history": self.history,
+                },
+            },
+        )
+        best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
+        save_use_checkpoint(self.out_dir / USE_CHECKPOINT, best, self._metadata())
+        temporary = self.out_dir / f".{HISTORY_FILE}.tmp"
+        temporary.write_text(json.dumps(self.history, indent=1))
+        os.replace(temporary, self.out_dir / HISTORY_FILE)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Loads a resume checkpoint written by :meth:`save` into this trainer."""
+        payload = load_resume_checkpoint(path)
+        check_resumable(TrainConfig.from_dict(payload["train_config"]), self.config)
+        source = f"resume checkpoint {path}"
+        self.rule.load_state_dict(build_rule(payload["rule"], payload["state_dict"], source=source).state_dict())
+        self.best_state = build_rule(payload["rule"], payload["best_state_dict"], source=source).state_dict()
+        self.best_state = {key: value.to(self.device) for key, value in self.best_state.items()}
+        try:
+            self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+            self.instance_generator.set_state(payload["rng"]["instances"])
+            self.batch_generator.set_state(payload["rng"]["batches"])
+            progress = payload["progress"]
+            self.epoch = int(payload["epoch"])
+            self.skipped = int(progress["skipped"])
+            self.consecutive_skipped = int(progress["consecutive_skipped"])
+            self.best_score = float(progress["best_score"])
+            self.best_epoch = int(progress["best_epoch"])
+            self.history = list(progress["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{source} has damaged training state: {error}") from None
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, *, progress: bool = True, on_epoch: Callable[["MetaTrainer"], None] | None = None) -> TrainResult:
+        """Trains until ``config.epochs`` epochs are done, validating and checkpointing periodically."""
+        config = self.config
+        bar = tqdm(
+            total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch",
+            disable=not progress, dynamic_ncols=True,
+        )
+        running = None
+        try:
+            while self.epoch < config.epochs:
+                meta_loss = self.train_epoch().item()
+                self.epoch += 1
+                if math.isfinite(meta_loss):
+                    running = meta_loss if running is None else 0.95 * running + 0.05 * meta_loss
+                record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": meta_loss if math.isfinite(meta_loss) else None}
+                last = self.epoch == config.epochs
+                if self.epoch % config.val_every == 0 or last:
+                    score = self.validate()
+                    record["validation"] = score if math.isfinite(score) else None
+                    if score < self.best_score:
+                        self.best_score, self.best_epoch = score, self.epoch
+                        self.best_state = copy.deepcopy(self.rule.state_dict())
+                self.history.append(record)
+                if self.epoch % config.checkpoint_every == 0 or last:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
+                                best_val=f"{self.best_score:.4g}", skipped=self.skipped)
+                if on_epoch is not None:
+                    on_epoch(self)
+        finally:
+            bar.close()
+        best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
+        return TrainResult(
+            rule=best,
+            best_score=self.best_score,
+            best_epoch=self.best_epoch,
+            epochs=self.epoch,
+            skipped_steps=self.skipped,
+            history=self.history,
+            use_checkpoint=None if self.out_dir is None else self.out_dir / USE_CHECKPOINT,
+            resume_checkpoint=None if self.out_dir is None else self.out_dir / RESUME_CHECKPOINT,
+        )
+
+
+def meta_train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Meta-trains a coordinatewise LSTM optimizer as ``config`` says.
+
+    Args:
+        config: the run (task, horizon, meta-optimizer, validation, seed, ...).
+        out_dir: where ``optimizer.pt`` (use), ``resume.pt`` and ``history.json`` are written;
+            None writes nothing.
+        resume: a resume checkpoint to continue from; its configuration must equal ``config``
+            except for ``RESUMABLE_OVERRIDES``.
+        progress: show a tqdm progress bar.
+    """
+    trainer = MetaTrainer(config, out_dir)
+    if resume is not None:
+        trainer.restore(resume)
+    return trainer.run(progress=progress)
+
+
+def config_from_resume(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """The configuration stored in a resume checkpoint, with ``overrides`` applied."""
+    saved = load_resume_checkpoint(path)["train_config"]
+    return dataclasses.replace(TrainConfig.from_dict(saved), **overrides)
+
+
+def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().clone() for key, value in state.items()}

@@ -1,0 +1,154 @@
+"""The paper's learned optimizer: a coordinatewise two-layer LSTM with shared weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from l2l.kernels.reference import LSTMWeights, coordinatewise_lstm
+from l2l.optimizers import preprocess as preprocessing
+
+
+class LSTMState(NamedTuple):
+    """Per-coordinate recurrent state: hidden and cell states, each ``[layers, N, hidden]``."""
+
+    h: Tensor
+    c: Tensor
+
+
+class CoordinateWiseLSTM(nn.Module):
+    """A stacked LSTM that reads one gradient coordinate and writes that coordinate's update.
+
+    Andrychowicz et al. (2016): the same small LSTM runs on every coordinate of every
+    optimizee, with one recurrent state per coordinate, so it applies to any number of
+    parameters. Inputs are the preprocessed gradient; the output is multiplied by
+    ``output_scale`` and added to the parameter.
+
+    Args:
+        hidden_size: units per layer (paper: 20).
+        num_layers: stacked LSTM layers (paper: 2).
+        preprocess: ``"log_sign"`` (paper's appendix A) or ``"none"`` (raw gradient).
+        preprocess_p: the exponent ``p`` of the log/sign encoding (paper: 10).
+        output_scale: factor on the LSTM's read-out (paper: 0.1).
+        state_dtype: dtype the recurrent state is stored in (``torch.bfloat16`` halves its
+            memory); ``None`` keeps the weights' dtype.
+        seed: seeds the weight initialisation (a private generator; the global RNG is untouched).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 20,
+        num_layers: int = 2,
+        *,
+        preprocess: str = "log_sign",
+        preprocess_p: float = 10.0,
+        output_scale: float = 0.1,
+        state_dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not (isinstance(hidden_size, int) and hidden_size > 0):
+            raise ValueError(f"Invalid hidden_size: {hidden_size} (must be a positive integer)")
+        if not (isinstance(num_layers, int) and num_layers > 0):
+            raise ValueError(f"Invalid num_layers: {num_layers} (must be a positive integer)")
+        if not preprocess_p > 0:
+            raise ValueError(f"Invalid preprocess_p: {preprocess_p} (must be positive)")
+        if not (math.isfinite(output_scale) and output_scale > 0):
+            raise ValueError(f"Invalid output_scale: {output_scale} (must be a positive finite number)")
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.preprocess = preprocessing.check_name(preprocess)
+        self.preprocess_p = float(preprocess_p)
+        self.output_scale = float(output_scale)
+        self.state_dtype = state_dtype
+        self.seed = seed
+
+        generator = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(hidden_size)
+
+        def uniform(*shape: int) -> nn.Parameter:
+            return nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+
+        in_features = preprocessing.input_size(preprocess)
+        for layer in range(num_layers):
+            fan_in = in_features if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}", uniform(4 * hidden_size, fan_in))
+            self.register_parameter(f"weight_hh_l{layer}", uniform(4 * hidden_size, hidden_size))
+            self.register_parameter(f"bias_l{layer}", uniform(4 * hidden_size))
+        self.weight_out = uniform(hidden_size)
+        self.bias_out = uniform()
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, as JSON-serialisable values (stored in checkpoints)."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "preprocess": self.preprocess,
+            "preprocess_p": self.preprocess_p,
+            "output_scale": self.output_scale,
+            "state_dtype": None if self.state_dtype is None else str(self.state_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "CoordinateWiseLSTM":
+        """Rebuilds an (untrained) optimizer from :meth:`config`'s output."""
+        config = dict(config)
+        state_dtype = config.pop("state_dtype", None)
+        if state_dtype is not None:
+            if not hasattr(torch, state_dtype) or not isinstance(getattr(torch, state_dtype), torch.dtype):
+                raise ValueError(f"unknown state_dtype {state_dtype!r}")
+            state_dtype = getattr(torch, state_dtype)
+        return cls(**config, state_dtype=state_dtype)
+
+    def weights(self) -> LSTMWeights:
+        """The weights grouped for the kernels."""
+        layers = range(self.num_layers)
+        return LSTMWeights(
+            w_ih=tuple(getattr(self, f"weight_ih_l{k}") for k in layers),
+            w_hh=tuple(getattr(self, f"weight_hh_l{k}") for k in layers),
+            bias=tuple(getattr(self, f"bias_l{k}") for k in layers),
+            w_out=self.weight_out,
+            b_out=self.bias_out,
+        )
+
+    def init_state(self, num_coords: int, *, device=None, dtype: torch.dtype | None = None) -> LSTMState:
+        """Zero recurrent state for ``num_coords`` coordinates, ``[layers, N, hidden]`` each.
+
+        The dtype is ``state_dtype`` if set, else ``dtype``, else the weights' dtype.
+        """
+        if num_coords < 0:
+            raise ValueError(f"num_coords must be >= 0, got {num_coords}")
+        dtype = self.state_dtype or dtype or self.weight_out.dtype
+        device = self.weight_out.device if device is None else device
+        shape = (self.num_layers, num_coords, self.hidden_size)
+        return LSTMState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """One optimizer step for every coordinate.
+
+        Args:
+            grad: gradient coordinates, ``[N]``.
+            state: recurrent state from :meth:`init_state` or the previous step.
+
+        Returns:
+            ``(update, state)``: the update ``[N]`` in ``grad``'s dtype and the new state.
+        """
+        if grad.dim() != 1:
+            raise ValueError(f"CoordinateWiseLSTM expects a flat gradient of shape [N], got {tuple(grad.shape)}")
+        expected = (self.num_layers, grad.shape[0], self.hidden_size)
+        if tuple(state.h.shape) != expected or tuple(state.c.shape) != expected:
+            raise ValueError(
+                f"CoordinateWiseLSTM state has shape {tuple(state.h.shape)}, expected {expected} for "
+                f"{grad.shape[0]} coordinates; build it with init_state({grad.shape[0]})"
+            )
+        compute_dtype = self.weight_out.dtype
+        x = preprocessing.preprocess(grad.to(compute_dtype), self.preprocess, self.preprocess_p)
+        out, h, c = coordinatewise_lstm(x, state.h.to(compute_dtype), state.c.to(compute_dtype), self.weights())
+        update = (out * self.output_scale).to(grad.dtype)
+        return update, LSTMState(h.to(state.h.dtype), c.to(state.c.dtype))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.config().items())

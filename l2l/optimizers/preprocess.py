@@ -1,0 +1,62 @@
+"""Gradient preprocessing for learned optimizers (the paper's log/sign encoding)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+PREPROCESSORS = ("log_sign", "none")
+
+
+def log_and_sign(grad: Tensor, p: float = 10.0) -> Tensor:
+    """Encodes each gradient coordinate as two numbers of moderate size.
+
+    Andrychowicz et al. (2016), appendix A::
+
+        (log|g| / p, sign g)   if |g| >= exp(-p)
+        (-1, exp(p) * g)       otherwise
+
+    Both branches are evaluated on clamped inputs, so the result (and its gradient, when
+    second derivatives are asked for) is finite for every finite ``g``, including 0.
+
+    Args:
+        grad: gradient coordinates, shape ``[N]``.
+        p: the cut-off exponent; must be positive.
+
+    Returns:
+        Tensor of shape ``[N, 2]``.
+    """
+    if p <= 0:
+        raise ValueError(f"log_and_sign: p must be positive, got {p}")
+    magnitude = grad.abs()
+    threshold = math.exp(-p)
+    large = magnitude >= threshold
+    log_part = torch.where(large, magnitude.clamp_min(threshold).log() / p, -torch.ones_like(grad))
+    sign_part = torch.where(large, torch.sign(grad), grad * math.exp(p))
+    return torch.stack((log_part, sign_part), dim=-1)
+
+
+def identity(grad: Tensor) -> Tensor:
+    """The raw gradient as a single input feature: ``[N] -> [N, 1]``."""
+    return grad.unsqueeze(-1)
+
+
+def input_size(name: str) -> int:
+    """Number of input features the preprocessor ``name`` produces per coordinate."""
+    return {"log_sign": 2, "none": 1}[check_name(name)]
+
+
+def check_name(name: str) -> str:
+    """Returns ``name`` if it is a known preprocessor, else raises a ValueError naming the choices."""
+    if name not in PREPROCESSORS:
+        raise ValueError(f"unknown preprocessing {name!r}; choose one of {', '.join(PREPROCESSORS)}")
+    return name
+
+
+def preprocess(grad: Tensor, name: str, p: float = 10.0) -> Tensor:
+    """Applies the preprocessor ``name`` (``"log_sign"`` or ``"none"``): ``[N] -> [N, F]``."""
+    if check_name(name) == "log_sign":
+        return log_and_sign(grad, p)
+    return identity(grad)

@@ -1,0 +1,91 @@
+"""The Task/TaskFamily split: a family samples batches of K independent optimizee instances."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Task(abc.ABC):
+    """K independent optimizee instances with ``n`` parameters each, evaluated in one batched call.
+
+    Parameters of all instances form one tensor ``[K, n]``; :meth:`loss` returns one loss per
+    instance, so ``loss(params).sum()`` has the per-instance gradients as its gradient.
+    """
+
+    @property
+    @abc.abstractmethod
+    def num_instances(self) -> int:
+        """K, the number of instances."""
+
+    @property
+    @abc.abstractmethod
+    def num_params(self) -> int:
+        """n, the number of parameters of one instance."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the task's tensors live."""
+        return self.init_params().device
+
+    @abc.abstractmethod
+    def init_params(self) -> Tensor:
+        """Initial parameters ``[K, n]`` (a fresh tensor on every call)."""
+
+    def sample_batch(self, generator: torch.Generator | None) -> Any:
+        """Draws the data for one optimizee step (one minibatch per instance).
+
+        Deterministic tasks return None. ``generator`` lives on :attr:`device`.
+        """
+        del generator  # Unused.
+        return None
+
+    @abc.abstractmethod
+    def loss(self, params: Tensor, batch: Any = None) -> Tensor:
+        """Loss of every instance: ``params [K, n]`` -> ``[K]``."""
+
+    def metrics(self, params: Tensor) -> dict[str, Tensor]:
+        """Extra held-out figures per instance (for example test accuracy), each ``[K]``."""
+        del params  # Unused.
+        return {}
+
+
+class TaskFamily(abc.ABC):
+    """A distribution over optimizees; :meth:`sample` draws a :class:`Task` of K instances."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_steps: ClassVar[int] = 100
+    default_unroll: ClassVar[int] = 20
+
+    @abc.abstractmethod
+    def sample(self, num_instances: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Task:
+        """Draws ``num_instances`` instances.
+
+        Args:
+            num_instances: K.
+            generator: a CPU generator; the instances depend only on its state, whatever ``device``.
+            device: where the task's tensors live.
+        """
+
+    def config(self) -> dict[str, Any]:
+        """Options that rebuild this family with ``get_task(name, **config)``."""
+        return {}
+
+
+def check_num_instances(num_instances: int) -> None:
+    """Raises a ValueError unless ``num_instances`` is a positive integer."""
+    if not (isinstance(num_instances, int) and num_instances > 0):
+        raise ValueError(f"num_instances must be a positive integer, got {num_instances!r}")
+
+
+def check_params(task: Task, params: Tensor) -> None:
+    """Raises a ValueError naming the expected shape if ``params`` is not ``[K, n]``."""
+    expected = (task.num_instances, task.num_params)
+    if tuple(params.shape) != expected:
+        raise ValueError(
+            f"{type(task).__name__}.loss expects params of shape [K, n] = {list(expected)}, got {list(params.shape)}"
+        )

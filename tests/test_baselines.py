@@ -1,0 +1,71 @@
+"""Every hand-designed rule matches torch.optim step for step on a small model."""
+
+import pytest
+import torch
+from torch import nn
+
+from l2l.optimizers import NAG, SGD, Adam, Momentum, RMSProp, get_baseline
+
+CASES = [
+    (SGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (Momentum(lr=0.05, beta=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    (NAG(lr=0.05, beta=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+    (RMSProp(lr=0.01, alpha=0.99, eps=1e-8), lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.99, eps=1e-8)),
+    (Adam(lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01, foreach=False)),
+]
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+@pytest.mark.parametrize("rule, make_torch_optimizer", CASES, ids=lambda c: type(c).__name__ if not callable(c) else "")
+def test_matches_torch_optim_step_for_step(rule, make_torch_optimizer):
+    model = _model()
+    reference = _model()
+    inputs = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    targets = torch.randn(16, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch_optimizer = make_torch_optimizer(reference.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    state = rule.init_state(flat.numel(), dtype=flat.dtype)
+    for _ in range(25):
+        torch.nn.utils.vector_to_parameters(flat, model.parameters())
+        model.zero_grad()
+        nn.functional.mse_loss(model(inputs), targets).backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        update, state = rule(grad, state)
+        flat = flat + update
+
+        torch_optimizer.zero_grad()
+        nn.functional.mse_loss(reference(inputs), targets).backward()
+        torch_optimizer.step()
+        expected = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+        torch.testing.assert_close(flat, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rules_are_pure():
+    grad = torch.randn(6)
+    rule = Adam(lr=0.1)
+    state = rule.init_state(6)
+    first, _ = rule(grad, state)
+    second, _ = rule(grad, state)
+    assert torch.equal(first, second)
+    assert state.count == 0 and torch.equal(state.mu, torch.zeros(6))
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: SGD(lr=-1.0), "Invalid learning rate: -1.0"),
+        (lambda: SGD(lr=float("nan")), "Invalid learning rate"),
+        (lambda: Momentum(beta=1.0), "Invalid momentum value: 1.0"),
+        (lambda: RMSProp(alpha=-0.1), "Invalid alpha value"),
+        (lambda: RMSProp(eps=-1e-8), "Invalid epsilon value"),
+        (lambda: Adam(beta2=1.5), "Invalid beta parameter at index 1"),
+        (lambda: get_baseline("adagrad", 0.1), "unknown baseline optimizer 'adagrad'"),
+    ],
+)
+def test_constructors_validate_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()

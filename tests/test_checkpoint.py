@@ -1,0 +1,113 @@
+"""Checkpoints: round trips, atomic writes, and clear errors for damaged or mismatched files."""
+
+import os
+
+import pytest
+import torch
+
+from l2l.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_optimizer,
+    load_resume_checkpoint,
+    load_use_checkpoint,
+    save_use_checkpoint,
+)
+from l2l.optimizers import CoordinateWiseLSTM
+
+
+@pytest.fixture
+def saved(tmp_path, lstm):
+    return save_use_checkpoint(tmp_path / "opt.pt", lstm, {"task": "quadratic"})
+
+
+def test_use_checkpoint_round_trip(saved, lstm):
+    loaded = load_use_checkpoint(saved)
+    assert loaded.metadata["task"] == "quadratic"
+    assert set(loaded.metadata["versions"]) == {"l2l", "torch"}
+    for name, value in lstm.state_dict().items():
+        assert torch.equal(loaded.rule.state_dict()[name], value)
+    grad = torch.randn(9)
+    torch.testing.assert_close(loaded.rule(grad, loaded.rule.init_state(9))[0], lstm(grad, lstm.init_state(9))[0])
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(os.urandom(300))
+    with pytest.raises(CheckpointError, match="corrupt, truncated, or not an l2l checkpoint"):
+        load_optimizer(path)
+
+
+def test_truncated_file(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_optimizer(saved)
+
+
+class Payload:
+    """An arbitrary object: loading must refuse to unpickle it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_arbitrary_objects_are_never_unpickled(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "l2l-use", "format_version": 1, "rule": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused to unpickle an object that is not plain data"):
+        load_optimizer(path)
+
+
+def test_wrong_kind_of_checkpoint(saved):
+    with pytest.raises(CheckpointError, match="is a 'l2l-use' checkpoint, expected 'l2l-resume'"):
+        load_resume_checkpoint(saved)
+
+
+def test_not_an_l2l_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not an l2l checkpoint"):
+        load_optimizer(path)
+
+
+def test_weights_mismatched_with_config(tmp_path, lstm):
+    path = save_use_checkpoint(tmp_path / "opt.pt", lstm, {})
+    payload = torch.load(path, weights_only=True)
+    payload["rule"]["config"]["hidden_size"] = 10
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="weights do not match its optimizer config"):
+        load_optimizer(path)
+
+
+def test_unknown_rule_class(tmp_path, lstm):
+    path = save_use_checkpoint(tmp_path / "opt.pt", lstm, {})
+    payload = torch.load(path, weights_only=True)
+    payload["rule"]["class"] = "TransformerOptimizer"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="unknown learned optimizer 'TransformerOptimizer'"):
+        load_optimizer(path)
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint file .*shipped: .*quadratic"):
+        load_optimizer(tmp_path / "nothing.pt")
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(saved, monkeypatch):
+    before = saved.read_bytes()
+
+    def failing_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"format": "x"}, saved)
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no temporary left behind
+
+
+def test_shipped_quadratic_checkpoint_loads():
+    rule = load_optimizer("quadratic")
+    assert isinstance(rule, CoordinateWiseLSTM)

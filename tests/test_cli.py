@@ -1,0 +1,70 @@
+"""The command line: train, bench (table and JSON of the documented form), tasks, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from l2l.cli import main
+
+NAMES = {"lstm", "sgd", "momentum", "nag", "rmsprop", "adam"}
+
+
+def test_tasks_lists_the_quadratic_family(capsys):
+    assert main(["tasks"]) == 0
+    assert "quadratic" in capsys.readouterr().out
+
+
+def test_train_then_bench_json_form(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main([
+        "train", "--epochs", "3", "--batch-size", "8", "--optimizee-steps", "10", "--unroll", "5",
+        "--val-every", "1", "--val-problems", "8", "--bench-problems", "16", "--out", str(out), "--quiet", "--device", "cpu",
+    ])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "vs adam" in printed and "lstm" in printed
+    assert (out / "optimizer.pt").is_file() and (out / "resume.pt").is_file() and (out / "bench.json").is_file()
+
+    report_path = tmp_path / "bench.json"
+    status = main([
+        "bench", "--task", "quadratic", "--optimizer", str(out / "optimizer.pt"), "--steps", "10", "--problems", "16",
+        "--tune-problems", "8", "--seed", "7", "--json", str(report_path), "--quiet", "--device", "cpu",
+    ])
+    assert status == 0
+    report = json.loads(report_path.read_text())
+    assert report["task"] == "quadratic" and report["steps"] == 10 and report["problems"] == 16
+    assert set(report["results"]) == NAMES
+    for name, result in report["results"].items():
+        assert (result["lr"] is None) == (name == "lstm")
+        assert set(result["final_loss"]) == {"mean", "median", "sem"}
+        assert len(result["curve_mean"]) == 11
+
+
+def test_resume_continues_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--batch-size", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--no-bench"]
+    assert main(["train", "--epochs", "2", "--out", str(out), *common]) == 0
+    assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "4", "--quiet", "--no-bench"]) == 0
+    assert "trained 4 epochs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--task", "quadratc"], "unknown task 'quadratc'"),
+        (["bench", "--optimizer", "missing.pt"], "no checkpoint file 'missing.pt'"),
+        (["train", "--epochs", "0"], "epochs must be a positive integer"),
+        (["train", "--unroll", "30", "--optimizee-steps", "20"], "unroll (30) must not exceed optimizee_steps (20)"),
+        (["bench", "--baselines", "adagrad"], "unknown baseline 'adagrad'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "l2l", "bench", "--help"], capture_output=True, text=True, check=True)
+    assert "--json OUT" in result.stdout

@@ -1,0 +1,52 @@
+"""The log/sign preprocessing matches the paper's formula on both branches."""
+
+import math
+
+import pytest
+import torch
+
+from l2l.optimizers.preprocess import input_size, log_and_sign, preprocess
+
+
+def formula(g: float, p: float = 10.0) -> tuple[float, float]:
+    if abs(g) >= math.exp(-p):
+        return math.log(abs(g)) / p, math.copysign(1.0, g) if g != 0 else 0.0
+    return -1.0, math.exp(p) * g
+
+
+@pytest.mark.parametrize("p", [10.0, 5.0])
+def test_matches_formula_on_both_branches(p):
+    values = [0.0, 1e-30, -1e-30, 1e-6, -3e-5, math.exp(-p) * 0.999, math.exp(-p), math.exp(-p) * 1.001,
+              0.5, -2.0, 1e10, -1e30]
+    out = log_and_sign(torch.tensor(values, dtype=torch.float64), p)
+    assert out.shape == (len(values), 2)
+    for row, g in zip(out.tolist(), values):
+        assert row == pytest.approx(formula(g, p), rel=1e-12, abs=1e-12), g
+
+
+def test_zero_gradient_is_minus_one_zero():
+    assert log_and_sign(torch.zeros(3)).tolist() == [[-1.0, 0.0]] * 3
+
+
+def test_huge_gradients_stay_finite_and_signed():
+    out = log_and_sign(torch.tensor([1e38, -1e38]))
+    assert torch.isfinite(out).all()
+    assert out[:, 0].tolist() == pytest.approx([math.log(1e38) / 10] * 2, rel=1e-6)
+    assert out[:, 1].tolist() == [1.0, -1.0]
+
+
+def test_second_derivative_is_finite_at_zero():
+    g = torch.tensor([0.0, 1e-8, 0.3], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(log_and_sign(g).sum(), g)
+    assert torch.isfinite(grad).all()
+    assert grad[0].item() == pytest.approx(math.exp(10.0))  # d/dg of e^p g on the small branch
+
+
+def test_identity_and_names():
+    g = torch.randn(5)
+    assert torch.equal(preprocess(g, "none"), g[:, None])
+    assert input_size("log_sign") == 2 and input_size("none") == 1
+    with pytest.raises(ValueError, match="unknown preprocessing 'log'"):
+        preprocess(g, "log")
+    with pytest.raises(ValueError, match="p must be positive"):
+        log_and_sign(g, 0.0)

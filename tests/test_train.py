@@ -1,0 +1,114 @@
+"""Truncated-BPTT meta-training: it learns, resumes exactly, and guards against non-finite steps."""
+
+import math
+
+import pytest
+import torch
+
+from l2l.config import TrainConfig
+from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weights, meta_train
+from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
+
+SMALL = dict(batch_size=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=16, device="cpu")
+
+
+def test_meta_training_lowers_the_meta_loss():
+    trainer = MetaTrainer(TrainConfig(epochs=40, meta_lr=3e-3, **SMALL))
+    before = trainer.validate()
+    result = trainer.run(progress=False)
+    assert result.best_score < 0.7 * before
+    assert result.skipped_steps == 0
+    assert len(result.history) == 40
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = TrainConfig(epochs=6, checkpoint_every=2, **SMALL)
+    uninterrupted = MetaTrainer(config)
+    uninterrupted.run(progress=False)
+
+    def interrupt_after_five(trainer):
+        if trainer.epoch == 5:
+            raise KeyboardInterrupt
+
+    interrupted = MetaTrainer(config, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(progress=False, on_epoch=interrupt_after_five)
+    resumed = meta_train(config, tmp_path, resume=tmp_path / "resume.pt", progress=False)
+
+    final = MetaTrainer(config)
+    final.restore(tmp_path / "resume.pt")
+    for name, value in uninterrupted.rule.state_dict().items():
+        assert torch.equal(value, final.rule.state_dict()[name]), name
+        assert torch.equal(uninterrupted.best_state[name], resumed.rule.state_dict()[name]), name
+    assert final.history == uninterrupted.history
+    assert final.epoch == 6 and resumed.epochs == 6
+    assert final.instance_generator.get_state().equal(uninterrupted.instance_generator.get_state())
+
+
+def test_resume_rejects_a_changed_configuration(tmp_path):
+    meta_train(TrainConfig(epochs=2, **SMALL), tmp_path, progress=False)
+    with pytest.raises(Exception, match=r"meta_lr: checkpoint 0.001, asked 0.01"):
+        meta_train(TrainConfig(epochs=4, **{**SMALL, "meta_lr": 1e-2}), tmp_path, resume=tmp_path / "resume.pt", progress=False)
+
+
+class NaNAfterFamily(QuadraticFamily):
+    """Quadratics whose loss turns NaN once the parameters move far enough from 0."""
+
+    name = "test-nan-after"
+
+    def __init__(self, threshold: float = 0.0):
+        super().__init__(dim=4)
+        self.threshold = threshold
+
+    def sample(self, num_instances, generator, device="cpu"):
+        base = super().sample(num_instances, generator, device)
+        threshold = self.threshold
+
+        class Task(QuadraticTask):
+            def loss(self, params, batch=None):
+                loss = super().loss(params)
+                moved = params.abs().sum(-1) > threshold
+                return torch.where(moved, loss * math.nan, loss)
+
+        return Task(base.W, base.y)
+
+    def config(self):
+        return {"threshold": self.threshold}
+
+
+register_task("test-nan-after", NaNAfterFamily, replace=True)
+
+
+def test_non_finite_meta_steps_are_skipped_and_never_written():
+    trainer = MetaTrainer(TrainConfig(task="test-nan-after", epochs=3, max_nonfinite=100, **SMALL))
+    before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
+    trainer.run(progress=False)
+    assert trainer.skipped == 3  # one per epoch: each epoch's trajectory is abandoned
+    for name, value in trainer.rule.state_dict().items():
+        assert torch.equal(value, before[name]), name
+        assert torch.isfinite(value).all()
+
+
+def test_training_stops_with_a_clear_message_when_non_finite_persists():
+    trainer = MetaTrainer(TrainConfig(task="test-nan-after", epochs=10, max_nonfinite=3, **SMALL))
+    with pytest.raises(NonFiniteError, match="3 meta-steps in a row had a non-finite meta-loss"):
+        trainer.run(progress=False)
+    assert trainer.skipped == 3
+
+
+def test_non_finite_initial_loss_is_a_task_error():
+    trainer = MetaTrainer(TrainConfig(task="test-nan-after", task_options={"threshold": -1.0}, epochs=1, **SMALL))
+    with pytest.raises(NonFiniteError, match="non-finite loss at its initial parameters"):
+        trainer.run(progress=False)
+
+
+def test_loss_weightings():
+    assert loss_weights(TrainConfig(), 4).tolist() == [1, 1, 1, 1]
+    assert loss_weights(TrainConfig(loss_weights="final"), 3).tolist() == [0, 0, 1]
+    assert loss_weights(TrainConfig(loss_weights="linear"), 2).tolist() == [0.5, 1.0]
+    assert loss_weights(TrainConfig(loss_weights=(1, 2), unroll=2, optimizee_steps=4), 2).tolist() == [1, 2]
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task 'quadratc'; available tasks: .*quadratic"):
+        MetaTrainer(TrainConfig(task="quadratc"))

@@ -1,0 +1,127 @@
+"""The batched unroll: K instances equal K separate runs; meta-gradients equal finite differences."""
+
+import pytest
+import torch
+
+from l2l.meta.unroll import detach_carry, run, start, unroll, value_and_grad
+from l2l.optimizers import Adam, CoordinateWiseLSTM
+from l2l.tasks import QuadraticFamily, QuadraticTask
+from l2l.tasks.base import Task
+
+
+def test_k_instances_equal_k_separate_unrolls():
+    lstm = CoordinateWiseLSTM(seed=1).double()
+    task = QuadraticFamily(dim=6).sample(5, torch.Generator().manual_seed(3))
+    task = QuadraticTask(task.W.double(), task.y.double())
+    losses, carry = run(lstm, task, 15)
+    assert losses.shape == (16, 5)
+    for k in range(5):
+        alone = QuadraticTask(task.W[k : k + 1], task.y[k : k + 1])
+        alone_losses, alone_carry = run(lstm, alone, 15)
+        torch.testing.assert_close(losses[:, k], alone_losses[:, 0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(carry.params[k], alone_carry.params[0], rtol=1e-10, atol=1e-12)
+
+
+def test_truncations_compose_into_one_long_unroll(lstm, quadratics):
+    whole, _ = run(lstm, quadratics, 12)
+    with torch.no_grad():
+        carry = start(lstm, quadratics)
+        parts = []
+        for _ in range(3):
+            losses, carry = unroll(lstm, quadratics, carry, 4)
+            parts.append(losses)
+            carry = detach_carry(carry)
+    torch.testing.assert_close(torch.cat([whole[:1], *parts]), whole)
+
+
+def test_value_and_grad_matches_closed_form(quadratics):
+    params = torch.randn(8, 10)
+    loss, grad = value_and_grad(quadratics, params)
+    residual = torch.bmm(quadratics.W, params[..., None]).squeeze(-1) - quadratics.y
+    torch.testing.assert_close(loss, residual.pow(2).sum(-1))
+    torch.testing.assert_close(grad, 2 * torch.bmm(quadratics.W.transpose(1, 2), residual[..., None]).squeeze(-1))
+
+
+def _meta_loss(lstm, task, steps, second_order):
+    carry = start(lstm, task)
+    losses, _ = unroll(lstm, task, carry, steps, second_order=second_order)
+    return losses.sum(0).mean()
+
+
+def _finite_difference_check(lstm, task, steps, second_order, names=("weight_out", "bias_l0", "weight_ih_l0")):
+    loss = _meta_loss(lstm, task, steps, second_order)
+    grads = torch.autograd.grad(loss, [dict(lstm.named_parameters())[n] for n in names])
+    eps = 1e-6
+    generator = torch.Generator().manual_seed(0)
+    for name, grad in zip(names, grads):
+        parameter = dict(lstm.named_parameters())[name]
+        for _ in range(3):
+            index = tuple(torch.randint(0, s, (1,), generator=generator).item() for s in parameter.shape)
+            with torch.no_grad():
+                original = parameter[index].item()
+                parameter[index] = original + eps
+                plus = _meta_loss(lstm, task, steps, second_order).item()
+                parameter[index] = original - eps
+                minus = _meta_loss(lstm, task, steps, second_order).item()
+                parameter[index] = original
+            numeric = (plus - minus) / (2 * eps)
+            assert grad[index].item() == pytest.approx(numeric, rel=1e-4, abs=1e-7), (name, index)
+
+
+def test_second_order_meta_gradient_matches_finite_differences():
+    lstm = CoordinateWiseLSTM(hidden_size=6, seed=2, output_scale=0.1).double()
+    sample = QuadraticFamily(dim=4).sample(3, torch.Generator().manual_seed(4))
+    task = QuadraticTask(sample.W.double(), sample.y.double())
+    _finite_difference_check(lstm, task, steps=5, second_order=True)
+
+
+class LinearTask(Task):
+    """f(theta) = a . theta: its gradient does not depend on theta, so first order is exact."""
+
+    def __init__(self, a):
+        self.a = a
+
+    num_instances = property(lambda self: self.a.shape[0])
+    num_params = property(lambda self: self.a.shape[1])
+
+    def init_params(self):
+        return torch.zeros_like(self.a)
+
+    def loss(self, params, batch=None):
+        return (self.a * params).sum(-1)
+
+
+def test_first_order_meta_gradient_matches_finite_differences_when_exact():
+    lstm = CoordinateWiseLSTM(hidden_size=6, seed=2).double()
+    task = LinearTask(torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+    _finite_difference_check(lstm, task, steps=5, second_order=False)
+
+
+def test_first_order_differs_from_second_order_on_curved_tasks():
+    lstm = CoordinateWiseLSTM(hidden_size=6, seed=2).double()
+    sample = QuadraticFamily(dim=4).sample(3, torch.Generator().manual_seed(4))
+    task = QuadraticTask(sample.W.double(), sample.y.double())
+    first = torch.autograd.grad(_meta_loss(lstm, task, 5, False), lstm.weight_out)[0]
+    second = torch.autograd.grad(_meta_loss(lstm, task, 5, True), lstm.weight_out)[0]
+    assert not torch.allclose(first, second)
+
+
+def test_unroll_works_for_baselines_and_under_no_grad(quadratics):
+    losses, carry = run(Adam(lr=0.1), quadratics, 50)
+    assert losses.shape == (51, 8)
+    assert (losses[-1] < losses[0]).all()
+    assert carry.step == 50 and not carry.params.requires_grad
+
+
+def test_bad_loss_shape_is_reported(quadratics):
+    class Broken(QuadraticTask):
+        def loss(self, params, batch=None):
+            return super().loss(params).sum()
+
+    with pytest.raises(ValueError, match=r"one loss per instance, shape \[8\], got \[\]"):
+        run(Adam(), Broken(quadratics.W, quadratics.y), 1)
+
+
+def test_bad_param_shape_is_reported(quadratics):
+    with pytest.raises(ValueError, match=r"params of shape \[K, n\] = \[8, 10\], got \[8, 9\]"):
+        quadratics.loss(torch.zeros(8, 9))
