@@ -5,15 +5,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from l2l.checkpoint import CheckpointError, load_use_checkpoint
+from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
 from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, meta_train
 from l2l.tasks.registry import get_task, list_tasks
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
+    parser.add_argument("--download", action="store_true", help="fetch missing dataset files (checksummed; needs internet)")
+
+
+def _apply_data_flags(args: argparse.Namespace) -> None:
+    # Datasets are process-wide settings, not run options: configs and checkpoints stay portable.
+    if args.data_dir is not None:
+        os.environ[DATA_ENV] = str(args.data_dir)
+    if args.download:
+        os.environ[DOWNLOAD_ENV] = "1"
 
 
 def _task_options(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -48,7 +63,7 @@ def _name_list(text: str) -> tuple[str, ...]:
 _TRAIN_FLAGS = [
     ("--task", "task", str, "task family (see `l2l tasks`)"),
     ("--epochs", "epochs", int, "meta-training epochs; each samples fresh instances"),
-    ("--batch-size", "batch_size", int, "optimizee instances per epoch (K)"),
+    ("--instances", "instances", int, "optimizee instances per epoch, K (default: the family's)"),
     ("--optimizee-steps", "optimizee_steps", int, "optimizee steps per epoch (default: the family's)"),
     ("--unroll", "unroll", int, "steps per truncation of BPTT (default: the family's)"),
     ("--meta-lr", "meta_lr", float, "Adam learning rate of the LSTM"),
@@ -63,6 +78,7 @@ _TRAIN_FLAGS = [
     ("--val-problems", "val_problems", int, "held-out validation instances"),
     ("--max-nonfinite", "max_nonfinite", int, "stop after this many non-finite meta-steps in a row"),
     ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs"),
+    ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc"),
     ("--seed", "seed", int, "seed of every random stream of the run"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
 ]
@@ -90,10 +106,12 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--bench-problems", type=int, default=512, help="held-out instances of the final comparison")
     parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_flags(parser)
     parser.set_defaults(handler=_train)
 
 
 def _train(args: argparse.Namespace) -> int:
+    _apply_data_flags(args)
     given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_FLAGS if getattr(args, name) is not None}
     if args.second_order is not None:
         given["second_order"] = True
@@ -165,10 +183,12 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
+    _add_data_flags(parser)
     parser.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
+    _apply_data_flags(args)
     config = BenchConfig(
         task=args.task, task_options=_task_options(args.task_option), optimizers=tuple(args.optimizer),
         baselines=args.baselines, steps=args.steps, problems=args.problems, tune_problems=args.tune_problems,
@@ -238,6 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, NonFiniteError, ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:
         print(f"l2l {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -79,9 +79,10 @@ class TrainConfig(_JSONConfig):
     preprocess: str = "log_sign"
     preprocess_p: float = 10.0
     output_scale: float = 0.1
+    split: tuple | None = None  # parameter kinds with their own LSTM, e.g. ("conv", "fc"); None: one LSTM
     # Truncated BPTT.
     epochs: int = 1000
-    batch_size: int = 128
+    instances: int | None = None  # optimizee instances per epoch (K); None: the family's default
     optimizee_steps: int | None = None
     unroll: int | None = None
     loss_weights: str | tuple = "uniform"
@@ -100,9 +101,9 @@ class TrainConfig(_JSONConfig):
     def __post_init__(self):
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
         _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
-        for name in ("hidden_size", "num_layers", "epochs", "batch_size", "val_every", "val_problems", "max_nonfinite", "checkpoint_every"):
+        for name in ("hidden_size", "num_layers", "epochs", "val_every", "val_problems", "max_nonfinite", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("optimizee_steps", "unroll"):
+        for name in ("instances", "optimizee_steps", "unroll"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if self.optimizee_steps is not None and self.unroll is not None:
@@ -130,6 +131,11 @@ class TrainConfig(_JSONConfig):
                     f"loss_weights has {len(weights)} entries but the unroll has {self.unroll} steps",
                 )
         _require(isinstance(self.second_order, bool), "second_order must be true or false")
+        if self.split is not None:
+            _require(
+                len(self.split) > 0 and all(isinstance(k, str) and k for k in self.split) and len(set(self.split)) == len(self.split),
+                f"split must be distinct parameter kinds such as conv,fc; got {self.split!r}",
+            )
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check_device(self.device)
 

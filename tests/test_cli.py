@@ -19,7 +19,7 @@ def test_tasks_lists_the_quadratic_family(capsys):
 def test_train_then_bench_json_form(tmp_path, capsys):
     out = tmp_path / "run"
     status = main([
-        "train", "--epochs", "3", "--batch-size", "8", "--optimizee-steps", "10", "--unroll", "5",
+        "train", "--epochs", "3", "--instances", "8", "--optimizee-steps", "10", "--unroll", "5",
         "--val-every", "1", "--val-problems", "8", "--bench-problems", "16", "--out", str(out), "--quiet", "--device", "cpu",
     ])
     assert status == 0
@@ -44,7 +44,7 @@ def test_train_then_bench_json_form(tmp_path, capsys):
 
 def test_resume_continues_training(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--batch-size", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--no-bench"]
+    common = ["--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--no-bench"]
     assert main(["train", "--epochs", "2", "--out", str(out), *common]) == 0
     assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "4", "--quiet", "--no-bench"]) == 0
     assert "trained 4 epochs" in capsys.readouterr().out

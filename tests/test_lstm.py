@@ -8,10 +8,10 @@ from l2l.optimizers import CoordinateWiseLSTM
 
 def test_update_and_state_shapes(lstm):
     state = lstm.init_state(7)
-    assert state.h.shape == state.c.shape == (2, 7, 20)
+    assert state.h.shape == state.c.shape == (2, 20, 7)
     update, new_state = lstm(torch.randn(7), state)
     assert update.shape == (7,)
-    assert new_state.h.shape == (2, 7, 20)
+    assert new_state.h.shape == (2, 20, 7)
 
 
 def test_coordinates_are_independent(lstm):

@@ -9,7 +9,7 @@ from l2l.config import TrainConfig
 from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weights, meta_train
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
-SMALL = dict(batch_size=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=16, device="cpu")
+SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=16, device="cpu")
 
 
 def test_meta_training_lowers_the_meta_loss():

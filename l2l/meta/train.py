@@ -33,6 +33,7 @@ from l2l.checkpoint import (
 from l2l.config import TrainConfig
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.unroll import detach_carry, start, unroll
+from l2l.optimizers.grouped import PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM
 from l2l.seeding import derive_seed, make_generator
 from l2l.tasks.base import TaskFamily
@@ -89,6 +90,15 @@ def horizon(config: TrainConfig, family: TaskFamily) -> tuple[int, int]:
     return steps, length
 
 
+def build_learned_rule(config: TrainConfig) -> nn.Module:
+    """A freshly initialised learned rule for ``config``: one LSTM, or one per group of ``config.split``."""
+    if config.split is None:
+        return CoordinateWiseLSTM(**config.optimizer_config(), seed=derive_seed(config.seed, "init"))
+    return PerGroupRule(
+        {kind: CoordinateWiseLSTM(**config.optimizer_config(), seed=derive_seed(config.seed, f"init-{kind}")) for kind in config.split}
+    )
+
+
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
     """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot."""
     saved_values, asked_values = saved.to_dict(), asked.to_dict()
@@ -110,8 +120,9 @@ class MetaTrainer:
         self.device = resolve_device(config.device)
         self.family = get_task(config.task, **config.task_options)
         self.steps, self.unroll = horizon(config, self.family)
+        self.instances = config.instances or self.family.default_instances
         self.weights = loss_weights(config, self.unroll).to(self.device)
-        self.rule = CoordinateWiseLSTM(**config.optimizer_config(), seed=derive_seed(config.seed, "init")).to(self.device)
+        self.rule = build_learned_rule(config).to(self.device)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         self.instance_generator = make_generator(config.seed, "train")
         self.batch_generator = make_generator(config.seed, "train-batches", self.device)
@@ -132,7 +143,7 @@ class MetaTrainer:
             The mean meta-loss per truncation (a 0-d tensor; NaN if every step was skipped).
         """
         config = self.config
-        task = self.family.sample(config.batch_size, self.instance_generator, self.device)
+        task = self.family.sample(self.instances, self.instance_generator, self.device)
         carry = start(self.rule, task, generator=self.batch_generator)
         if not bool(torch.isfinite(carry.loss).all()):
             raise NonFiniteError(

@@ -75,8 +75,20 @@ def start(rule: UpdateRule, task: Task, *, generator: torch.Generator | None = N
     """
     params = task.init_params() if params is None else params
     loss, grad = value_and_grad(task, params, task.sample_batch(generator))
-    opt_state = rule.init_state(params.numel(), device=params.device, dtype=params.dtype)
-    return UnrollCarry(params, opt_state, loss, grad, 0)
+    return UnrollCarry(params, init_rule_state(rule, task, params), loss, grad, 0)
+
+
+def init_rule_state(rule: UpdateRule, task: Task, params: Tensor) -> Any:
+    """The rule's state for all ``K * n`` coordinates of ``params``; per-group rules get the task's groups."""
+    group_names = getattr(rule, "group_names", None)
+    if group_names:
+        if not hasattr(task, "coordinate_groups"):
+            raise ValueError(f"a per-group optimizer ({', '.join(group_names)}) needs a task with parameter groups; "
+                             f"{type(task).__name__} has none")
+        return rule.init_state(
+            params.numel(), device=params.device, dtype=params.dtype, groups=task.coordinate_groups(group_names)
+        )
+    return rule.init_state(params.numel(), device=params.device, dtype=params.dtype)
 
 
 def unroll(

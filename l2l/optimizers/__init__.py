@@ -14,10 +14,11 @@ from l2l.optimizers.baselines import (
     SGDState,
     get_baseline,
 )
+from l2l.optimizers.grouped import GroupedState, PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState
 from l2l.optimizers.preprocess import log_and_sign
 
-LEARNED_RULES = {"CoordinateWiseLSTM": CoordinateWiseLSTM}
+LEARNED_RULES = {"CoordinateWiseLSTM": CoordinateWiseLSTM, "PerGroupRule": PerGroupRule}
 
 __all__ = [
     "BASELINES",
@@ -27,6 +28,8 @@ __all__ = [
     "Adam",
     "AdamState",
     "CoordinateWiseLSTM",
+    "GroupedState",
+    "PerGroupRule",
     "LSTMState",
     "Momentum",
     "MomentumState",

@@ -13,7 +13,10 @@ from l2l.optimizers import preprocess as preprocessing
 
 
 class LSTMState(NamedTuple):
-    """Per-coordinate recurrent state: hidden and cell states, each ``[layers, N, hidden]``."""
+    """Per-coordinate recurrent state: hidden and cell states, each ``[layers, hidden, N]``.
+
+    Feature-major, like the kernels: coordinate ``j``'s state is ``h[:, :, j]``.
+    """
 
     h: Tensor
     c: Tensor
@@ -115,7 +118,7 @@ class CoordinateWiseLSTM(nn.Module):
         )
 
     def init_state(self, num_coords: int, *, device=None, dtype: torch.dtype | None = None) -> LSTMState:
-        """Zero recurrent state for ``num_coords`` coordinates, ``[layers, N, hidden]`` each.
+        """Zero recurrent state for ``num_coords`` coordinates, ``[layers, hidden, N]`` each.
 
         The dtype is ``state_dtype`` if set, else ``dtype``, else the weights' dtype.
         """
@@ -123,7 +126,7 @@ class CoordinateWiseLSTM(nn.Module):
             raise ValueError(f"num_coords must be >= 0, got {num_coords}")
         dtype = self.state_dtype or dtype or self.weight_out.dtype
         device = self.weight_out.device if device is None else device
-        shape = (self.num_layers, num_coords, self.hidden_size)
+        shape = (self.num_layers, self.hidden_size, num_coords)
         return LSTMState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
     def forward(self, grad: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
@@ -138,7 +141,7 @@ class CoordinateWiseLSTM(nn.Module):
         """
         if grad.dim() != 1:
             raise ValueError(f"CoordinateWiseLSTM expects a flat gradient of shape [N], got {tuple(grad.shape)}")
-        expected = (self.num_layers, grad.shape[0], self.hidden_size)
+        expected = (self.num_layers, self.hidden_size, grad.shape[0])
         if tuple(state.h.shape) != expected or tuple(state.c.shape) != expected:
             raise ValueError(
                 f"CoordinateWiseLSTM state has shape {tuple(state.h.shape)}, expected {expected} for "

@@ -26,7 +26,7 @@ def log_and_sign(grad: Tensor, p: float = 10.0) -> Tensor:
         p: the cut-off exponent; must be positive.
 
     Returns:
-        Tensor of shape ``[N, 2]``.
+        Tensor of shape ``[2, N]`` (feature-major, as the kernels take it).
     """
     if p <= 0:
         raise ValueError(f"log_and_sign: p must be positive, got {p}")
@@ -35,12 +35,12 @@ def log_and_sign(grad: Tensor, p: float = 10.0) -> Tensor:
     large = magnitude >= threshold
     log_part = torch.where(large, magnitude.clamp_min(threshold).log() / p, -torch.ones_like(grad))
     sign_part = torch.where(large, torch.sign(grad), grad * math.exp(p))
-    return torch.stack((log_part, sign_part), dim=-1)
+    return torch.stack((log_part, sign_part))
 
 
 def identity(grad: Tensor) -> Tensor:
-    """The raw gradient as a single input feature: ``[N] -> [N, 1]``."""
-    return grad.unsqueeze(-1)
+    """The raw gradient as a single input feature: ``[N] -> [1, N]``."""
+    return grad.unsqueeze(0)
 
 
 def input_size(name: str) -> int:
@@ -56,7 +56,7 @@ def check_name(name: str) -> str:
 
 
 def preprocess(grad: Tensor, name: str, p: float = 10.0) -> Tensor:
-    """Applies the preprocessor ``name`` (``"log_sign"`` or ``"none"``): ``[N] -> [N, F]``."""
+    """Applies the preprocessor ``name`` (``"log_sign"`` or ``"none"``): ``[N] -> [F, N]``."""
     if check_name(name) == "log_sign":
         return log_and_sign(grad, p)
     return identity(grad)

@@ -58,8 +58,9 @@ class TaskFamily(abc.ABC):
 
     name: ClassVar[str]
     description: ClassVar[str]
-    default_steps: ClassVar[int] = 100
-    default_unroll: ClassVar[int] = 20
+    default_steps: ClassVar[int] = 100  # optimizee steps per meta-training epoch
+    default_unroll: ClassVar[int] = 20  # steps per truncation
+    default_instances: ClassVar[int] = 128  # optimizee instances per meta-training epoch
 
     @abc.abstractmethod
     def sample(self, num_instances: int, generator: torch.Generator, device: torch.device | str = "cpu") -> Task:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from l2l.tasks.base import TaskFamily
+from l2l.tasks.cifar import CIFAR2Family, CIFAR5Family, CIFAR10Family
+from l2l.tasks.mnist import MNIST2LayerFamily, MNIST40Family, MNISTFamily, MNISTReLUFamily
 from l2l.tasks.quadratic import QuadraticFamily
 
 _REGISTRY: dict[str, Callable[..., TaskFamily]] = {}
@@ -36,4 +38,14 @@ def list_tasks() -> dict[str, TaskFamily]:
     return {name: factory() for name, factory in sorted(_REGISTRY.items())}
 
 
-register_task("quadratic", QuadraticFamily)
+for _family in (
+    QuadraticFamily,
+    MNISTFamily,
+    MNIST40Family,
+    MNIST2LayerFamily,
+    MNISTReLUFamily,
+    CIFAR10Family,
+    CIFAR5Family,
+    CIFAR2Family,
+):
+    register_task(_family.name, _family)

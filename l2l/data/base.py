@@ -1,0 +1,93 @@
+"""Where datasets live and how they arrive: data directory, checksummed downloads, clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+DATA_ENV = "L2L_DATA"
+DOWNLOAD_ENV = "L2L_DOWNLOAD"  # "1": loaders fetch missing files (the CLI's --download sets it)
+
+
+class DataError(FileNotFoundError):
+    """A dataset is missing or its files are damaged; the message says what to do."""
+
+
+class ArrayDataset(NamedTuple):
+    """A classification dataset as CPU tensors.
+
+    Images are uint8 in their file layout (MNIST ``[N, 28, 28]``, CIFAR-10 ``[N, 32, 32, 3]``);
+    labels are int64 ``[N]``.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    classes: tuple[str, ...]
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The data directory: ``explicit`` if given, else ``$L2L_DATA``, else ``~/.cache/l2l/data``."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return Path.home() / ".cache" / "l2l" / "data"
+
+
+def download_allowed(explicit: bool | None = None) -> bool:
+    """Whether loaders may fetch missing files: ``explicit`` if given, else ``$L2L_DOWNLOAD == "1"``."""
+    return explicit if explicit is not None else os.environ.get(DOWNLOAD_ENV) == "1"
+
+
+def file_md5(path: Path, *, decompress: bool = False) -> str:
+    """MD5 of a file's bytes (of its gzip-decompressed bytes if ``decompress``)."""
+    digest = hashlib.md5()
+    opener = gzip.open if decompress else open
+    with opener(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool = False) -> Path:
+    """Downloads ``url`` to ``destination`` atomically and checks its MD5.
+
+    Raises:
+        DataError: the download failed or the checksum does not match (nothing is left behind).
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, handle)
+        found = file_md5(Path(temporary), decompress=decompress_for_md5)
+        if found != md5:
+            raise DataError(f"download of {url} has MD5 {found}, expected {md5}: the file is damaged or not the official one")
+        os.replace(temporary, destination)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"could not download {url}: {error}") from None
+    return destination
+
+
+def missing(dataset: str, directory: Path, files: list[str], flag_hint: str) -> DataError:
+    """The error for a dataset whose files are not in ``directory``."""
+    listing = "\n".join(f"  {directory / name}" for name in files)
+    return DataError(
+        f"{dataset} not found. Put its files here:\n{listing}\n"
+        f"or point --data-dir / ${DATA_ENV} at a directory that has them, or pass {flag_hint} to fetch the "
+        f"official files (needs internet access)."
+    )

@@ -1,0 +1,111 @@
+"""CIFAR-10 from the official pickled batches (cifar-10-batches-py) or an npz of arrays."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from l2l.data.base import ArrayDataset, DataError, data_dir, download, download_allowed, missing
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the official batches (dicts of numpy arrays, lists, bytes) and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR batch holds only arrays")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            batch = _ArraysOnlyUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+        raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it and fetch it again") from None
+    if len(images) != len(labels):
+        raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
+    return np.ascontiguousarray(images), labels
+
+
+def _from_batches(folder: Path) -> ArrayDataset:
+    train = [_read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = _read_batch(folder / "test_batch")
+    return _dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test)
+
+
+def _from_npz(path: Path) -> ArrayDataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in NPZ_KEYS if key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path} is not a readable npz ({error}); delete it and fetch it again") from None
+    absent = [key for key in NPZ_KEYS if key not in arrays]
+    if absent:
+        raise DataError(f"{path} lacks {', '.join(absent)}: a CIFAR-10 npz needs {', '.join(NPZ_KEYS)}")
+    return _dataset(*(arrays[key] for key in NPZ_KEYS))
+
+
+def _dataset(x_train, y_train, x_test, y_test) -> ArrayDataset:
+    for name, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+            raise DataError(f"CIFAR-10 {name} images must be uint8 [N, 32, 32, 3], got {images.dtype} {list(images.shape)}")
+        if labels.shape != (len(images),):
+            raise DataError(f"CIFAR-10 {name} labels must be [{len(images)}], got {list(labels.shape)}")
+    return ArrayDataset(
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
+        y_train=torch.from_numpy(np.asarray(y_train, dtype=np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test)),
+        y_test=torch.from_numpy(np.asarray(y_test, dtype=np.int64)),
+        classes=CLASSES,
+    )
+
+
+def load_cifar10(directory: str | os.PathLike | None = None, *, download_missing: bool | None = None) -> ArrayDataset:
+    """Loads CIFAR-10: 50,000 training and 10,000 test images ``[N, 32, 32, 3]`` uint8, int64 labels.
+
+    Looks in ``DIR/cifar10/`` then ``DIR/`` for ``cifar10.npz`` (keys ``x_train, y_train,
+    x_test, y_test``) or the official ``cifar-10-batches-py/`` folder.
+
+    Args:
+        directory: the data directory (default: ``$L2L_DATA`` or ``~/.cache/l2l/data``).
+        download_missing: fetch (default: ``$L2L_DOWNLOAD == "1"``) and unpack the official archive (MD5-checked) if nothing is found.
+
+    Raises:
+        DataError: nothing found (the message says where to put it) or the files are damaged.
+    """
+    root = data_dir(directory)
+    download_missing = download_allowed(download_missing)
+    for folder in (root / "cifar10", root):
+        if (folder / "cifar10.npz").is_file():
+            return _from_npz(folder / "cifar10.npz")
+        if (folder / "cifar-10-batches-py").is_dir():
+            return _from_batches(folder / "cifar-10-batches-py")
+    if download_missing:
+        archive = download(URL, root / "cifar10" / "cifar-10-python.tar.gz", TAR_MD5)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root / "cifar10", filter="data")
+        archive.unlink()
+        return _from_batches(root / "cifar10" / "cifar-10-batches-py")
+    raise missing("CIFAR-10", root / "cifar10", ["cifar10.npz  (or the folder cifar-10-batches-py/)"], "--download")

@@ -1,0 +1,317 @@
+"""Any nn.Module as a batch of optimizee instances, evaluated functionally (functional_call + vmap over K)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params
+
+# Module types whose parameters form each kind of parameter group (for per-group optimizers).
+LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    "fc": (nn.Linear, nn.Bilinear),
+}
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class SupervisedData(NamedTuple):
+    """A supervised dataset as tensors on the task's device.
+
+    ``x_*``: inputs ``[N, *features]`` (float); ``y_*``: int64 class labels ``[N]``.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each parameter of the module sits in an instance's flat vector of ``n`` numbers."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    kinds: tuple[str, ...]  # "conv", "fc" or "other" (see LAYER_KINDS); norm layers take the kind before them
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return sum(self.numels)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "ParamLayout":
+        kind_of_param: dict[str, str] = {}
+        previous = "other"
+        for prefix, child in module.named_modules():
+            if any(isinstance(child, types) for types in LAYER_KINDS.values()):
+                previous = next(kind for kind, types in LAYER_KINDS.items() if isinstance(child, types))
+                kind = previous
+            elif isinstance(child, _NORMS):
+                kind = previous
+            else:
+                kind = "other"
+            for name, _ in child.named_parameters(recurse=False):
+                kind_of_param[f"{prefix}.{name}" if prefix else name] = kind
+        named = list(module.named_parameters())
+        return cls(
+            names=tuple(name for name, _ in named),
+            shapes=tuple(p.shape for _, p in named),
+            kinds=tuple(kind_of_param[name] for name, _ in named),
+        )
+
+    def unflatten(self, params: Tensor) -> dict[str, Tensor]:
+        """``[K, n]`` -> ``{name: [K, *shape]}`` (views, no copies)."""
+        pieces = params.split(self.numels, dim=1)
+        return {name: piece.reshape(params.shape[0], *shape) for name, piece, shape in zip(self.names, pieces, self.shapes)}
+
+    def flatten(self, module: nn.Module) -> Tensor:
+        """A module's parameters as one vector ``[n]`` in this layout's order."""
+        parameters = dict(module.named_parameters())
+        return torch.cat([parameters[name].detach().reshape(-1) for name in self.names])
+
+    def coordinates(self, kinds: tuple[str, ...]) -> dict[str, Tensor]:
+        """Indices ``[n_g]`` into an instance's vector of the parameters of each kind in ``kinds``.
+
+        Raises:
+            ValueError: some parameter's kind is not in ``kinds`` (every coordinate needs a group).
+        """
+        uncovered = sorted({kind for kind in self.kinds if kind not in kinds})
+        if uncovered:
+            names = [name for name, kind in zip(self.names, self.kinds) if kind in uncovered]
+            raise ValueError(
+                f"parameters {', '.join(names)} are of kind {', '.join(uncovered)}, which the split "
+                f"{','.join(kinds)} does not cover; add it to the split"
+            )
+        offsets = [0]
+        for numel in self.numels:
+            offsets.append(offsets[-1] + numel)
+        groups = {}
+        for kind in kinds:
+            ranges = [torch.arange(offsets[i], offsets[i + 1]) for i, k in enumerate(self.kinds) if k == kind]
+            groups[kind] = torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
+        return groups
+
+
+def fixed_shuffle(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Examples in a fixed pseudo-random order (seed 0), so that prefixes (``train_examples``,
+    ``eval_examples``) are unbiased samples even of files sorted by class."""
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+
+
+def cross_entropy_per_instance(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each instance: logits ``[K, B, C]``, labels ``[K, B]`` -> ``[K]``."""
+    K, B, C = logits.shape
+    return nn.functional.cross_entropy(logits.reshape(K * B, C), labels.reshape(K * B), reduction="none").view(K, B).mean(1)
+
+
+class ModuleTask(Task):
+    """K instances of one module architecture, each with its own parameters and minibatches.
+
+    The module is never trained in place: :meth:`loss` calls it with
+    ``torch.func.functional_call`` on each instance's parameters, vectorised over the K
+    instances with ``torch.func.vmap``. Buffers (batch-norm statistics) are per instance.
+    The optimizee loss uses training mode (batch statistics) on a scratch copy of the
+    buffers, so the task stays stateless and every optimizer sees the same task; held-out
+    metrics re-estimate batch-norm statistics from a large training batch for the final
+    parameters, then evaluate in eval mode.
+
+    Args:
+        module: the architecture (its own parameter values are not used).
+        params0: initial parameters ``[K, n]``.
+        buffers: per-instance buffers ``{name: [K, *shape]}``.
+        data: the dataset on the task's device.
+        batch_size: examples per minibatch (per instance).
+        loss_fn: ``(outputs [K, B, ...], labels [K, B]) -> [K]``.
+        eval_examples: test examples used by :meth:`metrics` (None: the whole test split).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params0: Tensor,
+        buffers: dict[str, Tensor],
+        data: SupervisedData,
+        *,
+        batch_size: int,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy_per_instance,
+        eval_examples: int | None = None,
+        bn_examples: int = 2048,
+    ):
+        self.module = module
+        self.layout = ParamLayout.of(module)
+        if params0.dim() != 2 or params0.shape[1] != self.layout.size:
+            raise ValueError(f"params0 must be [K, {self.layout.size}] for this module, got {list(params0.shape)}")
+        self.params0 = params0
+        self.buffers = buffers
+        self.data = data
+        self.batch_size = batch_size
+        self.loss_fn = loss_fn
+        self.eval_examples = eval_examples
+        self.bn_examples = bn_examples
+
+    @property
+    def num_instances(self) -> int:
+        return self.params0.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        return self.params0.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.params0.device
+
+    def init_params(self) -> Tensor:
+        return self.params0.clone()
+
+    def sample_batch(self, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """An independent minibatch per instance: inputs ``[K, B, *features]``, labels ``[K, B]``."""
+        index = torch.randint(
+            0, self.data.x_train.shape[0], (self.num_instances, self.batch_size), generator=generator, device=self.device
+        )
+        return self.data.x_train[index], self.data.y_train[index]
+
+    def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        return functional_call(self.module, (params, buffers), (inputs,))
+
+    def outputs(self, params: Tensor, inputs: Tensor, *, shared_inputs: bool = False, buffers=None) -> Tensor:
+        """Module outputs of every instance: ``params [K, n]``, inputs ``[K, B, ...]`` (or ``[B, ...]``
+        shared by all instances) -> ``[K, B, ...]``."""
+        check_params(self, params)
+        buffers = {name: value.clone() for name, value in self.buffers.items()} if buffers is None else buffers
+        batched = vmap(self._call, in_dims=(0, 0, None if shared_inputs else 0), randomness="different")
+        return batched(self.layout.unflatten(params), buffers, inputs)
+
+    def loss(self, params: Tensor, batch: Any = None) -> Tensor:
+        if batch is None:
+            raise ValueError("ModuleTask.loss needs a minibatch: pass task.sample_batch(generator)")
+        inputs, labels = batch
+        self.module.train()
+        return self.loss_fn(self.outputs(params, inputs), labels)
+
+    @torch.no_grad()
+    def metrics(self, params: Tensor) -> dict[str, Tensor]:
+        """Test loss and accuracy of every instance, ``[K]`` each, in eval mode."""
+        buffers = self._estimate_buffers(params)
+        self.module.eval()
+        try:
+            x_test, y_test = self.data.x_test, self.data.y_test
+            if self.eval_examples is not None:
+                x_test, y_test = x_test[: self.eval_examples], y_test[: self.eval_examples]
+            losses, correct = [], []
+            for start in range(0, x_test.shape[0], 1000):  # Bounds activation memory for conv nets.
+                logits = self.outputs(params, x_test[start : start + 1000], shared_inputs=True, buffers=buffers)
+                labels = y_test[start : start + 1000].expand(self.num_instances, -1)
+                losses.append(
+                    nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels).sum(1)
+                )
+                correct.append((logits.argmax(-1) == labels).sum(1))
+        finally:
+            self.module.train()
+        count = x_test.shape[0]
+        return {"test_loss": torch.stack(losses).sum(0) / count, "test_accuracy": torch.stack(correct).sum(0).double() / count}
+
+    def _estimate_buffers(self, params: Tensor) -> dict[str, Tensor]:
+        """Batch-norm statistics of the given parameters, from ``bn_examples`` training examples."""
+        buffers = {name: value.clone() for name, value in self.buffers.items()}
+        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            return buffers
+        momenta = [m.momentum for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 1.0  # One large batch: running statistics become its statistics.
+            self.module.train()
+            self.outputs(params, self.data.x_train[: self.bn_examples], shared_inputs=True, buffers=buffers)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+        return buffers
+
+    def coordinate_groups(self, kinds: tuple[str, ...]) -> dict[str, Tensor]:
+        """Indices into the flat ``[K * n]`` coordinates of each parameter kind (see :class:`ParamLayout`)."""
+        per_instance = self.layout.coordinates(kinds)
+        offsets = torch.arange(self.num_instances) * self.num_params
+        return {kind: (offsets[:, None] + index[None, :]).reshape(-1).to(self.device) for kind, index in per_instance.items()}
+
+
+def init_instances(factory: Callable[[], nn.Module], num_instances: int, generator: torch.Generator) -> tuple[nn.Module, Tensor, dict[str, Tensor]]:
+    """Builds ``num_instances`` independently initialised copies of ``factory()``'s module.
+
+    Each instance is initialised by the module's own initialisers under a seed drawn from
+    ``generator``; the global RNG is restored afterwards, so it is left as it was.
+
+    Returns:
+        ``(template, params0 [K, n], buffers {name: [K, *shape]})`` on the CPU.
+    """
+    seeds = torch.randint(0, 2**62, (num_instances,), generator=generator).tolist()
+    flats, buffers = [], []
+    template = None
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = factory()
+        if template is None:
+            template = module
+            layout = ParamLayout.of(module)
+        flats.append(layout.flatten(module))
+        buffers.append({name: value.detach().clone() for name, value in module.named_buffers()})
+    stacked = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]}
+    return template, torch.stack(flats), stacked
+
+
+class ModuleFamily(TaskFamily):
+    """A family of tasks from a module factory, a dataset and a loss.
+
+    Args:
+        factory: builds the module (called once per instance, under a seed from the generator).
+        data: returns the dataset on a device (called lazily, cached per device).
+        batch_size: examples per minibatch.
+        loss_fn: ``(outputs [K, B, ...], labels [K, B]) -> [K]``.
+        eval_examples: test examples for held-out metrics (None: all).
+    """
+
+    name = "module"
+    description = "any nn.Module on a supervised dataset"
+
+    def __init__(
+        self,
+        factory: Callable[[], nn.Module],
+        data: Callable[[torch.device], SupervisedData],
+        *,
+        batch_size: int = 128,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy_per_instance,
+        eval_examples: int | None = None,
+    ):
+        if not (isinstance(batch_size, int) and batch_size > 0):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.factory = factory
+        self.data = data
+        self.batch_size = batch_size
+        self.loss_fn = loss_fn
+        self.eval_examples = eval_examples
+
+    def sample(self, num_instances: int, generator: torch.Generator, device="cpu") -> ModuleTask:
+        check_num_instances(num_instances)
+        device = torch.device(device)
+        template, params0, buffers = init_instances(self.factory, num_instances, generator)
+        return ModuleTask(
+            template.to(device),
+            params0.to(device),
+            {name: value.to(device) for name, value in buffers.items()},
+            self.data(device),
+            batch_size=self.batch_size,
+            loss_fn=self.loss_fn,
+            eval_examples=self.eval_examples,
+        )

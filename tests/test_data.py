@@ -1,0 +1,135 @@
+"""Dataset loaders: IDX and npz made in the test, corrupt files rejected, missing data explained."""
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from l2l.data import DataError, load_cifar10, load_mnist, read_idx
+from l2l.data.base import DATA_ENV, data_dir
+
+
+def write_idx(path, array, compress=False):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if compress else data)
+
+
+def fake_mnist(folder, n_train=12, n_test=5, compress=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, (n,)), compress)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_round_trip(tmp_path, compress):
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4) % 256
+    path = tmp_path / ("x.idx.gz" if compress else "x.idx")
+    write_idx(path, array, compress)
+    np.testing.assert_array_equal(read_idx(path), array)
+
+
+def test_load_mnist_from_a_tiny_directory(tmp_path):
+    fake_mnist(tmp_path / "mnist")
+    data = load_mnist(tmp_path)
+    assert data.x_train.shape == (12, 28, 28) and data.x_train.dtype == torch.uint8
+    assert data.y_test.shape == (5,) and data.y_test.dtype == torch.int64
+
+
+def test_truncated_idx_is_rejected(tmp_path):
+    fake_mnist(tmp_path / "mnist", compress=False)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match="truncated or damaged; delete it and fetch it again"):
+        load_mnist(tmp_path)
+
+
+def test_not_idx_is_rejected(tmp_path):
+    path = tmp_path / "junk"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n....")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(path)
+
+
+def test_missing_mnist_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path, download_missing=False)
+    message = str(error.value)
+    assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in message
+    assert "--data-dir" in message and "--download" in message and DATA_ENV in message
+
+
+def fake_cifar_arrays(n_train=10, n_test=4):
+    rng = np.random.default_rng(1)
+    return {
+        "x_train": rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8),
+        "y_train": rng.integers(0, 10, n_train).astype(np.uint8),
+        "x_test": rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8),
+        "y_test": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+
+
+def test_load_cifar_npz(tmp_path):
+    arrays = fake_cifar_arrays()
+    (tmp_path / "cifar10").mkdir()
+    np.savez(tmp_path / "cifar10" / "cifar10.npz", **arrays)
+    data = load_cifar10(tmp_path)
+    assert data.x_train.shape == (10, 32, 32, 3)
+    np.testing.assert_array_equal(data.y_train.numpy(), arrays["y_train"])
+    assert data.classes[0] == "airplane"
+
+
+def test_load_cifar_official_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    images = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (3, 3 * 32 * 32), dtype=np.uint8)
+        images[name] = x
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": x, b"labels": [1, 2, 3]}, handle)
+    data = load_cifar10(tmp_path)
+    assert data.x_train.shape == (15, 32, 32, 3) and data.x_test.shape == (3, 32, 32, 3)
+    # Channel-major rows become HWC images.
+    np.testing.assert_array_equal(data.x_test[0, :, :, 1].numpy().ravel(), images["test_batch"][0, 1024:2048])
+
+
+def test_cifar_batches_refuse_arbitrary_objects(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": Evil(), b"labels": []}, handle)
+    with pytest.raises(DataError, match="refusing to unpickle builtins.print"):
+        load_cifar10(tmp_path)
+
+
+def test_corrupt_npz_is_rejected(tmp_path):
+    (tmp_path / "cifar10.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="not a readable npz"):
+        load_cifar10(tmp_path)
+
+
+def test_npz_with_wrong_keys_is_rejected(tmp_path):
+    np.savez(tmp_path / "cifar10.npz", images=np.zeros(3))
+    with pytest.raises(DataError, match="lacks x_train, y_train, x_test, y_test"):
+        load_cifar10(tmp_path)
+
+
+def test_data_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "env"))
+    assert data_dir() == tmp_path / "env"
+    assert data_dir(tmp_path / "flag") == tmp_path / "flag"
+    monkeypatch.delenv(DATA_ENV)
+    assert data_dir().name == "data"

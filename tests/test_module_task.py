@@ -1,0 +1,125 @@
+"""Module tasks: functional evaluation equals running the module; K instances equal separate ones."""
+
+import pytest
+import torch
+from torch import nn
+
+from l2l.meta.unroll import run, value_and_grad
+from l2l.optimizers import Adam, CoordinateWiseLSTM, PerGroupRule
+from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
+
+
+def small_conv_net():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3),
+    )
+
+
+def small_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Sigmoid(), nn.Linear(6, 3))
+
+
+def fake_data(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (200,), generator=g)
+    return SupervisedData(x[:150], y[:150], x[150:], y[150:])
+
+
+@pytest.fixture(params=[small_mlp, small_conv_net], ids=["mlp", "conv-bn"])
+def family(request):
+    return ModuleFamily(request.param, fake_data, batch_size=16)
+
+
+def instance_module(task: ModuleTask, params: torch.Tensor, k: int) -> nn.Module:
+    module = small_mlp() if len(task.layout.names) == 4 else small_conv_net()
+    nn.utils.vector_to_parameters(params[k].detach().clone(), module.parameters())
+    return module
+
+
+def test_losses_and_gradients_equal_running_the_module(family):
+    task = family.sample(3, torch.Generator().manual_seed(1))
+    params = task.init_params() + 0.01 * torch.randn(task.init_params().shape, generator=torch.Generator().manual_seed(2))
+    batch = task.sample_batch(torch.Generator().manual_seed(3))
+    loss, grad = value_and_grad(task, params, batch)
+    for k in range(3):
+        module = instance_module(task, params, k).train()
+        direct = nn.functional.cross_entropy(module(batch[0][k]), batch[1][k])
+        direct.backward()
+        torch.testing.assert_close(loss[k], direct.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad[k], torch.cat([p.grad.reshape(-1) for p in module.parameters()]), rtol=1e-4, atol=1e-6)
+
+
+def test_k_instances_equal_separate_instances(family):
+    task = family.sample(3, torch.Generator().manual_seed(1))
+    losses, carry = run(Adam(lr=0.01), task, 5, generator=torch.Generator().manual_seed(4))
+    batches = [task.sample_batch(torch.Generator().manual_seed(5))]
+    for k in range(3):
+        alone = ModuleTask(task.module, task.params0[k : k + 1], {n: b[k : k + 1] for n, b in task.buffers.items()},
+                           task.data, batch_size=16)
+        batch = (batches[0][0][k : k + 1], batches[0][1][k : k + 1])
+        torch.testing.assert_close(alone.loss(carry.params[k : k + 1], batch), task.loss(carry.params, batches[0])[k : k + 1])
+
+
+def test_instances_have_their_own_initialisation_and_data(family):
+    before = torch.random.get_rng_state()
+    task = family.sample(2, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert not torch.equal(task.params0[0], task.params0[1])
+    again = family.sample(2, torch.Generator().manual_seed(1))
+    assert torch.equal(task.params0, again.params0)
+    x, y = task.sample_batch(torch.Generator().manual_seed(0))
+    assert x.shape == (2, 16, 1, 8, 8) and y.shape == (2, 16)
+    assert not torch.equal(x[0], x[1])
+
+
+def test_metrics_equal_eval_mode_with_re_estimated_statistics():
+    family = ModuleFamily(small_conv_net, fake_data, batch_size=16)
+    task = family.sample(2, torch.Generator().manual_seed(1))
+    _, carry = run(Adam(lr=0.01), task, 3, generator=torch.Generator().manual_seed(4))
+    metrics = task.metrics(carry.params)
+    data = task.data
+    for k in range(2):
+        module = instance_module(task, carry.params, k)
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 1.0
+        with torch.no_grad():
+            module.train()(data.x_train[:2048])
+            logits = module.eval()(data.x_test)
+        accuracy = (logits.argmax(1) == data.y_test).double().mean()
+        torch.testing.assert_close(metrics["test_accuracy"][k], accuracy)
+        torch.testing.assert_close(metrics["test_loss"][k], nn.functional.cross_entropy(logits, data.y_test), rtol=1e-5, atol=1e-6)
+
+
+def test_layout_kinds_follow_layers_and_norms():
+    layout = ParamLayout.of(small_conv_net())
+    kinds = dict(zip(layout.names, layout.kinds))
+    assert kinds["0.weight"] == kinds["1.weight"] == "conv"  # BatchNorm2d after a conv
+    assert kinds["5.weight"] == kinds["6.bias"] == kinds["8.weight"] == "fc"
+    with pytest.raises(ValueError, match="does not cover; add it to the split"):
+        layout.coordinates(("conv",))
+
+
+def test_per_group_rule_applies_each_lstm_to_its_coordinates():
+    family = ModuleFamily(small_conv_net, fake_data, batch_size=16)
+    task = family.sample(2, torch.Generator().manual_seed(1))
+    conv, fc = CoordinateWiseLSTM(seed=1), CoordinateWiseLSTM(seed=2)
+    rule = PerGroupRule({"conv": conv, "fc": fc})
+    groups = task.coordinate_groups(("conv", "fc"))
+    grad = torch.randn(task.init_params().numel())
+    state = rule.init_state(grad.numel(), groups=groups)
+    update, _ = rule(grad, state)
+    for name, lstm in (("conv", conv), ("fc", fc)):
+        index = groups[name]
+        expected, _ = lstm(grad[index], lstm.init_state(index.numel()))
+        torch.testing.assert_close(update[index], expected)
+    losses, _ = run(rule, task, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses).all()
+
+
+def test_missing_minibatch_is_a_clear_error(family):
+    task = family.sample(1, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="needs a minibatch"):
+        task.loss(task.init_params())
