@@ -1,9 +1,9 @@
 """Reference coordinatewise LSTM step in plain PyTorch: runs everywhere and defines correctness.
 
 Tensors are feature-major (``[features, N]``): each gate of all N coordinates is one
-contiguous block, so every elementwise op streams through memory once. On 2 CPU cores this
-layer is about 4x faster than the coordinate-major ``[N, features]`` layout (whose gate
-chunks are strided), and on a GPU it makes neighbouring threads read neighbouring addresses.
+contiguous block, so every elementwise op streams through memory once instead of through a
+strided slice of coordinate-major ``[N, 4H]`` gates; on a GPU it makes neighbouring threads
+read neighbouring addresses (see benchmarks/lstm_layout.py).
 """
 
 from __future__ import annotations

@@ -109,10 +109,13 @@ def fixed_shuffle(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x[order], y[order]
 
 
-def cross_entropy_per_instance(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of each instance: logits ``[K, B, C]``, labels ``[K, B]`` -> ``[K]``."""
-    K, B, C = logits.shape
-    return nn.functional.cross_entropy(logits.reshape(K * B, C), labels.reshape(K * B), reduction="none").view(K, B).mean(1)
+Forward = Callable[[Tensor], Tensor]
+Objective = Callable[[Forward, Tensor, Tensor], Tensor]
+
+
+def cross_entropy(forward: Forward, inputs: Tensor, labels: Tensor) -> Tensor:
+    """The default objective: mean cross-entropy of ``forward(inputs)`` (logits ``[B, C]``) on ``labels [B]``."""
+    return nn.functional.cross_entropy(forward(inputs), labels)
 
 
 class ModuleTask(Task):
@@ -132,7 +135,10 @@ class ModuleTask(Task):
         buffers: per-instance buffers ``{name: [K, *shape]}``.
         data: the dataset on the task's device.
         batch_size: examples per minibatch (per instance).
-        loss_fn: ``(outputs [K, B, ...], labels [K, B]) -> [K]``.
+        objective: the loss of one instance, ``objective(forward, inputs [B, ...], labels [B, ...]) -> []``,
+            where ``forward(x)`` runs the module on that instance's parameters. It is vectorised over
+            the K instances with vmap, so it may use ``torch.func`` transforms (input gradients,
+            JVPs) on ``forward``; see :mod:`l2l.objectives`.
         eval_examples: test examples used by :meth:`metrics` (None: the whole test split).
     """
 
@@ -144,7 +150,7 @@ class ModuleTask(Task):
         data: SupervisedData,
         *,
         batch_size: int,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy_per_instance,
+        objective: Objective = cross_entropy,
         eval_examples: int | None = None,
         bn_examples: int = 2048,
     ):
@@ -156,7 +162,7 @@ class ModuleTask(Task):
         self.buffers = buffers
         self.data = data
         self.batch_size = batch_size
-        self.loss_fn = loss_fn
+        self.objective = objective
         self.eval_examples = eval_examples
         self.bn_examples = bn_examples
 
@@ -196,9 +202,18 @@ class ModuleTask(Task):
     def loss(self, params: Tensor, batch: Any = None) -> Tensor:
         if batch is None:
             raise ValueError("ModuleTask.loss needs a minibatch: pass task.sample_batch(generator)")
+        check_params(self, params)
         inputs, labels = batch
         self.module.train()
-        return self.loss_fn(self.outputs(params, inputs), labels)
+        buffers = {name: value.clone() for name, value in self.buffers.items()}
+
+        def instance_loss(instance_params, instance_buffers, instance_inputs, instance_labels):
+            def forward(x: Tensor) -> Tensor:
+                return self._call(instance_params, instance_buffers, x)
+
+            return self.objective(forward, instance_inputs, instance_labels)
+
+        return vmap(instance_loss, randomness="different")(self.layout.unflatten(params), buffers, inputs, labels)
 
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
@@ -278,8 +293,9 @@ class ModuleFamily(TaskFamily):
         factory: builds the module (called once per instance, under a seed from the generator).
         data: returns the dataset on a device (called lazily, cached per device).
         batch_size: examples per minibatch.
-        loss_fn: ``(outputs [K, B, ...], labels [K, B]) -> [K]``.
+        objective: the per-instance loss (see :class:`ModuleTask`).
         eval_examples: test examples for held-out metrics (None: all).
+        task_type: the :class:`ModuleTask` subclass to build (override ``metrics`` there, say).
     """
 
     name = "module"
@@ -291,27 +307,29 @@ class ModuleFamily(TaskFamily):
         data: Callable[[torch.device], SupervisedData],
         *,
         batch_size: int = 128,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy_per_instance,
+        objective: Objective = cross_entropy,
         eval_examples: int | None = None,
+        task_type: type[ModuleTask] = ModuleTask,
     ):
         if not (isinstance(batch_size, int) and batch_size > 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.factory = factory
         self.data = data
         self.batch_size = batch_size
-        self.loss_fn = loss_fn
+        self.objective = objective
         self.eval_examples = eval_examples
+        self.task_type = task_type
 
     def sample(self, num_instances: int, generator: torch.Generator, device="cpu") -> ModuleTask:
         check_num_instances(num_instances)
         device = torch.device(device)
         template, params0, buffers = init_instances(self.factory, num_instances, generator)
-        return ModuleTask(
+        return self.task_type(
             template.to(device),
             params0.to(device),
             {name: value.to(device) for name, value in buffers.items()},
             self.data(device),
             batch_size=self.batch_size,
-            loss_fn=self.loss_fn,
+            objective=self.objective,
             eval_examples=self.eval_examples,
         )

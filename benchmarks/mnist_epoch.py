@@ -1,0 +1,83 @@
+"""Meta-training cost of the MNIST family: seconds and peak memory per epoch (100 steps, unroll 20).
+
+Each configuration runs in its own process so that peak memory is its own.
+
+    python benchmarks/mnist_epoch.py [--device cpu|cuda] [--instances 1,4,16] [--epochs 3] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def measure(device: str, instances: int, epochs: int) -> dict:
+    import torch
+
+    from l2l.config import TrainConfig
+    from l2l.meta.train import MetaTrainer
+
+    torch.set_num_threads(int(os.environ.get("L2L_THREADS", "2")))
+    trainer = MetaTrainer(TrainConfig(task="mnist", instances=instances, epochs=epochs + 1, val_problems=1, device=device))
+    trainer.train_epoch()  # warm-up: data on the device, allocator primed
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for _ in range(epochs):
+        begin = time.perf_counter()
+        trainer.train_epoch().item()
+        times.append(time.perf_counter() - begin)
+    coordinates = instances * trainer.validation_task.num_params
+    result = {"instances": instances, "coordinates": coordinates, "seconds_per_epoch": statistics.median(times)}
+    if device.startswith("cuda"):
+        result["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        result["machine"] = torch.cuda.get_device_name()
+    else:
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["peak_rss_growth_bytes"] = result["peak_rss_bytes"] - rss_before
+        result["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    result["coordinate_steps_per_second"] = coordinates * 100 / result["seconds_per_epoch"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--instances", default="1,4,16")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.device, int(args.instances), args.epochs)))
+        return
+    rows = []
+    for instances in (int(k) for k in args.instances.split(",")):
+        output = subprocess.run(
+            [sys.executable, __file__, "--child", "--device", args.device, "--instances", str(instances), "--epochs", str(args.epochs)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+    memory_key = "peak_bytes" if args.device.startswith("cuda") else "peak_rss_bytes"
+    print(f"MNIST meta-training epoch (100 steps, unroll 20) on {rows[0]['machine']}")
+    print(f"{'K':>4} {'coordinates':>12} {'s/epoch':>9} {'coord-steps/s':>14} {'peak memory':>12}")
+    for row in rows:
+        print(f"{row['instances']:>4} {row['coordinates']:>12,} {row['seconds_per_epoch']:>9.2f} "
+              f"{row['coordinate_steps_per_second']:>14.3g} {row[memory_key] / 2**30:>10.2f} GiB")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Paper, section 3.3: the CIFAR-10-trained LSTM (separate LSTMs for conv and fully connected layers) on CIFAR-10, -5 and -2."""
+
+from _experiment import bench, parser, train
+
+# The recipe of the shipped checkpoints/cifar10.pt (see checkpoints/README.md).
+RECIPE = ["--task", "cifar10", "--split", "conv,fc", "--instances", "1", "--epochs", "60", "--val-every", "20",
+          "--val-problems", "4"]
+# Conv nets are slow on a CPU: a narrower learning-rate grid and fewer instances than the MLP experiments.
+GRID = ["--lr-grid", "0.0001,0.000316,0.001,0.00316,0.01,0.0316,0.1,0.316,1", "--tune-problems", "4"]
+
+if __name__ == "__main__":
+    options = parser(__doc__, checkpoint="cifar10").parse_args()
+    if options.train:
+        options.checkpoint = train(options, RECIPE, options.out.parent.parent / "runs" / "paper-cifar10")
+    for task in ("cifar10", "cifar5", "cifar2"):
+        bench(options, f"{task}-100", task, steps=100, problems=8, extra=GRID)
