@@ -53,6 +53,7 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared.
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

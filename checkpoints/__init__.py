@@ -1,0 +1,1 @@
+"""Shipped learned-optimizer checkpoints, installed as the data package l2l.checkpoints."""

@@ -1,0 +1,33 @@
+"""The shipped checkpoints keep their promises (the figures of benchmarks/RESULTS.md, at test scale)."""
+
+import torch
+
+from l2l.checkpoint import load_use_checkpoint, shipped_checkpoints
+from l2l.meta.evaluate import benchmark
+from l2l.tasks import get_task
+
+
+def test_shipped_quadratic_beats_tuned_adam_and_rmsprop_on_held_out_instances():
+    loaded = load_use_checkpoint("quadratic")
+    assert loaded.metadata["task"] == "quadratic"
+    report = benchmark(
+        get_task("quadratic"), {"lstm": loaded.rule}, baselines=("rmsprop", "adam"), steps=100, problems=512,
+        tune_problems=128, lr_grid=tuple(10.0 ** (k / 2) for k in range(-8, 1)), seed=3, device=torch.device("cpu"),
+    )
+    final = {name: result["final_loss"]["mean"] for name, result in report["results"].items()}
+    assert final["lstm"] < final["adam"]
+    assert final["lstm"] < final["rmsprop"]
+
+
+def test_every_shipped_checkpoint_loads_and_runs():
+    assert "quadratic" in shipped_checkpoints()
+    for name in shipped_checkpoints():
+        loaded = load_use_checkpoint(name)
+        grad = torch.randn(16)
+        rule = loaded.rule
+        if hasattr(rule, "group_names"):
+            state = rule.init_state(16, groups={g: torch.arange(i, 16, len(rule.group_names)) for i, g in enumerate(rule.group_names)})
+        else:
+            state = rule.init_state(16)
+        update, _ = rule(grad, state)
+        assert torch.isfinite(update).all(), name
