@@ -5,6 +5,7 @@ from l2l.config import BenchConfig, ConfigError, TrainConfig
 from l2l.meta import NonFiniteError, benchmark, evaluate, meta_train, run, start, unroll
 from l2l.optimizers import NAG, SGD, Adam, CoordinateWiseLSTM, LSTMState, Momentum, RMSProp, UpdateRule, log_and_sign
 from l2l.tasks import QuadraticFamily, Task, TaskFamily, get_task, list_tasks, register_task
+from l2l.torch_optim import LearnedOptimizer
 from l2l.version import __version__
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CoordinateWiseLSTM",
+    "LearnedOptimizer",
     "LSTMState",
     "Momentum",
     "NonFiniteError",

@@ -1,0 +1,387 @@
+"""LearnedOptimizer: equals the functional unroll, honours the torch.optim contract, guards non-finite gradients."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import l2l.checkpoint
+from l2l import LearnedOptimizer
+from l2l.checkpoint import CheckpointError, load_use_checkpoint, save_use_checkpoint
+from l2l.meta.unroll import start, unroll
+from l2l.optimizers import CoordinateWiseLSTM, PerGroupRule
+from l2l.tasks.base import Task
+from l2l.tasks.module import ParamLayout
+
+
+def sensitive_rule(seed=0):
+    """A seeded LSTM with its weights scaled up: its updates depend visibly on the gradient and the state.
+
+    (Freshly initialised, the LSTM writes nearly the same small update whatever its input, which
+    would let wrong gradients or states pass the comparisons below.)
+    """
+    rule = CoordinateWiseLSTM(seed=seed)
+    with torch.no_grad():
+        for weight in rule.parameters():
+            weight.mul_(4)
+    return rule
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_use_checkpoint(tmp_path / "rule.pt", sensitive_rule(), {"task": "test"})
+
+
+def mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(dtype)
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4), nn.BatchNorm1d(4),
+        nn.Linear(4, 2),
+    )
+
+
+def batch(dtype=torch.float32, shape=(16, 5), outputs=3):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(shape, generator=generator).to(dtype), torch.randn(shape[0], outputs, generator=generator).to(dtype)
+
+
+def train(model, optimizer, x, y, steps):
+    """Losses before each step and after the last (``steps + 1`` values)."""
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    with torch.no_grad():
+        losses.append(nn.functional.mse_loss(model(x), y))
+    return torch.stack(losses)
+
+
+class ModelTask(Task):
+    """One instance of ``model`` on a fixed batch, as the functional unroll sees it: params ``[1, n]``."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y = model, x, y
+        self.layout = ParamLayout.of(model)
+        self.initial = self.layout.flatten(model).unsqueeze(0)
+
+    @property
+    def num_instances(self):
+        return 1
+
+    @property
+    def num_params(self):
+        return self.layout.size
+
+    def init_params(self):
+        return self.initial.clone()
+
+    def loss(self, params, batch=None):
+        weights = {name: value[0] for name, value in self.layout.unflatten(params).items()}
+        return nn.functional.mse_loss(functional_call(self.model, weights, (self.x,)), self.y).unsqueeze(0)
+
+
+@pytest.mark.parametrize("chunk_size", [7, None], ids=["chunks-across-tensors", "default-chunk"])
+def test_equals_functional_unroll_step_for_step(checkpoint, chunk_size):
+    x, y = batch(torch.float64)
+    model = mlp(torch.float64)
+    task = ModelTask(copy.deepcopy(model), x, y)
+    rule = load_use_checkpoint(checkpoint).rule.double()  # float64 throughout, so rounding cannot hide a mismatch
+    with torch.no_grad():
+        expected, carry = unroll(rule, task, start(rule, task), 6)
+    optimizer = LearnedOptimizer(model.parameters(), rule, chunk_size=chunk_size)
+    losses = train(model, optimizer, x, y, 6)
+    torch.testing.assert_close(losses[1:], expected[:, 0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(task.layout.flatten(model), carry.params[0], rtol=1e-12, atol=1e-14)
+    # The hidden states too: optimizer.state[p] holds [layers, hidden, numel] views in parameter order.
+    h = torch.cat([optimizer.state[p]["h"] for p in model.parameters()], dim=2)
+    torch.testing.assert_close(h, carry.opt_state.h, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "dtype, state_dtype", [(torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+)
+def test_state_dict_round_trip_continues_bit_for_bit(checkpoint, dtype, state_dtype):
+    x, y = batch(dtype)
+    model = mlp(dtype)
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint, state_dtype=state_dtype, chunk_size=11)
+    train(model, optimizer, x, y, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    expected = train(model, optimizer, x, y, 4)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model = mlp(dtype, seed=1)
+    resumed_model.load_state_dict(saved["model"])
+    resumed = LearnedOptimizer(resumed_model.parameters(), sensitive_rule(seed=9), chunk_size=11)
+    resumed.load_state_dict(saved["optimizer"])
+    # torch.optim would cast the state to the parameters' dtype; the LSTM state keeps its own.
+    first = next(resumed_model.parameters())
+    assert resumed.state[first]["h"].dtype == (state_dtype or dtype)
+    assert torch.equal(train(resumed_model, resumed, x, y, 4), expected)
+    # The rule's weights came with the state (the optimizer was built with another seed).
+    assert torch.equal(resumed.rule.weight_out, optimizer.rule.weight_out)
+
+
+def test_sequential_of_conv_batchnorm_linear_with_param_groups(checkpoint):
+    x, y = batch(shape=(8, 1, 6, 6), outputs=2)
+    model, reference = conv_net(), conv_net()
+    conv, linear = list(model[:2].parameters()), list(model[4:].parameters())
+    optimizer = LearnedOptimizer([{"params": conv, "lr_scale": 0.5}, {"params": linear}], checkpoint, lr_scale=2.0)
+    assert [group["lr_scale"] for group in optimizer.param_groups] == [0.5, 2.0]
+    reference_optimizer = LearnedOptimizer(reference.parameters(), checkpoint)
+    before = [p.detach().clone() for p in model.parameters()]
+    for optim, net in ((optimizer, model), (reference_optimizer, reference)):
+        net.train()
+        nn.functional.mse_loss(net(x), y).backward()
+        optim.step()
+    scales = [0.5] * len(conv) + [2.0] * len(linear)
+    for p, q, p0, scale in zip(model.parameters(), reference.parameters(), before, scales):
+        torch.testing.assert_close(p - p0, scale * (q - p0), rtol=1e-5, atol=1e-7)
+        assert not torch.equal(p, p0)
+
+
+def test_step_returns_the_closure_loss_and_zero_grad_clears(checkpoint):
+    x, y = batch()
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert optimizer.step() is None
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_parameters_without_gradients_are_skipped_and_keep_their_state(checkpoint):
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 2))
+    alone_a, alone_b = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    together = LearnedOptimizer([a, b], checkpoint, chunk_size=4)
+    opt_a, opt_b = LearnedOptimizer([alone_a], checkpoint), LearnedOptimizer([alone_b], checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    for has_b in (True, False, False, True, True):
+        grad_a, grad_b = torch.randn(5, generator=generator), torch.randn(3, 2, generator=generator)
+        a.grad, alone_a.grad = grad_a.clone(), grad_a.clone()
+        b.grad = grad_b.clone() if has_b else None
+        alone_b.grad = grad_b.clone()
+        before_b = b.detach().clone()
+        together.step()
+        opt_a.step()
+        if has_b:
+            opt_b.step()
+        else:
+            assert torch.equal(b, before_b)
+            # b left the flat buffer: it keeps its own state, not the whole buffer alive.
+            assert together.state[b]["h"].untyped_storage().nbytes() == 2 * 20 * 6 * 4
+    # The LSTM is coordinatewise, so stepping together equals stepping each parameter alone.
+    torch.testing.assert_close(a, alone_a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, alone_b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(together.state[b]["h"], opt_b.state[alone_b]["h"], rtol=1e-6, atol=1e-7)
+    never = nn.Parameter(torch.randn(2))
+    optimizer = LearnedOptimizer([never], checkpoint)
+    optimizer.step()
+    assert never not in optimizer.state
+
+
+def test_sparse_gradients_are_rejected(checkpoint):
+    embedding = nn.Embedding(10, 3, sparse=True)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    optimizer = LearnedOptimizer(embedding.parameters(), checkpoint)
+    with pytest.raises(RuntimeError, match="LearnedOptimizer does not support sparse gradients"):
+        optimizer.step()
+
+
+def test_mixed_dtypes_equal_each_parameter_alone(checkpoint):
+    generator = torch.Generator().manual_seed(0)
+    shapes_dtypes = [((4, 3), torch.float32), ((5,), torch.float64), ((2, 3), torch.bfloat16), ((3,), torch.complex64)]
+    params = [nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape, dtype in shapes_dtypes]
+    alone = [nn.Parameter(p.detach().clone()) for p in params]
+    together = LearnedOptimizer(params, checkpoint)
+    separate = [LearnedOptimizer([p], checkpoint) for p in alone]
+    for _ in range(3):
+        for p, q in zip(params, alone):
+            grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            p.grad, q.grad = grad.clone(), grad.clone()
+        together.step()
+        for optimizer in separate:
+            optimizer.step()
+    for p, q in zip(params, alone):
+        assert p.dtype == q.dtype
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert together.state[params[3]]["h"].shape == (2, 20, 6)  # complex: real and imaginary coordinates
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_and_cuda_parameters_in_one_group(checkpoint):
+    cpu, cuda = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6, device="cuda"))
+    cuda.data.copy_(cpu.data)
+    optimizer = LearnedOptimizer([cpu, cuda], checkpoint)
+    for step in range(3):
+        grad = torch.randn(6)
+        grad[step] = float("nan")
+        cpu.grad, cuda.grad = grad.clone(), grad.cuda()
+        optimizer.step()
+    torch.testing.assert_close(cuda.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)
+    assert optimizer.nonfinite_steps == 3
+
+
+def test_nonfinite_gradients_leave_coordinates_unchanged_and_are_counted(checkpoint):
+    p = nn.Parameter(torch.randn(6))
+    good = torch.tensor([True, True, False, True, False, True])
+    reference = nn.Parameter(p.detach()[good].clone())
+    optimizer = LearnedOptimizer([p], checkpoint, chunk_size=4)
+    reference_optimizer = LearnedOptimizer([reference], checkpoint)
+    start_value = p.detach().clone()
+    grad = torch.randn(6)
+    grad[2], grad[4] = float("nan"), float("inf")
+    p.grad, reference.grad = grad, grad[good].clone()
+    with pytest.warns(RuntimeWarning, match="non-finite gradients"):
+        optimizer.step()
+    reference_optimizer.step()
+    assert torch.equal(p.detach()[~good], start_value[~good])
+    torch.testing.assert_close(p.detach()[good], reference.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.count_nonzero(optimizer.state[p]["h"][:, :, ~good]) == 0
+    assert optimizer.nonfinite_steps == 1
+    p.grad = torch.ones(6)
+    optimizer.step()
+    p.grad = torch.full((6,), float("-inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Only the first occurrence warns.
+        optimizer.step()
+    assert optimizer.nonfinite_steps == 2
+    assert optimizer.state_dict()["nonfinite_steps"] == 2
+
+
+def test_lr_scale_and_maximize(checkpoint):
+    base, scaled, maximized = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    base.grad, scaled.grad, maximized.grad = grad.clone(), grad.clone(), -grad
+    LearnedOptimizer([base], checkpoint).step()
+    LearnedOptimizer([scaled], checkpoint, lr_scale=0.25).step()
+    LearnedOptimizer([maximized], checkpoint, maximize=True).step()
+    torch.testing.assert_close(scaled, 0.25 * base, rtol=1e-6, atol=0)
+    torch.testing.assert_close(maximized, base, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_state_halves_the_memory(checkpoint):
+    p, q = nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(10))
+    p.grad, q.grad = torch.randn(10), torch.randn(10)
+    full, half = LearnedOptimizer([p], checkpoint), LearnedOptimizer([q], checkpoint, state_dtype=torch.bfloat16)
+    full.step(), half.step()
+    nbytes = [sum(t.numel() * t.element_size() for t in opt.state[x].values()) for opt, x in ((full, p), (half, q))]
+    assert nbytes == [10 * 320, 10 * 160]
+
+
+def test_state_dtype_precedence_and_buffers_kept_across_steps():
+    rule = CoordinateWiseLSTM(seed=0, state_dtype=torch.bfloat16)
+    p, q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    optimizer = LearnedOptimizer([{"params": [p], "state_dtype": torch.float32}, {"params": [q]}], rule)
+    p.grad, q.grad = torch.randn(4), torch.randn(4)
+    optimizer.step()
+    h = optimizer.state[p]["h"]
+    optimizer.step()
+    assert optimizer.state[p]["h"] is h  # the flat buffer is reused, not rebuilt every step
+    assert (h.dtype, optimizer.state[q]["h"].dtype) == (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"lr_scale": -1.0}, ValueError, r"Invalid lr_scale: -1.0"),
+        ({"lr_scale": float("nan")}, ValueError, r"Invalid lr_scale: nan"),
+        ({"chunk_size": 0}, ValueError, r"Invalid chunk_size: 0"),
+        ({"state_dtype": torch.int32}, ValueError, r"Invalid state_dtype: torch.int32"),
+        ({"maximize": 1}, ValueError, r"Invalid maximize: 1"),
+        ({"rule_group": "conv"}, ValueError, r"rule_group='conv' given, but the checkpoint holds a single"),
+        ({"checkpoint": 3}, TypeError, r"checkpoint must be a shipped checkpoint name, a path"),
+        ({"checkpoint": "no-such-checkpoint"}, CheckpointError, r"no shipped checkpoint of that name"),
+    ],
+)
+def test_constructor_validates_every_argument(checkpoint, kwargs, error, message):
+    kwargs = {"checkpoint": checkpoint, **kwargs}
+    with pytest.raises(error, match=message):
+        LearnedOptimizer([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_add_param_group_validates_and_new_parameters_get_state(checkpoint):
+    first, second = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    optimizer = LearnedOptimizer([first], checkpoint)
+    with pytest.raises(ValueError, match="Invalid lr_scale: -2"):
+        optimizer.add_param_group({"params": [second], "lr_scale": -2})
+    assert len(optimizer.param_groups) == 1
+    first.grad = torch.randn(3)
+    optimizer.step()
+    optimizer.add_param_group({"params": [second], "lr_scale": 0.5})
+    first.grad, second.grad = torch.randn(3), torch.randn(4)
+    optimizer.step()
+    assert optimizer.state[second]["h"].shape == (2, 20, 4)
+    assert optimizer.param_groups[1]["state_dtype"] is None
+
+
+def test_loading_a_state_of_another_rule_config_raises(checkpoint, tmp_path):
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    small = LearnedOptimizer([p], CoordinateWiseLSTM(hidden_size=8, preprocess="none"))
+    small.step()
+    optimizer = LearnedOptimizer([p], checkpoint)
+    with pytest.raises(ValueError, match=r"different learned rule: hidden_size: saved 8, this optimizer 20; "
+                                         r"preprocess: saved 'none', this optimizer 'log_sign'"):
+        optimizer.load_state_dict(small.state_dict())
+    with pytest.raises(ValueError, match="not saved by a LearnedOptimizer"):
+        optimizer.load_state_dict(torch.optim.SGD([p], lr=0.1).state_dict())
+    other = LearnedOptimizer([nn.Parameter(torch.randn(5))], checkpoint)
+    other.param_groups[0]["params"][0].grad = torch.randn(5)
+    other.step()
+    with pytest.raises(ValueError, match=r"expected \(2, 20, 3\) for a parameter of shape \(3,\)"):
+        optimizer.load_state_dict(other.state_dict())
+
+
+def test_shipped_names_resolve(checkpoint, monkeypatch):
+    monkeypatch.setattr(l2l.checkpoint, "_shipped_directories", lambda: [checkpoint.parent])
+    p = nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([p], "rule")
+    assert optimizer.metadata["task"] == "test"
+    assert LearnedOptimizer([p], load_use_checkpoint(checkpoint)).metadata["task"] == "test"
+
+
+def test_per_group_rule_checkpoint_applies_each_lstm_to_its_group():
+    rules = {"conv": sensitive_rule(seed=1), "fc": sensitive_rule(seed=2)}
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+    grad = torch.randn(3)
+    a.grad, b.grad = grad.clone(), grad.clone()
+    optimizer = LearnedOptimizer(
+        [{"params": [a], "rule_group": "conv"}, {"params": [b], "rule_group": "fc"}], PerGroupRule(rules)
+    )
+    optimizer.step()
+    for p, rule in ((a, rules["conv"]), (b, rules["fc"])):
+        torch.testing.assert_close(p.detach(), rule(grad, rule.init_state(3))[0].detach())
+    with pytest.raises(ValueError, match=r"one LSTM per parameter group \(conv, fc\); give each param group"):
+        LearnedOptimizer([a], PerGroupRule(rules))
+
+
+def test_deepcopy_continues_identically(checkpoint):
+    x, y = batch()
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    train(model, optimizer, x, y, 2)
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))  # one memo: the copies share parameters
+    assert torch.equal(train(model_copy, optimizer_copy, x, y, 3), train(model, optimizer, x, y, 3))
