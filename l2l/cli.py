@@ -67,6 +67,7 @@ _TRAIN_FLAGS = [
     ("--optimizee-steps", "optimizee_steps", int, "optimizee steps per epoch (default: the family's)"),
     ("--unroll", "unroll", int, "steps per truncation of BPTT (default: the family's)"),
     ("--meta-lr", "meta_lr", float, "Adam learning rate of the LSTM"),
+    ("--meta-lr-schedule", "meta_lr_schedule", str, "constant | cosine (to a tenth of --meta-lr at the last epoch)"),
     ("--clip-grad-norm", "clip_grad_norm", float, "meta-gradient norm clipping"),
     ("--loss-weights", "loss_weights", _loss_weights, "uniform | linear | final | comma-separated weights per unroll step"),
     ("--hidden-size", "hidden_size", int, "LSTM units per layer"),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOSS_WEIGHTINGS = ("uniform", "linear", "final")
+META_LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_LR_GRID = tuple(10.0 ** (k / 2) for k in range(-10, 3))  # 1e-5 ... 10 in half-decades
 BASELINE_NAMES = ("sgd", "momentum", "nag", "rmsprop", "adam")
 
@@ -88,6 +89,7 @@ class TrainConfig(_JSONConfig):
     loss_weights: str | tuple = "uniform"
     second_order: bool = False
     meta_lr: float = 1e-3
+    meta_lr_schedule: str = "constant"  # or "cosine": decays to a tenth of meta_lr over the epochs
     clip_grad_norm: float = 1.0
     # Validation and selection.
     val_every: int = 50
@@ -131,6 +133,10 @@ class TrainConfig(_JSONConfig):
                     f"loss_weights has {len(weights)} entries but the unroll has {self.unroll} steps",
                 )
         _require(isinstance(self.second_order, bool), "second_order must be true or false")
+        _require(
+            self.meta_lr_schedule in META_LR_SCHEDULES,
+            f"meta_lr_schedule must be one of {', '.join(META_LR_SCHEDULES)}, got {self.meta_lr_schedule!r}",
+        )
         if self.split is not None:
             _require(
                 len(self.split) > 0 and all(isinstance(k, str) and k for k in self.split) and len(set(self.split)) == len(self.split),

@@ -112,3 +112,13 @@ def test_loss_weightings():
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown task 'quadratc'; available tasks: .*quadratic"):
         MetaTrainer(TrainConfig(task="quadratc"))
+
+
+def test_cosine_meta_learning_rate_schedule():
+    from l2l.meta.train import meta_learning_rate
+
+    config = TrainConfig(epochs=11, meta_lr=1e-2, meta_lr_schedule="cosine")
+    rates = [meta_learning_rate(config, epoch) for epoch in range(11)]
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert meta_learning_rate(TrainConfig(meta_lr=1e-2), 7) == 1e-2

@@ -81,6 +81,14 @@ def loss_weights(config: TrainConfig, unroll: int) -> Tensor:
     return weights
 
 
+def meta_learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The meta-optimizer's learning rate during ``epoch`` (0-based) under ``config.meta_lr_schedule``."""
+    if config.meta_lr_schedule == "cosine":
+        progress = epoch / max(1, config.epochs - 1)
+        return config.meta_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return config.meta_lr
+
+
 def horizon(config: TrainConfig, family: TaskFamily) -> tuple[int, int]:
     """``(optimizee_steps, unroll)`` with the family's defaults filled in."""
     steps = config.optimizee_steps or family.default_steps
@@ -149,6 +157,8 @@ class MetaTrainer:
             raise NonFiniteError(
                 f"task {config.task!r} gave a non-finite loss at its initial parameters; check the task's data and initialisation"
             )
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = meta_learning_rate(config, self.epoch)
         meta_losses = []
         while carry.step < self.steps:
             length = min(self.unroll, self.steps - carry.step)
