@@ -123,3 +123,37 @@ def test_missing_minibatch_is_a_clear_error(family):
     task = family.sample(1, torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="needs a minibatch"):
         task.loss(task.init_params())
+
+
+class TinyConvFamily(ModuleFamily):
+    """A registered module family small enough to meta-train in a test."""
+
+    name = "test-tiny-conv"
+    description = "tiny conv net on random data"
+    default_steps = 6
+    default_unroll = 3
+    default_instances = 2
+
+    def __init__(self):
+        super().__init__(small_conv_net, fake_data, batch_size=8)
+
+
+def test_split_training_checkpoint_and_bench_end_to_end(tmp_path):
+    from l2l.checkpoint import load_use_checkpoint
+    from l2l.config import TrainConfig
+    from l2l.meta.evaluate import benchmark
+    from l2l.meta.train import meta_train
+    from l2l.tasks import register_task
+
+    register_task("test-tiny-conv", TinyConvFamily, replace=True)
+    result = meta_train(
+        TrainConfig(task="test-tiny-conv", split=("conv", "fc"), epochs=2, val_every=1, val_problems=2, hidden_size=4, device="cpu"),
+        tmp_path, progress=False,
+    )
+    loaded = load_use_checkpoint(tmp_path / "optimizer.pt")
+    assert isinstance(loaded.rule, PerGroupRule) and loaded.rule.group_names == ("conv", "fc")
+    assert loaded.rule.rules["conv"].hidden_size == 4
+    report = benchmark(TinyConvFamily(), {"lstm": loaded.rule}, baselines=("adam",), steps=4, problems=2, tune_problems=2,
+                       lr_grid=(0.01, 0.1), seed=0, device=torch.device("cpu"))
+    assert {"test_accuracy", "test_loss"} <= set(report["results"]["lstm"])
+    assert result.epochs == 2
