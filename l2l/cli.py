@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from l2l.checkpoint import CheckpointError, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
 from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
+from l2l.kernels.dispatch import set_kernel
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, meta_train
 from l2l.tasks.registry import get_task, list_tasks
@@ -82,6 +83,7 @@ _TRAIN_FLAGS = [
     ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc"),
     ("--seed", "seed", int, "seed of every random stream of the run"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--kernel", "kernel", str, "LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused"),
 ]
 
 
@@ -142,8 +144,9 @@ def _train(args: argparse.Namespace) -> int:
     bench = BenchConfig(
         task=config.task, task_options=config.task_options, optimizers=(str(result.use_checkpoint),),
         steps=config.optimizee_steps, problems=args.bench_problems, seed=args.bench_seed, device=config.device,
+        kernel=config.kernel,
     )
-    report = _run_bench(bench, family, {"lstm": result.rule}, quiet=args.quiet)
+    report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     print(format_table(report))
     print(f"comparison written to {out / 'bench.json'}")
@@ -181,6 +184,8 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID, help="comma-separated learning rates")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the instances")
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--kernel", default=defaults.kernel,
+                        help="LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
     parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -193,7 +198,7 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         task=args.task, task_options=_task_options(args.task_option), optimizers=tuple(args.optimizer),
         baselines=args.baselines, steps=args.steps, problems=args.problems, tune_problems=args.tune_problems,
-        lr_grid=args.lr_grid, seed=args.seed, device=args.device,
+        lr_grid=args.lr_grid, seed=args.seed, device=args.device, kernel=args.kernel,
     )
     family = get_task(config.task, **config.task_options)
     learned = {}
@@ -203,7 +208,7 @@ def _bench(args: argparse.Namespace) -> int:
         if trained_on and trained_on != config.task and not args.quiet:
             print(f"note: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
         label = "lstm" if index == 0 else f"lstm[{Path(str(name_or_path)).stem}]"
-        learned[label] = loaded.rule
+        learned[label] = set_kernel(loaded.rule, config.kernel)
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
     print(format_table(report))

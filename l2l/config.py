@@ -12,6 +12,7 @@ LOSS_WEIGHTINGS = ("uniform", "linear", "final")
 META_LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_LR_GRID = tuple(10.0 ** (k / 2) for k in range(-10, 3))  # 1e-5 ... 10 in half-decades
 BASELINE_NAMES = ("sgd", "momentum", "nag", "rmsprop", "adam")
+KERNEL_NAMES = ("auto", "reference", "fused")  # l2l.kernels.dispatch.KERNELS (not imported: configs stay light)
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,10 @@ def _positive_float(name: str, value: Any) -> None:
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
         f"{name} must be a positive finite number, got {value!r}",
     )
+
+
+def _check_kernel(value: str) -> None:
+    _require(value in KERNEL_NAMES, f"kernel must be one of {', '.join(KERNEL_NAMES)}, got {value!r}")
 
 
 def _check_device(value: str) -> None:
@@ -99,6 +104,7 @@ class TrainConfig(_JSONConfig):
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "auto"
+    kernel: str = "auto"  # LSTM step: auto (fused on CUDA where available) | reference | fused
 
     def __post_init__(self):
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
@@ -144,6 +150,7 @@ class TrainConfig(_JSONConfig):
             )
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check_device(self.device)
+        _check_kernel(self.kernel)
 
     def optimizer_config(self) -> dict[str, Any]:
         """Constructor arguments of the learned optimizer this run trains."""
@@ -170,6 +177,7 @@ class BenchConfig(_JSONConfig):
     lr_grid: tuple = DEFAULT_LR_GRID
     seed: int = 0
     device: str = "auto"
+    kernel: str = "auto"  # LSTM step of the learned optimizers: auto | reference | fused
 
     def __post_init__(self):
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
@@ -184,3 +192,4 @@ class BenchConfig(_JSONConfig):
             _positive_float("every learning rate in lr_grid", lr)
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check_device(self.device)
+        _check_kernel(self.kernel)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
 from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, rule_spec
+from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState
@@ -334,7 +335,15 @@ class LearnedOptimizer(Optimizer):
         on_cpu = flat.device.type == "cpu"
         bad: bool | Tensor = False
         chunk = group["chunk_size"] or (CPU_CHUNK_SIZE if on_cpu else ACCELERATOR_CHUNK_SIZE)
-        for start in range(0, flat.numel(), chunk):
+        starts = range(0, flat.numel(), chunk)
+        if dispatch.select_kernel(rule.kernel, rule, flat.device) == "fused":
+            # One fused kernel for the whole bucket (it needs no temporaries, so no chunks): the
+            # state is updated in place, the update overwrites the gradients, non-finite
+            # coordinates are masked and flagged on the device.
+            flag = torch.zeros(1, dtype=torch.int32, device=flat.device)
+            fused.lstm_step_(rule, flat, bucket.h, bucket.c, out=flat, lr_scale=float(group["lr_scale"]), nonfinite_flag=flag)
+            bad, starts = (bool(flag.item()) if on_cpu else flag[0] > 0), range(0)
+        for start in starts:
             grad = flat[start : start + chunk]
             h, c = bucket.h[:, :, start : start + chunk], bucket.c[:, :, start : start + chunk]
             finite = torch.isfinite(grad)

@@ -31,6 +31,7 @@ from l2l.checkpoint import (
     save_use_checkpoint,
 )
 from l2l.config import TrainConfig
+from l2l.kernels.dispatch import set_kernel
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers.grouped import PerGroupRule
@@ -43,8 +44,8 @@ USE_CHECKPOINT = "optimizer.pt"
 RESUME_CHECKPOINT = "resume.pt"
 HISTORY_FILE = "history.json"
 
-# What a resumed run may change without changing its result.
-RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every")
+# What a resumed run may change without changing what it computes (the kernel only changes rounding).
+RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every", "kernel")
 
 
 class NonFiniteError(RuntimeError):
@@ -130,7 +131,7 @@ class MetaTrainer:
         self.steps, self.unroll = horizon(config, self.family)
         self.instances = config.instances or self.family.default_instances
         self.weights = loss_weights(config, self.unroll).to(self.device)
-        self.rule = build_learned_rule(config).to(self.device)
+        self.rule = set_kernel(build_learned_rule(config).to(self.device), config.kernel)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         self.instance_generator = make_generator(config.seed, "train")
         self.batch_generator = make_generator(config.seed, "train-batches", self.device)

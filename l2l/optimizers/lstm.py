@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from l2l.kernels import dispatch, fused
 from l2l.kernels.reference import LSTMWeights, coordinatewise_lstm
 from l2l.optimizers import preprocess as preprocessing
 
@@ -39,6 +40,10 @@ class CoordinateWiseLSTM(nn.Module):
         state_dtype: dtype the recurrent state is stored in (``torch.bfloat16`` halves its
             memory); ``None`` keeps the weights' dtype.
         seed: seeds the weight initialisation (a private generator; the global RNG is untouched).
+        kernel: ``"auto"`` (fused Triton kernel for CUDA tensors where available, else the
+            reference), ``"reference"`` or ``"fused"`` (see :mod:`l2l.kernels.dispatch`). A
+            runtime setting, changeable through the ``kernel`` attribute; not part of
+            :meth:`config`, since it does not change what the weights mean.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class CoordinateWiseLSTM(nn.Module):
         output_scale: float = 0.1,
         state_dtype: torch.dtype | None = None,
         seed: int = 0,
+        kernel: str = "auto",
     ):
         super().__init__()
         if not (isinstance(hidden_size, int) and hidden_size > 0):
@@ -68,6 +74,7 @@ class CoordinateWiseLSTM(nn.Module):
         self.output_scale = float(output_scale)
         self.state_dtype = state_dtype
         self.seed = seed
+        self.kernel = dispatch.check_kernel(kernel)
 
         generator = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(hidden_size)
@@ -147,6 +154,9 @@ class CoordinateWiseLSTM(nn.Module):
                 f"CoordinateWiseLSTM state has shape {tuple(state.h.shape)}, expected {expected} for "
                 f"{grad.shape[0]} coordinates; build it with init_state({grad.shape[0]})"
             )
+        if dispatch.select_kernel(self.kernel, self, grad.device) == "fused":
+            update, h, c = fused.forward(self, grad, state.h, state.c)
+            return update, LSTMState(h, c)
         compute_dtype = self.weight_out.dtype
         x = preprocessing.preprocess(grad.to(compute_dtype), self.preprocess, self.preprocess_p)
         out, h, c = coordinatewise_lstm(x, state.h.to(compute_dtype), state.c.to(compute_dtype), self.weights())

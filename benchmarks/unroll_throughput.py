@@ -1,0 +1,342 @@
+"""Coordinate-steps per second of the reference and fused LSTM paths, against the measured byte roofline.
+
+Measures, in one run: the ceilings (device copy bandwidth, read + write bytes; fp32 and tf32
+matmul), then for each size the inference step (no grad, parameters updated) and meta-training
+forward + backward (a T-step unroll on a diagonal quadratic, first order), each as
+coordinate-steps per second and as a fraction of its byte roofline; the paper's quadratic
+meta-iteration (128 x 10 coordinates, 20-step unroll, forward + backward + Adam step: eager,
+and replayed from CUDA graphs); and the drop-in ``LearnedOptimizer.step()`` against
+``torch.optim.Adam`` (fused on CUDA, foreach on the CPU). Timings are medians (CUDA events on
+the GPU). On the CPU only the reference path runs (small sizes, about a minute).
+
+Byte rooflines (float32 state, 2 x 20 LSTM), per coordinate-step: inference 652 bytes (read g,
+h, c, the parameter; write h, c, the parameter); meta-training 1,616 bytes (forward: read g,
+h, c, write h, c and the update = 648; backward: read g, h, c, d h_new, d c_new, d update,
+write d h, d c = 968). Roofline = copy bandwidth / bytes.
+
+    python benchmarks/unroll_throughput.py --device cpu|cuda [--json OUT] [--precision tf32x3|tf32|ieee]
+    python benchmarks/unroll_throughput.py --device cuda --sweep     # launch settings of the fused kernels
+    python benchmarks/unroll_throughput.py --resources               # registers/spills for sm_90 (no GPU needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from l2l import LearnedOptimizer
+from l2l.kernels import fused
+from l2l.meta.graphs import GraphedTruncation
+from l2l.meta.unroll import start, unroll
+from l2l.optimizers import CoordinateWiseLSTM, LSTMState
+from l2l.tasks import QuadraticFamily
+from l2l.tasks.base import Task
+
+INFERENCE_BYTES = 4 + 2 * 160 + 2 * 160 + 8  # g; h, c read and written (2 x 20 float32 each); parameter r/w
+META_BYTES = (4 + 320 + 320 + 4) + (4 + 320 + 320 + 4 + 320)  # forward + backward (see the docstring)
+
+
+class DiagonalQuadratic(Task):
+    """``f_k(theta) = sum_i a_i (theta_i - t_i)^2`` over K instances: an elementwise optimizee, so the unroll's cost is the optimizer's."""
+
+    def __init__(self, num_instances: int, num_params: int, device: torch.device):
+        generator = torch.Generator().manual_seed(0)
+        self.a = (torch.rand(num_instances, num_params, generator=generator) + 0.5).to(device)
+        self.t = torch.randn(num_instances, num_params, generator=generator).to(device)
+
+    @property
+    def num_instances(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def num_params(self) -> int:
+        return self.a.shape[1]
+
+    def init_params(self) -> Tensor:
+        return torch.zeros_like(self.t)
+
+    def loss(self, params: Tensor, batch: Any = None) -> Tensor:
+        return (self.a * (params - self.t).square()).sum(1)
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], float]:
+    """``median_seconds(fn, warmup, repeats)``: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def median_seconds(fn: Callable[[], Any], warmup: int = 2, repeats: int = 10) -> float:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end) / 1e3)
+            else:
+                begin_s = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - begin_s)
+        return statistics.median(times)
+
+    return median_seconds
+
+
+def ceilings(device: torch.device, seconds) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and fp32/tf32 matmul FLOP/s, measured now."""
+    numel = 2**28 if device.type == "cuda" else 2**24
+    src = torch.empty(numel, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = seconds(lambda: dst.copy_(src), 3, 20)
+    result = {"copy_bandwidth_Bps": 2 * 4 * numel / copy_s}
+    size = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    for name, tf32 in (("fp32", False), ("tf32", True)):
+        if device.type != "cuda" and tf32:
+            continue
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        result[f"matmul_{name}_flops"] = 2 * size**3 / seconds(lambda: a @ b, 2, 10)
+    torch.backends.cuda.matmul.allow_tf32 = previous
+    del src, dst, a, b
+    return result
+
+
+def inference(rule: CoordinateWiseLSTM, kernel: str, n: int, device: torch.device, seconds) -> float:
+    """Seconds per inference step (update applied to the parameters) of ``n`` coordinates."""
+    grad = torch.randn(n, device=device) * 1e-2
+    params = torch.zeros(n, device=device)
+    h, c = rule.init_state(n, device=device)
+    if kernel == "fused":
+        step = lambda: fused.lstm_step_(rule, grad, h, c, params=params)  # noqa: E731
+    else:
+        state = [LSTMState(h, c)]
+
+        def step():
+            with torch.no_grad():
+                update, state[0] = rule(grad, state[0])
+                params.add_(update)
+
+    return seconds(step, 2, 10 if n <= 1e6 else 5)
+
+
+def meta_training(rule: CoordinateWiseLSTM, n: int, steps: int, device: torch.device, seconds) -> tuple[float, float | None]:
+    """Seconds per unroll of ``steps`` steps + backward on ``n`` coordinates, and bytes kept per coordinate-step (CUDA)."""
+    instances = max(1, n // 1000)
+    task = DiagonalQuadratic(instances, n // instances, device)
+    carry = start(rule, task)
+    peak = [None]
+
+    def run():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        losses, _ = unroll(rule, task, carry, steps)
+        if device.type == "cuda":
+            peak[0] = (torch.cuda.max_memory_allocated() - base) / (task.num_instances * task.num_params * steps)
+        losses.sum().backward()
+        rule.zero_grad(set_to_none=True)
+
+    return seconds(run, 1, 3 if n >= 1e6 else 5), peak[0]
+
+
+def quadratic_iteration(kernel: str, graphs: bool, device: torch.device, seconds) -> float:
+    """Seconds per meta-iteration of the paper's setting: 128 x 10, 20-step unroll, forward + backward + Adam step."""
+    task = QuadraticFamily().sample(128, torch.Generator().manual_seed(0), device)
+    rule = CoordinateWiseLSTM(seed=0, kernel=kernel).to(device)
+    optimizer = torch.optim.Adam(rule.parameters(), lr=1e-3, capturable=device.type == "cuda")
+    runner = GraphedTruncation(rule, optimizer, task, torch.ones(20, device=device), 1.0, use_graph=graphs)
+    carry = [start(rule, task)]
+
+    def iteration():
+        carry[0] = runner(carry[0], 20).carry
+
+    return seconds(iteration, 3, 20)
+
+
+def drop_in(n: int, device: torch.device, seconds, kernel: str) -> dict[str, float]:
+    """Seconds per ``optimizer.step()`` of the learned optimizer and of Adam on ``n`` parameters (one flat tensor)."""
+    param = torch.nn.Parameter(torch.zeros(n, device=device))
+    param.grad = torch.randn(n, device=device) * 1e-2
+    adam = torch.optim.Adam([param], lr=1e-3, **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    result = {"adam_s": seconds(adam.step, 2, 10)}
+    learned = LearnedOptimizer([param], CoordinateWiseLSTM(seed=0, kernel=kernel).to(device))
+    result["learned_s"] = seconds(learned.step, 2, 10 if n <= 1e6 else 5)
+    return result
+
+
+def sweep(device: torch.device, seconds, sizes: tuple[int, int] = (10_000_000, 1_000_000)) -> list[dict[str, Any]]:
+    """Times the fused kernels over launch settings: inference at sizes[0], forward + backward at sizes[1]."""
+    rule = CoordinateWiseLSTM(seed=0).to(device)
+    rows = []
+    for precision in ("tf32x3", "tf32"):
+        for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
+            for maxnreg in (None, 128):
+                try:
+                    with fused.configured(precision=precision, block=block, warps=warps, backward_block=block,
+                                          backward_warps=warps, maxnreg=maxnreg, backward_maxnreg=maxnreg):
+                        forward_s = inference(rule, "fused", sizes[0], device, seconds)
+                        meta_s, _ = meta_training(rule, sizes[1], 5, device, seconds)
+                except Exception as error:  # a setting that does not compile or fit: report and go on
+                    rows.append({"precision": precision, "block": block, "warps": warps, "maxnreg": maxnreg,
+                                 "error": str(error).splitlines()[0][:120]})
+                    continue
+                rows.append({"precision": precision, "block": block, "warps": warps, "maxnreg": maxnreg,
+                             "inference_cs_per_s": sizes[0] / forward_s, "meta_cs_per_s": sizes[1] * 5 / meta_s})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def resources() -> None:
+    """Registers and spills of the fused kernels compiled for sm_90 (H100) by the installed Triton; no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = fused.kernels()
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    ints = {"N", "s_l", "s_h", "so_l", "so_h", "gs_l", "gs_h", "num_blocks", "num_programs"}
+
+    def compiled(kernel, constants, warps, stages):
+        signature = {name: "constexpr" if name in constants else ("i32" if name in ints else
+                     "*i32" if name == "flag_ptr" else "*fp64" if name == "const_ptr" else "*fp32")
+                     for name in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+    base = dict(F=2, LOG_SIGN=True, H=20, HP=32, L=2)
+    config = fused.get_config()
+    print(f"Triton {triton.__version__}, sm_90, {config}")
+    for precision in ("tf32x3", "tf32"):
+        forward = compiled(module.lstm_forward_kernel, {**base, "BLOCK": config.block, "PRECISION": precision,
+                                                        "HAS_PARAMS": True, "MASK_NONFINITE": False}, config.warps, 3)
+        backward = compiled(module.lstm_backward_kernel, {
+            **base, "BLOCK": config.backward_block, "PRECISION": precision, "HAS_DU": True, "HAS_DH": True,
+            "HAS_DC": True, "NEED_DG": False, "NEED_DSTATE": True, "NEED_DW": True}, config.backward_warps, 1)
+        for name, kernel in (("forward", forward), ("backward", backward)):
+            usage = "cuobjdump not found"
+            if os.path.exists(cuobjdump):
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+                    handle.write(kernel.asm["cubin"])
+                    handle.flush()
+                    out = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+                usage = " ".join(re.findall(r"(REG:\d+|STACK:\d+)", out))
+            print(f"{precision:7} {name:8} {usage} (STACK > 0: spills), shared {kernel.metadata.shared} B, "
+                  f"{'wgmma' if 'wgmma' in kernel.asm['ptx'] else 'mma.sync'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--sizes", help="coordinates, comma-separated (default: cpu 1280,16000; cuda 1280,16000,1e6,1e7)")
+    parser.add_argument("--unroll", type=int, default=20, help="steps of the meta-training unroll")
+    parser.add_argument("--precision", default=fused.get_config().precision, choices=fused.PRECISIONS)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--sweep", action="store_true", help="time the fused kernels' launch settings instead")
+    parser.add_argument("--resources", action="store_true", help="compile the fused kernels for sm_90 and report")
+    args = parser.parse_args()
+    if args.resources:
+        resources()
+        return
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    seconds = timer(device)
+    fused.set_config(precision=args.precision)
+    if args.sweep:
+        rows = sweep(device, seconds)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(rows, handle, indent=1)
+        return
+    default_sizes = "1280,16000" if device.type == "cpu" else "1280,16000,1e6,1e7"
+    sizes = [int(float(s)) for s in (args.sizes or default_sizes).split(",")]
+    kernels = ["reference"] + (["fused"] if device.type == "cuda" and fused.fused_available(device) else [])
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
+    report: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(), "device": args.device, "machine": machine,
+        "torch": torch.__version__, "triton": fused.triton_version(), "precision": args.precision,
+        "fused_config": dataclasses.asdict(fused.get_config()),
+        "bytes_per_coordinate_step": {"inference": INFERENCE_BYTES, "meta_training": META_BYTES},
+    }
+    report["ceilings"] = ceilings(device, seconds)
+    bandwidth = report["ceilings"]["copy_bandwidth_Bps"]
+    print(f"unroll_throughput on {args.device} ({machine}), torch {torch.__version__}, triton {report['triton']}, "
+          f"fused precision {args.precision}")
+    print("ceilings: copy {:.2f} TB/s (read+write)".format(bandwidth / 1e12) + "".join(
+        f", matmul {k.split('_')[1]} {v / 1e12:.1f} TFLOP/s" for k, v in report["ceilings"].items() if k.startswith("matmul")))
+    print(f"byte rooflines: inference {bandwidth / INFERENCE_BYTES:.3g} coordinate-steps/s ({INFERENCE_BYTES} B), "
+          f"meta-training {bandwidth / META_BYTES:.3g} ({META_BYTES} B)")
+
+    rows = []
+    rule = CoordinateWiseLSTM(seed=0).to(device)
+    for n in sizes:
+        for kernel in kernels:
+            rule.kernel = kernel
+            row: dict[str, Any] = {"coordinates": n, "kernel": kernel}
+            row["inference_s"] = inference(rule, kernel, n, device, seconds)
+            row["inference_cs_per_s"] = n / row["inference_s"]
+            row["inference_roofline_fraction"] = row["inference_cs_per_s"] * INFERENCE_BYTES / bandwidth
+            steps = args.unroll
+            bytes_needed = n * steps * (2300 if kernel == "reference" else 420)
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+            if device.type == "cuda" and bytes_needed > 0.85 * free:
+                steps = int(0.85 * free / (n * (2300 if kernel == "reference" else 420)))
+            if steps >= 2:
+                row["meta_steps"] = steps
+                row["meta_s"], row["meta_bytes_per_coordinate_step"] = meta_training(rule, n, steps, device, seconds)
+                row["meta_cs_per_s"] = n * steps / row["meta_s"]
+                row["meta_roofline_fraction"] = row["meta_cs_per_s"] * META_BYTES / bandwidth
+            rows.append(row)
+            print(f"  N {n:>10,} {kernel:9}  inference {row['inference_cs_per_s']:9.3g} cs/s "
+                  f"({row['inference_roofline_fraction']:6.1%} of roofline)   " + (
+                      f"meta fwd+bwd {row['meta_cs_per_s']:9.3g} cs/s ({row['meta_roofline_fraction']:6.1%}), "
+                      f"T={row['meta_steps']}" + (f", {row['meta_bytes_per_coordinate_step']:.0f} B/cs kept"
+                                                 if row.get("meta_bytes_per_coordinate_step") else "")
+                      if "meta_s" in row else "meta: skipped (memory)"), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report["sizes"] = rows
+
+    quadratic = {}
+    for kernel in kernels:
+        for graphs in ((False, True) if device.type == "cuda" else (False,)):
+            name = f"{kernel}{'+graphs' if graphs else ''}"
+            quadratic[name] = quadratic_iteration(kernel, graphs, device, seconds)
+            print(f"  quadratic 128 x 10, T=20, fwd+bwd+Adam: {name:18} {quadratic[name] * 1e3:8.2f} ms "
+                  f"({quadratic['reference'] / quadratic[name]:.1f}x reference)", flush=True)
+    report["quadratic_iteration_s"] = quadratic
+
+    drop = []
+    for n in ((1_000_000, 10_000_000) if device.type == "cuda" else (100_000,)):
+        for kernel in kernels:
+            row = {"params": n, "kernel": kernel, **drop_in(n, device, seconds, kernel)}
+            row["ratio"] = row["learned_s"] / row["adam_s"]
+            drop.append(row)
+            print(f"  drop-in step, {n:>10,} params, {kernel:9}: learned {row['learned_s'] * 1e3:8.3f} ms, "
+                  f"Adam({'fused' if device.type == 'cuda' else 'foreach'}) {row['adam_s'] * 1e3:7.3f} ms, "
+                  f"{row['ratio']:.1f}x", flush=True)
+    report["drop_in"] = drop
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1)
+        print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

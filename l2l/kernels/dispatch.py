@@ -1,0 +1,54 @@
+"""Chooses the kernel of a coordinatewise LSTM step: the plain-PyTorch reference or the fused Triton path.
+
+``kernel="auto"`` (the default) takes the fused path for CUDA tensors when Triton is importable
+and the rule's configuration is covered (1-2 layers, float32/float64 weights), else the
+reference; ``"reference"`` always takes the reference; ``"fused"`` takes the fused path or
+raises :class:`~l2l.kernels.fused.FusedUnavailableError` saying why it cannot. The choice is a
+runtime setting of a module (``rule.kernel``), not part of its trained configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from l2l.kernels import fused
+
+KERNELS = ("auto", "reference", "fused")
+
+
+def check_kernel(kernel: str) -> str:
+    """Returns ``kernel`` if it is one of :data:`KERNELS`, else raises a ValueError naming them."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    return kernel
+
+
+def select_kernel(kernel: str, rule: Any, device: torch.device) -> str:
+    """``"reference"`` or ``"fused"``: which path ``rule`` takes for coordinates on ``device``.
+
+    Raises:
+        FusedUnavailableError: ``kernel == "fused"`` where the fused path cannot run.
+    """
+    if kernel == "reference":
+        return "reference"
+    if kernel == "fused":
+        fused.check_available(device, rule)
+        return "fused"
+    if kernel != "auto":
+        check_kernel(kernel)
+    # auto: never the CPU interpreter (a test tool), only real CUDA.
+    if device.type == "cuda" and fused.unavailable_reason(device, rule) is None:
+        return "fused"
+    return "reference"
+
+
+def set_kernel(module: nn.Module, kernel: str) -> nn.Module:
+    """Sets ``kernel`` on every coordinatewise LSTM inside ``module`` (itself, or a per-group rule's); returns it."""
+    check_kernel(kernel)
+    for sub in module.modules():
+        if hasattr(sub, "kernel") and hasattr(sub, "hidden_size"):
+            sub.kernel = kernel
+    return module

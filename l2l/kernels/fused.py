@@ -1,0 +1,495 @@
+"""Fused coordinatewise LSTM step on CUDA (Triton): one kernel per step forward, a recomputing backward, an autograd Function.
+
+:func:`lstm_step` is a drop-in for the reference step inside ``CoordinateWiseLSTM.forward``
+(preprocessing, every layer, read-out and output scale in one kernel; differentiable with
+respect to the gradient input, the states and every weight). :func:`lstm_step_` is the
+in-place, no-grad variant behind the ``torch.optim`` drop-in and inference (state updated in
+place, optional parameter update, non-finite masking).
+
+Memory: the autograd Function saves only the step's inputs (the gradient, h and c), so a
+meta-training unroll keeps ``4 + 2 * L * H * 4`` bytes per coordinate-step (324 for the paper's
+2 x 20 LSTM in float32, 164 with a bfloat16 state); the backward kernel recomputes the gates.
+
+Triton is optional: this module imports it only when a fused kernel is launched, so the
+package and the reference path work without it. :func:`unavailable_reason` says why the fused
+path cannot run (no Triton, no CUDA tensor, an unsupported configuration).
+:func:`interpreter` lets the kernels run on CPU tensors through Triton's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import math
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+PRECISIONS = ("tf32x3", "tf32", "ieee")
+MAX_LAYERS = 2
+MAX_HIDDEN = 128
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class FusedUnavailableError(RuntimeError):
+    """The fused kernel was asked for where it cannot run; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    """Launch settings of the fused kernels (tuned on the GPU; see benchmarks/GPU_NOTES.md).
+
+    Attributes:
+        block: coordinates per program in the forward kernel (a power of two >= 16).
+        warps: warps per program in the forward kernel.
+        backward_block: coordinates per loop iteration in the backward kernel.
+        backward_warps: warps per program in the backward kernel.
+        maxnreg: register cap per thread of the forward kernel (None: the compiler's choice).
+        backward_maxnreg: the same for the backward kernel.
+        programs_per_sm: backward programs per streaming multiprocessor (persistent grid; each
+            program loops over blocks and writes one row of weight-gradient partial sums).
+        precision: ``tl.dot`` input precision for float32: ``"tf32x3"`` (float32-accurate on
+            tensor cores), ``"tf32"`` (fastest, ~1e-3 relative error) or ``"ieee"`` (FMA).
+        interpreter_programs: backward programs under the interpreter (several, so the
+            per-program accumulation and the final sum are exercised).
+    """
+
+    block: int = 64
+    warps: int = 4
+    backward_block: int = 32
+    backward_warps: int = 4
+    maxnreg: int | None = None
+    backward_maxnreg: int | None = None
+    programs_per_sm: int = 4
+    precision: str = "tf32x3"
+    interpreter_programs: int = 3
+
+    def __post_init__(self):
+        for name in ("block", "backward_block"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 16 and value & (value - 1) == 0):
+                raise ValueError(f"FusedConfig.{name} must be a power of two >= 16, got {value!r}")
+        for name in ("warps", "backward_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"FusedConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
+        if not (isinstance(self.programs_per_sm, int) and self.programs_per_sm > 0):
+            raise ValueError(f"FusedConfig.programs_per_sm must be a positive integer, got {self.programs_per_sm!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"FusedConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+_config = FusedConfig()
+_interpreter_enabled = os.environ.get("L2L_TRITON_INTERPRET", "") == "1"
+_lock = threading.Lock()
+_modules: dict[bool, ModuleType] = {}
+_constants: dict[tuple, Tensor] = {}
+
+
+def get_config() -> FusedConfig:
+    """The launch settings in force."""
+    return _config
+
+
+def set_config(config: FusedConfig | None = None, **changes: Any) -> FusedConfig:
+    """Replaces the launch settings (``set_config(block=128)``); returns the previous ones."""
+    global _config
+    previous = _config
+    _config = dataclasses.replace(config or _config, **changes)
+    return previous
+
+
+@contextlib.contextmanager
+def configured(**changes: Any) -> Iterator[FusedConfig]:
+    """Context manager: launch settings changed inside the block only (benchmark sweeps)."""
+    previous = set_config(**changes)
+    try:
+        yield _config
+    finally:
+        set_config(previous)
+
+
+@contextlib.contextmanager
+def interpreter(enabled: bool = True) -> Iterator[None]:
+    """Lets the fused kernels run on CPU tensors through Triton's interpreter inside the block.
+
+    For tests of the kernels' logic without a GPU (slow: numpy per program). The environment
+    variable ``L2L_TRITON_INTERPRET=1`` enables it for the whole process.
+    """
+    global _interpreter_enabled
+    previous = _interpreter_enabled
+    _interpreter_enabled = enabled
+    try:
+        yield
+    finally:
+        _interpreter_enabled = previous
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str | None:
+    """The installed Triton's version, or None where it cannot be imported."""
+    try:
+        import triton
+    except Exception:  # ImportError, or a broken install raising something else on import
+        return None
+    return str(getattr(triton, "__version__", "unknown"))
+
+
+def unavailable_reason(device: torch.device | str | None = None, rule: Any = None, dtype: torch.dtype | None = None) -> str | None:
+    """Why the fused kernel cannot run here, or None if it can.
+
+    Args:
+        device: where the coordinates live (None: the default CUDA device).
+        rule: a ``CoordinateWiseLSTM`` whose configuration to check (None: not checked).
+        dtype: the rule's weight dtype, if not given by ``rule``.
+    """
+    if triton_version() is None:
+        return "Triton is not installed (pip install triton; it comes with the CUDA builds of torch)"
+    device = torch.device("cuda" if device is None else device)
+    if device.type == "cpu":
+        if not _interpreter_enabled:
+            return "the fused kernel runs on CUDA tensors (these are on the CPU)"
+    elif device.type != "cuda":
+        return f"the fused kernel runs on CUDA tensors (these are on {device.type})"
+    elif not torch.cuda.is_available():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    if rule is not None:
+        return unsupported_reason(rule, dtype)
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        return f"the fused kernel computes in float32 or float64, not {dtype}"
+    return None
+
+
+def unsupported_reason(rule: Any, dtype: torch.dtype | None = None) -> str | None:
+    """Why the fused kernel does not cover ``rule``'s configuration, or None if it does."""
+    if not 1 <= rule.num_layers <= MAX_LAYERS:
+        return f"the fused kernel has 1 or {MAX_LAYERS} LSTM layers, this rule {rule.num_layers}"
+    if rule.hidden_size > MAX_HIDDEN:
+        return f"the fused kernel has at most {MAX_HIDDEN} hidden units, this rule {rule.hidden_size}"
+    if rule.preprocess not in ("log_sign", "none"):
+        return f"the fused kernel has no preprocessing {rule.preprocess!r}"
+    dtype = dtype or rule.weight_out.dtype
+    if dtype not in COMPUTE_DTYPES:
+        return f"the fused kernel computes in float32 or float64, this rule's weights are {dtype}"
+    return None
+
+
+def fused_available(device: torch.device | str | None = None) -> bool:
+    """Whether the fused kernel can run on ``device`` (default: CUDA): Triton importable and a CUDA device."""
+    return unavailable_reason(device) is None
+
+
+def check_available(device: torch.device | str | None, rule: Any = None) -> None:
+    """Raises :class:`FusedUnavailableError` naming why, unless the fused kernel can run."""
+    reason = unavailable_reason(device, rule)
+    if reason is not None:
+        raise FusedUnavailableError(f"kernel='fused' cannot run: {reason}; use kernel='reference' or 'auto'")
+
+
+def kernels(interpreted: bool = False) -> ModuleType:
+    """The Triton kernel module: compiled for the GPU, or a separate copy run by Triton's interpreter."""
+    module = _modules.get(interpreted)
+    if module is not None:
+        return module
+    with _lock:
+        if interpreted not in _modules:
+            if interpreted:
+                # Triton itself must be imported normally first (its own library stays compiled-mode).
+                import triton.language  # noqa: F401
+
+                # triton.jit picks the interpreter at decoration time from TRITON_INTERPRET: load a
+                # second copy of the module under that setting, leaving the compiled one alone.
+                path = Path(__file__).with_name("triton_lstm.py")
+                spec = importlib.util.spec_from_file_location("l2l.kernels._triton_lstm_interpreted", path)
+                module = importlib.util.module_from_spec(spec)
+                previous = os.environ.get("TRITON_INTERPRET")
+                os.environ["TRITON_INTERPRET"] = "1"
+                try:
+                    spec.loader.exec_module(module)
+                finally:
+                    if previous is None:
+                        del os.environ["TRITON_INTERPRET"]
+                    else:
+                        os.environ["TRITON_INTERPRET"] = previous
+            else:
+                module = importlib.import_module("l2l.kernels.triton_lstm")
+            _modules[interpreted] = module
+    return _modules[interpreted]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The static shape of one rule's kernels."""
+
+    features: int  # F: 2 (log/sign) or 1 (raw gradient)
+    log_sign: bool
+    hidden: int  # H
+    padded: int  # HP: a power of two >= 16 and >= H + F + 1 (room for the features and a ones column)
+    layers: int  # L
+    dtype: torch.dtype  # compute dtype (the weights')
+    p: float
+    output_scale: float
+
+    @property
+    def weight_sizes(self) -> tuple[int, ...]:
+        """Element counts of the weights in parameter order (the backward's partial-sum row)."""
+        four_h, h = 4 * self.hidden, self.hidden
+        sizes = [four_h * self.features, four_h * h, four_h]
+        for _ in range(1, self.layers):
+            sizes += [four_h * h, four_h * h, four_h]
+        return (*sizes, h, 1)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << (value - 1).bit_length()
+
+
+def _spec(rule: Any) -> _Spec:
+    hidden = rule.hidden_size
+    return _Spec(
+        features=2 if rule.preprocess == "log_sign" else 1,
+        log_sign=rule.preprocess == "log_sign",
+        hidden=hidden,
+        padded=_next_power_of_two(max(16, hidden + (2 if rule.preprocess == "log_sign" else 1) + 1)),
+        layers=rule.num_layers,
+        dtype=rule.weight_out.dtype,
+        p=float(rule.preprocess_p),
+        output_scale=float(rule.output_scale),
+    )
+
+
+def _constants_tensor(spec: _Spec, lr_scale: float, device: torch.device) -> Tensor:
+    """``[p, exp(-p), exp(p), output_scale, lr_scale, 0]`` in float64 on ``device``, cached.
+
+    Passed as a tensor, not as scalar arguments (which Triton makes float32), so float64 runs
+    see exact constants; cached so that a CUDA-graph capture never copies from the host.
+    """
+    p = spec.p
+    key = (device, p, spec.output_scale, float(lr_scale))
+    tensor = _constants.get(key)
+    if tensor is None:
+        exp_p = math.exp(p) if p < 709 else math.inf
+        values = [p, math.exp(-p), exp_p, spec.output_scale, float(lr_scale), 0.0]
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        if len(_constants) > 256:
+            _constants.clear()
+        _constants[key] = tensor
+    return tensor
+
+
+def _weights(rule: Any, spec: _Spec) -> list[Tensor]:
+    """The weights in parameter order (``W_ih, W_hh, b`` per layer, ``w_out, b_out``), contiguous."""
+    weights = rule.weights()
+    tensors: list[Tensor] = []
+    for layer in range(spec.layers):
+        tensors += [weights.w_ih[layer], weights.w_hh[layer], weights.bias[layer]]
+    tensors += [weights.w_out, weights.b_out]
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def _kernel_weights(weights: Sequence[Tensor], spec: _Spec) -> list[Tensor]:
+    """The eight weight pointers of the kernels; layer 1's repeat layer 0's when L == 1 (unused)."""
+    layer0 = list(weights[:3])
+    layer1 = list(weights[3:6]) if spec.layers == 2 else layer0
+    return [*layer0, *layer1, weights[-2], weights[-1]]
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _precision(spec: _Spec) -> str:
+    return _config.precision if spec.dtype == torch.float32 else "ieee"
+
+
+def _state_layout(h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``h, c`` with unit stride along N and equal strides (copied if not)."""
+    if h.stride(-1) != 1 or c.stride(-1) != 1 or h.stride() != c.stride():
+        return h.contiguous(), c.contiguous()
+    return h, c
+
+
+def _launch_forward(
+    spec: _Spec,
+    weights: Sequence[Tensor],
+    grad: Tensor,
+    h: Tensor,
+    c: Tensor,
+    h_out: Tensor,
+    c_out: Tensor,
+    update: Tensor,
+    *,
+    params: Tensor | None = None,
+    lr_scale: float = 1.0,
+    flag: Tensor | None = None,
+) -> None:
+    n = grad.shape[0]
+    if n == 0:
+        return
+    module = kernels(_interpreted(grad.device))
+    config = _config
+    grid = (triton_cdiv(n, config.block),)
+    module.lstm_forward_kernel[grid](
+        grad, h, c, h_out, c_out, update,
+        params if params is not None else update,
+        flag if flag is not None else update,
+        _constants_tensor(spec, lr_scale, grad.device),
+        *_kernel_weights(weights, spec),
+        n, h.stride(0), h.stride(1), h_out.stride(0), h_out.stride(1),
+        F=spec.features, LOG_SIGN=spec.log_sign, H=spec.hidden, HP=spec.padded, L=spec.layers,
+        BLOCK=config.block, PRECISION=_precision(spec),
+        HAS_PARAMS=params is not None, MASK_NONFINITE=flag is not None,
+        num_warps=config.warps, **_maxnreg(config.maxnreg),
+    )
+
+
+def _maxnreg(value: int | None) -> dict[str, int]:
+    # Only passed when set: Triton versions without the option then still work.
+    return {} if value is None else {"maxnreg": value}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """Ceiling division (Triton's ``cdiv`` without importing Triton)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def backward_programs(num_coords: int, device: torch.device) -> int:
+    """Programs of the backward kernel's persistent grid for ``num_coords`` coordinates on ``device``."""
+    blocks = triton_cdiv(num_coords, _config.backward_block)
+    if _interpreted(device):
+        cap = _config.interpreter_programs
+    else:
+        cap = _config.programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(blocks, cap))
+
+
+def forward(rule: Any, grad: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One fused step, out of place: ``(update [N], h_new, c_new [L, H, N])``; differentiable.
+
+    Same contract as the reference path of ``CoordinateWiseLSTM.forward``: the update is in
+    ``grad``'s dtype, the new states in the states' dtype (for example bfloat16).
+    """
+    spec = _spec(rule)
+    return FusedLSTMFunction.apply(grad, h, c, spec, *_weights(rule, spec))
+
+
+def lstm_step_(
+    rule: Any,
+    grad: Tensor,
+    h: Tensor,
+    c: Tensor,
+    *,
+    out: Tensor | None = None,
+    params: Tensor | None = None,
+    lr_scale: float = 1.0,
+    nonfinite_flag: Tensor | None = None,
+) -> Tensor:
+    """One fused step in place, without autograd: the states ``h, c [L, H, N]`` are overwritten.
+
+    Args:
+        rule: the ``CoordinateWiseLSTM``.
+        grad: gradient coordinates ``[N]`` (contiguous).
+        h, c: states, updated in place (unit stride along N, equal strides).
+        out: where the update ``[N]`` goes (may be ``grad`` itself); default a new tensor.
+        params: flat parameters ``[N]``, if given updated in place (``params += update``).
+        lr_scale: factor on the update (after rounding to ``out``'s dtype, as ``learned_step``).
+        nonfinite_flag: an int32 tensor ``[]`` or ``[1]``: if given, coordinates whose gradient
+            is NaN or infinite get a zero update and keep their state, and the flag is set to 1
+            when there is any (it is never reset here).
+
+    Returns:
+        The update ``[N]`` (``out``).
+    """
+    if h.stride(-1) != 1 or c.stride(-1) != 1 or h.stride() != c.stride() or not grad.is_contiguous():
+        raise ValueError("lstm_step_ needs a contiguous gradient and states with unit stride along N and equal strides")
+    spec = _spec(rule)
+    out = torch.empty_like(grad) if out is None else out
+    with torch.no_grad():
+        _launch_forward(spec, _weights(rule, spec), grad, h, c, h, c, out,
+                        params=params, lr_scale=lr_scale, flag=nonfinite_flag)
+    return out
+
+
+class FusedLSTMFunction(torch.autograd.Function):
+    """Autograd Function of the fused step: saves the inputs only, recomputes the gates in backward."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, h: Tensor, c: Tensor, spec: _Spec, *weights: Tensor):
+        grad = grad if grad.is_contiguous() else grad.contiguous()
+        h, c = _state_layout(h, c)
+        shape = h.shape
+        update = torch.empty_like(grad)
+        h_new = torch.empty(shape, dtype=h.dtype, device=h.device)
+        c_new = torch.empty(shape, dtype=c.dtype, device=c.device)
+        _launch_forward(spec, weights, grad, h, c, h_new, c_new, update)
+        ctx.save_for_backward(grad, h, c, *weights)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return update, h_new, c_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_update: Tensor | None, d_h: Tensor | None, d_c: Tensor | None):
+        spec: _Spec = ctx.spec
+        grad, h, c, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_dg, need_dstate, need_dw = needs[0], needs[1] or needs[2], any(needs[4:])
+        n = grad.shape[0]
+        nothing_flows = d_update is None and d_h is None and d_c is None
+        # The kernel writes every element of the input gradients, so they start uninitialised.
+        new = torch.zeros if n == 0 or nothing_flows else torch.empty
+        d_grad = new(grad.shape, dtype=grad.dtype, device=grad.device) if need_dg else None
+        d_h0 = new(h.shape, dtype=h.dtype, device=h.device) if need_dstate else None
+        d_c0 = new(c.shape, dtype=c.dtype, device=c.device) if need_dstate else None
+        weight_grads: list[Tensor | None] = [None] * len(weights)
+        if n == 0 or nothing_flows or not (need_dg or need_dstate or need_dw):
+            weight_grads = [torch.zeros_like(w) if needs[4 + k] else None for k, w in enumerate(weights)]
+            return (d_grad, d_h0, d_c0, None, *weight_grads)
+        d_update = None if d_update is None else d_update.contiguous()
+        d_h = None if d_h is None else d_h.contiguous()
+        d_c = None if d_c is None else d_c.contiguous()
+        device = grad.device
+        programs = backward_programs(n, device)
+        sizes = spec.weight_sizes
+        partials = torch.empty((programs, sum(sizes)), dtype=spec.dtype, device=device) if need_dw else grad
+        placeholder = grad
+        config = _config
+        module = kernels(_interpreted(device))
+        # num_stages=1: software pipelining of the block loop would multi-buffer every load in
+        # shared memory (266 KB measured for sm_90, over the 227 KB limit) for no gain here.
+        module.lstm_backward_kernel[(programs,)](
+            grad, h, c,
+            placeholder if d_update is None else d_update,
+            placeholder if d_h is None else d_h,
+            placeholder if d_c is None else d_c,
+            placeholder if d_grad is None else d_grad,
+            placeholder if d_h0 is None else d_h0,
+            placeholder if d_c0 is None else d_c0,
+            partials,
+            _constants_tensor(spec, 1.0, device),
+            *_kernel_weights(weights, spec),
+            n, h.stride(0), h.stride(1), spec.hidden * n, n, triton_cdiv(n, config.backward_block), programs,
+            F=spec.features, LOG_SIGN=spec.log_sign, H=spec.hidden, HP=spec.padded, L=spec.layers,
+            BLOCK=config.backward_block, PRECISION=_precision(spec),
+            HAS_DU=d_update is not None, HAS_DH=d_h is not None, HAS_DC=d_c is not None,
+            NEED_DG=need_dg, NEED_DSTATE=need_dstate, NEED_DW=need_dw,
+            num_warps=config.backward_warps, num_stages=1, **_maxnreg(config.backward_maxnreg),
+        )
+        if need_dw:
+            summed = partials.sum(0).split(sizes)
+            weight_grads = [
+                part.view(w.shape) if needs[4 + k] else None for k, (part, w) in enumerate(zip(summed, weights))
+            ]
+        return (d_grad, d_h0, d_c0, None, *weight_grads)

@@ -1,0 +1,220 @@
+"""CUDA-graph capture of one truncated-BPTT meta-training step (unroll, meta-loss, backward, clip, Adam) for static shapes.
+
+A truncation of the paper's quadratic setting (128 x 10 coordinates, 20 steps) launches about
+1,500 small kernels forward and backward; replaying them as one CUDA graph removes the launch
+overhead that otherwise dominates. :class:`GraphedTruncation` computes exactly what one pass
+of ``MetaTrainer.train_epoch``'s loop computes and falls back to running it eagerly off CUDA,
+for tasks that draw minibatches (their generators are not captured), or for a meta-optimizer
+that is not ``capturable``.
+
+Two graphs are captured per unroll length: (1) unroll + meta-loss + backward + gradient
+clipping + the finiteness test + copying the new carry into the static input carry, and (2)
+the meta-optimizer's step. Between them the host reads the finiteness flag (the one
+synchronisation per meta-step that eager training also makes), so a non-finite meta-step is
+skipped exactly as in eager training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l2l.meta.unroll import UnrollCarry, detach_carry, unroll
+from l2l.optimizers.base import map_tensors, tensors_of
+from l2l.tasks.base import Task
+
+
+@dataclass
+class TruncationResult:
+    """What one truncation produced. With graphs, the tensors are static buffers: overwritten by the next call."""
+
+    meta_loss: Tensor  # [], the weighted meta-loss of the truncation
+    grad_norm: Tensor  # [], the meta-gradient norm before clipping
+    stepped: bool  # False: non-finite loss or gradient, the meta-optimizer did not step
+    carry: UnrollCarry  # detached, ready for the next truncation
+
+
+def graph_unsupported_reason(task: Task, meta_optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:
+    """Why a truncation on ``task`` cannot be captured as a CUDA graph, or None if it can."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"CUDA graphs need a CUDA device (the task is on {device})"
+    if type(task).sample_batch is not Task.sample_batch:
+        return f"{type(task).__name__} draws minibatches; their generator is not captured"
+    for group in meta_optimizer.param_groups:
+        if not group.get("capturable", False):
+            return "the meta-optimizer must be built with capturable=True (e.g. torch.optim.Adam(..., capturable=True))"
+    return None
+
+
+def task_tensors(task: Task) -> list[Tensor]:
+    """The tensors a task instance holds (read by a captured graph at fixed addresses)."""
+    return [value for value in vars(task).values() if isinstance(value, Tensor)]
+
+
+class GraphedTruncation:
+    """One meta-training truncation, replayed from CUDA graphs where possible.
+
+    Equivalent to one iteration of ``MetaTrainer.train_epoch``::
+
+        losses, carry = unroll(rule, task, carry, steps, second_order=second_order)
+        meta_loss = (loss_weights[:steps, None] * losses).sum(0).mean()
+        meta_optimizer.zero_grad(set_to_none=True); meta_loss.backward()
+        grad_norm = clip_grad_norm_(rule.parameters(), clip_grad_norm)
+        if finite(meta_loss) and finite(grad_norm): meta_optimizer.step()
+
+    The graphs read ``task``'s tensors and the rule's weights at fixed addresses: give new
+    instances with :meth:`load_task` (copies into them), and keep the rule's parameters (they
+    are updated in place by the captured step). A float learning rate is baked into the
+    captured step; changing it recaptures (use a tensor ``lr`` to change it for free).
+
+    Args:
+        rule: the learned rule (its weights get the meta-gradients).
+        meta_optimizer: the optimizer of ``rule``'s weights.
+        task: the optimizee instances (static for the graphs).
+        loss_weights: ``[T_max]`` weights of the per-step losses (on the task's device).
+        clip_grad_norm: meta-gradient norm clipping.
+        second_order: differentiate through the optimizee gradients.
+        use_graph: ``"auto"`` (graphs where supported, else eager), True (raise where not) or False.
+        warmup: eager iterations on a side stream before capture (compiles kernels, creates state).
+    """
+
+    def __init__(
+        self,
+        rule: nn.Module,
+        meta_optimizer: torch.optim.Optimizer,
+        task: Task,
+        loss_weights: Tensor,
+        clip_grad_norm: float,
+        *,
+        second_order: bool = False,
+        use_graph: bool | str = "auto",
+        warmup: int = 2,
+    ):
+        self.rule = rule
+        self.meta_optimizer = meta_optimizer
+        self.task = task
+        self.loss_weights = loss_weights
+        self.clip_grad_norm = clip_grad_norm
+        self.second_order = second_order
+        self.warmup = warmup
+        reason = graph_unsupported_reason(task, meta_optimizer, loss_weights.device)
+        if use_graph is True and reason is not None:
+            raise RuntimeError(f"cannot capture the truncation as a CUDA graph: {reason}")
+        self.use_graph = use_graph is not False and reason is None
+        self.reason = reason
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph, tuple[Tensor, Tensor, Tensor]]] = {}
+        self._pool = None
+        self._static: UnrollCarry | None = None
+        self._captured_lrs: list[Any] | None = None
+
+    # -- eager -------------------------------------------------------------------------------
+    def _body(self, carry: UnrollCarry, steps: int) -> tuple[Tensor, Tensor, Tensor, UnrollCarry]:
+        """Unroll, meta-loss, backward, clip: ``(meta_loss, grad_norm, finite, new carry)`` (no optimizer step)."""
+        losses, carry = unroll(self.rule, self.task, carry, steps, second_order=self.second_order)
+        meta_loss = (self.loss_weights[:steps, None] * losses).sum(0).mean()
+        meta_loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), self.clip_grad_norm)
+        finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
+        return meta_loss.detach(), grad_norm.detach(), finite, detach_carry(carry)
+
+    def _eager(self, carry: UnrollCarry, steps: int) -> TruncationResult:
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        meta_loss, grad_norm, finite, carry = self._body(carry, steps)
+        stepped = bool(finite)  # one host synchronisation per meta-step, as in MetaTrainer
+        if stepped:
+            self.meta_optimizer.step()
+        return TruncationResult(meta_loss, grad_norm, stepped, carry)
+
+    # -- graphs ------------------------------------------------------------------------------
+    def load_task(self, task: Task) -> None:
+        """Copies new instances' tensors into the static task (same class and shapes)."""
+        if type(task) is not type(self.task):
+            raise TypeError(f"load_task: expected a {type(self.task).__name__}, got {type(task).__name__}")
+        for static, new in zip(task_tensors(self.task), task_tensors(task), strict=True):
+            static.copy_(new)
+
+    def _load_carry(self, carry: UnrollCarry) -> UnrollCarry:
+        """The static input carry holding ``carry``'s values (allocated on first use)."""
+        if self._static is None:
+            self._static = map_tensors(lambda t: t.detach().clone(), carry)
+        elif carry is not self._static:
+            for static, new in zip(tensors_of(self._static), tensors_of(carry), strict=True):
+                if static is not new:
+                    static.copy_(new)
+            self._static = self._static._replace(step=carry.step)
+        return self._static
+
+    def _optimizer_snapshot(self) -> tuple[list[Tensor], dict[int, dict[str, Tensor]]]:
+        params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
+        state = {
+            id(p): {key: value.clone() for key, value in self.meta_optimizer.state[p].items() if isinstance(value, Tensor)}
+            for p in params if p in self.meta_optimizer.state
+        }
+        return [p.detach().clone() for p in params], state
+
+    def _restore(self, snapshot: tuple[list[Tensor], dict[int, dict[str, Tensor]]]) -> None:
+        weights, state = snapshot
+        params = [p for group in self.meta_optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for p, saved in zip(params, weights):
+                p.copy_(saved)
+                for key, value in self.meta_optimizer.state.get(p, {}).items():
+                    if not isinstance(value, Tensor):
+                        continue
+                    if id(p) in state:
+                        value.copy_(state[id(p)][key])
+                    else:
+                        value.zero_()  # state created by the warm-up: a fresh optimizer's is zeros
+
+    def _lrs(self) -> list[Any]:
+        return [group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"]) for group in self.meta_optimizer.param_groups]
+
+    def _capture(self, steps: int) -> None:
+        static = self._static
+        snapshot = self._optimizer_snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):  # compiles kernels, creates gradients and optimizer state
+                self.meta_optimizer.zero_grad(set_to_none=True)
+                self._body(static, steps)
+                self.meta_optimizer.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._restore(snapshot)
+        self.meta_optimizer.zero_grad(set_to_none=True)  # the graph allocates .grad from its pool
+        body_graph, step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(body_graph, pool=self._pool):
+            meta_loss, grad_norm, finite, carry = self._body(static, steps)
+            for target, value in zip(tensors_of(static), tensors_of(carry), strict=True):
+                target.copy_(value)
+        with torch.cuda.graph(step_graph, pool=self._pool):
+            self.meta_optimizer.step()
+        self._graphs[steps] = (body_graph, step_graph, (meta_loss, grad_norm, finite))
+        self._captured_lrs = self._lrs()
+
+    def __call__(self, carry: UnrollCarry, steps: int) -> TruncationResult:
+        """Runs one truncation of ``steps`` optimizee steps from ``carry``.
+
+        Returns:
+            The meta-loss, gradient norm, whether the meta-optimizer stepped, and the next carry
+            (static buffers when graphed: copy them to keep them past the next call).
+        """
+        if not self.use_graph:
+            return self._eager(carry, steps)
+        static = self._load_carry(carry)
+        if self._captured_lrs is not None and self._lrs() != self._captured_lrs:
+            self._graphs.clear()  # a changed float learning rate is baked into the captured step
+        if steps not in self._graphs:
+            self._capture(steps)
+        body_graph, step_graph, (meta_loss, grad_norm, finite) = self._graphs[steps]
+        body_graph.replay()
+        stepped = bool(finite)
+        if stepped:
+            step_graph.replay()
+        self._static = static._replace(step=static.step + steps)
+        return TruncationResult(meta_loss, grad_norm, stepped, self._static)
+

@@ -1,0 +1,424 @@
+"""The fused Triton LSTM step against the reference: interpreter runs on the CPU, compiled runs on CUDA, and dispatch."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from l2l import LearnedOptimizer
+from l2l.kernels import dispatch, fused
+from l2l.meta.unroll import detach_carry, start, unroll
+from l2l.optimizers import CoordinateWiseLSTM, LSTMState
+from l2l.optimizers.grouped import PerGroupRule
+from l2l.tasks import QuadraticFamily, QuadraticTask
+from l2l.torch_optim import learned_step
+
+# numpy's overflow/invalid warnings from the interpreter (exp of large values, inf * 0) are expected.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+needs_triton = pytest.mark.skipif(fused.triton_version() is None, reason="Triton is not installed")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or fused.triton_version() is None, reason="needs CUDA and Triton"
+)
+
+TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+@pytest.fixture
+def interpreter():
+    """Fused kernels on CPU tensors through Triton's interpreter, with small blocks (several programs per launch)."""
+    with fused.interpreter(), fused.configured(block=16, backward_block=16, interpreter_programs=2):
+        yield
+
+
+def edge_gradients(n: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Gradients over many scales, with zero, tiny (1e-30) and huge (+-1e30) entries first."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.randint(-9, 4, (n,), generator=generator)
+    grad = (torch.randn(n, generator=generator) * scale).to(dtype)
+    grad[:5] = torch.tensor([0.0, 1e-30, 1e30, -1e30, -1e-30], dtype=dtype)
+    return grad
+
+
+def random_state(rule, n, dtype=torch.float64, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (rule.num_layers, rule.hidden_size, n)
+    return torch.randn(shape, generator=generator).to(dtype) * 0.5, torch.randn(shape, generator=generator).to(dtype)
+
+
+def both_paths(rule, grad, h, c):
+    """``(fused outputs, reference outputs)``, each ``(update, h_new, c_new)``."""
+    outputs = []
+    for kernel in ("fused", "reference"):
+        rule.kernel = kernel
+        update, state = rule(grad, LSTMState(h, c))
+        outputs.append((update, state.h, state.c))
+    rule.kernel = "auto"
+    return outputs
+
+
+def all_grads(rule, grad, h, c, weights):
+    """Gradients of a random functional of ``(update, h_new, c_new)`` w.r.t. inputs and weights, for both paths."""
+    results = []
+    for kernel in ("fused", "reference"):
+        rule.kernel = kernel
+        inputs = [t.detach().clone().requires_grad_() for t in (grad, h, c)]
+        update, state = rule(inputs[0], LSTMState(inputs[1], inputs[2]))
+        objective = (update * weights[0]).sum() + (state.h * weights[1]).sum() + (state.c * weights[2]).sum()
+        results.append(torch.autograd.grad(objective, inputs + list(rule.parameters())))
+    rule.kernel = "auto"
+    return results
+
+
+def step_together(models, optimizers, steps=3, nan_step=1):
+    """The same random gradients into each model, then each optimizer's step; one NaN at ``nan_step``."""
+    for step in range(steps):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        if step == nan_step:
+            grads[0].view(-1)[0] = float("nan")
+        for model, optimizer in zip(models, optimizers):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+
+
+# -- interpreter (CPU) -----------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "n, layers, hidden, preprocess",
+    [(37, 2, 20, "log_sign"), (300, 2, 20, "log_sign"), (37, 1, 20, "log_sign"), (21, 2, 8, "none")],
+)
+def test_forward_matches_reference_float64(interpreter, n, layers, hidden, preprocess):
+    rule = CoordinateWiseLSTM(hidden_size=hidden, num_layers=layers, preprocess=preprocess, seed=3).double()
+    grad = edge_gradients(n)
+    h, c = random_state(rule, n)
+    (update, h_new, c_new), (ref_update, ref_h, ref_c) = both_paths(rule, grad, h, c)
+    torch.testing.assert_close(update, ref_update, **TIGHT[torch.float64])
+    torch.testing.assert_close(h_new, ref_h, **TIGHT[torch.float64])
+    torch.testing.assert_close(c_new, ref_c, **TIGHT[torch.float64])
+
+
+@needs_triton
+def test_forward_matches_reference_float32(interpreter):
+    rule = CoordinateWiseLSTM(seed=4)
+    grad = edge_gradients(53, torch.float32)
+    h, c = random_state(rule, 53, torch.float32)
+    for ours, reference in zip(*both_paths(rule, grad, h, c)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("layers, preprocess", [(2, "log_sign"), (1, "none")])
+def test_backward_matches_reference_float64(interpreter, layers, preprocess):
+    rule = CoordinateWiseLSTM(num_layers=layers, preprocess=preprocess, seed=5).double()
+    n = 45
+    grad = edge_gradients(n)
+    h, c = random_state(rule, n)
+    generator = torch.Generator().manual_seed(9)
+    weights = [torch.randn(n, generator=generator).double(), torch.randn(h.shape, generator=generator).double(),
+               torch.randn(c.shape, generator=generator).double()]
+    ours, reference = all_grads(rule, grad, h, c, weights)
+    names = ["grad", "h", "c"] + [name for name, _ in rule.named_parameters()]
+    for name, a, b in zip(names, ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+@needs_triton
+def test_backward_with_only_the_update_used_float32(interpreter):
+    rule = CoordinateWiseLSTM(seed=6)
+    n = 40
+    grad = edge_gradients(n, torch.float32)
+    h, c = random_state(rule, n, torch.float32)
+    results = []
+    for kernel in ("fused", "reference"):
+        rule.kernel = kernel
+        update, _ = rule(grad, LSTMState(h.clone().requires_grad_(), c))
+        results.append(torch.autograd.grad(update.square().sum(), list(rule.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
+def test_nonfinite_gradients_propagate_like_the_reference(interpreter):
+    rule = CoordinateWiseLSTM(seed=7).double()
+    grad = edge_gradients(20)
+    grad[[5, 9, 11]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=grad.dtype)
+    h, c = random_state(rule, 20)
+    for ours, reference in zip(*both_paths(rule, grad, h, c)):
+        torch.testing.assert_close(ours, reference, equal_nan=True, **TIGHT[torch.float64])
+
+
+@needs_triton
+def test_bfloat16_state_matches_reference(interpreter):
+    rule = CoordinateWiseLSTM(seed=8, state_dtype=torch.bfloat16)
+    n = 33
+    grad = edge_gradients(n, torch.float32)
+    h, c = (t.to(torch.bfloat16) for t in random_state(rule, n, torch.float32))
+    (update, h_new, c_new), (ref_update, ref_h, ref_c) = both_paths(rule, grad, h, c)
+    assert h_new.dtype == c_new.dtype == torch.bfloat16
+    torch.testing.assert_close(update, ref_update, rtol=1e-5, atol=1e-6)
+    # Both round the same float32 values to bfloat16; a last-bit difference of the float32 math
+    # can flip a rounding, so allow one bfloat16 ulp.
+    torch.testing.assert_close(h_new.float(), ref_h.float(), rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(c_new.float(), ref_c.float(), rtol=8e-3, atol=1e-5)
+    weights = [torch.ones(n), torch.ones(h.shape, dtype=torch.bfloat16), torch.ones(c.shape, dtype=torch.bfloat16)]
+    ours, reference = all_grads(rule, grad, h, c, weights)
+    for a, b in zip(ours, reference):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("second_order", [False, True])
+def test_unroll_meta_gradient_matches_reference(interpreter, second_order):
+    """Two truncations of 4 steps on quadratics (N = 40): meta-losses and meta-gradients in float64."""
+    family_task = QuadraticFamily(dim=10).sample(4, torch.Generator().manual_seed(0))
+    task = QuadraticTask(family_task.W.double(), family_task.y.double())
+    results = []
+    for kernel in ("fused", "reference"):
+        rule = CoordinateWiseLSTM(seed=11, kernel=kernel).double()
+        carry = start(rule, task)
+        grads, meta_losses = None, []
+        for _ in range(2):
+            losses, carry = unroll(rule, task, carry, 4, second_order=second_order)
+            meta_loss = losses.sum(0).mean()
+            step_grads = torch.autograd.grad(meta_loss, list(rule.parameters()))
+            grads = step_grads if grads is None else [a + b for a, b in zip(grads, step_grads)]
+            meta_losses.append(meta_loss.detach())
+            carry = detach_carry(carry)
+        results.append((torch.stack(meta_losses), grads, carry.opt_state))
+    (losses, grads, state), (ref_losses, ref_grads, ref_state) = results
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(state.h, ref_state.h, rtol=1e-10, atol=1e-12)
+
+
+@needs_triton
+def test_saved_activations_are_the_step_inputs_only(interpreter):
+    """A T-step chain saves exactly (4 + 2 L H 4) bytes per coordinate-step: gradient, h and c (324 for 2 x 20)."""
+    rule = CoordinateWiseLSTM(seed=12)
+    n, steps = 64, 3
+    weights = {p.data_ptr() for p in rule.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    h, c = rule.init_state(n)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        for _ in range(steps):
+            update, h, c = fused.forward(rule, torch.randn(n), h, c)
+    assert update.requires_grad
+    assert sum(saved.values()) / (n * steps) == 4 + 2 * 2 * 20 * 4 == 324
+
+
+@needs_triton
+def test_in_place_step_masks_nonfinite_and_updates_parameters(interpreter):
+    rule = CoordinateWiseLSTM(seed=13)
+    n = 50
+    grad = edge_gradients(n, torch.float32)
+    grad[[7, 8]] = torch.tensor([float("nan"), float("inf")])
+    h, c = random_state(rule, n, torch.float32)
+    finite = torch.isfinite(grad)
+    rule.kernel = "reference"
+    ref_update, ref_state = learned_step(rule, grad, LSTMState(h, c), lr_scale=0.5, finite=finite)
+    params = torch.randn(n)
+    expected_params = params + ref_update
+    flag = torch.zeros(1, dtype=torch.int32)
+    h_in, c_in = h.clone(), c.clone()
+    update = fused.lstm_step_(rule, grad.clone(), h_in, c_in, params=params, lr_scale=0.5, nonfinite_flag=flag)
+    torch.testing.assert_close(update, ref_update, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(h_in, ref_state.h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_in, ref_state.c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(params, expected_params, rtol=1e-6, atol=1e-7)
+    assert int(flag) == 1
+    assert torch.equal(h_in[:, :, 7], h[:, :, 7]) and update[7] == 0
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:LearnedOptimizer. non-finite gradients:RuntimeWarning")
+def test_drop_in_fused_matches_reference(interpreter):
+    """LearnedOptimizer on the fused in-place path (whole bucket, no chunks) against the chunked reference."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [
+        LearnedOptimizer(model.parameters(), CoordinateWiseLSTM(seed=14, kernel=kernel), lr_scale=0.7, chunk_size=8)
+        for model, kernel in zip(models, ("fused", "reference"))
+    ]
+    step_together(models, optimizers, nan_step=1)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for a, b in zip(optimizers[0].state.values(), optimizers[1].state.values()):
+        torch.testing.assert_close(a["h"], b["h"], rtol=1e-5, atol=1e-6)
+    assert optimizers[0].nonfinite_steps == optimizers[1].nonfinite_steps == 1
+
+
+# -- dispatch and the missing-Triton path (CPU) ------------------------------------------------------
+
+
+def test_auto_picks_the_reference_off_cuda():
+    rule = CoordinateWiseLSTM()
+    assert dispatch.select_kernel("auto", rule, torch.device("cpu")) == "reference"
+    assert dispatch.select_kernel("reference", rule, torch.device("cpu")) == "reference"
+
+
+def test_fused_on_cpu_raises_naming_why():
+    rule = CoordinateWiseLSTM(kernel="fused")
+    with pytest.raises(fused.FusedUnavailableError, match="CUDA|Triton"):
+        rule(torch.randn(3), rule.init_state(3))
+
+
+def test_unknown_kernel_and_unsupported_configurations():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        CoordinateWiseLSTM(kernel="fast")
+    three = CoordinateWiseLSTM(num_layers=3)
+    assert "layers" in fused.unsupported_reason(three)
+    assert fused.unsupported_reason(CoordinateWiseLSTM().half()) is not None
+    assert fused.unsupported_reason(CoordinateWiseLSTM()) is None
+
+
+def test_set_kernel_reaches_every_lstm_and_kernel_is_not_config():
+    rule = PerGroupRule({"conv": CoordinateWiseLSTM(), "fc": CoordinateWiseLSTM()})
+    dispatch.set_kernel(rule, "reference")
+    assert all(sub.kernel == "reference" for sub in rule.rules.values())
+    assert "kernel" not in CoordinateWiseLSTM(kernel="reference").config()
+
+
+def test_without_triton_everything_falls_back(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    fused.triton_version.cache_clear()
+    try:
+        assert fused.triton_version() is None
+        assert not fused.fused_available("cuda")
+        assert "Triton is not installed" in fused.unavailable_reason("cuda")
+        rule = CoordinateWiseLSTM()
+        assert dispatch.select_kernel("auto", rule, torch.device("cuda")) == "reference"
+        update, _ = rule(torch.randn(4), rule.init_state(4))
+        assert update.shape == (4,)
+        rule.kernel = "fused"
+        with pytest.raises(fused.FusedUnavailableError, match="Triton is not installed"):
+            rule(torch.randn(4), rule.init_state(4))
+    finally:
+        fused.triton_version.cache_clear()
+
+
+def test_package_imports_and_trains_without_triton(tmp_path):
+    """A fresh interpreter where importing triton fails: l2l imports and runs a training epoch."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import l2l\n"
+        "from l2l.kernels import fused\n"
+        "assert fused.triton_version() is None\n"
+        "r = l2l.meta_train(l2l.TrainConfig(epochs=1, instances=2, optimizee_steps=4, unroll=2, val_every=1,"
+        " val_problems=2, device='cpu'), progress=False)\n"
+        "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+# -- CUDA (the GPU session) ----------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+@pytest.mark.parametrize("n", [1, 37, 1000, 100_003])
+def test_cuda_forward_and_gradients_match_reference(n, precision):
+    rule = CoordinateWiseLSTM(seed=21).cuda()
+    grad = edge_gradients(n, torch.float32).cuda() if n >= 5 else torch.randn(n).cuda()
+    h, c = (t.cuda() for t in random_state(rule, n, torch.float32))
+    with fused.configured(precision=precision):
+        for ours, reference in zip(*both_paths(rule, grad, h, c)):
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        weights = [torch.randn(n, device="cuda"), torch.randn(h.shape, device="cuda"), torch.randn(c.shape, device="cuda")]
+        ours, reference = all_grads(rule, grad, h, c, weights)
+    for a, b in zip(ours, reference):
+        scale = b.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_nonfinite_and_bfloat16():
+    rule = CoordinateWiseLSTM(seed=22).cuda()
+    grad = edge_gradients(300, torch.float32)
+    grad[[5, 6, 7]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    grad = grad.cuda()
+    h, c = (t.cuda() for t in random_state(rule, 300, torch.float32))
+    for ours, reference in zip(*both_paths(rule, grad, h, c)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5, equal_nan=True)
+    compact = CoordinateWiseLSTM(seed=22, state_dtype=torch.bfloat16).cuda()
+    hb, cb = h.bfloat16(), c.bfloat16()
+    grad = torch.randn(300, device="cuda")
+    for ours, reference in zip(*both_paths(compact, grad, hb, cb)):
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("second_order", [False, True])
+def test_cuda_unroll_meta_gradients_match_reference(second_order):
+    task = QuadraticFamily(dim=10).sample(128, torch.Generator().manual_seed(0), "cuda")
+    results = []
+    for kernel in ("fused", "reference"):
+        rule = CoordinateWiseLSTM(seed=23, kernel=kernel).cuda()
+        carry = start(rule, task)
+        losses, carry = unroll(rule, task, carry, 20, second_order=second_order)
+        meta_loss = losses.sum(0).mean()
+        results.append((meta_loss.detach(), torch.autograd.grad(meta_loss, list(rule.parameters()))))
+    (loss, grads), (ref_loss, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        scale = b.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_memory_per_coordinate_step_under_400_bytes():
+    """A 20-step unroll over 2e5 coordinates: the peak memory growth stays under 400 bytes per coordinate-step."""
+    n, steps = 200_000, 20
+    rule = CoordinateWiseLSTM(seed=24).cuda()
+    params = torch.zeros(n, device="cuda")
+    scale = torch.rand(n, device="cuda") + 0.5
+    h, c = rule.init_state(n)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    total = 0.0
+    for _ in range(steps):
+        grad = (scale * (params.detach() - 1.0))  # a diagonal quadratic's gradient, first order
+        update, (h, c) = rule(grad, LSTMState(h, c))
+        params = params + update
+        total = total + (scale * (params - 1.0) ** 2).sum()
+    peak = torch.cuda.max_memory_allocated() - base
+    total.backward()
+    assert peak / (n * steps) <= 400, f"{peak / (n * steps):.0f} bytes per coordinate-step"
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_drop_in_uses_the_fused_kernel_and_matches_reference():
+    torch.manual_seed(0)
+    models = [nn.Linear(300, 200).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [LearnedOptimizer(m.parameters(), CoordinateWiseLSTM(seed=25, kernel=k)) for m, k in
+                  zip(models, ("auto", "reference"))]
+    assert dispatch.select_kernel("auto", optimizers[0].rule, torch.device("cuda")) == "fused"
+    step_together(models, optimizers, nan_step=2)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    with pytest.warns(RuntimeWarning):
+        assert optimizers[0].nonfinite_steps == 1
