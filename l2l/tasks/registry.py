@@ -6,6 +6,7 @@ from typing import Callable
 
 from l2l.tasks.base import TaskFamily
 from l2l.tasks.cifar import CIFAR2Family, CIFAR5Family, CIFAR10Family
+from l2l.tasks.gradient_tasks import MNISTGradientPenaltyFamily, MNISTGradientReversalFamily, Tangent1DFamily
 from l2l.tasks.mnist import MNIST2LayerFamily, MNIST40Family, MNISTFamily, MNISTReLUFamily
 from l2l.tasks.quadratic import QuadraticFamily
 
@@ -47,5 +48,8 @@ for _family in (
     CIFAR10Family,
     CIFAR5Family,
     CIFAR2Family,
+    MNISTGradientPenaltyFamily,
+    MNISTGradientReversalFamily,
+    Tangent1DFamily,
 ):
     register_task(_family.name, _family)

@@ -1,0 +1,448 @@
+"""Training objectives that contain gradients: gradient reversal, gradient penalties, tangent prop, gradient supervision.
+
+Every function takes the network as a callable ``forward(x [B, ...]) -> outputs [B, ...]`` (an
+``nn.Module``, or the per-instance ``forward`` that :class:`l2l.tasks.module.ModuleTask` hands
+to its objective) and computes input gradients and Jacobian-vector products with
+``torch.func`` (``grad``, ``jvp``), never with ``torch.autograd.grad`` on the inputs. So one
+implementation serves both places:
+
+* in an ordinary training loop, the results are differentiable with respect to the module's
+  parameters (the ``torch.func`` equivalent of ``create_graph=True``): call ``.backward()``;
+* inside the ``vmap`` over K optimizee instances of a ``ModuleTask`` objective, where
+  ``torch.autograd.grad`` on the inputs is not available.
+
+Input gradients are taken of the *sum* of per-example losses, so row ``i`` of the gradient is
+``∇_{x_i} L_i`` exactly when example ``i``'s output depends on ``x_i`` alone (no batch-norm in
+training mode, no attention across the batch). Tensor shapes: ``B`` examples, ``K`` instances,
+``T`` tangent directions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "GradReverse",
+    "adversarial_example",
+    "directional_derivatives",
+    "grad_reverse",
+    "gradient_supervision_loss",
+    "image_tangents",
+    "input_gradient_penalty",
+    "parameter_gradient_penalty",
+    "per_example_cross_entropy",
+    "reversal_coefficient",
+    "tangent_penalty",
+]
+
+Forward = Callable[[Tensor], Tensor]
+PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
+NORMS = ("l1", "l2", "linf")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        return  # May be a traced or batched value (schedules, vmap); the caller owns its range.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+
+
+def _reduce(per_example: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_example.mean()
+    if reduction == "sum":
+        return per_example.sum()
+    return per_example
+
+
+def per_example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each example: logits ``[B, C]``, int64 labels ``[B]`` -> ``[B]``."""
+    return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient reversal (Ganin & Lempitsky, 2015)
+
+
+class _GradReverse(torch.autograd.Function):
+    generate_vmap_rule = True  # Works inside torch.func.vmap / grad (ModuleTask's K instances).
+
+    @staticmethod
+    def forward(x: Tensor, coeff: float | Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.coeff = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
+        return -ctx.coeff * grad_output, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor, coeff_tangent: Any) -> Tensor:
+        # Forward mode sees the forward function, the identity; only reverse mode is reversed.
+        return x_tangent
+
+
+def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
+    """The gradient reversal layer: identity forward, ``-coeff *`` the incoming gradient backward.
+
+    Placed between a feature extractor and an adversarial head, the head minimises its loss
+    while the features receive the negated gradient, so they maximise it (domain-adversarial
+    training). ``coeff`` gets no gradient. Forward-mode derivatives (``torch.func.jvp``) are
+    those of the identity.
+
+    Args:
+        x: any tensor ``[...]``.
+        coeff: the reversal strength λ >= 0 (a float, or a tensor for schedules; see
+            :func:`reversal_coefficient`).
+
+    Returns:
+        ``x`` unchanged ``[...]`` (a view), whose backward multiplies gradients by ``-coeff``.
+    """
+    _check_nonnegative("coeff", coeff)
+    return _GradReverse.apply(x, coeff)
+
+
+class GradReverse(nn.Module):
+    """:func:`grad_reverse` as a module; set ``.coeff`` during training to follow a schedule.
+
+    Args:
+        coeff: the reversal strength λ >= 0.
+    """
+
+    def __init__(self, coeff: float = 1.0):
+        super().__init__()
+        _check_nonnegative("coeff", coeff)
+        self.coeff = coeff
+
+    def forward(self, x: Tensor) -> Tensor:
+        return grad_reverse(x, self.coeff)
+
+    def extra_repr(self) -> str:
+        return f"coeff={self.coeff}"
+
+
+def reversal_coefficient(progress: float, gamma: float = 10.0) -> float:
+    """Ganin & Lempitsky's schedule for λ: ``2 / (1 + exp(-gamma * progress)) - 1``.
+
+    It rises from 0 at the start of training to about 1 (0.99991 at ``gamma = 10``), so the
+    adversarial signal is suppressed while the heads are still noisy.
+
+    Args:
+        progress: the fraction of training done, in [0, 1].
+        gamma: the steepness (paper: 10).
+    """
+    if not (isinstance(progress, (int, float)) and 0.0 <= progress <= 1.0):
+        raise ValueError(f"Invalid progress: {progress!r} (must be in [0, 1])")
+    _check_nonnegative("gamma", gamma)
+    return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Input-gradient penalty: first-order adversarial training
+
+
+def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
+    """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
+
+    def summed(x: Tensor) -> tuple[Tensor, Tensor]:
+        per_example = loss(forward(x), labels)
+        return per_example.sum(), per_example
+
+    gradients, per_example = grad(summed, has_aux=True)(inputs)
+    return per_example, gradients
+
+
+def _dual_norm(gradients: Tensor, norm: str) -> Tensor:
+    """``max_{||δ|| <= 1} <g_i, δ>`` per example: ``[B, ...] -> [B]`` (the dual of ``norm``)."""
+    flat = gradients.flatten(1)
+    dual_order = {"l1": math.inf, "l2": 2.0, "linf": 1.0}[norm]
+    return torch.linalg.vector_norm(flat, ord=dual_order, dim=1)
+
+
+def _steepest_direction(gradients: Tensor, norm: str) -> Tensor:
+    """The unit-``norm`` direction δ_i that attains the dual norm: ``<g_i, δ_i> = ||g_i||_*``."""
+    flat = gradients.flatten(1)
+    if norm == "l2":
+        direction = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+    elif norm == "linf":
+        direction = flat.sign()
+    else:  # l1: all the budget on the largest coordinate(s); ties share it, which keeps <g, δ> exact.
+        magnitude = flat.abs()
+        top = (magnitude == magnitude.amax(dim=1, keepdim=True)).to(flat.dtype)
+        direction = flat.sign() * top / top.sum(dim=1, keepdim=True)
+    return direction.view_as(gradients)
+
+
+def input_gradient_penalty(
+    forward: Forward,
+    inputs: Tensor,
+    labels: Tensor,
+    eps: float,
+    norm: str = "l2",
+    *,
+    loss: PerExampleLoss = per_example_cross_entropy,
+    reduction: str = "mean",
+) -> Tensor:
+    """The first-order adversarial loss ``L_i + eps * ||∇_{x_i} L_i||_*`` per example.
+
+    To first order in ``eps``, this is the loss at the worst perturbation of each input in the
+    ``norm`` ball of radius ``eps`` (:func:`adversarial_example`): the penalty uses the dual
+    norm (L2 for ``"l2"``, L1 of the gradient for ``"linf"``, L∞ for ``"l1"``). The gradient is
+    computed with ``torch.func.grad`` and stays differentiable, so the result trains the
+    network (and works inside ``vmap``).
+
+    Args:
+        forward: the network, ``[B, ...] -> outputs [B, ...]``.
+        inputs: ``[B, ...]``.
+        labels: ``[B, ...]``, passed to ``loss``.
+        eps: the perturbation radius, >= 0.
+        norm: the norm of the perturbation ball: ``"l1"``, ``"l2"`` or ``"linf"``.
+        loss: per-example loss, ``loss(outputs, labels) -> [B]`` (default: cross-entropy).
+        reduction: ``"mean"`` (default) or ``"sum"`` over examples, or ``"none"`` for ``[B]``.
+
+    Returns:
+        The penalized loss: a scalar, or ``[B]`` with ``reduction="none"``.
+    """
+    _check_nonnegative("eps", eps)
+    _check_choice("norm", norm, NORMS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    per_example, gradients = _losses_and_input_gradients(forward, inputs, labels, loss)
+    return _reduce(per_example + eps * _dual_norm(gradients, norm), reduction)
+
+
+def adversarial_example(
+    forward: Forward,
+    inputs: Tensor,
+    labels: Tensor,
+    eps: float,
+    norm: str = "l2",
+    *,
+    loss: PerExampleLoss = per_example_cross_entropy,
+) -> Tensor:
+    """The one-step adversarial example ``x + eps * δ``, δ the steepest unit-``norm`` ascent direction.
+
+    For ``"l2"`` δ = ∇ₓL / ||∇ₓL||₂ (the fast gradient method); for ``"linf"`` δ = sign(∇ₓL)
+    (FGSM); for ``"l1"`` the whole budget goes to the largest gradient coordinate. No clipping
+    to a valid input range: this is the point at which :func:`input_gradient_penalty` is the
+    first-order expansion of the loss. The result is detached.
+
+    Args:
+        forward: the network, ``[B, ...] -> outputs [B, ...]``.
+        inputs: ``[B, ...]``.
+        labels: ``[B, ...]``, passed to ``loss``.
+        eps: the perturbation radius, >= 0.
+        norm: ``"l1"``, ``"l2"`` or ``"linf"``.
+        loss: per-example loss, ``loss(outputs, labels) -> [B]``.
+
+    Returns:
+        Perturbed inputs ``[B, ...]``.
+    """
+    _check_nonnegative("eps", eps)
+    _check_choice("norm", norm, NORMS)
+    _, gradients = _losses_and_input_gradients(forward, inputs, labels, loss)
+    return (inputs + eps * _steepest_direction(gradients, norm)).detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter-gradient penalty: the implicit regulariser of gradient descent
+
+
+def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr: float) -> Tensor:
+    """``L(θ) + (lr / 4) * ||∇_θ L(θ)||²``: the loss that gradient descent with step ``lr`` follows to second order.
+
+    Gradient descent with a finite step size tracks the gradient flow of this modified loss
+    more closely than that of ``L`` (Barrett & Dherin, "Implicit gradient regularization",
+    2021), so adding the penalty explicitly corrects for (or strengthens) the discretisation
+    error. The gradient comes from ``torch.func.grad`` and stays differentiable.
+
+    ``loss_fn`` may return one loss per instance, ``[K]``, for K independent instances whose
+    parameters are rows of ``params`` (the leaves are ``[K, ...]`` and loss ``k`` depends on
+    rows ``k`` only, as for :class:`l2l.tasks.base.Task`): then each instance gets its own
+    penalty.
+
+    Example (an ``nn.Module``)::
+
+        params = dict(model.named_parameters())
+        objective = parameter_gradient_penalty(
+            lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y), params, lr=0.1)
+        objective.backward()  # gradients land in model's .grad
+
+    Args:
+        loss_fn: ``loss_fn(params) -> []`` or ``[K]``.
+        params: a tensor or a pytree (dict, list, tuple) of tensors.
+        lr: the step size h, >= 0.
+
+    Returns:
+        The penalized loss, shaped like ``loss_fn(params)``.
+    """
+    _check_nonnegative("lr", lr)
+
+    def summed(p: Any) -> tuple[Tensor, Tensor]:
+        value = loss_fn(p)
+        if value.dim() > 1:
+            raise ValueError(f"loss_fn must return a scalar or one loss per instance [K], got shape {list(value.shape)}")
+        return value.sum(), value
+
+    gradients, value = grad(summed, has_aux=True)(params)
+    leaves = tree_leaves(gradients)
+    if value.dim() == 0:
+        squared_norm = sum(g.pow(2).sum() for g in leaves)
+    else:
+        squared_norm = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in leaves)
+    return value + (lr / 4) * squared_norm
+
+
+# --------------------------------------------------------------------------------------------
+# Tangent prop (Simard et al., 1992)
+
+
+def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    """Outputs and their derivatives along tangent vectors, by Jacobian-vector products.
+
+    One forward-mode pass per tangent direction (``torch.func.jvp``, vectorised over the
+    directions); the Jacobian is never formed.
+
+    Args:
+        forward: the network, ``[B, ...] -> outputs [B, ...]``.
+        inputs: ``[B, ...]``.
+        tangents: one direction per example ``[B, ...]`` (shaped like ``inputs``) or T of
+            them ``[T, B, ...]``.
+
+    Returns:
+        ``(outputs [B, ...], derivatives)``: ``derivatives`` is ``J_f(x_i) t_i`` for every
+        example, ``[B, ...out]`` or ``[T, B, ...out]`` like ``tangents``.
+    """
+    if tangents.shape == inputs.shape:
+        return jvp(forward, (inputs,), (tangents,))
+    if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
+        raise ValueError(f"tangents must be shaped like inputs {list(inputs.shape)} or [T, *that], got {list(tangents.shape)}")
+    outputs = forward(inputs)
+    derivatives = vmap(lambda t: jvp(forward, (inputs,), (t,))[1])(tangents)
+    return outputs, derivatives
+
+
+def tangent_penalty(forward: Forward, inputs: Tensor, tangents: Tensor, *, reduction: str = "mean") -> Tensor:
+    """Tangent prop: ``Σ_t ||J_f(x_i) t||²`` per example, the squared output change along each tangent.
+
+    Penalising it makes the network invariant, to first order, to the transformations the
+    tangents generate (small translations and rotations: :func:`image_tangents`; for a
+    scalar function of a scalar, tangent 1 penalises the slope f'(x)²).
+
+    Args:
+        forward: the network, ``[B, ...] -> outputs [B, ...]``.
+        inputs: ``[B, ...]``.
+        tangents: ``[B, ...]`` (one per example) or ``[T, B, ...]``.
+        reduction: ``"mean"`` (default) or ``"sum"`` over examples, or ``"none"`` for ``[B]``.
+
+    Returns:
+        The penalty: a scalar, or ``[B]`` with ``reduction="none"``.
+    """
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _, derivatives = directional_derivatives(forward, inputs, tangents)
+    if tangents.shape == inputs.shape:
+        derivatives = derivatives.unsqueeze(0)
+    per_example = derivatives.pow(2).flatten(2).sum(2).sum(0)
+    return _reduce(per_example, reduction)
+
+
+_IMAGE_TANGENTS = ("translate_x", "translate_y", "rotate")
+
+
+def image_tangents(images: Tensor, kinds: tuple[str, ...] = _IMAGE_TANGENTS, *, sigma: float = 1.0) -> Tensor:
+    """Tangent vectors of small image transformations, from the smoothed image's gradient (Simard et al.).
+
+    ``translate_x``/``translate_y``: the change of the image per pixel of shift right/down,
+    ``-∂I/∂u`` and ``-∂I/∂v``; ``rotate``: the change per radian of rotation about the
+    image centre, ``v ∂I/∂u - u ∂I/∂v`` (``u``, ``v`` the column and row offsets from the
+    centre). Derivatives are central differences of the image blurred with a Gaussian of
+    standard deviation ``sigma`` pixels (``0`` for none), so the tangents stay meaningful on
+    sharp strokes.
+
+    Args:
+        images: ``[B, C, H, W]``.
+        kinds: which tangents, in order, from ``translate_x``, ``translate_y``, ``rotate``.
+        sigma: blur in pixels, >= 0.
+
+    Returns:
+        ``[T, B, C, H, W]`` with ``T = len(kinds)`` (the ``tangents`` of :func:`tangent_penalty`).
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
+    for kind in kinds:
+        _check_choice("tangent kind", kind, _IMAGE_TANGENTS)
+    _check_nonnegative("sigma", sigma)
+    batch, channels, height, width = images.shape
+    planes = images.reshape(batch * channels, 1, height, width)
+    if sigma > 0:
+        radius = max(1, math.ceil(3 * sigma))
+        offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        planes = nn.functional.conv2d(planes, kernel.view(1, 1, 1, -1), padding=(0, radius))
+        planes = nn.functional.conv2d(planes, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    difference = torch.tensor([-0.5, 0.0, 0.5], dtype=images.dtype, device=images.device)
+    d_du = nn.functional.conv2d(planes, difference.view(1, 1, 1, 3), padding=(0, 1)).view_as(images)
+    d_dv = nn.functional.conv2d(planes, difference.view(1, 1, 3, 1), padding=(1, 0)).view_as(images)
+    u = torch.arange(width, dtype=images.dtype, device=images.device) - (width - 1) / 2
+    v = torch.arange(height, dtype=images.dtype, device=images.device)[:, None] - (height - 1) / 2
+    fields = {"translate_x": -d_du, "translate_y": -d_dv, "rotate": v * d_du - u * d_dv}
+    return torch.stack([fields[kind] for kind in kinds])
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient supervision (Teney et al., 2020)
+
+
+def gradient_supervision_loss(
+    forward: Forward,
+    inputs: Tensor,
+    counterfactuals: Tensor,
+    counterfactual_labels: Tensor,
+    *,
+    reduction: str = "mean",
+) -> Tensor:
+    """``1 - cos(g_i, x_cf_i - x_i)`` per pair, ``g_i`` the input gradient of the counterfactual class's logit at ``x_i``.
+
+    For a pair of minimally different inputs with different labels, the step from ``x_i`` to
+    its counterfactual ``x_cf_i`` is what changes the label, so the direction in which the
+    logit of ``x_cf_i``'s ground-truth class grows fastest at ``x_i`` should point along it
+    (Teney, Abbasnejad & van den Hengel, ECCV 2020, eq. 3: ``g_i = ∇ₓ f(x_i) · y_j``). The
+    cosine is taken per pair over all input features, never over the whole batch. 0 when
+    aligned, 2 when opposite; add it (weighted) to the task loss. Use both directions of a
+    pair by also passing ``(x_cf, x)`` with ``x``'s labels.
+
+    Args:
+        forward: the network, ``[B, ...] -> logits [B, C]``.
+        inputs: ``x``, ``[B, ...]``.
+        counterfactuals: ``x_cf``, ``[B, ...]``.
+        counterfactual_labels: int64 ``[B]``, the ground-truth classes of ``x_cf``.
+        reduction: ``"mean"`` (default) or ``"sum"`` over pairs, or ``"none"`` for ``[B]``.
+
+    Returns:
+        The loss: a scalar, or ``[B]`` with ``reduction="none"``.
+    """
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if counterfactuals.shape != inputs.shape:
+        raise ValueError(f"counterfactuals {list(counterfactuals.shape)} must be shaped like inputs {list(inputs.shape)}")
+
+    def target_logits(x: Tensor) -> Tensor:
+        return forward(x).gather(1, counterfactual_labels.unsqueeze(1)).sum()
+
+    gradients = grad(target_logits)(inputs)
+    cosine = nn.functional.cosine_similarity(gradients.flatten(1), (counterfactuals - inputs).flatten(1), dim=1)
+    return _reduce(1.0 - cosine, reduction)

@@ -1,0 +1,79 @@
+"""Shared plumbing of the gradient-objective reproductions (scripts/repro_*.py): flags, data, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from l2l.data.base import DATA_ENV, data_dir
+from l2l.tasks.mnist import mnist_tensors
+from l2l.tasks.module import SupervisedData
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """Flags every reproduction shares: data directory, output folders, seed, threads."""
+    args = argparse.ArgumentParser(description=description)
+    args.add_argument("--data-dir", help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
+    args.add_argument("--figures", type=Path, default=BENCHMARKS / "figures", help="where the PNG goes")
+    args.add_argument("--results", type=Path, default=BENCHMARKS / "results", help="where the JSON goes")
+    args.add_argument("--seed", type=int, default=0, help="first seed (model initialisation, minibatch order)")
+    # One thread: on a shared 2-core machine, two OpenMP threads wait on the busy core.
+    args.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    return args
+
+
+def setup(options: argparse.Namespace) -> None:
+    torch.set_num_threads(options.threads)
+    if options.data_dir:
+        os.environ[DATA_ENV] = str(options.data_dir)
+
+
+def mnist(train_examples: int | None = None) -> SupervisedData:
+    """MNIST as float images ``[N, 1, 28, 28]`` in [0, 1], in the library's fixed shuffled order."""
+    return mnist_tensors(str(data_dir()), "cpu", train_examples)
+
+
+def minibatches(count: int, batch_size: int, epochs: int, generator: torch.Generator):
+    """Index tensors ``[batch_size]`` over ``epochs`` shuffled passes of ``count`` examples (last partial batch dropped)."""
+    for _ in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def write(options: argparse.Namespace, name: str, report: dict[str, Any], figure) -> None:
+    """Writes ``RESULTS/NAME.json`` (with the machine) and ``FIGURES/NAME.png``."""
+    options.results.mkdir(parents=True, exist_ok=True)
+    options.figures.mkdir(parents=True, exist_ok=True)
+    report = {**report, "machine": machine()}
+    (options.results / f"{name}.json").write_text(json.dumps(report, indent=1))
+    figure.savefig(options.figures / f"{name}.png", dpi=80, bbox_inches="tight")
+    print(f"wrote {options.results / f'{name}.json'} and {options.figures / f'{name}.png'}")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table; floats with 4 significant digits."""
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

@@ -1,0 +1,336 @@
+"""Gradient-level objectives against explicit formulas, autograd references and finite differences."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from l2l.meta.unroll import value_and_grad
+from l2l.objectives import (
+    GradReverse,
+    adversarial_example,
+    directional_derivatives,
+    grad_reverse,
+    gradient_supervision_loss,
+    image_tangents,
+    input_gradient_penalty,
+    parameter_gradient_penalty,
+    per_example_cross_entropy,
+    reversal_coefficient,
+    tangent_penalty,
+)
+from l2l.tasks.module import ModuleFamily, SupervisedData
+
+
+def tanh_net(inputs=5, classes=3, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(inputs, 7), nn.Tanh(), nn.Linear(7, classes)).to(dtype)
+
+
+def batch(examples=6, inputs=5, classes=3, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(examples, inputs, generator=g, dtype=dtype), torch.randint(0, classes, (examples,), generator=g)
+
+
+def input_gradients(model, x, y):
+    """Reference: per-example input gradients by ordinary autograd, create_graph=True."""
+    x = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(per_example_cross_entropy(model(x), y).sum(), x, create_graph=True)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient reversal
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.3, 2.0, torch.tensor(0.7)])
+def test_grad_reverse_is_identity_forward_and_negated_scaled_gradient_backward(coeff):
+    x = torch.randn(4, 3, requires_grad=True)
+    upstream = torch.randn(4, 3)
+    y = grad_reverse(x, coeff)
+    assert torch.equal(y, x)
+    (gx,) = torch.autograd.grad(y, x, upstream)
+    assert torch.equal(gx, -float(coeff) * upstream)
+
+
+def test_grad_reverse_gives_no_gradient_to_coeff_and_composes_with_vmap_and_module():
+    coeff = torch.tensor(0.5, requires_grad=True)
+    x = torch.randn(3, requires_grad=True)
+    gx, gc = torch.autograd.grad((grad_reverse(x, coeff) * 2).sum(), (x, coeff), allow_unused=True)
+    assert gc is None and torch.equal(gx, torch.full((3,), -1.0))
+    layer = GradReverse(0.25)
+    batched = torch.func.vmap(torch.func.grad(lambda v: layer(v).pow(2).sum()))(x.detach().expand(4, 3))
+    torch.testing.assert_close(batched, -0.25 * 2 * x.detach().expand(4, 3))
+    assert "coeff=0.25" in repr(layer)
+
+
+def test_reversal_coefficient_is_the_papers_schedule_and_arguments_are_validated():
+    assert reversal_coefficient(0.0) == 0.0
+    assert reversal_coefficient(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert reversal_coefficient(0.25) == pytest.approx(2 / (1 + math.exp(-2.5)) - 1)
+    with pytest.raises(ValueError, match=r"^Invalid progress: 1.5 \(must be in \[0, 1\]\)$"):
+        reversal_coefficient(1.5)
+    with pytest.raises(ValueError, match=r"^Invalid coeff: -1.0 \(must be >= 0\)$"):
+        grad_reverse(torch.zeros(1), -1.0)
+    with pytest.raises(ValueError, match=r"^Invalid eps: -1.0 \(must be >= 0\)$"):
+        input_gradient_penalty(nn.Identity(), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), -1.0)
+    with pytest.raises(ValueError, match=r"^Invalid norm: 'l3' \(must be one of 'l1', 'l2', 'linf'\)$"):
+        adversarial_example(nn.Identity(), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 0.1, "l3")
+    with pytest.raises(ValueError, match=r"^Invalid lr: nan \(must be >= 0\)$"):
+        parameter_gradient_penalty(lambda p: p.sum(), torch.zeros(2), float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Input-gradient penalty
+
+
+@pytest.mark.parametrize("norm, dual", [("l2", 2.0), ("linf", 1.0), ("l1", math.inf)])
+def test_input_gradient_penalty_is_loss_plus_eps_times_the_dual_norm_of_the_input_gradient(norm, dual):
+    model = tanh_net()
+    x, y = batch()
+    eps = 0.3
+    penalized = input_gradient_penalty(model, x, y, eps, norm, reduction="none")
+    expected = per_example_cross_entropy(model(x), y) + eps * torch.linalg.vector_norm(input_gradients(model, x, y), ord=dual, dim=1)
+    torch.testing.assert_close(penalized, expected)
+    torch.testing.assert_close(input_gradient_penalty(model, x, y, eps, norm), expected.mean())
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
+def test_input_gradient_penalty_is_the_first_order_loss_at_the_adversarial_example(norm):
+    model = tanh_net()
+    x, y = batch()
+    errors = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        x_adv = adversarial_example(model, x, y, eps, norm)
+        perturbation = torch.linalg.vector_norm(x_adv - x, ord={"l2": 2.0, "linf": math.inf, "l1": 1.0}[norm], dim=1)
+        torch.testing.assert_close(perturbation, torch.full((6,), eps, dtype=torch.float64))
+        with torch.no_grad():
+            actual = per_example_cross_entropy(model(x_adv), y)
+        errors.append((actual - input_gradient_penalty(model, x, y, eps, norm, reduction="none")).abs().max().item())
+    # The remainder is second order: each tenfold smaller eps shrinks it about a hundredfold.
+    assert errors[1] < errors[0] / 30 and errors[2] < errors[1] / 30, errors
+
+
+def test_input_gradient_penalty_trains_like_the_create_graph_reference():
+    model = tanh_net()
+    x, y = batch()
+    input_gradient_penalty(model, x, y, 0.5).backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = per_example_cross_entropy(model(x), y) + 0.5 * input_gradients(model, x, y).norm(dim=1)
+    reference.mean().backward()
+    for a, p in zip(ours, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+def test_adversarial_example_raises_the_loss_on_a_trained_direction():
+    model = tanh_net()
+    x, y = batch()
+    x_adv = adversarial_example(model, x, y, 0.2)
+    assert not x_adv.requires_grad
+    with torch.no_grad():
+        assert (per_example_cross_entropy(model(x_adv), y) > per_example_cross_entropy(model(x), y)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter-gradient penalty
+
+
+def test_parameter_penalty_gradient_equals_autograd_of_the_explicit_formula():
+    model = tanh_net()
+    x, y = batch()
+    params = dict(model.named_parameters())
+    lr = 0.3
+    objective = parameter_gradient_penalty(lambda p: nn.functional.cross_entropy(functional_call(model, p, (x,)), y), params, lr)
+    ours = torch.autograd.grad(objective, list(params.values()))
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    explicit = loss + lr / 4 * sum(g.pow(2).sum() for g in grads)
+    torch.testing.assert_close(objective, explicit)
+    for a, b in zip(ours, torch.autograd.grad(explicit, list(params.values()))):
+        torch.testing.assert_close(a, b)
+
+
+def test_parameter_penalty_matches_finite_differences():
+    torch.manual_seed(0)
+    a = torch.randn(4, 4, dtype=torch.float64)
+    theta = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(t):
+        return torch.log1p((a @ t).pow(2)).sum()
+
+    def explicit(t):
+        gradient = 2 * a.T @ ((a @ t) / (1 + (a @ t).pow(2)))
+        return loss_fn(t) + 0.1 / 4 * gradient.pow(2).sum()
+
+    (ours,) = torch.autograd.grad(parameter_gradient_penalty(loss_fn, theta, 0.1), theta)
+    h = 1e-6
+    basis = torch.eye(4, dtype=torch.float64)
+    numeric = torch.stack([(explicit(theta.detach() + h * e) - explicit(theta.detach() - h * e)) / (2 * h) for e in basis])
+    torch.testing.assert_close(ours, numeric, rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tangent prop
+
+
+def test_tangent_penalty_equals_the_explicit_jacobian_times_the_tangents():
+    model = tanh_net()
+    x, _ = batch()
+    tangents = torch.randn(2, *x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    outputs, derivatives = directional_derivatives(model, x, tangents)
+    torch.testing.assert_close(outputs, model(x))
+    for i in range(x.shape[0]):
+        jacobian = torch.autograd.functional.jacobian(model, x[i])  # [classes, inputs]
+        for t in range(2):
+            torch.testing.assert_close(derivatives[t, i], jacobian @ tangents[t, i])
+    explicit = torch.stack([
+        sum((torch.autograd.functional.jacobian(model, x[i]) @ tangents[t, i]).pow(2).sum() for t in range(2))
+        for i in range(x.shape[0])
+    ])
+    torch.testing.assert_close(tangent_penalty(model, x, tangents, reduction="none"), explicit)
+    torch.testing.assert_close(tangent_penalty(model, x, tangents[0]), explicit.new_tensor(
+        [(torch.autograd.functional.jacobian(model, x[i]) @ tangents[0, i]).pow(2).sum() for i in range(6)]).mean())
+
+
+def test_tangent_penalty_trains_like_double_backward():
+    model = tanh_net()
+    x, _ = batch()
+    tangent = torch.randn_like(x)
+    params = list(model.parameters())
+    ours = torch.autograd.grad(tangent_penalty(model, x, tangent), params, materialize_grads=True)
+    # Double-backward JVP: J t = d/du <u, J t>, with <u, J t> = (J^T u) . t from reverse mode.
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    u = torch.zeros_like(out, requires_grad=True)
+    (vjp,) = torch.autograd.grad(out, xr, u, create_graph=True)
+    (jvp_out,) = torch.autograd.grad((vjp * tangent).sum(), u, create_graph=True)
+    reference = torch.autograd.grad(jvp_out.pow(2).sum(1).mean(), params, materialize_grads=True)
+    assert reference[-1].abs().max() == 0  # The last bias does not move the slope.
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
+
+
+def smooth_images():
+    v, u = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((u - 9.0) ** 2 + (v - 6.0) ** 2) / 8.0) + 0.5 * torch.exp(-((u - 4.0) ** 2 + (v - 10.0) ** 2) / 5.0)
+    return torch.stack([blob, blob.flip(1)]).unsqueeze(1).double()  # [2, 1, 16, 16]
+
+
+def test_image_tangents_match_finite_differences_of_shifted_and_rotated_images():
+    images = smooth_images()
+    tx, ty, rot = image_tangents(images, sigma=0.0)
+
+    def warp(shift_x=0.0, shift_y=0.0, angle=0.0):
+        # Output pixel p samples the input at R(-angle) p - shift: the image moved by +shift, rotated by +angle.
+        c, s = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[c, s, -shift_x * 2 / 15], [-s, c, -shift_y * 2 / 15]], dtype=torch.float64)
+        grid = nn.functional.affine_grid(theta.expand(2, 2, 3), list(images.shape), align_corners=True)
+        return nn.functional.grid_sample(images, grid, align_corners=True, padding_mode="zeros")
+
+    h = 1e-3
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    torch.testing.assert_close(tx[inner], ((warp(shift_x=h) - warp(shift_x=-h)) / (2 * h))[inner], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ty[inner], ((warp(shift_y=h) - warp(shift_y=-h)) / (2 * h))[inner], atol=1e-6, rtol=0)
+    torch.testing.assert_close(rot[inner], ((warp(angle=h) - warp(angle=-h)) / (2 * h))[inner], atol=2e-3, rtol=0)
+    assert min(tx.abs().max(), ty.abs().max(), rot.abs().max()) > 0.2  # The comparisons are not vacuous.
+    assert image_tangents(images, ("rotate",), sigma=1.0).shape == (1, 2, 1, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient supervision
+
+
+def test_gradient_supervision_is_zero_when_aligned_two_when_opposite_per_pair():
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3, bias=True).double()  # The input gradient of logit c is linear.weight[c] everywhere.
+    x = torch.randn(3, 4, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1])
+    w = linear.weight.detach()[labels]
+    orthogonal = torch.linalg.svd(w[2:3], full_matrices=True).Vh[1]
+    # Differences of very different sizes: one cosine over the whole batch would not give these values.
+    counterfactuals = x + torch.stack([1000.0 * w[0], -0.01 * w[1], orthogonal])
+    per_pair = gradient_supervision_loss(linear, x, counterfactuals, labels, reduction="none")
+    torch.testing.assert_close(per_pair, torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(gradient_supervision_loss(linear, x, counterfactuals, labels), per_pair.mean())
+
+
+def test_gradient_supervision_equals_autograd_per_pair_on_a_nonlinear_net():
+    model = tanh_net()
+    x, labels = batch()
+    counterfactuals = x + torch.randn_like(x)
+    ours = gradient_supervision_loss(model, x, counterfactuals, labels, reduction="none")
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xi)[0, labels[i]], xi)
+        expected = 1 - nn.functional.cosine_similarity(g.flatten(), (counterfactuals[i] - x[i]).flatten(), dim=0)
+        torch.testing.assert_close(ours[i], expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# All of them inside a K-instance ModuleTask (vmap over instances, gradients w.r.t. params [K, n])
+
+
+def small_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def fake_data(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 2, 3, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    return SupervisedData(x[:30], y[:30], x[30:], y[30:])
+
+
+def with_reversal():
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), GradReverse(0.7), nn.Linear(5, 3))
+
+
+def two_tangents(x):
+    """Two tangent directions per example, ``[2, B, ...]``: all ones, and -0.5 times that."""
+    return torch.ones_like(x).expand(2, *x.shape) * x.new_tensor([1.0, -0.5]).view(2, *[1] * x.dim())
+
+
+OBJECTIVES = {
+    "input-gradient-penalty": (small_net, lambda f, x, y: input_gradient_penalty(f, x, y, 0.3, "linf")),
+    "tangent-penalty": (small_net, lambda f, x, y: nn.functional.cross_entropy(f(x), y) + tangent_penalty(f, x, two_tangents(x))),
+    "gradient-supervision": (small_net, lambda f, x, y: gradient_supervision_loss(f, x, x.flip(0), y.flip(0))),
+    "grad-reverse": (with_reversal, lambda f, x, y: nn.functional.cross_entropy(f(x), y)),
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_objectives_in_k_instance_tasks_equal_each_instance_computed_directly(name):
+    factory, objective = OBJECTIVES[name]
+    task = ModuleFamily(factory, fake_data, batch_size=8, objective=objective).sample(3, torch.Generator().manual_seed(1))
+    params = task.init_params()
+    inputs, labels = task.sample_batch(torch.Generator().manual_seed(2))
+    loss, grad = value_and_grad(task, params, (inputs, labels))
+    for k in range(3):
+        module = factory()
+        nn.utils.vector_to_parameters(params[k].clone(), module.parameters())
+        direct = objective(module, inputs[k], labels[k])
+        direct_grads = torch.autograd.grad(direct, list(module.parameters()), materialize_grads=True)
+        torch.testing.assert_close(loss[k], direct.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad[k], torch.cat([g.reshape(-1) for g in direct_grads]), rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_penalty_over_k_instances_penalizes_each_instance_by_its_own_gradient():
+    task = ModuleFamily(small_net, fake_data, batch_size=8).sample(3, torch.Generator().manual_seed(1))
+    params = task.init_params().requires_grad_(True)
+    batch_ = task.sample_batch(torch.Generator().manual_seed(2))
+    penalized = parameter_gradient_penalty(lambda p: task.loss(p, batch_), params, 0.5)
+    assert penalized.shape == (3,)
+    (gradient,) = torch.autograd.grad(penalized.sum(), params)
+    for k in range(3):
+        module = small_net()
+        named = dict(module.named_parameters())
+        flat = params[k].detach().clone().requires_grad_(True)
+        pieces = dict(zip(named, (t.view(p.shape) for t, p in zip(flat.split([p.numel() for p in named.values()]), named.values()))))
+        loss = nn.functional.cross_entropy(functional_call(module, pieces, (batch_[0][k],)), batch_[1][k])
+        (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+        explicit = loss + 0.5 / 4 * g.pow(2).sum()
+        torch.testing.assert_close(penalized[k], explicit, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gradient[k], torch.autograd.grad(explicit, flat)[0], rtol=1e-4, atol=1e-6)
