@@ -81,6 +81,7 @@ _TRAIN_FLAGS = [
     ("--max-nonfinite", "max_nonfinite", int, "stop after this many non-finite meta-steps in a row"),
     ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs"),
     ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc"),
+    ("--init-from", "init_from", str, "start from the weights of a use checkpoint (path or shipped name) instead of a fresh initialisation"),
     ("--seed", "seed", int, "seed of every random stream of the run"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--kernel", "kernel", str, "LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused"),

@@ -86,6 +86,7 @@ class TrainConfig(_JSONConfig):
     preprocess_p: float = 10.0
     output_scale: float = 0.1
     split: tuple | None = None  # parameter kinds with their own LSTM, e.g. ("conv", "fc"); None: one LSTM
+    init_from: str | None = None  # use checkpoint (path or shipped name) whose weights start the run
     # Truncated BPTT.
     epochs: int = 1000
     instances: int | None = None  # optimizee instances per epoch (K); None: the family's default
@@ -148,6 +149,10 @@ class TrainConfig(_JSONConfig):
                 len(self.split) > 0 and all(isinstance(k, str) and k for k in self.split) and len(set(self.split)) == len(self.split),
                 f"split must be distinct parameter kinds such as conv,fc; got {self.split!r}",
             )
+        _require(
+            self.init_from is None or (isinstance(self.init_from, str) and self.init_from),
+            f"init_from must be a checkpoint path or shipped name, got {self.init_from!r}",
+        )
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check_device(self.device)
         _check_kernel(self.kernel)

@@ -1,11 +1,13 @@
 """Truncated-BPTT meta-training: it learns, resumes exactly, and guards against non-finite steps."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from l2l.config import TrainConfig
+from l2l.checkpoint import CheckpointError
+from l2l.config import ConfigError, TrainConfig
 from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weights, meta_train
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
@@ -122,3 +124,35 @@ def test_cosine_meta_learning_rate_schedule():
     assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert meta_learning_rate(TrainConfig(meta_lr=1e-2), 7) == 1e-2
+
+
+def test_init_from_starts_from_a_use_checkpoint_and_checks_the_architecture(tmp_path):
+    meta_train(TrainConfig(epochs=2, **SMALL), tmp_path / "first", progress=False)
+    source = torch.load(tmp_path / "first" / "optimizer.pt", weights_only=True)["state_dict"]
+
+    warm = MetaTrainer(TrainConfig(epochs=1, seed=5, init_from=str(tmp_path / "first" / "optimizer.pt"), **SMALL))
+    cold = MetaTrainer(TrainConfig(epochs=1, seed=5, **SMALL))
+    for name, value in source.items():
+        assert torch.equal(warm.rule.state_dict()[name], value), name
+    assert not all(torch.equal(cold.rule.state_dict()[name], value) for name, value in source.items())
+
+    # One LSTM may start every group of a per-group rule.
+    grouped = MetaTrainer(TrainConfig(epochs=1, split=("w", "b"), init_from=str(tmp_path / "first" / "optimizer.pt"), **SMALL))
+    for member in grouped.rule.rules.values():
+        for name, value in source.items():
+            assert torch.equal(member.state_dict()[name], value), name
+
+    with pytest.raises(ConfigError, match=r"hidden_size.*give the same --hidden-size"):
+        MetaTrainer(TrainConfig(epochs=1, hidden_size=8, init_from=str(tmp_path / "first" / "optimizer.pt"), **SMALL))
+    with pytest.raises(CheckpointError):
+        MetaTrainer(TrainConfig(epochs=1, init_from=str(tmp_path / "missing.pt"), **SMALL))
+
+
+def test_a_resumed_warm_started_run_does_not_need_its_init_checkpoint(tmp_path):
+    meta_train(TrainConfig(epochs=2, **SMALL), tmp_path / "first", progress=False)
+    init = tmp_path / "first" / "optimizer.pt"
+    config = TrainConfig(epochs=2, checkpoint_every=1, init_from=str(init), **SMALL)
+    meta_train(config, tmp_path / "second", progress=False)
+    init.unlink()
+    result = meta_train(dataclasses.replace(config, epochs=3), tmp_path / "second", resume=tmp_path / "second" / "resume.pt", progress=False)
+    assert result.epochs == 3

@@ -26,11 +26,12 @@ from l2l.checkpoint import (
     CheckpointError,
     build_rule,
     load_resume_checkpoint,
+    load_use_checkpoint,
     rule_spec,
     save_resume_checkpoint,
     save_use_checkpoint,
 )
-from l2l.config import TrainConfig
+from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.unroll import detach_carry, start, unroll
@@ -108,6 +109,34 @@ def build_learned_rule(config: TrainConfig) -> nn.Module:
     )
 
 
+def initialise_from(rule: nn.Module, name_or_path: str) -> nn.Module:
+    """Loads the weights of a use checkpoint into ``rule`` (a warm start), in place.
+
+    The checkpoint's optimizer must have ``rule``'s architecture. A single LSTM may also start
+    every group of a per-group rule (for example an MNIST optimizer starting the conv and fc
+    LSTMs of a CIFAR run).
+
+    Raises:
+        ConfigError: the architectures differ (the message shows both).
+        CheckpointError: the checkpoint is missing, corrupt or not a use checkpoint.
+    """
+    source = load_use_checkpoint(name_or_path).rule
+    wanted, found = rule_spec(rule), rule_spec(source)
+    if wanted == found:
+        rule.load_state_dict(source.state_dict())
+        return rule
+    if isinstance(rule, PerGroupRule) and isinstance(source, CoordinateWiseLSTM):
+        if all(rule_spec(member) == found for member in rule.rules.values()):
+            for member in rule.rules.values():
+                member.load_state_dict(source.state_dict())
+            return rule
+    raise ConfigError(
+        f"init_from {name_or_path!r} holds a {found['class']} with config {found['config']}, but this run trains a "
+        f"{wanted['class']} with config {wanted['config']}; give the same --hidden-size, --num-layers, --preprocess, "
+        f"--preprocess-p, --output-scale and --split as the checkpoint"
+    )
+
+
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
     """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot."""
     saved_values, asked_values = saved.to_dict(), asked.to_dict()
@@ -123,7 +152,8 @@ def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
 class MetaTrainer:
     """Holds one meta-training run's state; :meth:`run` trains, checkpointing as it goes."""
 
-    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None):
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, *, warm_start: bool = True):
+        # warm_start=False skips config.init_from: a resumed run takes its weights from the resume checkpoint.
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(config.device)
@@ -131,7 +161,10 @@ class MetaTrainer:
         self.steps, self.unroll = horizon(config, self.family)
         self.instances = config.instances or self.family.default_instances
         self.weights = loss_weights(config, self.unroll).to(self.device)
-        self.rule = set_kernel(build_learned_rule(config).to(self.device), config.kernel)
+        self.rule = build_learned_rule(config)
+        if warm_start and config.init_from is not None:
+            initialise_from(self.rule, config.init_from)
+        self.rule = set_kernel(self.rule.to(self.device), config.kernel)
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         self.instance_generator = make_generator(config.seed, "train")
         self.batch_generator = make_generator(config.seed, "train-batches", self.device)
@@ -325,7 +358,7 @@ def meta_train(
             except for ``RESUMABLE_OVERRIDES``.
         progress: show a tqdm progress bar.
     """
-    trainer = MetaTrainer(config, out_dir)
+    trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
     if resume is not None:
         trainer.restore(resume)
     return trainer.run(progress=progress)
