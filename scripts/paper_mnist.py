@@ -3,7 +3,8 @@
 from _experiment import bench, parser, train
 
 # The recipe of the shipped checkpoints/mnist.pt (see checkpoints/README.md).
-RECIPE = ["--task", "mnist", "--instances", "1", "--epochs", "3000", "--val-every", "100", "--val-problems", "16"]
+RECIPE = ["--task", "mnist", "--instances", "2", "--epochs", "1500", "--meta-lr", "1e-2", "--meta-lr-schedule", "cosine",
+          "--val-every", "100", "--val-problems", "16"]
 
 if __name__ == "__main__":
     options = parser(__doc__, checkpoint="mnist").parse_args()
