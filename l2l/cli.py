@@ -60,6 +60,20 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends a flag's default to its help where the help does not state it and there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "(default" in text or hidden or not action.option_strings:
+            return text
+        if isinstance(default, (tuple, list)):
+            default = ",".join(f"{value:g}" if isinstance(value, float) else str(value) for value in default)
+        return f"{text} (default: {default})"
+
+
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig; None marks "not given".
 _TRAIN_FLAGS = [
     ("--task", "task", str, "task family (see `l2l tasks`)"),
@@ -99,7 +113,8 @@ def _add_train(subparsers) -> None:
     )
     for flag, name, kind, text in _TRAIN_FLAGS:
         default = getattr(defaults, name)
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{text} (default: {default})")
+        shown = "" if "(default:" in text else f" (default: {default})"  # None defaults explain themselves
+        parser.add_argument(flag, dest=name, type=kind, default=None, help=text + shown)
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
     parser.add_argument("--second-order", dest="second_order", action="store_const", const=True, default=None,
                         help="differentiate through the optimizee gradients (default: off, as in the paper)")
@@ -171,7 +186,7 @@ def _add_bench(subparsers) -> None:
         help="compare learned optimizers with tuned hand-designed ones",
         description="Evaluate learned optimizers and SGD, momentum, NAG, RMSProp and Adam (learning rate tuned on a "
         "log grid, on instances separate from the evaluation instances) on the same held-out instances.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     parser.add_argument("--task", default=defaults.task, help="task family (see `l2l tasks`)")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
@@ -182,7 +197,7 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizee steps (default: the family's)")
     parser.add_argument("--problems", type=int, default=defaults.problems, help="held-out evaluation instances")
     parser.add_argument("--tune-problems", type=int, default=defaults.tune_problems, help="instances for tuning baseline learning rates")
-    parser.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID, help="comma-separated learning rates")
+    parser.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID, help="comma-separated learning rates (default: 1e-5 ... 10 in half-decades)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the instances")
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--kernel", default=defaults.kernel,

@@ -144,6 +144,8 @@ class TrainConfig(_JSONConfig):
             self.meta_lr_schedule in META_LR_SCHEDULES,
             f"meta_lr_schedule must be one of {', '.join(META_LR_SCHEDULES)}, got {self.meta_lr_schedule!r}",
         )
+        if isinstance(self.split, str):  # "conv,fc", as on the command line
+            object.__setattr__(self, "split", tuple(kind.strip() for kind in self.split.split(",")))
         if self.split is not None:
             _require(
                 len(self.split) > 0 and all(isinstance(k, str) and k for k in self.split) and len(set(self.split)) == len(self.split),

@@ -156,3 +156,9 @@ def test_a_resumed_warm_started_run_does_not_need_its_init_checkpoint(tmp_path):
     init.unlink()
     result = meta_train(dataclasses.replace(config, epochs=3), tmp_path / "second", resume=tmp_path / "second" / "resume.pt", progress=False)
     assert result.epochs == 3
+
+
+def test_split_accepts_the_command_line_spelling():
+    assert TrainConfig(task="cifar10", split="conv, fc").split == ("conv", "fc")
+    with pytest.raises(ConfigError, match="distinct parameter kinds"):
+        TrainConfig(task="cifar10", split="conv,conv")
