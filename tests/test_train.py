@@ -1,6 +1,7 @@
 """Truncated-BPTT meta-training: it learns, resumes exactly, and guards against non-finite steps."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -162,3 +163,17 @@ def test_split_accepts_the_command_line_spelling():
     assert TrainConfig(task="cifar10", split="conv, fc").split == ("conv", "fc")
     with pytest.raises(ConfigError, match="distinct parameter kinds"):
         TrainConfig(task="cifar10", split="conv,conv")
+
+
+def test_a_warm_start_is_validated_first_so_fine_tuning_never_returns_worse_weights(tmp_path):
+    meta_train(TrainConfig(epochs=4, **SMALL), tmp_path / "first", progress=False)
+    init = tmp_path / "first" / "optimizer.pt"
+    # A meta-learning rate this large wrecks the rule within one epoch.
+    result = meta_train(TrainConfig(epochs=2, meta_lr=5.0, init_from=str(init), **SMALL), tmp_path / "ruined", progress=False)
+    history = json.loads((tmp_path / "ruined" / "history.json").read_text())
+    assert history[0]["epoch"] == 0 and history[0]["validation"] is not None
+    assert result.best_epoch == 0
+    assert all(record["validation"] > history[0]["validation"] for record in history[1:] if "validation" in record)
+    kept = torch.load(tmp_path / "ruined" / "optimizer.pt", weights_only=True)["state_dict"]
+    for name, value in torch.load(init, weights_only=True)["state_dict"].items():
+        assert torch.equal(kept[name], value), name

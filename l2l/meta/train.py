@@ -296,6 +296,14 @@ class MetaTrainer:
             raise CheckpointError(f"{source} has damaged training state: {error}") from None
 
     # -- the loop ----------------------------------------------------------------------------
+    def _consider(self, score: float, record: dict[str, Any]) -> None:
+        """Records a validation score and keeps the current weights if they are the best so far."""
+        record["validation"] = score if math.isfinite(score) else None
+        if score < self.best_score:
+            self.best_score, self.best_epoch = score, self.epoch
+            self.best_state = copy.deepcopy(self.rule.state_dict())
+        self.history.append(record)
+
     def run(self, *, progress: bool = True, on_epoch: Callable[["MetaTrainer"], None] | None = None) -> TrainResult:
         """Trains until ``config.epochs`` epochs are done, validating and checkpointing periodically."""
         config = self.config
@@ -304,6 +312,9 @@ class MetaTrainer:
             disable=not progress, dynamic_ncols=True,
         )
         running = None
+        if config.init_from is not None and self.epoch == 0 and not self.history:
+            # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
+            self._consider(self.validate(), {"epoch": 0, "meta_loss": None})
         try:
             while self.epoch < config.epochs:
                 meta_loss = self.train_epoch().item()
@@ -313,12 +324,9 @@ class MetaTrainer:
                 record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": meta_loss if math.isfinite(meta_loss) else None}
                 last = self.epoch == config.epochs
                 if self.epoch % config.val_every == 0 or last:
-                    score = self.validate()
-                    record["validation"] = score if math.isfinite(score) else None
-                    if score < self.best_score:
-                        self.best_score, self.best_epoch = score, self.epoch
-                        self.best_state = copy.deepcopy(self.rule.state_dict())
-                self.history.append(record)
+                    self._consider(self.validate(), record)
+                else:
+                    self.history.append(record)
                 if self.epoch % config.checkpoint_every == 0 or last:
                     self.save()
                 bar.update(1)
