@@ -1,5 +1,6 @@
 """The shipped checkpoints keep their promises (the figures of benchmarks/RESULTS.md, at test scale)."""
 
+import pytest
 import torch
 
 from l2l.checkpoint import load_use_checkpoint, shipped_checkpoints
@@ -33,28 +34,20 @@ def test_every_shipped_checkpoint_loads_and_runs():
         assert torch.isfinite(update).all(), name
 
 
-def test_shipped_mnist_beats_tuned_adam_on_held_out_instances(real_data):
+# Adam's tuned learning rate is 3.16e-2 on mnist and 1e-2 on mnist-gp (benchmarks/RESULTS.md,
+# docs/objectives.md); a three-point grid around it keeps the test fast without handing Adam a
+# worse setting.
+@pytest.mark.parametrize(
+    "name, problems, lr_grid",
+    [("mnist", 16, (0.01, 0.0316, 0.1)), ("mnist-gp", 8, (0.00316, 0.01, 0.0316))],
+)
+def test_shipped_mnist_optimizers_beat_tuned_adam_on_held_out_instances(real_data, name, problems, lr_grid):
     del real_data  # Unused: the fixture points L2L_DATA at the datasets (or skips).
-    loaded = load_use_checkpoint("mnist")
-    assert loaded.metadata["task"] == "mnist"
-    # Adam's best learning rate on this family is 1e-2 .. 1e-1 (benchmarks/RESULTS.md); a
-    # three-point grid around it keeps the test fast without handing Adam a worse setting.
+    loaded = load_use_checkpoint(name)
+    assert loaded.metadata["task"] == name
     report = benchmark(
-        get_task("mnist"), {"lstm": loaded.rule}, baselines=("adam",), steps=100, problems=16,
-        tune_problems=16, lr_grid=(0.01, 0.0316, 0.1), seed=5, device=torch.device("cpu"),
+        get_task(name), {"lstm": loaded.rule}, baselines=("adam",), steps=100, problems=problems,
+        tune_problems=problems, lr_grid=lr_grid, seed=5, device=torch.device("cpu"),
     )
-    final = {name: result["final_loss"]["mean"] for name, result in report["results"].items()}
-    assert final["lstm"] < final["adam"]
-
-
-def test_shipped_mnist_gp_beats_tuned_adam_on_held_out_instances(real_data):
-    del real_data  # Unused: the fixture points L2L_DATA at the datasets (or skips).
-    loaded = load_use_checkpoint("mnist-gp")
-    assert loaded.metadata["task"] == "mnist-gp"
-    # Adam's tuned learning rate on mnist-gp is 1e-2 (docs/objectives.md); a grid around it.
-    report = benchmark(
-        get_task("mnist-gp"), {"lstm": loaded.rule}, baselines=("adam",), steps=100, problems=8,
-        tune_problems=8, lr_grid=(0.00316, 0.01, 0.0316), seed=5, device=torch.device("cpu"),
-    )
-    final = {name: result["final_loss"]["mean"] for name, result in report["results"].items()}
+    final = {key: result["final_loss"]["mean"] for key, result in report["results"].items()}
     assert final["lstm"] < final["adam"]
