@@ -27,9 +27,13 @@ def fake_data(device="cpu"):
     return SupervisedData(x[:150], y[:150], x[150:], y[150:])
 
 
-@pytest.fixture(params=[small_mlp, small_conv_net], ids=["mlp", "conv-bn"])
+@pytest.fixture(
+    params=[(small_mlp, "vmap"), (small_mlp, "loop"), (small_conv_net, "vmap"), (small_conv_net, "loop")],
+    ids=["mlp-vmap", "mlp-loop", "conv-bn-vmap", "conv-bn-loop"],
+)
 def family(request):
-    return ModuleFamily(request.param, fake_data, batch_size=16)
+    factory, vectorize = request.param
+    return ModuleFamily(factory, fake_data, batch_size=16, vectorize=vectorize)
 
 
 def instance_module(task: ModuleTask, params: torch.Tensor, k: int) -> nn.Module:
@@ -157,3 +161,26 @@ def test_split_training_checkpoint_and_bench_end_to_end(tmp_path):
                        lr_grid=(0.01, 0.1), seed=0, device=torch.device("cpu"))
     assert {"test_accuracy", "test_loss"} <= set(report["results"]["lstm"])
     assert result.epochs == 2
+
+
+def test_vmap_and_loop_give_the_same_losses_gradients_and_metrics():
+    tasks = {v: ModuleFamily(small_conv_net, fake_data, batch_size=16, vectorize=v).sample(3, torch.Generator().manual_seed(1))
+             for v in ("vmap", "loop")}
+    params = tasks["vmap"].init_params() + 0.01 * torch.randn(tasks["vmap"].init_params().shape,
+                                                              generator=torch.Generator().manual_seed(2))
+    batch = tasks["vmap"].sample_batch(torch.Generator().manual_seed(3))
+    (loss_v, grad_v), (loss_l, grad_l) = (value_and_grad(tasks[v], params, batch) for v in ("vmap", "loop"))
+    torch.testing.assert_close(loss_l, loss_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_l, grad_v, rtol=1e-4, atol=1e-6)
+    for name, value in tasks["loop"].metrics(params).items():
+        torch.testing.assert_close(value, tasks["vmap"].metrics(params)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_vectorize_loops_only_over_conv_nets_on_the_cpu():
+    def sample(factory):
+        return ModuleFamily(factory, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(0))
+
+    assert sample(small_conv_net).vectorize == "loop"
+    assert sample(small_mlp).vectorize == "vmap"
+    with pytest.raises(ValueError, match="vectorize must be one of auto, vmap, loop, got 'threads'"):
+        ModuleFamily(small_mlp, fake_data, vectorize="threads")

@@ -301,10 +301,12 @@ OBJECTIVES = {
 }
 
 
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
 @pytest.mark.parametrize("name", list(OBJECTIVES))
-def test_objectives_in_k_instance_tasks_equal_each_instance_computed_directly(name):
+def test_objectives_in_k_instance_tasks_equal_each_instance_computed_directly(name, vectorize):
     factory, objective = OBJECTIVES[name]
-    task = ModuleFamily(factory, fake_data, batch_size=8, objective=objective).sample(3, torch.Generator().manual_seed(1))
+    family = ModuleFamily(factory, fake_data, batch_size=8, objective=objective, vectorize=vectorize)
+    task = family.sample(3, torch.Generator().manual_seed(1))
     params = task.init_params()
     inputs, labels = task.sample_batch(torch.Generator().manual_seed(2))
     loss, grad = value_and_grad(task, params, (inputs, labels))

@@ -118,6 +118,19 @@ def cross_entropy(forward: Forward, inputs: Tensor, labels: Tensor) -> Tensor:
     return nn.functional.cross_entropy(forward(inputs), labels)
 
 
+VECTORIZE = ("auto", "vmap", "loop")
+
+
+def resolve_vectorize(vectorize: str, module: nn.Module, device: torch.device) -> str:
+    """``"vmap"`` or ``"loop"`` for ``vectorize`` (see :class:`ModuleTask`)."""
+    if vectorize not in VECTORIZE:
+        raise ValueError(f"vectorize must be one of {', '.join(VECTORIZE)}, got {vectorize!r}")
+    if vectorize != "auto":
+        return vectorize
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+    return "loop" if has_conv and device.type == "cpu" else "vmap"
+
+
 class ModuleTask(Task):
     """K instances of one module architecture, each with its own parameters and minibatches.
 
@@ -140,6 +153,10 @@ class ModuleTask(Task):
             the K instances with vmap, so it may use ``torch.func`` transforms (input gradients,
             JVPs) on ``forward``; see :mod:`l2l.objectives`.
         eval_examples: test examples used by :meth:`metrics` (None: the whole test split).
+        vectorize: how the K instances are batched: ``"vmap"``, ``"loop"`` (one functional call
+            per instance) or ``"auto"``: a loop for modules with convolutions on the CPU, where
+            vmap's grouped convolutions cost 1.7x a loop (benchmarks/RESULTS.md), vmap elsewhere.
+            The optimizer still sees all ``K * n`` coordinates in one call either way.
     """
 
     def __init__(
@@ -153,6 +170,7 @@ class ModuleTask(Task):
         objective: Objective = cross_entropy,
         eval_examples: int | None = None,
         bn_examples: int = 2048,
+        vectorize: str = "auto",
     ):
         self.module = module
         self.layout = ParamLayout.of(module)
@@ -165,6 +183,7 @@ class ModuleTask(Task):
         self.objective = objective
         self.eval_examples = eval_examples
         self.bn_examples = bn_examples
+        self.vectorize = resolve_vectorize(vectorize, module, params0.device)
 
     @property
     def num_instances(self) -> int:
@@ -196,8 +215,20 @@ class ModuleTask(Task):
         shared by all instances) -> ``[K, B, ...]``."""
         check_params(self, params)
         buffers = {name: value.clone() for name, value in self.buffers.items()} if buffers is None else buffers
-        batched = vmap(self._call, in_dims=(0, 0, None if shared_inputs else 0), randomness="different")
-        return batched(self.layout.unflatten(params), buffers, inputs)
+        return self._map(self._call, (self.layout.unflatten(params), buffers, inputs), (0, 0, None if shared_inputs else 0))
+
+    def _map(self, fn: Callable[..., Tensor], args: tuple, in_dims: tuple) -> Tensor:
+        """``fn`` on each instance's slice of ``args`` (dim 0 where ``in_dims`` is 0, whole where None), stacked."""
+        if self.vectorize == "vmap":
+            return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+
+        def instance(arg, dim, k):
+            if dim is None:
+                return arg
+            return {name: value[k] for name, value in arg.items()} if isinstance(arg, dict) else arg[k]
+
+        # A loop over the K instances, not over parameters: each call still runs a whole module.
+        return torch.stack([fn(*(instance(a, d, k) for a, d in zip(args, in_dims))) for k in range(self.num_instances)])
 
     def loss(self, params: Tensor, batch: Any = None) -> Tensor:
         if batch is None:
@@ -213,7 +244,7 @@ class ModuleTask(Task):
 
             return self.objective(forward, instance_inputs, instance_labels)
 
-        return vmap(instance_loss, randomness="different")(self.layout.unflatten(params), buffers, inputs, labels)
+        return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
 
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
@@ -296,6 +327,7 @@ class ModuleFamily(TaskFamily):
         objective: the per-instance loss (see :class:`ModuleTask`).
         eval_examples: test examples for held-out metrics (None: all).
         task_type: the :class:`ModuleTask` subclass to build (override ``metrics`` there, say).
+        vectorize: ``"auto"``, ``"vmap"`` or ``"loop"`` (see :class:`ModuleTask`).
     """
 
     name = "module"
@@ -310,9 +342,13 @@ class ModuleFamily(TaskFamily):
         objective: Objective = cross_entropy,
         eval_examples: int | None = None,
         task_type: type[ModuleTask] = ModuleTask,
+        vectorize: str = "auto",
     ):
         if not (isinstance(batch_size, int) and batch_size > 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if vectorize not in VECTORIZE:
+            raise ValueError(f"vectorize must be one of {', '.join(VECTORIZE)}, got {vectorize!r}")
+        self.vectorize = vectorize
         self.factory = factory
         self.data = data
         self.batch_size = batch_size
@@ -332,4 +368,5 @@ class ModuleFamily(TaskFamily):
             batch_size=self.batch_size,
             objective=self.objective,
             eval_examples=self.eval_examples,
+            vectorize=self.vectorize,
         )
