@@ -16,7 +16,7 @@ write d h, d c = 968). Roofline = copy bandwidth / bytes.
 
     python benchmarks/unroll_throughput.py --device cpu|cuda [--json OUT] [--precision tf32x3|tf32|ieee]
     python benchmarks/unroll_throughput.py --device cuda --sweep     # launch settings of the fused kernels
-    python benchmarks/unroll_throughput.py --resources               # registers/spills for sm_90 (no GPU needed)
+    python benchmarks/unroll_throughput.py --resources [--json OUT]  # registers/spills for sm_90 (no GPU needed)
 """
 
 from __future__ import annotations
@@ -180,64 +180,119 @@ def drop_in(n: int, device: torch.device, seconds, kernel: str) -> dict[str, flo
     return result
 
 
-def sweep(device: torch.device, seconds, sizes: tuple[int, int] = (10_000_000, 1_000_000)) -> list[dict[str, Any]]:
-    """Times the fused kernels over launch settings: inference at sizes[0], forward + backward at sizes[1]."""
-    rule = CoordinateWiseLSTM(seed=0).to(device)
+# Launch settings the sweep and the compiler report cover: (block, warps) per kernel.
+FORWARD_SETTINGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+BACKWARD_SETTINGS = ((16, 4), (16, 8), (32, 4), (32, 8))
+REGISTERS_PER_SM = 65536
+L1_AND_SHARED_PER_SM = 256 * 1024  # H100/H200
+
+
+def sweep(device: torch.device, seconds, precision: str,
+          sizes: tuple[int, int] = (10_000_000, 1_000_000)) -> list[dict[str, Any]]:
+    """Times the fused kernels' launch settings: the forward by inference at sizes[0], the backward by meta-training at sizes[1].
+
+    The two kernels are swept separately (their settings are independent): the forward over
+    ``FORWARD_SETTINGS`` x ``maxnreg`` in (None, 128), the backward over ``BACKWARD_SETTINGS`` x
+    ``fused.WEIGHT_GRADS`` with the forward at its default.
+    """
+    rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
     rows = []
-    for precision in ("tf32x3", "tf32"):
-        for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8)):
-            for maxnreg in (None, 128):
-                try:
-                    with fused.configured(precision=precision, block=block, warps=warps, backward_block=block,
-                                          backward_warps=warps, maxnreg=maxnreg, backward_maxnreg=maxnreg):
-                        forward_s = inference(rule, "fused", sizes[0], device, seconds)
-                        meta_s, _ = meta_training(rule, sizes[1], 5, device, seconds)
-                except Exception as error:  # a setting that does not compile or fit: report and go on
-                    rows.append({"precision": precision, "block": block, "warps": warps, "maxnreg": maxnreg,
-                                 "error": str(error).splitlines()[0][:120]})
-                    continue
-                rows.append({"precision": precision, "block": block, "warps": warps, "maxnreg": maxnreg,
-                             "inference_cs_per_s": sizes[0] / forward_s, "meta_cs_per_s": sizes[1] * 5 / meta_s})
-                print(rows[-1], flush=True)
+
+    def measure(row: dict[str, Any], changes: dict[str, Any], run: Callable[[], dict[str, float]]) -> None:
+        try:
+            with fused.configured(precision=precision, **changes):
+                row.update(run())
+        except Exception as error:  # a setting that does not compile or fit: report it and go on
+            row["error"] = str(error).splitlines()[0][:120]
+        rows.append(row)
+        print(row, flush=True)
+
+    for block, warps in FORWARD_SETTINGS:
+        for maxnreg in (None, 128):
+            measure({"kernel": "forward", "precision": precision, "block": block, "warps": warps, "maxnreg": maxnreg},
+                    dict(block=block, warps=warps, maxnreg=maxnreg),
+                    lambda: {"inference_cs_per_s": sizes[0] / inference(rule, "fused", sizes[0], device, seconds)})
+    for weight_grads in fused.WEIGHT_GRADS:
+        for block, warps in BACKWARD_SETTINGS:
+            measure({"kernel": "backward", "precision": precision, "weight_grads": weight_grads, "block": block,
+                     "warps": warps},
+                    dict(weight_grads=weight_grads, backward_block=block, backward_warps=warps),
+                    lambda: {"meta_cs_per_s": sizes[1] * 5 / meta_training(rule, sizes[1], 5, device, seconds)[0]})
     return rows
 
 
-def resources() -> None:
-    """Registers and spills of the fused kernels compiled for sm_90 (H100) by the installed Triton; no GPU needed."""
+def _compile_for_sm90(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
+    """Compiles one kernel for sm_90 and reads its registers, stack and shared memory (a worker of :func:`resources`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    kernel_name, precision, block, warps, weight_grads = job
     module = fused.kernels()
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    kernel = getattr(module, f"lstm_{kernel_name}_kernel")
+    constants = dict(F=2, LOG_SIGN=True, H=20, HP=32, L=2, BLOCK=block, PRECISION=precision)
+    if kernel_name == "forward":
+        constants.update(HAS_PARAMS=True, MASK_NONFINITE=False)
+    else:
+        constants.update(HAS_DU=True, HAS_DH=True, HAS_DC=True, NEED_DG=False, NEED_DSTATE=True, NEED_DW=True,
+                         DW_SCRATCH=weight_grads == "scratch")
     ints = {"N", "s_l", "s_h", "so_l", "so_h", "gs_l", "gs_h", "num_blocks", "num_programs"}
+    signature = {name: "constexpr" if name in constants else ("i32" if name in ints else
+                 "*i32" if name == "flag_ptr" else "*fp64" if name == "const_ptr" else "*fp32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": 3 if kernel_name == "forward" else 1})
+    row: dict[str, Any] = {"kernel": kernel_name, "precision": precision, "block": block, "warps": warps,
+                           "weight_grads": weight_grads, "shared_bytes": compiled.metadata.shared,
+                           "mma": "wgmma" if "wgmma" in compiled.asm["ptx"] else "mma.sync"}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        return {**row, "error": "cuobjdump not found"}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(compiled.asm["cubin"])
+        handle.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+    registers, stack = (int(re.search(rf"{key}:(\d+)", out).group(1)) for key in ("REG", "STACK"))
+    threads = 32 * warps
+    # Resident programs per SM as the register file allows (allocated in units of 8 per thread).
+    resident = REGISTERS_PER_SM // (threads * -(-registers // 8) * 8)
+    return {**row, "registers": registers, "stack_bytes": stack, "programs_per_sm_by_registers": resident,
+            "stack_bytes_per_coordinate": stack * threads / block,
+            "stack_kib_per_sm": resident * threads * stack / 1024,
+            "stack_fits_l1": resident * (threads * stack + compiled.metadata.shared) <= L1_AND_SHARED_PER_SM}
 
-    def compiled(kernel, constants, warps, stages):
-        signature = {name: "constexpr" if name in constants else ("i32" if name in ints else
-                     "*i32" if name == "flag_ptr" else "*fp64" if name == "const_ptr" else "*fp32")
-                     for name in kernel.arg_names}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
-    base = dict(F=2, LOG_SIGN=True, H=20, HP=32, L=2)
+def resources(precision: str, workers: int) -> list[dict[str, Any]]:
+    """Registers and spills of the fused kernels compiled for sm_90 (H100/H200) by the installed Triton; no GPU needed.
+
+    The forward at its default setting and the backward over ``BACKWARD_SETTINGS`` x
+    ``fused.WEIGHT_GRADS``. Spilled registers live in local memory, cached in L1: where the
+    resident programs' stack (plus their shared memory) exceeds an SM's 256 KiB of L1, spills
+    travel to L2 (``stack_fits_l1`` False), which is what makes them expensive.
+    """
+    import concurrent.futures
+
+    import triton
+
     config = fused.get_config()
-    print(f"Triton {triton.__version__}, sm_90, {config}")
-    for precision in ("tf32x3", "tf32"):
-        forward = compiled(module.lstm_forward_kernel, {**base, "BLOCK": config.block, "PRECISION": precision,
-                                                        "HAS_PARAMS": True, "MASK_NONFINITE": False}, config.warps, 3)
-        backward = compiled(module.lstm_backward_kernel, {
-            **base, "BLOCK": config.backward_block, "PRECISION": precision, "HAS_DU": True, "HAS_DH": True,
-            "HAS_DC": True, "NEED_DG": False, "NEED_DSTATE": True, "NEED_DW": True}, config.backward_warps, 1)
-        for name, kernel in (("forward", forward), ("backward", backward)):
-            usage = "cuobjdump not found"
-            if os.path.exists(cuobjdump):
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-                    handle.write(kernel.asm["cubin"])
-                    handle.flush()
-                    out = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-                usage = " ".join(re.findall(r"(REG:\d+|STACK:\d+)", out))
-            print(f"{precision:7} {name:8} {usage} (STACK > 0: spills), shared {kernel.metadata.shared} B, "
-                  f"{'wgmma' if 'wgmma' in kernel.asm['ptx'] else 'mma.sync'}")
+    jobs = [("forward", precision, config.block, config.warps, None)]
+    jobs += [("backward", precision, block, warps, mode) for mode in fused.WEIGHT_GRADS for block, warps in BACKWARD_SETTINGS]
+    print(f"Triton {triton.__version__}, sm_90, {precision}; defaults {config}", flush=True)
+    print(f"{'kernel':8} {'weight_grads':12} {'block':>5} {'warps':>5} {'REG':>4} {'STACK B':>8} {'B/coord':>8} "
+          f"{'progs/SM':>8} {'stack/SM KiB':>12} {'fits L1':>7} {'shared B':>8}  mma", flush=True)
+    rows = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        for row in pool.map(_compile_for_sm90, jobs):
+            rows.append(row)
+            if "error" in row:
+                print(row, flush=True)
+                continue
+            print(f"{row['kernel']:8} {row['weight_grads'] or '-':12} {row['block']:5} {row['warps']:5} "
+                  f"{row['registers']:4} {row['stack_bytes']:8} {row['stack_bytes_per_coordinate']:8.0f} "
+                  f"{row['programs_per_sm_by_registers']:8} {row['stack_kib_per_sm']:12.0f} "
+                  f"{'yes' if row['stack_fits_l1'] else 'no':>7} {row['shared_bytes']:8}  {row['mma']}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -250,16 +305,21 @@ def main() -> None:
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--sweep", action="store_true", help="time the fused kernels' launch settings instead")
     parser.add_argument("--resources", action="store_true", help="compile the fused kernels for sm_90 and report")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compiler processes (--resources)")
     args = parser.parse_args()
     if args.resources:
-        resources()
+        rows = resources(args.precision, args.workers)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"date": datetime.date.today().isoformat(), "triton": fused.triton_version(),
+                           "target": "sm_90", "rows": rows}, handle, indent=1)
         return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     seconds = timer(device)
     fused.set_config(precision=args.precision)
     if args.sweep:
-        rows = sweep(device, seconds)
+        rows = sweep(device, seconds, args.precision)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle, indent=1)

@@ -29,6 +29,9 @@ TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1
 @pytest.fixture
 def interpreter():
     """Fused kernels on CPU tensors through Triton's interpreter, with small blocks (several programs per launch)."""
+    problem = fused.interpreter_problem()
+    if problem is not None:
+        pytest.skip(problem)
     with fused.interpreter(), fused.configured(block=16, backward_block=16, interpreter_programs=2):
         yield
 
@@ -112,16 +115,18 @@ def test_forward_matches_reference_float32(interpreter):
 
 
 @needs_triton
+@pytest.mark.parametrize("weight_grads", fused.WEIGHT_GRADS)
 @pytest.mark.parametrize("layers, preprocess", [(2, "log_sign"), (1, "none")])
-def test_backward_matches_reference_float64(interpreter, layers, preprocess):
+def test_backward_matches_reference_float64(interpreter, layers, preprocess, weight_grads):
     rule = CoordinateWiseLSTM(num_layers=layers, preprocess=preprocess, seed=5).double()
-    n = 45
+    n = 45  # three blocks of 16 over two programs: one program reduces over two blocks
     grad = edge_gradients(n)
     h, c = random_state(rule, n)
     generator = torch.Generator().manual_seed(9)
     weights = [torch.randn(n, generator=generator).double(), torch.randn(h.shape, generator=generator).double(),
                torch.randn(c.shape, generator=generator).double()]
-    ours, reference = all_grads(rule, grad, h, c, weights)
+    with fused.configured(weight_grads=weight_grads):
+        ours, reference = all_grads(rule, grad, h, c, weights)
     names = ["grad", "h", "c"] + [name for name, _ in rule.named_parameters()]
     for name, a, b in zip(names, ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"d/d{name}: {m}")
@@ -285,6 +290,15 @@ def test_unknown_kernel_and_unsupported_configurations():
     assert fused.unsupported_reason(CoordinateWiseLSTM()) is None
 
 
+def test_fused_config_validates_every_field():
+    with pytest.raises(ValueError, match=r"FusedConfig.weight_grads must be one of scratch, registers, got 'shared'"):
+        fused.FusedConfig(weight_grads="shared")
+    with pytest.raises(ValueError, match=r"FusedConfig.backward_block must be a power of two >= 16, got 24"):
+        fused.FusedConfig(backward_block=24)
+    with pytest.raises(ValueError, match=r"FusedConfig.warps must be 1, 2, 4, 8 or 16, got 3"):
+        fused.FusedConfig(warps=3)
+
+
 def test_set_kernel_reaches_every_lstm_and_kernel_is_not_config():
     rule = PerGroupRule({"conv": CoordinateWiseLSTM(), "fc": CoordinateWiseLSTM()})
     dispatch.set_kernel(rule, "reference")
@@ -333,13 +347,14 @@ def test_package_imports_and_trains_without_triton(tmp_path):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("weight_grads", fused.WEIGHT_GRADS)
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 @pytest.mark.parametrize("n", [1, 37, 1000, 100_003])
-def test_cuda_forward_and_gradients_match_reference(n, precision):
+def test_cuda_forward_and_gradients_match_reference(n, precision, weight_grads):
     rule = CoordinateWiseLSTM(seed=21).cuda()
     grad = edge_gradients(n, torch.float32).cuda() if n >= 5 else torch.randn(n).cuda()
     h, c = (t.cuda() for t in random_state(rule, n, torch.float32))
-    with fused.configured(precision=precision):
+    with fused.configured(precision=precision, weight_grads=weight_grads):
         for ours, reference in zip(*both_paths(rule, grad, h, c)):
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
         weights = [torch.randn(n, device="cuda"), torch.randn(h.shape, device="cuda"), torch.randn(c.shape, device="cuda")]
@@ -347,6 +362,25 @@ def test_cuda_forward_and_gradients_match_reference(n, precision):
     for a, b in zip(ours, reference):
         scale = b.abs().max().clamp_min(1.0)
         torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("weight_grads", fused.WEIGHT_GRADS)
+def test_cuda_float64_matches_reference_tightly(weight_grads):
+    # float64 weights take the FMA path (precision "ieee"); every dot accumulates in float64.
+    rule = CoordinateWiseLSTM(seed=23).double().cuda()
+    n = 1000
+    grad = edge_gradients(n).cuda()
+    h, c = (t.cuda() for t in random_state(rule, n))
+    weights = [torch.randn(n, device="cuda", dtype=torch.float64), torch.randn(h.shape, device="cuda", dtype=torch.float64),
+               torch.randn(c.shape, device="cuda", dtype=torch.float64)]
+    with fused.configured(weight_grads=weight_grads):
+        for ours, reference in zip(*both_paths(rule, grad, h, c)):
+            torch.testing.assert_close(ours, reference, **TIGHT[torch.float64])
+        ours, reference = all_grads(rule, grad, h, c, weights)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.cuda

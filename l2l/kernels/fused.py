@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 PRECISIONS = ("tf32x3", "tf32", "ieee")
+WEIGHT_GRADS = ("scratch", "registers")
 MAX_LAYERS = 2
 MAX_HIDDEN = 128
 COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -56,6 +57,10 @@ class FusedConfig:
         backward_maxnreg: the same for the backward kernel.
         programs_per_sm: backward programs per streaming multiprocessor (persistent grid; each
             program loops over blocks and writes one row of weight-gradient partial sums).
+        weight_grads: where the backward kernel reduces the weight gradients over the blocks a
+            program visits: ``"scratch"`` (each block's tiles added to the program's row of
+            partial sums at once; the rows stay in L2, no accumulator lives across the loop) or
+            ``"registers"`` (twelve tile accumulators across the loop; ptxas spills them on sm_90).
         precision: ``tl.dot`` input precision for float32: ``"tf32x3"`` (float32-accurate on
             tensor cores), ``"tf32"`` (fastest, ~1e-3 relative error) or ``"ieee"`` (FMA).
         interpreter_programs: backward programs under the interpreter (several, so the
@@ -64,11 +69,12 @@ class FusedConfig:
 
     block: int = 64
     warps: int = 4
-    backward_block: int = 32
+    backward_block: int = 16
     backward_warps: int = 4
     maxnreg: int | None = None
     backward_maxnreg: int | None = None
-    programs_per_sm: int = 4
+    programs_per_sm: int = 2
+    weight_grads: str = "scratch"
     precision: str = "tf32x3"
     interpreter_programs: int = 3
 
@@ -82,6 +88,9 @@ class FusedConfig:
                 raise ValueError(f"FusedConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
         if not (isinstance(self.programs_per_sm, int) and self.programs_per_sm > 0):
             raise ValueError(f"FusedConfig.programs_per_sm must be a positive integer, got {self.programs_per_sm!r}")
+        if self.weight_grads not in WEIGHT_GRADS:
+            raise ValueError(f"FusedConfig.weight_grads must be one of {', '.join(WEIGHT_GRADS)}, "
+                             f"got {self.weight_grads!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"FusedConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -91,6 +100,7 @@ _interpreter_enabled = os.environ.get("L2L_TRITON_INTERPRET", "") == "1"
 _lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
 _constants: dict[tuple, Tensor] = {}
+_pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles (and zeros)
 
 
 def get_config() -> FusedConfig:
@@ -130,6 +140,28 @@ def interpreter(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _interpreter_enabled = previous
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, or None where it can.
+
+    Some combinations (Triton 3.6 with NumPy 2.x) cannot run a loop whose bound is a kernel
+    argument, which the backward kernel's persistent loop is; compiled kernels are unaffected.
+    """
+    if triton_version() is None:
+        return "Triton is not installed"
+    out = torch.zeros(3, dtype=torch.int32)
+    try:
+        kernels(interpreted=True).loop_probe_kernel[(1,)](out, 3)
+    except Exception as error:  # the interpreter's own failure, whatever its type
+        import numpy
+
+        return (f"Triton {triton_version()}'s interpreter cannot run a runtime-bounded loop with NumPy "
+                f"{numpy.__version__} ({type(error).__name__}); compiled kernels are unaffected")
+    if out.tolist() != [0, 1, 2]:
+        return f"Triton {triton_version()}'s interpreter ran a probe loop wrongly ({out.tolist()})"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -294,11 +326,59 @@ def _weights(rule: Any, spec: _Spec) -> list[Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
+def _pack_index(spec: _Spec, device: torch.device) -> Tensor:
+    """Gather index ``[4 L * HP * HP]`` from the weights (parameter order, then one zero) to the packed tiles, cached.
+
+    Tile ``q`` (gate q of layer 0) holds ``[W_hh0^T; W_ih0^T; b0]``, element ``(k, j)`` for unit
+    ``j``: rows ``k < H`` from ``W_hh0[qH + j, k]``, ``H <= k < H + F`` from ``W_ih0[qH + j, k -
+    H]``, row ``H + F`` from ``b0[qH + j]``. Tiles ``4 + q`` hold ``[W_ih1^T; b1]`` (rows ``< H``,
+    row ``H``), tiles ``8 + q`` hold ``W_hh1^T``. Everything else points at the zero.
+    """
+    key = (spec, device)
+    index = _pack_indices.get(key)
+    if index is not None:
+        return index
+    H, F, HP = spec.hidden, spec.features, spec.padded
+    sizes = spec.weight_sizes
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    zero = sum(sizes[:-2])  # the zero appended after the LSTM weights (w_out, b_out are not packed)
+    k = torch.arange(HP).view(HP, 1)
+    j = torch.arange(HP).view(1, HP)
+    tiles = []
+    for q in range(4):
+        unit = q * H + j
+        tile = torch.full((HP, HP), zero)
+        tile = torch.where(k < H, starts[1] + unit * H + k, tile)  # W_hh0
+        tile = torch.where((k >= H) & (k < H + F), starts[0] + unit * F + (k - H), tile)  # W_ih0
+        tile = torch.where(k == H + F, starts[2] + unit + 0 * k, tile)  # b0
+        tiles.append(torch.where(j < H, tile, zero))
+    if spec.layers == 2:
+        for matrix in (3, 4):  # W_ih1 with b1 in row H, then W_hh1
+            for q in range(4):
+                unit = q * H + j
+                tile = torch.where(k < H, starts[matrix] + unit * H + k, torch.full((HP, HP), zero))
+                if matrix == 3:
+                    tile = torch.where(k == H, starts[5] + unit + 0 * k, tile)
+                tiles.append(torch.where(j < H, tile, zero))
+    index = torch.stack(tiles).reshape(-1).to(device)
+    if len(_pack_indices) > 64:
+        _pack_indices.clear()
+    _pack_indices[key] = index
+    return index
+
+
 def _kernel_weights(weights: Sequence[Tensor], spec: _Spec) -> list[Tensor]:
-    """The eight weight pointers of the kernels; layer 1's repeat layer 0's when L == 1 (unused)."""
-    layer0 = list(weights[:3])
-    layer1 = list(weights[3:6]) if spec.layers == 2 else layer0
-    return [*layer0, *layer1, weights[-2], weights[-1]]
+    """The kernels' weight arguments: the packed LSTM tiles ``[4 L, HP, HP]`` (see :func:`_pack_index`), ``w_out``, ``b_out``."""
+    lstm = list(weights[:-2])
+    # Packed at every launch (a cat and a gather, ~25 KB for the 2 x 20 LSTM), never cached: a
+    # cache keyed on the weights' versions would go stale under CUDA-graph replay and behind
+    # writes through ``.data``.
+    key = ("zero", lstm[0].device, lstm[0].dtype)
+    zero = _pack_indices.get(key)
+    if zero is None:
+        zero = _pack_indices[key] = lstm[0].new_zeros(1)
+    flat = torch.cat([w.detach().reshape(-1) for w in lstm] + [zero])
+    return [flat[_pack_index(spec, flat.device)], weights[-2], weights[-1]]
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -463,9 +543,11 @@ class FusedLSTMFunction(torch.autograd.Function):
         device = grad.device
         programs = backward_programs(n, device)
         sizes = spec.weight_sizes
-        partials = torch.empty((programs, sum(sizes)), dtype=spec.dtype, device=device) if need_dw else grad
-        placeholder = grad
         config = _config
+        scratch = config.weight_grads == "scratch"
+        partials = ((torch.zeros if scratch else torch.empty)((programs, sum(sizes)), dtype=spec.dtype, device=device)
+                    if need_dw else grad)
+        placeholder = grad
         module = kernels(_interpreted(device))
         # num_stages=1: software pipelining of the block loop would multi-buffer every load in
         # shared memory (266 KB measured for sm_90, over the 227 KB limit) for no gain here.
@@ -484,7 +566,7 @@ class FusedLSTMFunction(torch.autograd.Function):
             F=spec.features, LOG_SIGN=spec.log_sign, H=spec.hidden, HP=spec.padded, L=spec.layers,
             BLOCK=config.backward_block, PRECISION=_precision(spec),
             HAS_DU=d_update is not None, HAS_DH=d_h is not None, HAS_DC=d_c is not None,
-            NEED_DG=need_dg, NEED_DSTATE=need_dstate, NEED_DW=need_dw,
+            NEED_DG=need_dg, NEED_DSTATE=need_dstate, NEED_DW=need_dw, DW_SCRATCH=scratch,
             num_warps=config.backward_warps, num_stages=1, **_maxnreg(config.backward_maxnreg),
         )
         if need_dw:

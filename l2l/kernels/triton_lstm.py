@@ -15,10 +15,12 @@ the affine map: layer 0's input is ``[h | x | 1]`` (its h, the F preprocessed fe
 column) against ``[W_hh^T; W_ih^T; b]``, layer l > 0's is ``[h_{l-1}' | 1]`` against ``[W_ih^T;
 b]`` plus ``h_l`` against ``W_hh^T``. So biases and input weights cost no broadcast vectors (which
 would take registers in every thread), and in the backward one accumulator per gate and matrix
-collects the weight, input-weight and bias gradients together. Weight tiles are gathered from
-the module's own parameters with masked loads (no packing), and weight gradients are written
-in the parameters' layout. Columns >= H of the gates see zero weights, so the padding of h and
-c stays exactly zero and is never stored.
+collects the weight, input-weight and bias gradients together. The weight tiles are read from
+a packed ``[4 L, HP, HP]`` copy that fused.py builds per launch (two small torch ops): one
+unmasked load per tile, where gathering them from the module's parameters with three masked
+loads kept so many 64-bit addresses live that the sm_90 backward spilled 8x more. Weight
+gradients are written in the parameters' layout. Columns >= H of the gates see zero weights,
+so the padding of h and c stays exactly zero and is never stored.
 
 Backward: only the step's inputs (gradient, h and c of every layer) were saved; the gates are
 recomputed. Weight gradients are reduced over coordinates in registers across the blocks a
@@ -51,6 +53,12 @@ _MAX_COMBINE = tl.standard._elementwise_max
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` accumulated in ``acc``'s dtype (Triton 3.6 defaults to float32 and rejects a float64 acc)."""
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _SUM_COMBINE)
 
@@ -72,15 +80,14 @@ def _tanh(z):
 
 
 @triton.jit
-def _weight_tile(w_ptr, x_ptr, b_ptr, q: tl.constexpr, F: tl.constexpr, HAS_BIAS: tl.constexpr, H: tl.constexpr,
-                 HP: tl.constexpr, TRANSPOSED: tl.constexpr, zero):
-    """Gate ``q``'s augmented weight tile ``[HP, HP]``, element ``(k, j)`` of ``[W^T; X^T; b]``.
+def _weight_tile(pack_ptr, t: tl.constexpr, HP: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Tile ``t`` of the packed weights (see fused.py), ``[HP, HP]``: element ``(k, j)`` if ``TRANSPOSED``, else ``(j, k)``.
 
-    Rows ``k < H`` come from ``w`` (``[4H, H]``), rows ``H <= k < H + F`` from ``x`` (``[4H, F]``,
-    layer 0's input weights), row ``H + F`` from ``b`` (``[4H]``) if ``HAS_BIAS``; columns ``j``
-    are the gate's units. ``TRANSPOSED`` gives ``[k, j]`` (inputs @ tile = pre-activations),
-    else ``[j, k]`` (pre-activation gradients @ tile = input gradients). ``zero`` is 0 (an
-    opaque one inside loops, see lstm_backward_kernel).
+    Tile ``t`` is ``[W^T; X^T; b]`` of one gate: rows ``k`` the augmented input's columns, columns
+    ``j`` the gate's units, zero in the padding (inputs @ tile = pre-activations; pre-activation
+    gradients @ the untransposed tile = input gradients). Every tile shares one address pattern
+    plus a constant, so, unlike the state tiles, the loads need no opaque zero against hoisting
+    (with one, Triton 3.6's sm_90 backward spilled 904 bytes per thread instead of 256).
     """
     if TRANSPOSED:
         k = tl.arange(0, HP)[:, None]
@@ -88,14 +95,7 @@ def _weight_tile(w_ptr, x_ptr, b_ptr, q: tl.constexpr, F: tl.constexpr, HAS_BIAS
     else:
         j = tl.arange(0, HP)[:, None]
         k = tl.arange(0, HP)[None, :]
-    row = q * H + j + zero
-    j_ok = j < H
-    tile = tl.load(w_ptr + row * H + k, mask=j_ok & (k < H), other=0.0)
-    if F > 0:
-        tile += tl.load(x_ptr + row * F + (k - H), mask=j_ok & (k >= H) & (k < H + F), other=0.0)
-    if HAS_BIAS:
-        tile += tl.load(b_ptr + row + k * 0, mask=j_ok & (k == H + F), other=0.0)
-    return tile
+    return tl.load(pack_ptr + t * HP * HP + k * HP + j)
 
 
 @triton.jit
@@ -105,6 +105,26 @@ def _store_gate_grad(part_ptr, acc, q: tl.constexpr, K: tl.constexpr, ROW0: tl.c
     k = tl.arange(0, HP)[:, None]
     j = tl.arange(0, HP)[None, :]
     tl.store(part_ptr + (q * H + j) * K + (k - ROW0), acc, mask=(j < H) & (k >= ROW0) & (k < ROW0 + K))
+
+
+@triton.jit
+def _add_gate_grad(row_ptr, value, q: tl.constexpr, F: tl.constexpr, HAS_BIAS: tl.constexpr, OFF_H: tl.constexpr,
+                   OFF_X: tl.constexpr, OFF_B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, zero):
+    """Adds an augmented ``[HP, HP]`` weight-gradient tile (``[k, j]`` as :func:`_weight_tile`) to a partial-sum row.
+
+    Rows ``k < H`` go to the ``[4H, H]`` matrix at ``OFF_H``, rows ``H <= k < H + F`` to the ``[4H,
+    F]`` matrix at ``OFF_X``, row ``H + F`` (if ``HAS_BIAS``) to the ``[4H]`` bias at ``OFF_B``;
+    columns ``j`` are gate ``q``'s units. One masked gather and scatter: the row stays in L2.
+    """
+    k = tl.arange(0, HP)[:, None]
+    unit = q * H + tl.arange(0, HP)[None, :] + zero
+    offset = tl.where(k < H, OFF_H + unit * H + k, OFF_X + unit * F + (k - H))
+    if HAS_BIAS:
+        offset = tl.where(k == H + F, OFF_B + unit, offset)
+        mask = (unit < q * H + H) & (k <= H + F)
+    else:
+        mask = (unit < q * H + H) & (k < H + F)
+    tl.store(row_ptr + offset, tl.load(row_ptr + offset, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -146,64 +166,70 @@ def _first_input(h, x0, x1, col, F: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
-def _preact_first(a, w_ptr, x_ptr, b_ptr, q: tl.constexpr, F: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                  PRECISION: tl.constexpr, zero):
+def _preact_first(a, pack_ptr, q: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, PRECISION: tl.constexpr):
     """Layer 0, gate ``q``: ``[h | x | 1] @ [W_hh^T; W_ih^T; b]`` = ``b_q + x W_ih_q^T + h W_hh_q^T``."""
-    tile = _weight_tile(w_ptr, x_ptr, b_ptr, q, F, True, H, HP, True, zero)
-    z = tl.dot(a, tile, _zeros_like(a), input_precision=PRECISION)
+    tile = _weight_tile(pack_ptr, q, HP, True)
+    z = _dot(a, tile, _zeros_like(a), PRECISION)
     # Padding units: an infinite feature times their zero weights is NaN; keep them exactly 0.
     return tl.where(tl.arange(0, HP)[None, :] < H, z, 0.0)
 
 
 @triton.jit
-def _preact_next(u, h, wih_ptr, whh_ptr, b_ptr, q: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                 PRECISION: tl.constexpr, zero):
+def _preact_next(u, h, pack_ptr, q: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, PRECISION: tl.constexpr):
     """Layer l > 0, gate ``q``: ``[u | 1] @ [W_ih^T; b] + h @ W_hh^T``, ``u`` the layer below's new h (augmented)."""
-    z = tl.dot(u, _weight_tile(wih_ptr, b_ptr, b_ptr, q, 0, True, H, HP, True, zero), _zeros_like(u),
-               input_precision=PRECISION)
-    z = tl.dot(h, _weight_tile(whh_ptr, b_ptr, b_ptr, q, 0, False, H, HP, True, zero), z, input_precision=PRECISION)
+    z = _dot(u, _weight_tile(pack_ptr, 4 + q, HP, True), _zeros_like(u), PRECISION)
+    z = _dot(h, _weight_tile(pack_ptr, 8 + q, HP, True), z, PRECISION)
     return tl.where(tl.arange(0, HP)[None, :] < H, z, 0.0)
 
 
 @triton.jit
-def _gate_backward_next(dz, u_t, h_t, acc_u, acc_h, d_u, d_h, wih_ptr, whh_ptr, b_ptr, q: tl.constexpr, H: tl.constexpr,
-                        HP: tl.constexpr, PRECISION: tl.constexpr, NEED_DW: tl.constexpr, NEED_DSTATE: tl.constexpr,
-                        zero):
+def _gate_backward_next(dz, u_t, h_t, acc_u, acc_h, d_u, d_h, pack_ptr, row_ptr, q: tl.constexpr,
+                        H: tl.constexpr, HP: tl.constexpr, OFF: tl.constexpr, PRECISION: tl.constexpr,
+                        NEED_DW: tl.constexpr, NEED_DSTATE: tl.constexpr, DW_SCRATCH: tl.constexpr, zero):
     """Layer l > 0, gate ``q``: consumes ``dz`` at once (one live gradient tile, not four).
 
-    Accumulates the weight gradients ``acc_u += [u | 1]^T dz`` (``[W_ih^T; b]``) and ``acc_h +=
-    h^T dz``, and the input gradients ``d_u += dz W_ih`` and ``d_h += dz W_hh``.
+    Accumulates the weight gradients ``[u | 1]^T dz`` (``[W_ih^T; b]``) and ``h^T dz`` into
+    ``acc_u, acc_h`` (or, with ``DW_SCRATCH``, into the partial-sum row at ``row_ptr``, whose layer
+    starts at ``OFF``), and the input gradients ``d_u += dz W_ih`` and ``d_h += dz W_hh``.
     """
     if NEED_DW:
-        acc_u = tl.dot(u_t, dz, acc_u, input_precision=PRECISION)
-        acc_h = tl.dot(h_t, dz, acc_h, input_precision=PRECISION)
-    d_u = tl.dot(dz, _weight_tile(wih_ptr, b_ptr, b_ptr, q, 0, False, H, HP, False, zero), d_u, input_precision=PRECISION)
+        if DW_SCRATCH:
+            _add_gate_grad(row_ptr, _dot(u_t, dz, _zeros_like(acc_u), PRECISION), q, 0, True,
+                           OFF, 0, OFF + 8 * H * H, H, HP, zero)
+            _add_gate_grad(row_ptr, _dot(h_t, dz, _zeros_like(acc_h), PRECISION), q, 0, False,
+                           OFF + 4 * H * H, 0, 0, H, HP, zero)
+        else:
+            acc_u = _dot(u_t, dz, acc_u, PRECISION)
+            acc_h = _dot(h_t, dz, acc_h, PRECISION)
+    d_u = _dot(dz, _weight_tile(pack_ptr, 4 + q, HP, False), d_u, PRECISION)
     if NEED_DSTATE:
-        d_h = tl.dot(dz, _weight_tile(whh_ptr, b_ptr, b_ptr, q, 0, False, H, HP, False, zero), d_h,
-                     input_precision=PRECISION)
+        d_h = _dot(dz, _weight_tile(pack_ptr, 8 + q, HP, False), d_h, PRECISION)
     return acc_u, acc_h, d_u, d_h
 
 
 @triton.jit
-def _gate_backward_first(dz, a_t, acc, d_a, w_ptr, x_ptr, b_ptr, q: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
-                         HP: tl.constexpr, PRECISION: tl.constexpr, NEED_DW: tl.constexpr, NEED_DA: tl.constexpr,
-                         zero):
-    """Layer 0, gate ``q``: ``acc += [h | x | 1]^T dz`` (``[W_hh^T; W_ih^T; b]``), ``d_a += dz [W_hh | W_ih | b]``."""
+def _gate_backward_first(dz, a_t, acc, d_a, pack_ptr, row_ptr, q: tl.constexpr, F: tl.constexpr,
+                         H: tl.constexpr, HP: tl.constexpr, PRECISION: tl.constexpr, NEED_DW: tl.constexpr,
+                         NEED_DA: tl.constexpr, DW_SCRATCH: tl.constexpr, zero):
+    """Layer 0, gate ``q``: ``acc += [h | x | 1]^T dz`` (``[W_hh^T; W_ih^T; b]``; or into the row), ``d_a += dz [W_hh | W_ih | b]``."""
     if NEED_DW:
-        acc = tl.dot(a_t, dz, acc, input_precision=PRECISION)
+        if DW_SCRATCH:
+            _add_gate_grad(row_ptr, _dot(a_t, dz, _zeros_like(acc), PRECISION), q, F, True,
+                           4 * H * F, 0, 4 * H * F + 4 * H * H, H, HP, zero)
+        else:
+            acc = _dot(a_t, dz, acc, PRECISION)
     if NEED_DA:
-        d_a = tl.dot(dz, _weight_tile(w_ptr, x_ptr, b_ptr, q, F, True, H, HP, False, zero), d_a, input_precision=PRECISION)
+        d_a = _dot(dz, _weight_tile(pack_ptr, q, HP, False), d_a, PRECISION)
     return acc, d_a
 
 
 @triton.jit
-def _first_layer(a, c, w_ptr, x_ptr, b_ptr, F: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                 PRECISION: tl.constexpr, zero):
+def _first_layer(a, c, pack_ptr, H: tl.constexpr, HP: tl.constexpr, PRECISION: tl.constexpr):
     """Layer 0's ``(c_new, h_new)``, one gate at a time folded into the cell at once (few live tiles: registers)."""
-    ig = _tanh(_preact_first(a, w_ptr, x_ptr, b_ptr, 3, F, H, HP, PRECISION, zero))
-    ig *= _sigmoid(_preact_first(a, w_ptr, x_ptr, b_ptr, 0, F, H, HP, PRECISION, zero))
-    c_new = _sigmoid(_preact_first(a, w_ptr, x_ptr, b_ptr, 1, F, H, HP, PRECISION, zero)) * c + ig
-    return c_new, _sigmoid(_preact_first(a, w_ptr, x_ptr, b_ptr, 2, F, H, HP, PRECISION, zero)) * _tanh(c_new)
+    ig = _tanh(_preact_first(a, pack_ptr, 3, H, HP, PRECISION))
+    ig *= _sigmoid(_preact_first(a, pack_ptr, 0, H, HP, PRECISION))
+    c_new = _sigmoid(_preact_first(a, pack_ptr, 1, H, HP, PRECISION)) * c + ig
+    return c_new, _sigmoid(_preact_first(a, pack_ptr, 2, H, HP, PRECISION)) * _tanh(c_new)
 
 
 @triton.jit
@@ -220,7 +246,7 @@ def _store_tile(ptr, value, rows, cols, stride_col, mask):
 @triton.jit
 def lstm_forward_kernel(
     g_ptr, h_ptr, c_ptr, h_out_ptr, c_out_ptr, upd_ptr, p_ptr, flag_ptr, const_ptr,
-    wih0_ptr, whh0_ptr, b0_ptr, wih1_ptr, whh1_ptr, b1_ptr, wout_ptr, bout_ptr,
+    pack_ptr, wout_ptr, bout_ptr,
     N, s_l, s_h, so_l, so_h,
     F: tl.constexpr, LOG_SIGN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr,
@@ -242,7 +268,6 @@ def lstm_forward_kernel(
     j = tl.arange(0, HP).to(tl.int64)
     col = tl.arange(0, HP)[None, :]
     tile_ok = n_ok[:, None] & (j < H)[None, :]
-    zero = 0
 
     p = tl.load(const_ptr + C_P).to(CT)
     threshold = tl.load(const_ptr + C_THRESHOLD).to(CT)
@@ -261,7 +286,7 @@ def lstm_forward_kernel(
     h0 = _load_tile(h_ptr, n, j, s_h, tile_ok, CT)
     c0 = _load_tile(c_ptr, n, j, s_h, tile_ok, CT)
     a0 = _first_input(h0, x0, x1, col, F, H)
-    c0n, h0n = _first_layer(a0, c0, whh0_ptr, wih0_ptr, b0_ptr, F, H, HP, PRECISION, zero)
+    c0n, h0n = _first_layer(a0, c0, pack_ptr, H, HP, PRECISION)
     if MASK_NONFINITE:
         h0s = tl.where(finite[:, None], h0n, h0)
         c0s = tl.where(finite[:, None], c0n, c0)
@@ -277,10 +302,10 @@ def lstm_forward_kernel(
         h1 = _load_tile(h_ptr + s_l, n, j, s_h, tile_ok, CT)
         c1 = _load_tile(c_ptr + s_l, n, j, s_h, tile_ok, CT)
         u = h0n + tl.where(col == H, 1.0, 0.0)
-        ig = _tanh(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 3, H, HP, PRECISION, zero))
-        ig *= _sigmoid(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 0, H, HP, PRECISION, zero))
-        c1n = _sigmoid(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 1, H, HP, PRECISION, zero)) * c1 + ig
-        h1n = _sigmoid(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 2, H, HP, PRECISION, zero)) * _tanh(c1n)
+        ig = _tanh(_preact_next(u, h1, pack_ptr, 3, H, HP, PRECISION))
+        ig *= _sigmoid(_preact_next(u, h1, pack_ptr, 0, H, HP, PRECISION))
+        c1n = _sigmoid(_preact_next(u, h1, pack_ptr, 1, H, HP, PRECISION)) * c1 + ig
+        h1n = _sigmoid(_preact_next(u, h1, pack_ptr, 2, H, HP, PRECISION)) * _tanh(c1n)
         if MASK_NONFINITE:
             h1s = tl.where(finite[:, None], h1n, h1)
             c1s = tl.where(finite[:, None], c1n, c1)
@@ -309,12 +334,12 @@ def lstm_forward_kernel(
 @triton.jit
 def lstm_backward_kernel(
     g_ptr, h_ptr, c_ptr, du_ptr, dhn_ptr, dcn_ptr, dg_ptr, dh_ptr, dc_ptr, part_ptr, const_ptr,
-    wih0_ptr, whh0_ptr, b0_ptr, wih1_ptr, whh1_ptr, b1_ptr, wout_ptr, bout_ptr,
+    pack_ptr, wout_ptr, bout_ptr,
     N, s_l, s_h, gs_l, gs_h, num_blocks, num_programs,
     F: tl.constexpr, LOG_SIGN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, L: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr,
     HAS_DU: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
-    NEED_DG: tl.constexpr, NEED_DSTATE: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DG: tl.constexpr, NEED_DSTATE: tl.constexpr, NEED_DW: tl.constexpr, DW_SCRATCH: tl.constexpr,
 ):
     """Backward of :func:`lstm_forward_kernel` (no parameters, no masking) from its saved inputs.
 
@@ -324,6 +349,12 @@ def lstm_backward_kernel(
     ``gs_l, gs_h, 1``) and, per program, one row of ``part`` with the weight gradients of the
     coordinates it visited, in parameter order: ``W_ih0 [4H, F], W_hh0 [4H, H], b0 [4H], (W_ih1
     [4H, H], W_hh1 [4H, H], b1 [4H],) w_out [H], b_out``.
+
+    ``DW_SCRATCH`` chooses where the weight gradients are reduced over the blocks a program
+    visits: False keeps twelve ``[HP, HP]`` accumulators in registers across the loop (ptxas
+    spills them on sm_90); True adds each block's tiles to the program's row at once (``part``
+    zero-initialised; the rows of all programs, ~20 KB each, stay in L2), so no accumulator
+    lives across the loop.
 
     Registers are the constraint: each gate's pre-activation gradient is consumed as soon as it
     is formed (its weight-gradient dots and input-gradient dots), and layer 0's gates are
@@ -355,11 +386,14 @@ def lstm_backward_kernel(
     w1_g = tl.full((HP, HP), 0, CT)
     a_wout = tl.full((HP,), 0, CT)
     a_bout = _sum(a_wout, 0)
+    # This program's row of partial sums, in parameter order (see the docstring); layer 1 from OFF1.
+    OFF1: tl.constexpr = 4 * H * F + 4 * H * H + 4 * H
+    row = part_ptr + pid.to(tl.int64) * (OFF1 + (L - 1) * (8 * H * H + 4 * H) + H + 1)
 
     for block in range(pid, num_blocks, num_programs):
-        # A zero the compiler cannot see through: without it LLVM hoists every loop-invariant
-        # address (each tile's and weight's 64-bit pointers) out of the loop, and the kernel
-        # spilled kilobytes of them per thread on sm_90.
+        # A zero the compiler cannot see through: without it LLVM hoists the loop-invariant
+        # addresses (the state tiles' and the partial-sum row's 64-bit pointers) out of the
+        # loop, and the sm_90 backward spills more (248 against 48 bytes per thread, Triton 3.9).
         zero = tl.load(const_ptr + C_ZERO, volatile=True).to(tl.int32)
         jv = j + zero
         n = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
@@ -372,16 +406,16 @@ def lstm_backward_kernel(
         h0 = _load_tile(h_ptr, n, jv, s_h, tile_ok, CT)
         c0 = _load_tile(c_ptr, n, jv, s_h, tile_ok, CT)
         a0 = _first_input(h0, x0, x1, col, F, H)
-        c0n, h0n = _first_layer(a0, c0, whh0_ptr, wih0_ptr, b0_ptr, F, H, HP, PRECISION, zero)
+        c0n, h0n = _first_layer(a0, c0, pack_ptr, H, HP, PRECISION)
         top = h0n
         if L == 2:
             h1 = _load_tile(h_ptr + s_l, n, jv, s_h, tile_ok, CT)
             c1 = _load_tile(c_ptr + s_l, n, jv, s_h, tile_ok, CT)
             u = h0n + tl.where(col == H, 1.0, 0.0)
-            i1 = _sigmoid(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 0, H, HP, PRECISION, zero))
-            f1 = _sigmoid(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 1, H, HP, PRECISION, zero))
-            o1 = _sigmoid(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 2, H, HP, PRECISION, zero))
-            g1 = _tanh(_preact_next(u, h1, wih1_ptr, whh1_ptr, b1_ptr, 3, H, HP, PRECISION, zero))
+            i1 = _sigmoid(_preact_next(u, h1, pack_ptr, 0, H, HP, PRECISION))
+            f1 = _sigmoid(_preact_next(u, h1, pack_ptr, 1, H, HP, PRECISION))
+            o1 = _sigmoid(_preact_next(u, h1, pack_ptr, 2, H, HP, PRECISION))
+            g1 = _tanh(_preact_next(u, h1, pack_ptr, 3, H, HP, PRECISION))
             tc1 = _tanh(f1 * c1 + i1 * g1)
             top = o1 * tc1
 
@@ -410,17 +444,17 @@ def lstm_backward_kernel(
             d_h = _zeros_like(dh)
             # Gate by gate: o, i, g, f.
             u1_o, w1_o, d_u, d_h = _gate_backward_next(dh * tc1 * (o1 * (1.0 - o1)), u_t, h_t, u1_o, w1_o, d_u, d_h,
-                                                       wih1_ptr, whh1_ptr, b1_ptr, 2, H, HP, PRECISION, NEED_DW,
-                                                       NEED_DSTATE, zero)
+                                                       pack_ptr, row, 2, H, HP, OFF1, PRECISION,
+                                                       NEED_DW, NEED_DSTATE, DW_SCRATCH, zero)
             u1_i, w1_i, d_u, d_h = _gate_backward_next(dct * g1 * (i1 * (1.0 - i1)), u_t, h_t, u1_i, w1_i, d_u, d_h,
-                                                       wih1_ptr, whh1_ptr, b1_ptr, 0, H, HP, PRECISION, NEED_DW,
-                                                       NEED_DSTATE, zero)
+                                                       pack_ptr, row, 0, H, HP, OFF1, PRECISION,
+                                                       NEED_DW, NEED_DSTATE, DW_SCRATCH, zero)
             u1_g, w1_g, d_u, d_h = _gate_backward_next(dct * i1 * (1.0 - g1 * g1), u_t, h_t, u1_g, w1_g, d_u, d_h,
-                                                       wih1_ptr, whh1_ptr, b1_ptr, 3, H, HP, PRECISION, NEED_DW,
-                                                       NEED_DSTATE, zero)
+                                                       pack_ptr, row, 3, H, HP, OFF1, PRECISION,
+                                                       NEED_DW, NEED_DSTATE, DW_SCRATCH, zero)
             u1_f, w1_f, d_u, d_h = _gate_backward_next(dct * c1 * (f1 * (1.0 - f1)), u_t, h_t, u1_f, w1_f, d_u, d_h,
-                                                       wih1_ptr, whh1_ptr, b1_ptr, 1, H, HP, PRECISION, NEED_DW,
-                                                       NEED_DSTATE, zero)
+                                                       pack_ptr, row, 1, H, HP, OFF1, PRECISION,
+                                                       NEED_DW, NEED_DSTATE, DW_SCRATCH, zero)
             if NEED_DSTATE:
                 _store_tile(dh_ptr + gs_l, d_h, n, jv, gs_h, tile_ok)
                 _store_tile(dc_ptr + gs_l, dct * f1, n, jv, gs_h, tile_ok)
@@ -439,23 +473,23 @@ def lstm_backward_kernel(
             dct = _load_tile(dcn_ptr, n, jv, gs_h, tile_ok, CT)
         else:
             dct = _zeros_like(dh)
-        i0 = _sigmoid(_preact_first(a0, whh0_ptr, wih0_ptr, b0_ptr, 0, F, H, HP, PRECISION, zero))
-        f0 = _sigmoid(_preact_first(a0, whh0_ptr, wih0_ptr, b0_ptr, 1, F, H, HP, PRECISION, zero))
-        o0 = _sigmoid(_preact_first(a0, whh0_ptr, wih0_ptr, b0_ptr, 2, F, H, HP, PRECISION, zero))
-        g0 = _tanh(_preact_first(a0, whh0_ptr, wih0_ptr, b0_ptr, 3, F, H, HP, PRECISION, zero))
+        i0 = _sigmoid(_preact_first(a0, pack_ptr, 0, H, HP, PRECISION))
+        f0 = _sigmoid(_preact_first(a0, pack_ptr, 1, H, HP, PRECISION))
+        o0 = _sigmoid(_preact_first(a0, pack_ptr, 2, H, HP, PRECISION))
+        g0 = _tanh(_preact_first(a0, pack_ptr, 3, H, HP, PRECISION))
         tc0 = _tanh(f0 * c0 + i0 * g0)
         dct += dh * o0 * (1.0 - tc0 * tc0)
         a_t = tl.trans(a0)
         d_a = _zeros_like(dh)  # gradient of [h | x | 1]: columns < H for h, H.. for the features
         NEED_DA: tl.constexpr = NEED_DSTATE | NEED_DG
-        w0_o, d_a = _gate_backward_first(dh * tc0 * (o0 * (1.0 - o0)), a_t, w0_o, d_a, whh0_ptr, wih0_ptr, b0_ptr,
-                                         2, F, H, HP, PRECISION, NEED_DW, NEED_DA, zero)
-        w0_i, d_a = _gate_backward_first(dct * g0 * (i0 * (1.0 - i0)), a_t, w0_i, d_a, whh0_ptr, wih0_ptr, b0_ptr,
-                                         0, F, H, HP, PRECISION, NEED_DW, NEED_DA, zero)
-        w0_g, d_a = _gate_backward_first(dct * i0 * (1.0 - g0 * g0), a_t, w0_g, d_a, whh0_ptr, wih0_ptr, b0_ptr,
-                                         3, F, H, HP, PRECISION, NEED_DW, NEED_DA, zero)
-        w0_f, d_a = _gate_backward_first(dct * c0 * (f0 * (1.0 - f0)), a_t, w0_f, d_a, whh0_ptr, wih0_ptr, b0_ptr,
-                                         1, F, H, HP, PRECISION, NEED_DW, NEED_DA, zero)
+        w0_o, d_a = _gate_backward_first(dh * tc0 * (o0 * (1.0 - o0)), a_t, w0_o, d_a, pack_ptr,
+                                         row, 2, F, H, HP, PRECISION, NEED_DW, NEED_DA, DW_SCRATCH, zero)
+        w0_i, d_a = _gate_backward_first(dct * g0 * (i0 * (1.0 - i0)), a_t, w0_i, d_a, pack_ptr,
+                                         row, 0, F, H, HP, PRECISION, NEED_DW, NEED_DA, DW_SCRATCH, zero)
+        w0_g, d_a = _gate_backward_first(dct * i0 * (1.0 - g0 * g0), a_t, w0_g, d_a, pack_ptr,
+                                         row, 3, F, H, HP, PRECISION, NEED_DW, NEED_DA, DW_SCRATCH, zero)
+        w0_f, d_a = _gate_backward_first(dct * c0 * (f0 * (1.0 - f0)), a_t, w0_f, d_a, pack_ptr,
+                                         row, 1, F, H, HP, PRECISION, NEED_DW, NEED_DA, DW_SCRATCH, zero)
         if NEED_DSTATE:
             _store_tile(dh_ptr, d_a, n, jv, gs_h, tile_ok)
             _store_tile(dc_ptr, dct * f0, n, jv, gs_h, tile_ok)
@@ -467,10 +501,12 @@ def lstm_backward_kernel(
                 dx1 = dx0
             dg = _preprocess_backward(g, dx0, dx1, p, threshold, exp_p, LOG_SIGN)
             tl.store(dg_ptr + n, dg.to(dg_ptr.dtype.element_ty), mask=n_ok)
+        if DW_SCRATCH:
+            tl.debug_barrier()  # the next block's read-add-write of the row sees this one's in every thread
 
-    if NEED_DW:
-        # This program's partial sums, in parameter order (see the docstring).
-        row = part_ptr + pid.to(tl.int64) * (4 * H * F + 4 * H * H + 4 * H + (L - 1) * (8 * H * H + 4 * H) + H + 1)
+    if NEED_DW and DW_SCRATCH:
+        row += OFF1 + (L - 1) * (8 * H * H + 4 * H)
+    elif NEED_DW:
         _store_gate_grad(row, w0_i, 0, F, H, H, HP)  # W_ih0: rows H .. H+F-1
         _store_gate_grad(row, w0_f, 1, F, H, H, HP)
         _store_gate_grad(row, w0_o, 2, F, H, H, HP)
@@ -502,5 +538,13 @@ def lstm_backward_kernel(
             _store_gate_grad(row, u1_o, 2, 1, H, H, HP)
             _store_gate_grad(row, u1_g, 3, 1, H, H, HP)
             row += 4 * H
+    if NEED_DW:
         tl.store(row + j, a_wout, mask=j_ok)
         tl.store(row + H, a_bout)
+
+
+@triton.jit
+def loop_probe_kernel(out_ptr, n):
+    """Stores ``0 .. n - 1``: whether this Triton's interpreter runs a loop with a runtime bound (see fused.py)."""
+    for i in range(0, n):
+        tl.store(out_ptr + i, i)
