@@ -290,7 +290,7 @@ def test_unknown_kernel_and_unsupported_configurations():
     assert fused.unsupported_reason(CoordinateWiseLSTM()) is None
 
 
-def test_fused_config_validates_every_field():
+def test_fused_config_rejects_bad_fields_with_exact_messages():
     with pytest.raises(ValueError, match=r"FusedConfig.weight_grads must be one of scratch, registers, got 'shared'"):
         fused.FusedConfig(weight_grads="shared")
     with pytest.raises(ValueError, match=r"FusedConfig.backward_block must be a power of two >= 16, got 24"):

@@ -100,7 +100,8 @@ _interpreter_enabled = os.environ.get("L2L_TRITON_INTERPRET", "") == "1"
 _lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
 _constants: dict[tuple, Tensor] = {}
-_pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles (and zeros)
+_pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles
+_pack_zeros: dict[tuple, Tensor] = {}  # the zero the padding of the packed tiles gathers
 
 
 def get_config() -> FusedConfig:
@@ -373,10 +374,10 @@ def _kernel_weights(weights: Sequence[Tensor], spec: _Spec) -> list[Tensor]:
     # Packed at every launch (a cat and a gather, ~25 KB for the 2 x 20 LSTM), never cached: a
     # cache keyed on the weights' versions would go stale under CUDA-graph replay and behind
     # writes through ``.data``.
-    key = ("zero", lstm[0].device, lstm[0].dtype)
-    zero = _pack_indices.get(key)
-    if zero is None:
-        zero = _pack_indices[key] = lstm[0].new_zeros(1)
+    key = (lstm[0].device, lstm[0].dtype)
+    zero = _pack_zeros.get(key)
+    if zero is None:  # cached: created by the eager warm-up, never inside a CUDA-graph capture
+        zero = _pack_zeros[key] = lstm[0].new_zeros(1)
     flat = torch.cat([w.detach().reshape(-1) for w in lstm] + [zero])
     return [flat[_pack_index(spec, flat.device)], weights[-2], weights[-1]]
 
@@ -544,9 +545,8 @@ class FusedLSTMFunction(torch.autograd.Function):
         programs = backward_programs(n, device)
         sizes = spec.weight_sizes
         config = _config
-        scratch = config.weight_grads == "scratch"
-        partials = ((torch.zeros if scratch else torch.empty)((programs, sum(sizes)), dtype=spec.dtype, device=device)
-                    if need_dw else grad)
+        # Both reductions add into the rows (scratch per block, registers once at the end).
+        partials = torch.zeros((programs, sum(sizes)), dtype=spec.dtype, device=device) if need_dw else grad
         placeholder = grad
         module = kernels(_interpreted(device))
         # num_stages=1: software pipelining of the block loop would multi-buffer every load in
@@ -566,7 +566,8 @@ class FusedLSTMFunction(torch.autograd.Function):
             F=spec.features, LOG_SIGN=spec.log_sign, H=spec.hidden, HP=spec.padded, L=spec.layers,
             BLOCK=config.backward_block, PRECISION=_precision(spec),
             HAS_DU=d_update is not None, HAS_DH=d_h is not None, HAS_DC=d_c is not None,
-            NEED_DG=need_dg, NEED_DSTATE=need_dstate, NEED_DW=need_dw, DW_SCRATCH=scratch,
+            NEED_DG=need_dg, NEED_DSTATE=need_dstate, NEED_DW=need_dw,
+            DW_SCRATCH=config.weight_grads == "scratch",
             num_warps=config.backward_warps, num_stages=1, **_maxnreg(config.backward_maxnreg),
         )
         if need_dw:

@@ -18,14 +18,15 @@ would take registers in every thread), and in the backward one accumulator per g
 collects the weight, input-weight and bias gradients together. The weight tiles are read from
 a packed ``[4 L, HP, HP]`` copy that fused.py builds per launch (two small torch ops): one
 unmasked load per tile, where gathering them from the module's parameters with three masked
-loads kept so many 64-bit addresses live that the sm_90 backward spilled 8x more. Weight
+loads kept so many 64-bit addresses live that the sm_90 backward spilled 664 instead of 48
+bytes per thread (Triton 3.9, tf32x3, default settings). Weight
 gradients are written in the parameters' layout. Columns >= H of the gates see zero weights,
 so the padding of h and c stays exactly zero and is never stored.
 
 Backward: only the step's inputs (gradient, h and c of every layer) were saved; the gates are
-recomputed. Weight gradients are reduced over coordinates in registers across the blocks a
-program visits (persistent grid), then written as one row of per-program partial sums that the
-caller adds with ``torch.sum`` (deterministic, no atomics).
+recomputed. Weight gradients are reduced over the blocks a program visits (persistent grid)
+into one row of per-program partial sums, block by block in L2 or in registers until the end
+(``DW_SCRATCH``), and the caller adds the rows with ``torch.sum`` (deterministic, no atomics).
 
 The kernels call only Triton builtins and the helpers here, never triton.language's own @jit
 functions (``tl.sum``, ``tl.zeros_like``, ...): fused.py runs a second copy of this module
@@ -99,15 +100,6 @@ def _weight_tile(pack_ptr, t: tl.constexpr, HP: tl.constexpr, TRANSPOSED: tl.con
 
 
 @triton.jit
-def _store_gate_grad(part_ptr, acc, q: tl.constexpr, K: tl.constexpr, ROW0: tl.constexpr, H: tl.constexpr,
-                     HP: tl.constexpr):
-    """Stores rows ``ROW0 .. ROW0 + K - 1`` of a ``[HP, HP]`` gradient tile as gate ``q``'s block of a ``[4H, K]`` matrix."""
-    k = tl.arange(0, HP)[:, None]
-    j = tl.arange(0, HP)[None, :]
-    tl.store(part_ptr + (q * H + j) * K + (k - ROW0), acc, mask=(j < H) & (k >= ROW0) & (k < ROW0 + K))
-
-
-@triton.jit
 def _add_gate_grad(row_ptr, value, q: tl.constexpr, F: tl.constexpr, HAS_BIAS: tl.constexpr, OFF_H: tl.constexpr,
                    OFF_X: tl.constexpr, OFF_B: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, zero):
     """Adds an augmented ``[HP, HP]`` weight-gradient tile (``[k, j]`` as :func:`_weight_tile`) to a partial-sum row.
@@ -125,6 +117,20 @@ def _add_gate_grad(row_ptr, value, q: tl.constexpr, F: tl.constexpr, HAS_BIAS: t
     else:
         mask = (unit < q * H + H) & (k < H + F)
     tl.store(row_ptr + offset, tl.load(row_ptr + offset, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _add_first_grad(row_ptr, value, q: tl.constexpr, F: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, zero):
+    """Adds layer 0's gate-``q`` tile ``[W_hh0^T; W_ih0^T; b0]`` to the row (``W_ih0, W_hh0, b0`` lead the row)."""
+    _add_gate_grad(row_ptr, value, q, F, True, 4 * H * F, 0, 4 * H * F + 4 * H * H, H, HP, zero)
+
+
+@triton.jit
+def _add_next_grads(row_ptr, value_u, value_h, q: tl.constexpr, OFF: tl.constexpr, H: tl.constexpr,
+                    HP: tl.constexpr, zero):
+    """Adds layer 1's gate-``q`` tiles ``[W_ih1^T; b1]`` and ``W_hh1^T`` to the row (its layer starts at ``OFF``)."""
+    _add_gate_grad(row_ptr, value_u, q, 0, True, OFF, 0, OFF + 8 * H * H, H, HP, zero)
+    _add_gate_grad(row_ptr, value_h, q, 0, False, OFF + 4 * H * H, 0, 0, H, HP, zero)
 
 
 @triton.jit
@@ -194,10 +200,8 @@ def _gate_backward_next(dz, u_t, h_t, acc_u, acc_h, d_u, d_h, pack_ptr, row_ptr,
     """
     if NEED_DW:
         if DW_SCRATCH:
-            _add_gate_grad(row_ptr, _dot(u_t, dz, _zeros_like(acc_u), PRECISION), q, 0, True,
-                           OFF, 0, OFF + 8 * H * H, H, HP, zero)
-            _add_gate_grad(row_ptr, _dot(h_t, dz, _zeros_like(acc_h), PRECISION), q, 0, False,
-                           OFF + 4 * H * H, 0, 0, H, HP, zero)
+            _add_next_grads(row_ptr, _dot(u_t, dz, _zeros_like(acc_u), PRECISION),
+                            _dot(h_t, dz, _zeros_like(acc_h), PRECISION), q, OFF, H, HP, zero)
         else:
             acc_u = _dot(u_t, dz, acc_u, PRECISION)
             acc_h = _dot(h_t, dz, acc_h, PRECISION)
@@ -214,8 +218,7 @@ def _gate_backward_first(dz, a_t, acc, d_a, pack_ptr, row_ptr, q: tl.constexpr, 
     """Layer 0, gate ``q``: ``acc += [h | x | 1]^T dz`` (``[W_hh^T; W_ih^T; b]``; or into the row), ``d_a += dz [W_hh | W_ih | b]``."""
     if NEED_DW:
         if DW_SCRATCH:
-            _add_gate_grad(row_ptr, _dot(a_t, dz, _zeros_like(acc), PRECISION), q, F, True,
-                           4 * H * F, 0, 4 * H * F + 4 * H * H, H, HP, zero)
+            _add_first_grad(row_ptr, _dot(a_t, dz, _zeros_like(acc), PRECISION), q, F, H, HP, zero)
         else:
             acc = _dot(a_t, dz, acc, PRECISION)
     if NEED_DA:
@@ -504,40 +507,18 @@ def lstm_backward_kernel(
         if DW_SCRATCH:
             tl.debug_barrier()  # the next block's read-add-write of the row sees this one's in every thread
 
-    if NEED_DW and DW_SCRATCH:
-        row += OFF1 + (L - 1) * (8 * H * H + 4 * H)
-    elif NEED_DW:
-        _store_gate_grad(row, w0_i, 0, F, H, H, HP)  # W_ih0: rows H .. H+F-1
-        _store_gate_grad(row, w0_f, 1, F, H, H, HP)
-        _store_gate_grad(row, w0_o, 2, F, H, H, HP)
-        _store_gate_grad(row, w0_g, 3, F, H, H, HP)
-        row += 4 * H * F
-        _store_gate_grad(row, w0_i, 0, H, 0, H, HP)  # W_hh0: rows < H
-        _store_gate_grad(row, w0_f, 1, H, 0, H, HP)
-        _store_gate_grad(row, w0_o, 2, H, 0, H, HP)
-        _store_gate_grad(row, w0_g, 3, H, 0, H, HP)
-        row += 4 * H * H
-        _store_gate_grad(row, w0_i, 0, 1, H + F, H, HP)  # b0: row H+F
-        _store_gate_grad(row, w0_f, 1, 1, H + F, H, HP)
-        _store_gate_grad(row, w0_o, 2, 1, H + F, H, HP)
-        _store_gate_grad(row, w0_g, 3, 1, H + F, H, HP)
-        row += 4 * H
+    if NEED_DW and not DW_SCRATCH:
+        # The accumulators into the (zero-initialised) row, through the scratch mode's scatter.
+        _add_first_grad(row, w0_i, 0, F, H, HP, 0)
+        _add_first_grad(row, w0_f, 1, F, H, HP, 0)
+        _add_first_grad(row, w0_o, 2, F, H, HP, 0)
+        _add_first_grad(row, w0_g, 3, F, H, HP, 0)
         if L == 2:
-            _store_gate_grad(row, u1_i, 0, H, 0, H, HP)  # W_ih1: rows < H
-            _store_gate_grad(row, u1_f, 1, H, 0, H, HP)
-            _store_gate_grad(row, u1_o, 2, H, 0, H, HP)
-            _store_gate_grad(row, u1_g, 3, H, 0, H, HP)
-            row += 4 * H * H
-            _store_gate_grad(row, w1_i, 0, H, 0, H, HP)  # W_hh1
-            _store_gate_grad(row, w1_f, 1, H, 0, H, HP)
-            _store_gate_grad(row, w1_o, 2, H, 0, H, HP)
-            _store_gate_grad(row, w1_g, 3, H, 0, H, HP)
-            row += 4 * H * H
-            _store_gate_grad(row, u1_i, 0, 1, H, H, HP)  # b1: row H
-            _store_gate_grad(row, u1_f, 1, 1, H, H, HP)
-            _store_gate_grad(row, u1_o, 2, 1, H, H, HP)
-            _store_gate_grad(row, u1_g, 3, 1, H, H, HP)
-            row += 4 * H
+            _add_next_grads(row, u1_i, w1_i, 0, OFF1, H, HP, 0)
+            _add_next_grads(row, u1_f, w1_f, 1, OFF1, H, HP, 0)
+            _add_next_grads(row, u1_o, w1_o, 2, OFF1, H, HP, 0)
+            _add_next_grads(row, u1_g, w1_g, 3, OFF1, H, HP, 0)
+    row += OFF1 + (L - 1) * (8 * H * H + 4 * H)  # w_out, b_out
     if NEED_DW:
         tl.store(row + j, a_wout, mask=j_ok)
         tl.store(row + H, a_bout)
