@@ -180,6 +180,67 @@ def drop_in(n: int, device: torch.device, seconds, kernel: str) -> dict[str, flo
     return result
 
 
+def _run_once(fn: Callable[[], Any], warmup: int = 0, repeats: int = 1) -> float:
+    """A ``seconds`` for :func:`precompile`: runs ``fn`` once, so its kernels compile, and times nothing."""
+    del warmup, repeats  # Unused.
+    fn()
+    return 1.0
+
+
+# A precompile job: (measurement, FusedConfig changes, size); the size of "quadratic" is 1 with graphs.
+WarmJob = tuple[str, dict[str, Any], int]
+
+
+def _warm(job: WarmJob) -> tuple[float, str | None]:
+    """Runs one measurement once with the fused kernel (a worker of :func:`precompile`): seconds taken, error."""
+    measurement, changes, size = job
+    device = torch.device("cuda")
+    begin = time.perf_counter()
+    try:
+        with fused.configured(**changes):
+            rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
+            if measurement == "inference":
+                inference(rule, "fused", size, device, _run_once)
+            elif measurement == "meta":
+                # Three steps launch every variant a longer unroll does (first, middle and last step).
+                meta_training(rule, size, 3, device, _run_once)
+            elif measurement == "quadratic":
+                quadratic_iteration("fused", bool(size), device, _run_once)
+            elif measurement == "drop_in":
+                drop_in(size, device, _run_once, "fused")
+            else:
+                raise ValueError(f"unknown measurement {measurement!r}")
+        torch.cuda.synchronize()
+        error = None
+    except Exception as caught:  # the timed run reports it again, with its row
+        error = str(caught).splitlines()[0][:120] if str(caught) else type(caught).__name__
+    torch.cuda.empty_cache()
+    return time.perf_counter() - begin, error
+
+
+def precompile(jobs: list[WarmJob], workers: int) -> None:
+    """Compiles the kernels the jobs launch in ``workers`` processes at once, filling Triton's on-disk cache.
+
+    Triton compiles each kernel variant on one CPU core when it is first launched (20 to 30 s
+    for the backward kernel on the development machine); a sweep or a test run meets dozens of
+    variants. Running each measurement once in parallel processes first leaves the timed run,
+    in this process, only cache hits. Compilation never enters a timing either way (every
+    measurement warms up first): this saves wall-clock time on a machine lent by the minute.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    begin = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        results = list(pool.map(_warm, jobs))
+    for job, (_, error) in zip(jobs, results):
+        if error:
+            print(f"  precompile {job}: {error}", flush=True)
+    print(f"precompiled {len(jobs)} measurements in {workers} processes: {time.perf_counter() - begin:.0f} s "
+          f"(one after another: {sum(seconds for seconds, _ in results):.0f} s)", flush=True)
+
+
 # Launch settings the sweep and the compiler report cover: (block, warps) per kernel.
 FORWARD_SETTINGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 BACKWARD_SETTINGS = ((16, 4), (16, 8), (32, 4), (32, 8))
@@ -187,16 +248,24 @@ REGISTERS_PER_SM = 65536
 L1_AND_SHARED_PER_SM = 256 * 1024  # H100/H200
 
 
-def sweep(device: torch.device, seconds, precision: str,
+def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
           sizes: tuple[int, int] = (10_000_000, 1_000_000)) -> list[dict[str, Any]]:
     """Times the fused kernels' launch settings: the forward by inference at sizes[0], the backward by meta-training at sizes[1].
 
     The two kernels are swept separately (their settings are independent): the forward over
     ``FORWARD_SETTINGS`` x ``maxnreg`` in (None, 128), the backward over ``BACKWARD_SETTINGS`` x
-    ``fused.WEIGHT_GRADS`` with the forward at its default.
+    ``fused.WEIGHT_GRADS`` with the forward at its default. With ``workers > 1`` every setting
+    is compiled first in that many processes (:func:`precompile`).
     """
     rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
     rows = []
+    forward_changes = [dict(block=block, warps=warps, maxnreg=maxnreg)
+                       for block, warps in FORWARD_SETTINGS for maxnreg in (None, 128)]
+    backward_changes = [dict(weight_grads=weight_grads, backward_block=block, backward_warps=warps)
+                        for weight_grads in fused.WEIGHT_GRADS for block, warps in BACKWARD_SETTINGS]
+    if workers > 1:
+        precompile([("inference", {"precision": precision, **changes}, sizes[0]) for changes in forward_changes]
+                   + [("meta", {"precision": precision, **changes}, sizes[1]) for changes in backward_changes], workers)
 
     def measure(row: dict[str, Any], changes: dict[str, Any], run: Callable[[], dict[str, float]]) -> None:
         try:
@@ -207,17 +276,14 @@ def sweep(device: torch.device, seconds, precision: str,
         rows.append(row)
         print(row, flush=True)
 
-    for block, warps in FORWARD_SETTINGS:
-        for maxnreg in (None, 128):
-            measure({"kernel": "forward", "precision": precision, "block": block, "warps": warps, "maxnreg": maxnreg},
-                    dict(block=block, warps=warps, maxnreg=maxnreg),
-                    lambda: {"inference_cs_per_s": sizes[0] / inference(rule, "fused", sizes[0], device, seconds)})
-    for weight_grads in fused.WEIGHT_GRADS:
-        for block, warps in BACKWARD_SETTINGS:
-            measure({"kernel": "backward", "precision": precision, "weight_grads": weight_grads, "block": block,
-                     "warps": warps},
-                    dict(weight_grads=weight_grads, backward_block=block, backward_warps=warps),
-                    lambda: {"meta_cs_per_s": sizes[1] * 5 / meta_training(rule, sizes[1], 5, device, seconds)[0]})
+    for changes in forward_changes:
+        measure({"kernel": "forward", "precision": precision, **changes}, changes,
+                lambda: {"inference_cs_per_s": sizes[0] / inference(rule, "fused", sizes[0], device, seconds)})
+    for changes in backward_changes:
+        row = {"kernel": "backward", "precision": precision, "weight_grads": changes["weight_grads"],
+               "block": changes["backward_block"], "warps": changes["backward_warps"]}
+        measure(row, changes,
+                lambda: {"meta_cs_per_s": sizes[1] * 5 / meta_training(rule, sizes[1], 5, device, seconds)[0]})
     return rows
 
 
@@ -305,7 +371,9 @@ def main() -> None:
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--sweep", action="store_true", help="time the fused kernels' launch settings instead")
     parser.add_argument("--resources", action="store_true", help="compile the fused kernels for sm_90 and report")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compiler processes (--resources)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes: --resources, and on CUDA the fused kernels are first compiled "
+                             "in this many processes (1: compile on first launch instead)")
     args = parser.parse_args()
     if args.resources:
         rows = resources(args.precision, args.workers)
@@ -319,7 +387,7 @@ def main() -> None:
     seconds = timer(device)
     fused.set_config(precision=args.precision)
     if args.sweep:
-        rows = sweep(device, seconds, args.precision)
+        rows = sweep(device, seconds, args.precision, args.workers)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle, indent=1)
@@ -334,6 +402,12 @@ def main() -> None:
         "fused_config": dataclasses.asdict(fused.get_config()),
         "bytes_per_coordinate_step": {"inference": INFERENCE_BYTES, "meta_training": META_BYTES},
     }
+    drop_in_sizes = (1_000_000, 10_000_000) if device.type == "cuda" else (100_000,)
+    if "fused" in kernels and args.workers > 1:
+        changes = {"precision": args.precision}
+        precompile([(measurement, changes, n) for n in sizes for measurement in ("inference", "meta")]
+                   + [("quadratic", changes, graphs) for graphs in (0, 1)]
+                   + [("drop_in", changes, n) for n in drop_in_sizes], args.workers)
     report["ceilings"] = ceilings(device, seconds)
     bandwidth = report["ceilings"]["copy_bandwidth_Bps"]
     print(f"unroll_throughput on {args.device} ({machine}), torch {torch.__version__}, triton {report['triton']}, "
@@ -383,7 +457,7 @@ def main() -> None:
     report["quadratic_iteration_s"] = quadratic
 
     drop = []
-    for n in ((1_000_000, 10_000_000) if device.type == "cuda" else (100_000,)):
+    for n in drop_in_sizes:
         for kernel in kernels:
             row = {"params": n, "kernel": kernel, **drop_in(n, device, seconds, kernel)}
             row["ratio"] = row["learned_s"] / row["adam_s"]

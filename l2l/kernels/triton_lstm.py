@@ -334,7 +334,9 @@ def lstm_forward_kernel(
     tl.store(upd_ptr + n, update.to(UT), mask=n_ok)
 
 
-@triton.jit
+# The loop bounds are not specialised on (divisibility by 16, equality to 1): they carry no
+# alignment, and each specialisation is another compile when the coordinate count changes.
+@triton.jit(do_not_specialize=["num_blocks", "num_programs"])
 def lstm_backward_kernel(
     g_ptr, h_ptr, c_ptr, du_ptr, dhn_ptr, dcn_ptr, dg_ptr, dh_ptr, dc_ptr, part_ptr, const_ptr,
     pack_ptr, wout_ptr, bout_ptr,

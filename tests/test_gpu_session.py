@@ -1,0 +1,46 @@
+"""The prepared GPU-session script runs its steps within its budget and writes its log (checked on the CPU)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils' timeout")
+
+
+def run_session(tmp_path, **env):
+    variables = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu", **env}
+    return subprocess.run(["bash", str(SCRIPT)], env=variables, capture_output=True, text=True, timeout=120)
+
+
+def test_script_parses():
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+
+
+def test_env_step_reports_the_versions_and_succeeds(tmp_path):
+    result = run_session(tmp_path, STEPS="env")
+    log = (tmp_path / "session.log").read_text()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "torch " in log and "triton " in log and "== env: exit 0" in log
+    assert "0 steps failed or skipped" in log
+
+
+def test_unknown_step_is_refused_before_anything_runs(tmp_path):
+    result = run_session(tmp_path, STEPS="env bogus")
+    assert result.returncode == 2
+    assert "unknown step 'bogus'" in result.stderr
+    assert not (tmp_path / "session.log").exists()
+
+
+def test_steps_beyond_the_budget_are_skipped_and_named(tmp_path):
+    result = run_session(tmp_path, STEPS="env unroll", BUDGET_S="0")
+    log = (tmp_path / "session.log").read_text()
+    assert result.returncode == 1
+    assert "SKIPPED env" in log and 'rerun with STEPS="unroll ...")' in log
+    assert "2 steps failed or skipped: env(skipped) unroll(skipped)" in log
