@@ -24,9 +24,11 @@ write d h, d c = 968). Roofline = copy bandwidth / bytes.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -264,9 +266,6 @@ def precompile(jobs: list[WarmJob], workers: int) -> None:
     in this process, only cache hits. Compilation never enters a timing either way (every
     measurement warms up first): this saves wall-clock time on a machine lent by the minute.
     """
-    import concurrent.futures
-    import multiprocessing
-
     begin = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
@@ -374,8 +373,6 @@ def resources(precision: str, workers: int) -> list[dict[str, Any]]:
     resident programs' stack (plus their shared memory) exceeds an SM's 256 KiB of L1, spills
     travel to L2 (``stack_fits_l1`` False), which is what makes them expensive.
     """
-    import concurrent.futures
-
     import triton
 
     config = fused.get_config()
