@@ -230,25 +230,29 @@ def _run_once(fn: Callable[[], Any], warmup: int = 0, repeats: int = 1) -> float
 WarmJob = tuple[str, dict[str, Any], int]
 
 
-def _warm(job: WarmJob) -> tuple[float, str | None]:
-    """Runs one measurement once with the fused kernel (a worker of :func:`precompile`): seconds taken, error."""
+def run_job(job: WarmJob, device: torch.device) -> None:
+    """Runs one measurement of a precompile job once with the fused kernel (its kernels compile; nothing is timed)."""
     measurement, changes, size = job
-    device = torch.device("cuda")
+    with fused.configured(**changes):
+        rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
+        if measurement == "inference":
+            inference(rule, "fused", size, device, _run_once)
+        elif measurement == "meta":
+            # Three steps launch every variant a longer unroll does (first, middle and last step).
+            meta_training(rule, size, 3, device, _run_once)
+        elif measurement == "quadratic":
+            quadratic_iteration("fused", bool(size), device, _run_once)
+        elif measurement == "drop_in":
+            drop_in(size, device, _run_once, "fused")
+        else:
+            raise ValueError(f"unknown measurement {measurement!r}")
+
+
+def _warm(job: WarmJob) -> tuple[float, str | None]:
+    """Runs one job on CUDA (a worker of :func:`precompile`): seconds taken, error."""
     begin = time.perf_counter()
     try:
-        with fused.configured(**changes):
-            rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
-            if measurement == "inference":
-                inference(rule, "fused", size, device, _run_once)
-            elif measurement == "meta":
-                # Three steps launch every variant a longer unroll does (first, middle and last step).
-                meta_training(rule, size, 3, device, _run_once)
-            elif measurement == "quadratic":
-                quadratic_iteration("fused", bool(size), device, _run_once)
-            elif measurement == "drop_in":
-                drop_in(size, device, _run_once, "fused")
-            else:
-                raise ValueError(f"unknown measurement {measurement!r}")
+        run_job(job, torch.device("cuda"))
         torch.cuda.synchronize()
         error = None
     except Exception as caught:  # the timed run reports it again, with its row
@@ -282,10 +286,38 @@ FORWARD_SETTINGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 BACKWARD_SETTINGS = ((16, 4), (16, 8), (32, 4), (32, 8))
 REGISTERS_PER_SM = 65536
 L1_AND_SHARED_PER_SM = 256 * 1024  # H100/H200
+SWEEP_SIZES = (10_000_000, 1_000_000)  # the forward is swept by inference at the first, the backward by meta-training
+CUDA_SIZES = (1280, 16_000, 1_000_000, 10_000_000)
+CUDA_DROP_IN_SIZES = (1_000_000, 10_000_000)
+
+
+def sweep_settings() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The sweep's FusedConfig changes: forward settings x maxnreg, and backward settings x weight-gradient modes."""
+    forward_changes = [dict(block=block, warps=warps, maxnreg=maxnreg)
+                       for block, warps in FORWARD_SETTINGS for maxnreg in (None, 128)]
+    backward_changes = [dict(weight_grads=weight_grads, backward_block=block, backward_warps=warps)
+                        for weight_grads in fused.WEIGHT_GRADS for block, warps in BACKWARD_SETTINGS]
+    return forward_changes, backward_changes
+
+
+def sweep_jobs(precision: str, sizes: tuple[int, int] = SWEEP_SIZES) -> list[WarmJob]:
+    """The precompile jobs of :func:`sweep`: one per launch setting."""
+    forward_changes, backward_changes = sweep_settings()
+    return ([("inference", {"precision": precision, **changes}, sizes[0]) for changes in forward_changes]
+            + [("meta", {"precision": precision, **changes}, sizes[1]) for changes in backward_changes])
+
+
+def benchmark_jobs(precision: str, sizes: tuple[int, ...] = CUDA_SIZES,
+                   drop_in_sizes: tuple[int, ...] = CUDA_DROP_IN_SIZES) -> list[WarmJob]:
+    """The precompile jobs of the main run: every size's inference and meta-training, the quadratic, the drop-in."""
+    changes = {"precision": precision}
+    return ([(measurement, changes, n) for n in sizes for measurement in ("inference", "meta")]
+            + [("quadratic", changes, graphs) for graphs in (0, 1)]
+            + [("drop_in", changes, n) for n in drop_in_sizes])
 
 
 def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
-          sizes: tuple[int, int] = (10_000_000, 1_000_000)) -> list[dict[str, Any]]:
+          sizes: tuple[int, int] = SWEEP_SIZES) -> list[dict[str, Any]]:
     """Times the fused kernels' launch settings: the forward by inference at sizes[0], the backward by meta-training at sizes[1].
 
     The two kernels are swept separately (their settings are independent): the forward over
@@ -295,13 +327,9 @@ def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
     """
     rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
     rows = []
-    forward_changes = [dict(block=block, warps=warps, maxnreg=maxnreg)
-                       for block, warps in FORWARD_SETTINGS for maxnreg in (None, 128)]
-    backward_changes = [dict(weight_grads=weight_grads, backward_block=block, backward_warps=warps)
-                        for weight_grads in fused.WEIGHT_GRADS for block, warps in BACKWARD_SETTINGS]
+    forward_changes, backward_changes = sweep_settings()
     if workers > 1:
-        precompile([("inference", {"precision": precision, **changes}, sizes[0]) for changes in forward_changes]
-                   + [("meta", {"precision": precision, **changes}, sizes[1]) for changes in backward_changes], workers)
+        precompile(sweep_jobs(precision, sizes), workers)
 
     def measure(row: dict[str, Any], changes: dict[str, Any], run: Callable[[], dict[str, float]]) -> None:
         try:
@@ -426,8 +454,8 @@ def main() -> None:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle, indent=1)
         return
-    default_sizes = "1280,16000" if device.type == "cpu" else "1280,16000,1e6,1e7"
-    sizes = [int(float(s)) for s in (args.sizes or default_sizes).split(",")]
+    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
+        [1280, 16_000] if device.type == "cpu" else list(CUDA_SIZES))
     kernels = ["reference"] + (["fused"] if device.type == "cuda" and fused.fused_available(device) else [])
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     report: dict[str, Any] = {
@@ -436,12 +464,9 @@ def main() -> None:
         "fused_config": dataclasses.asdict(fused.get_config()),
         "bytes_per_coordinate_step": {"inference": INFERENCE_BYTES, "meta_training": META_BYTES},
     }
-    drop_in_sizes = (1_000_000, 10_000_000) if device.type == "cuda" else (100_000,)
+    drop_in_sizes = CUDA_DROP_IN_SIZES if device.type == "cuda" else (100_000,)
     if "fused" in kernels and args.workers > 1:
-        changes = {"precision": args.precision}
-        precompile([(measurement, changes, n) for n in sizes for measurement in ("inference", "meta")]
-                   + [("quadratic", changes, graphs) for graphs in (0, 1)]
-                   + [("drop_in", changes, n) for n in drop_in_sizes], args.workers)
+        precompile(benchmark_jobs(args.precision, tuple(sizes), drop_in_sizes), args.workers)
     report["ceilings"] = ceilings(device, seconds)
     bandwidth = report["ceilings"]["copy_bandwidth_Bps"]
     print(f"unroll_throughput on {args.device} ({machine}), torch {torch.__version__}, triton {report['triton']}, "

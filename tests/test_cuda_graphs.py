@@ -10,7 +10,7 @@ from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from gpu import CUDA, needs_cuda
 
 
 def manual_truncations(rule, optimizer, task, weights, truncations, steps):
@@ -71,13 +71,13 @@ def test_graphs_are_refused_with_a_reason_off_cuda():
 @needs_cuda
 @pytest.mark.parametrize("kernel", ["reference", "fused"])
 def test_cuda_graph_replays_equal_eager_truncations(kernel):
-    if kernel == "fused" and not fused.fused_available("cuda"):
+    if kernel == "fused" and not fused.fused_available(CUDA):
         pytest.skip("the fused kernel needs Triton")
-    task = QuadraticFamily().sample(128, torch.Generator().manual_seed(0), "cuda")
-    weights = torch.ones(20, device="cuda")
+    task = QuadraticFamily().sample(128, torch.Generator().manual_seed(0), CUDA)
+    weights = torch.ones(20, device=CUDA)
     results = []
     for use_graph in (False, True):
-        rule = CoordinateWiseLSTM(seed=2, kernel=kernel).cuda()
+        rule = CoordinateWiseLSTM(seed=2, kernel=kernel).to(CUDA)
         optimizer = torch.optim.Adam(rule.parameters(), lr=1e-3, capturable=True)
         losses, carry, runner = graphed_truncations(rule, optimizer, task, weights, 5, 20, use_graph=use_graph)
         assert runner.use_graph == use_graph
@@ -93,11 +93,11 @@ def test_cuda_graph_replays_equal_eager_truncations(kernel):
 @needs_cuda
 def test_cuda_graph_new_task_new_length_and_lr_change():
     family = QuadraticFamily()
-    tasks = [family.sample(16, torch.Generator().manual_seed(k), "cuda") for k in range(2)]
-    weights = torch.ones(20, device="cuda")
+    tasks = [family.sample(16, torch.Generator().manual_seed(k), CUDA) for k in range(2)]
+    weights = torch.ones(20, device=CUDA)
     outcomes = []
     for use_graph in (False, True):
-        rule = CoordinateWiseLSTM(seed=3).cuda()
+        rule = CoordinateWiseLSTM(seed=3).to(CUDA)
         optimizer = torch.optim.Adam(rule.parameters(), lr=1e-3, capturable=True)
         runner = GraphedTruncation(rule, optimizer, tasks[0], weights, 1.0, use_graph=use_graph)
         losses = []

@@ -15,13 +15,12 @@ from l2l.optimizers.grouped import PerGroupRule
 from l2l.tasks import QuadraticFamily, QuadraticTask
 from l2l.torch_optim import learned_step
 
+from gpu import CUDA, needs_cuda_and_triton
+
 # numpy's overflow/invalid warnings from the interpreter (exp of large values, inf * 0) are expected.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 needs_triton = pytest.mark.skipif(fused.triton_version() is None, reason="Triton is not installed")
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or fused.triton_version() is None, reason="needs CUDA and Triton"
-)
 
 TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
@@ -346,18 +345,18 @@ def test_package_imports_and_trains_without_triton(tmp_path):
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_cuda_and_triton
 @pytest.mark.parametrize("weight_grads", fused.WEIGHT_GRADS)
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 @pytest.mark.parametrize("n", [1, 37, 1000, 100_003])
 def test_cuda_forward_and_gradients_match_reference(n, precision, weight_grads):
-    rule = CoordinateWiseLSTM(seed=21).cuda()
-    grad = edge_gradients(n, torch.float32).cuda() if n >= 5 else torch.randn(n).cuda()
-    h, c = (t.cuda() for t in random_state(rule, n, torch.float32))
+    rule = CoordinateWiseLSTM(seed=21).to(CUDA)
+    grad = edge_gradients(n, torch.float32).to(CUDA) if n >= 5 else torch.randn(n).to(CUDA)
+    h, c = (t.to(CUDA) for t in random_state(rule, n, torch.float32))
     with fused.configured(precision=precision, weight_grads=weight_grads):
         for ours, reference in zip(*both_paths(rule, grad, h, c)):
             torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-        weights = [torch.randn(n, device="cuda"), torch.randn(h.shape, device="cuda"), torch.randn(c.shape, device="cuda")]
+        weights = [torch.randn(n, device=CUDA), torch.randn(h.shape, device=CUDA), torch.randn(c.shape, device=CUDA)]
         ours, reference = all_grads(rule, grad, h, c, weights)
     for a, b in zip(ours, reference):
         scale = b.abs().max().clamp_min(1.0)
@@ -365,16 +364,16 @@ def test_cuda_forward_and_gradients_match_reference(n, precision, weight_grads):
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_cuda_and_triton
 @pytest.mark.parametrize("weight_grads", fused.WEIGHT_GRADS)
 def test_cuda_float64_matches_reference_tightly(weight_grads):
     # float64 weights take the FMA path (precision "ieee"); every dot accumulates in float64.
-    rule = CoordinateWiseLSTM(seed=23).double().cuda()
+    rule = CoordinateWiseLSTM(seed=23).double().to(CUDA)
     n = 1000
-    grad = edge_gradients(n).cuda()
-    h, c = (t.cuda() for t in random_state(rule, n))
-    weights = [torch.randn(n, device="cuda", dtype=torch.float64), torch.randn(h.shape, device="cuda", dtype=torch.float64),
-               torch.randn(c.shape, device="cuda", dtype=torch.float64)]
+    grad = edge_gradients(n).to(CUDA)
+    h, c = (t.to(CUDA) for t in random_state(rule, n))
+    weights = [torch.randn(n, device=CUDA, dtype=torch.float64), torch.randn(h.shape, device=CUDA, dtype=torch.float64),
+               torch.randn(c.shape, device=CUDA, dtype=torch.float64)]
     with fused.configured(weight_grads=weight_grads):
         for ours, reference in zip(*both_paths(rule, grad, h, c)):
             torch.testing.assert_close(ours, reference, **TIGHT[torch.float64])
@@ -384,30 +383,30 @@ def test_cuda_float64_matches_reference_tightly(weight_grads):
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_cuda_and_triton
 def test_cuda_nonfinite_and_bfloat16():
-    rule = CoordinateWiseLSTM(seed=22).cuda()
+    rule = CoordinateWiseLSTM(seed=22).to(CUDA)
     grad = edge_gradients(300, torch.float32)
     grad[[5, 6, 7]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-    grad = grad.cuda()
-    h, c = (t.cuda() for t in random_state(rule, 300, torch.float32))
+    grad = grad.to(CUDA)
+    h, c = (t.to(CUDA) for t in random_state(rule, 300, torch.float32))
     for ours, reference in zip(*both_paths(rule, grad, h, c)):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5, equal_nan=True)
-    compact = CoordinateWiseLSTM(seed=22, state_dtype=torch.bfloat16).cuda()
+    compact = CoordinateWiseLSTM(seed=22, state_dtype=torch.bfloat16).to(CUDA)
     hb, cb = h.bfloat16(), c.bfloat16()
-    grad = torch.randn(300, device="cuda")
+    grad = torch.randn(300, device=CUDA)
     for ours, reference in zip(*both_paths(compact, grad, hb, cb)):
         torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-3)
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_cuda_and_triton
 @pytest.mark.parametrize("second_order", [False, True])
 def test_cuda_unroll_meta_gradients_match_reference(second_order):
-    task = QuadraticFamily(dim=10).sample(128, torch.Generator().manual_seed(0), "cuda")
+    task = QuadraticFamily(dim=10).sample(128, torch.Generator().manual_seed(0), CUDA)
     results = []
     for kernel in ("fused", "reference"):
-        rule = CoordinateWiseLSTM(seed=23, kernel=kernel).cuda()
+        rule = CoordinateWiseLSTM(seed=23, kernel=kernel).to(CUDA)
         carry = start(rule, task)
         losses, carry = unroll(rule, task, carry, 20, second_order=second_order)
         meta_loss = losses.sum(0).mean()
@@ -420,13 +419,13 @@ def test_cuda_unroll_meta_gradients_match_reference(second_order):
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_cuda_and_triton
 def test_cuda_memory_per_coordinate_step_under_400_bytes():
     """A 20-step unroll over 2e5 coordinates: the peak memory growth stays under 400 bytes per coordinate-step."""
     n, steps = 200_000, 20
-    rule = CoordinateWiseLSTM(seed=24).cuda()
-    params = torch.zeros(n, device="cuda")
-    scale = torch.rand(n, device="cuda") + 0.5
+    rule = CoordinateWiseLSTM(seed=24).to(CUDA)
+    params = torch.zeros(n, device=CUDA)
+    scale = torch.rand(n, device=CUDA) + 0.5
     h, c = rule.init_state(n)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -443,14 +442,14 @@ def test_cuda_memory_per_coordinate_step_under_400_bytes():
 
 
 @pytest.mark.cuda
-@needs_cuda
+@needs_cuda_and_triton
 def test_cuda_drop_in_uses_the_fused_kernel_and_matches_reference():
     torch.manual_seed(0)
-    models = [nn.Linear(300, 200).cuda() for _ in range(2)]
+    models = [nn.Linear(300, 200).to(CUDA) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [LearnedOptimizer(m.parameters(), CoordinateWiseLSTM(seed=25, kernel=k)) for m, k in
                   zip(models, ("auto", "reference"))]
-    assert dispatch.select_kernel("auto", optimizers[0].rule, torch.device("cuda")) == "fused"
+    assert dispatch.select_kernel("auto", optimizers[0].rule, CUDA) == "fused"
     step_together(models, optimizers, nan_step=2)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

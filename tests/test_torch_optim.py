@@ -17,6 +17,8 @@ from l2l.optimizers import CoordinateWiseLSTM, PerGroupRule
 from l2l.tasks.base import Task
 from l2l.tasks.module import ParamLayout
 
+from gpu import CUDA, needs_cuda
+
 
 def sensitive_rule(seed=0):
     """A seeded LSTM with its weights scaled up: its updates depend visibly on the gradient and the state.
@@ -230,15 +232,15 @@ def test_mixed_dtypes_equal_each_parameter_alone(checkpoint):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_cpu_and_cuda_parameters_in_one_group(checkpoint):
-    cpu, cuda = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6, device="cuda"))
+    cpu, cuda = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6, device=CUDA))
     cuda.data.copy_(cpu.data)
     optimizer = LearnedOptimizer([cpu, cuda], checkpoint)
     for step in range(3):
         grad = torch.randn(6)
         grad[step] = float("nan")
-        cpu.grad, cuda.grad = grad.clone(), grad.cuda()
+        cpu.grad, cuda.grad = grad.clone(), grad.to(CUDA)
         optimizer.step()
     torch.testing.assert_close(cuda.cpu(), cpu.detach(), rtol=1e-5, atol=1e-6)
     assert optimizer.nonfinite_steps == 3
