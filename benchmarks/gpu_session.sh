@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The issue-5 GPU session in one prepared call: environment, compiled-kernel tests, benchmarks; everything to $OUT.
 #
-# On the lent GPU machine (device tool), from the repository root, with the higher wheel carried:
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# On the lent GPU machine (device tool), from the repository root, with the higher wheel and the
+# kernels compiled for sm_90 carried (both git-ignored; see benchmarks/GPU_NOTES.md):
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".triton-sm90"], timeout_s=600)
 # Locally (the plumbing only, no GPU):
 #   DEVICE=cpu STEPS="env tests unroll" OUT=runs/gpu-session bash benchmarks/gpu_session.sh
 #
@@ -12,13 +13,15 @@
 # - a session has about 12 minutes of device time once the machine has started, so every step has
 #   a time limit inside one overall budget (BUDGET_S), the steps run most important first, and a
 #   step that does not fit is skipped and named, to be rerun with STEPS=...;
-# - Triton compiles each kernel variant on one CPU core (20-30 s for the backward kernel), so the
-#   tests run in parallel processes (pytest-xdist) and the benchmarks compile their variants in
-#   parallel before timing (unroll_throughput.py --workers);
+# - Triton compiles each kernel variant on one CPU core (15-30 s for the backward kernel): the
+#   `cache` step installs the variants compiled ahead of time on the development machine
+#   (benchmarks/kernel_cache.py build), every step reports how many it still had to compile, and
+#   what is left compiles in parallel processes (pytest-xdist, unroll_throughput.py --workers);
 # - at most 8 files come back from $OUT: one log plus one JSON per benchmark.
 #
-# Environment: STEPS (default "env tests unroll sweep tf32 step"), BUDGET_S (default 540), DEVICE
-# (default cuda), PYTHON (default python3), WORKERS (default: the CPU count, at most 16).
+# Environment: STEPS (default "cache env tests unroll sweep tf32 step"), BUDGET_S (default 540),
+# DEVICE (default cuda), PYTHON (default python3), WORKERS (default: the CPU count, at most 16),
+# TRITON_CACHE_DIR (default /tmp/l2l-triton-cache).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/runs/gpu-session}
@@ -26,17 +29,18 @@ mkdir -p "$OUT"
 LOG=$OUT/session.log
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-env tests unroll sweep tf32 step}
+STEPS=${STEPS:-cache env tests unroll sweep tf32 step}
 WORKERS=${WORKERS:-$(( $(nproc) < 16 ? $(nproc) : 16 ))}
 DEADLINE=$(( SECONDS + ${BUDGET_S:-540} ))
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/l2l-triton-cache}
 FAILED=()
 
 say() { echo "$*" | tee -a "$LOG"; }
+compiled() { find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l; }
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND under the smaller of LIMIT_S and the budget left.
 step() {
-    local name=$1 limit=$2 left rc begin
+    local name=$1 limit=$2 left rc begin kernels
     shift 2
     left=$(( DEADLINE - SECONDS ))
     if (( left < 30 )); then
@@ -47,11 +51,12 @@ step() {
     (( limit > left )) && limit=$left
     say "== $name (limit ${limit} s, $(date -u +%H:%M:%S)): $*"
     begin=$SECONDS
+    kernels=$(compiled)
     set -o pipefail
     timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     rc=$?
     set +o pipefail
-    say "== $name: exit $rc after $(( SECONDS - begin )) s"
+    say "== $name: exit $rc after $(( SECONDS - begin )) s; Triton's cache gained $(( $(compiled) - kernels )) kernels"
     (( rc != 0 )) && FAILED+=("$name(exit $rc)")
 }
 
@@ -101,8 +106,8 @@ run_tests() {
 
 for name in $STEPS; do
     case $name in
-        env | tests | unroll | sweep | tf32 | step) ;;
-        *) echo "unknown step '$name' (steps: env tests unroll sweep tf32 step)" >&2; exit 2 ;;
+        cache | env | tests | unroll | sweep | tf32 | step) ;;
+        *) echo "unknown step '$name' (steps: cache env tests unroll sweep tf32 step)" >&2; exit 2 ;;
     esac
 done
 : >"$LOG"
@@ -112,6 +117,7 @@ say "gpu_session: steps '$STEPS', budget ${BUDGET_S:-540} s, device $DEVICE, $WO
 setup
 for name in $STEPS; do
     case $name in
+        cache) step cache 60 "$PY" benchmarks/kernel_cache.py install .triton-sm90 ;;
         env) step env 60 bash -c environment ;;
         tests) step tests 240 bash -c run_tests ;;
         unroll) step unroll 200 "$PY" benchmarks/unroll_throughput.py --device "$DEVICE" --workers "$WORKERS" \

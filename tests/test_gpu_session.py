@@ -44,3 +44,11 @@ def test_steps_beyond_the_budget_are_skipped_and_named(tmp_path):
     assert result.returncode == 1
     assert "SKIPPED env" in log and 'rerun with STEPS="unroll ...")' in log
     assert "2 steps failed or skipped: env(skipped) unroll(skipped)" in log
+
+
+def test_cache_step_without_a_gpu_installs_nothing_and_succeeds(tmp_path):
+    result = run_session(tmp_path, STEPS="cache")
+    log = (tmp_path / "session.log").read_text()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kernel cache: no GPU here, nothing to install" in log
+    assert "== cache: exit 0" in log and "Triton's cache gained 0 kernels" in log

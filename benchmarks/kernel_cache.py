@@ -1,0 +1,414 @@
+"""Compiles the fused kernels' variants for sm_90 (H100/H200) without a GPU, and installs them into Triton's cache on the GPU machine.
+
+Triton compiles each variant of a kernel (one specialisation of its arguments and launch
+options) on one CPU core when it is first launched: about 3 s for the forward and 15-30 s for
+the backward. A lent GPU session pays that out of its device minutes, for every variant its
+tests and benchmarks launch. This tool moves the compiling to the development machine:
+
+- ``capture`` runs the GPU session's workloads (the CUDA-marked tests, ``unroll_throughput.py``'s
+  main run in both precisions and its sweep, ``optimizer_step.py``) on CPU tensors with Triton
+  pointed at an sm_90 target. Each launch goes through Triton's own binder and is recorded as
+  the specialisation data ``JITFunction.preload`` takes; nothing is compiled or run. Sizes
+  above ``LARGEST_CAPTURED`` are replaced by a smaller one with the same remainder modulo 16,
+  which is all Triton specialises integers and pointer offsets on.
+- ``build`` compiles every recorded variant for sm_90 (Triton ships ptxas) into a directory of
+  cubins, their metadata, and ``manifest.json``.
+- ``install`` runs on the GPU machine before anything compiles. It preloads every variant
+  through Triton's own ``preload``; when Triton's compile step asks for its cache directory by
+  the key it computed on that machine, the carried cubin is put there first, so the step finds
+  a cache hit. A copied cache directory would never be hit: the key hashes the local libtriton
+  build, which differs between the Python 3.11 wheel here and the 3.12 wheel there. It
+  installs nothing unless the kernels' source (Triton's hash of it), the Triton version, the
+  compiler backend (ptxas version and architecture), the GPU's target and Triton's
+  cache-invalidating environment variables equal the build's.
+
+    python benchmarks/kernel_cache.py build [--out .triton-sm90] [--workers 2]   # development machine
+    python benchmarks/kernel_cache.py install .triton-sm90                       # GPU machine (gpu_session.sh)
+    python benchmarks/kernel_cache.py capture                                     # list the variants only
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime
+import gzip
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from l2l import LearnedOptimizer
+from l2l.kernels import dispatch, fused
+from l2l.optimizers import CoordinateWiseLSTM
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size: the H100 and H200
+SM_COUNT = 132  # sizes the backward's persistent grid (its program count is not specialised)
+LARGEST_CAPTURED = 20_000  # coordinates; larger sizes are captured at a stand-in with the same remainder mod 16
+DEFAULT_OUT = ROOT / ".triton-sm90"
+MANIFEST = "manifest.json"
+KERNELS = ("lstm_forward_kernel", "lstm_backward_kernel")
+
+
+class OfflineDriver:
+    """Stands in for Triton's CUDA driver where there is no GPU: a target to compile for, device 0, stream 0."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        del device  # Unused.
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(*TARGET)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def offline_driver() -> Iterator[None]:
+    """Inside the block Triton's JIT binds and compiles for sm_90 on a machine without a GPU."""
+    from triton.runtime.driver import driver
+
+    previous = driver._active  # None until first used; restored as found
+    driver.set_active(OfflineDriver())
+    try:
+        yield
+    finally:
+        driver._active = previous
+
+
+def stand_in_size(n: int) -> int:
+    """``n``, or above :data:`LARGEST_CAPTURED` a smaller size Triton specialises identically (same remainder mod 16)."""
+    return n if n <= LARGEST_CAPTURED else 16_000 + n % 16
+
+
+@contextlib.contextmanager
+def _patched(patches: list[tuple[Any, str, Any]]) -> Iterator[None]:
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+class Capture:
+    """Fused-kernel launches on CPU tensors recorded as sm_90 specialisation data instead of run (see :meth:`active`).
+
+    Attributes:
+        variants: specialisation data (a JSON string, as Triton serialises it) -> the
+            workloads that launched it.
+    """
+
+    def __init__(self):
+        self.variants: dict[str, set[str]] = {}
+        self.workload = "?"
+
+    def _hook(self, *, compile: dict[str, Any], **unused: Any) -> bool:
+        del unused  # Unused.
+        self.variants.setdefault(compile["specialization_data"], set()).add(self.workload)
+        return True  # Triton then neither compiles nor launches
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["Capture"]:
+        """Inside the block l2l takes its CUDA code paths for CPU tensors and every launch is only recorded.
+
+        The kernels' outputs stay uninitialised, so ``torch.testing.assert_close`` is a no-op
+        in the block (the captured tests must reach every launch), and the CUDA memory and
+        synchronisation calls the workloads make are stubbed.
+        """
+        from triton import knobs
+
+        def supported(device=None, rule=None, dtype=None):
+            del device  # Unused.
+            return fused.unsupported_reason(rule, dtype) if rule is not None else None
+
+        select_kernel = dispatch.select_kernel
+
+        def select_as_on_cuda(kernel, rule, device):
+            del device  # Unused.
+            return select_kernel(kernel, rule, torch.device("cuda"))
+
+        patches = [
+            (fused, "_interpreted", lambda device: False),
+            (fused, "_sm_count", lambda index: SM_COUNT),
+            (fused, "unavailable_reason", supported),
+            (dispatch, "select_kernel", select_as_on_cuda),
+            (torch.testing, "assert_close", lambda *args, **kwargs: None),
+            (torch.cuda, "current_device", lambda: 0),
+            (torch.cuda, "synchronize", lambda *args, **kwargs: None),
+            (torch.cuda, "empty_cache", lambda: None),
+            (torch.cuda, "memory_allocated", lambda *args, **kwargs: 0),
+            (torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 0),
+            (torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None),
+            (knobs.runtime, "jit_cache_hook", self._hook),
+        ]
+        with offline_driver(), _patched(patches):
+            yield self
+
+    def run(self, workload: str, fn: Callable[[], Any]) -> None:
+        """Runs ``fn`` under the capture, its launches credited to ``workload``; its errors are reported, not raised."""
+        self.workload = workload
+        before = len(self.variants)
+        try:
+            with self.active():
+                fn()
+        except Exception as error:  # a workload that stops early has recorded what it launched so far
+            message = str(error).splitlines()[0][:100] if str(error) else ""
+            print(f"  {workload}: stopped by {type(error).__name__}: {message}")
+        print(f"  {workload}: {len(self.variants) - before} new variants ({len(self.variants)} in all)", flush=True)
+
+
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def session_workloads() -> list[tuple[str, Callable[[], Any]]]:
+    """What ``gpu_session.sh`` launches, as (name, function) pairs runnable on the CPU under :class:`Capture`."""
+    throughput = _benchmark_module("unroll_throughput")
+    optimizer_step = _benchmark_module("optimizer_step")
+    cpu = torch.device("cpu")
+
+    def jobs(job_list):
+        def run():
+            seen = set()
+            for measurement, changes, size in job_list:
+                # GraphedTruncation refuses graphs off CUDA; the captured graph replays the eager launches.
+                job = (measurement, changes, 0 if measurement == "quadratic" else stand_in_size(size))
+                if repr(job) not in seen:
+                    seen.add(repr(job))
+                    throughput.run_job(job, cpu)
+        return run
+
+    def drop_in_steps():
+        rule = CoordinateWiseLSTM(seed=0, kernel="fused")
+        for size in (100_000, 1_000_000, 10_000_000):  # optimizer_step.py's sizes: four Linear layers each
+            model = optimizer_step.make_model(size, cpu)
+            LearnedOptimizer(model.parameters(), rule).step()
+
+    workloads = []
+    for precision in ("tf32x3", "tf32"):
+        workloads.append((f"unroll_throughput {precision}", jobs(throughput.benchmark_jobs(precision))))
+    workloads.append(("unroll_throughput --sweep", jobs(throughput.sweep_jobs("tf32x3"))))
+    workloads.append(("optimizer_step", drop_in_steps))
+    workloads.append(("CUDA tests", _cuda_tests))
+    return workloads
+
+
+def _cuda_tests() -> None:
+    """The CUDA-marked tests, in this process, on CPU tensors (``tests/gpu.py``)."""
+    import pytest
+
+    os.environ["L2L_CUDA_TESTS_DEVICE"] = "cpu"
+    try:
+        pytest.main(["-q", "-m", "cuda", "-p", "no:cacheprovider", "--tb=no", "--no-header", "-rN",
+                     "-W", "ignore", str(ROOT / "tests")])
+    finally:
+        del os.environ["L2L_CUDA_TESTS_DEVICE"]
+
+
+def capture(workloads: list[tuple[str, Callable[[], Any]]] | None = None) -> dict[str, set[str]]:
+    """Records the variants ``workloads`` (default :func:`session_workloads`) launch: specialisation data -> workloads."""
+    recorder = Capture()
+    for name, fn in workloads if workloads is not None else session_workloads():
+        recorder.run(name, fn)
+    return recorder.variants
+
+
+def _portable(specialization: str) -> str:
+    """Specialisation data without the machine's path to libdevice (the target machine's Triton fills in its own)."""
+    data = json.loads(specialization)
+    data["options"].pop("extern_libs", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def _kernel(name: str):
+    return getattr(fused.kernels(), name)
+
+
+def _compile(specialization: str) -> tuple[bytes, dict[str, Any], float]:
+    """Compiles one variant for sm_90 (a worker of :func:`build`): cubin, metadata, seconds."""
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache, offline_driver():
+        os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: this really compiles
+        try:
+            name = json.loads(specialization)["name"].split(".")[-1]
+            begin = time.perf_counter()
+            compiled = _kernel(name).preload(specialization)
+            seconds = time.perf_counter() - begin
+            metadata_path = next(p for child, p in compiled.metadata_group.items() if child.endswith(".json"))
+            metadata = json.loads(Path(metadata_path).read_text())
+        finally:
+            if previous is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = previous
+        for name in _environment():  # compile() records them; install() writes the target machine's
+            metadata.pop(name, None)
+        return compiled.asm["cubin"], metadata, seconds
+
+
+def _environment() -> dict[str, str]:
+    """The environment variables set here that change what Triton compiles (part of its cache key)."""
+    from triton.compiler.compiler import get_cache_invalidating_env_vars
+
+    return dict(get_cache_invalidating_env_vars())
+
+
+def _backend_identity() -> dict[str, Any]:
+    """What must be equal where a build is made and where it is installed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    return {"triton": triton.__version__, "backend": make_backend(GPUTarget(*TARGET)).hash(), "target": list(TARGET),
+            "environment": _environment(),
+            # Triton's hash of each kernel's source and what it calls: a build of other sources is stale.
+            "kernels": {name: _kernel(name).cache_key for name in KERNELS}}
+
+
+def build(out: Path, workers: int, variants: dict[str, set[str]] | None = None) -> dict[str, Any]:
+    """Captures (unless given) and compiles every variant for sm_90 into ``out``: cubins, metadata, ``manifest.json``."""
+    variants = capture() if variants is None else variants
+    portable: dict[str, set[str]] = {}
+    for specialization, workloads in variants.items():
+        portable.setdefault(_portable(specialization), set()).update(workloads)
+    order = sorted(portable, key=lambda s: (json.loads(s)["name"], s))
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.cubin.gz"):
+        stale.unlink()
+    begin = time.perf_counter()
+    entries = []
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # fresh workers: nothing of the capture's patching carries over
+            compiled = stack.enter_context(concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)).map(
+                _compile, order)
+        else:
+            compiled = map(_compile, order)
+        for index, (specialization, (cubin, metadata, seconds)) in enumerate(zip(order, compiled)):
+            stem = f"{index:03d}-{metadata['name']}"
+            # gzip: a quarter of the size (the carried files share 64 MiB with everything else carried)
+            (out / f"{stem}.cubin.gz").write_bytes(gzip.compress(cubin, mtime=0))
+            entries.append({"kernel": metadata["name"], "specialization": specialization, "cubin": f"{stem}.cubin.gz",
+                            "metadata": metadata, "compile_s": round(seconds, 2),
+                            "workloads": sorted(portable[specialization])})
+            print(f"  {stem}: {seconds:5.1f} s, {len(cubin) / 1024:.0f} KiB", flush=True)
+    manifest = {**_backend_identity(), "date": datetime.date.today().isoformat(), "entries": entries,
+                "compile_s": round(sum(entry["compile_s"] for entry in entries), 1),
+                "wall_s": round(time.perf_counter() - begin, 1)}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def install(directory: Path) -> dict[str, Any]:
+    """Installs the carried variants into this machine's Triton cache (``TRITON_CACHE_DIR``): counts and the reason for any refusal.
+
+    Must run where the kernels will launch (the same Triton, environment variables and GPU), before they first do.
+    """
+    from triton import knobs
+    from triton.compiler import compiler as triton_compiler
+    from triton.runtime.driver import driver
+
+    manifest = json.loads((directory / MANIFEST).read_text())
+    here = _backend_identity()
+    target = driver.active.get_current_target()
+    here["target"] = [target.backend, target.arch, target.warp_size]
+    if manifest.get("kernels") != here["kernels"]:
+        return {"installed": 0, "present": 0, "cache_hits": 0,
+                "refused": "the kernels' source changed since the build (rebuild it)"}
+    for field in ("triton", "backend", "target", "environment"):
+        if manifest[field] != here[field]:
+            return {"installed": 0, "present": 0, "cache_hits": 0,
+                    "refused": f"{field} differs: built with {manifest[field]}, here {here[field]}"}
+    counts = {"installed": 0, "present": 0, "refused": None}
+    hits = []
+    previous_listener = knobs.compilation.listener
+    knobs.compilation.listener = lambda *, cache_hit, **unused: hits.append(cache_hit)
+    real_cache_manager = triton_compiler.get_cache_manager
+    begin = time.perf_counter()
+    try:
+        for entry in manifest["entries"]:
+            def copy_into_cache(digest: str, entry: dict[str, Any] = entry):
+                # compile() asks for its cache directory by the key it computed here; the
+                # binaries are put there before it looks, so it finds them.
+                manager = real_cache_manager(digest)
+                name = entry["kernel"][:150]
+                if manager.get_group(f"{name}.json") is None:
+                    metadata = {**entry["metadata"], "hash": digest, **_environment()}
+                    paths = {f"{name}.cubin": manager.put(gzip.decompress((directory / entry["cubin"]).read_bytes()),
+                                                                 f"{name}.cubin"),
+                             f"{name}.json": manager.put(json.dumps(metadata), f"{name}.json", binary=False)}
+                    manager.put_group(f"{name}.json", paths)
+                    counts["installed"] += 1
+                else:
+                    counts["present"] += 1
+                return manager
+
+            with _patched([(triton_compiler, "get_cache_manager", copy_into_cache)]):
+                _kernel(entry["kernel"]).preload(entry["specialization"])
+    finally:
+        knobs.compilation.listener = previous_listener
+    counts["cache_hits"] = sum(hits)
+    counts["seconds"] = round(time.perf_counter() - begin, 2)
+    counts["compile_s_saved"] = manifest.get("compile_s")
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("capture", help="list the variants the GPU session launches")
+    build_parser = commands.add_parser("build", help="capture and compile them for sm_90")
+    build_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    build_parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    install_parser = commands.add_parser("install", help="install a build into this machine's Triton cache")
+    install_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
+    args = parser.parse_args()
+    if args.command == "capture":
+        for specialization, workloads in sorted(capture().items()):
+            data = json.loads(specialization)
+            constants = dict(zip((k[0] for k in data["constant_keys"]), data["constant_vals"]))
+            print(data["name"].split(".")[-1], data["options"]["num_warps"], constants, sorted(workloads))
+    elif args.command == "build":
+        manifest = build(args.out, args.workers)
+        print(f"built {len(manifest['entries'])} variants for sm_90 with Triton {manifest['triton']} into {args.out}: "
+              f"{manifest['compile_s']:.0f} s of compiling, {manifest['wall_s']:.0f} s on {args.workers} workers")
+    else:
+        if not torch.cuda.is_available():
+            print("kernel cache: no GPU here, nothing to install")
+            return
+        if not (args.directory / MANIFEST).exists():
+            print(f"no kernel build in {args.directory}: run `python benchmarks/kernel_cache.py build` where Triton "
+                  "is installed and carry the directory; the kernels compile on first launch instead")
+            return
+        counts = install(args.directory)
+        if counts["refused"]:
+            print(f"kernel cache not installed: {counts['refused']}; the kernels compile on first launch instead")
+        else:
+            print(f"kernel cache: {counts['installed']} variants installed, {counts['present']} already present, "
+                  f"{counts['cache_hits']} cache hits checked, in {counts['seconds']} s "
+                  f"(their compiling took {counts['compile_s_saved']} s on the build machine)")
+
+
+if __name__ == "__main__":
+    main()
