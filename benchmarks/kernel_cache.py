@@ -24,6 +24,7 @@ tests and benchmarks launch. This tool moves the compiling to the development ma
 
     python benchmarks/kernel_cache.py build [--out .triton-sm90] [--workers 2]   # development machine
     python benchmarks/kernel_cache.py install .triton-sm90                       # GPU machine (gpu_session.sh)
+    python benchmarks/kernel_cache.py check .triton-sm90                         # replay the launches against it
     python benchmarks/kernel_cache.py capture                                     # list the variants only
 """
 
@@ -77,17 +78,74 @@ class OfflineDriver:
         return torch.device("cpu")
 
 
+class _NoDeviceUtils:
+    """What Triton asks of its driver's utilities to load a compiled kernel, answered without a GPU."""
+
+    def get_device_properties(self, device: int) -> dict[str, int]:
+        del device  # Unused.
+        return {"max_shared_mem": 232_448, "multiprocessor_count": SM_COUNT}  # an H100/H200's
+
+    def load_binary(self, name, kernel, shared, device) -> tuple[int, int, int, int, int]:
+        del name, kernel, shared, device  # Unused.
+        return 0, 0, 0, 0, 1024  # module, function, registers, spills, max threads
+
+
+class NoLaunchDriver(OfflineDriver):
+    """An :class:`OfflineDriver` that also loads compiled kernels and launches them, doing nothing (for :func:`check`)."""
+
+    utils = _NoDeviceUtils()
+
+    def launcher_cls(self, src, metadata) -> Callable[..., None]:
+        del src, metadata  # Unused.
+        return lambda *args, **kwargs: None
+
+
 @contextlib.contextmanager
-def offline_driver() -> Iterator[None]:
+def offline_driver(driver_type: type = OfflineDriver) -> Iterator[None]:
     """Inside the block Triton's JIT binds and compiles for sm_90 on a machine without a GPU."""
     from triton.runtime.driver import driver
 
     previous = driver._active  # None until first used; restored as found
-    driver.set_active(OfflineDriver())
+    driver.set_active(driver_type())
     try:
         yield
     finally:
         driver._active = previous
+
+
+@contextlib.contextmanager
+def cuda_paths_on_cpu() -> Iterator[None]:
+    """Inside the block l2l takes its CUDA code paths (the compiled fused kernels) for CPU tensors.
+
+    Nothing a kernel would write is written, so ``torch.testing.assert_close`` is a no-op in the
+    block (a test must go on to its later launches), and the CUDA memory and synchronisation
+    calls the workloads make are stubbed.
+    """
+
+    def supported(device=None, rule=None, dtype=None):
+        del device  # Unused.
+        return fused.unsupported_reason(rule, dtype) if rule is not None else None
+
+    select_kernel = dispatch.select_kernel
+
+    def select_as_on_cuda(kernel, rule, device):
+        del device  # Unused.
+        return select_kernel(kernel, rule, torch.device("cuda"))
+
+    with _patched([
+        (fused, "_interpreted", lambda device: False),
+        (fused, "_sm_count", lambda index: SM_COUNT),
+        (fused, "unavailable_reason", supported),
+        (dispatch, "select_kernel", select_as_on_cuda),
+        (torch.testing, "assert_close", lambda *args, **kwargs: None),
+        (torch.cuda, "current_device", lambda: 0),
+        (torch.cuda, "synchronize", lambda *args, **kwargs: None),
+        (torch.cuda, "empty_cache", lambda: None),
+        (torch.cuda, "memory_allocated", lambda *args, **kwargs: 0),
+        (torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 0),
+        (torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None),
+    ]):
+        yield
 
 
 def stand_in_size(n: int) -> int:
@@ -126,39 +184,10 @@ class Capture:
 
     @contextlib.contextmanager
     def active(self) -> Iterator["Capture"]:
-        """Inside the block l2l takes its CUDA code paths for CPU tensors and every launch is only recorded.
-
-        The kernels' outputs stay uninitialised, so ``torch.testing.assert_close`` is a no-op
-        in the block (the captured tests must reach every launch), and the CUDA memory and
-        synchronisation calls the workloads make are stubbed.
-        """
+        """Inside the block l2l's CUDA code paths run for CPU tensors (:func:`cuda_paths_on_cpu`) and every launch is only recorded."""
         from triton import knobs
 
-        def supported(device=None, rule=None, dtype=None):
-            del device  # Unused.
-            return fused.unsupported_reason(rule, dtype) if rule is not None else None
-
-        select_kernel = dispatch.select_kernel
-
-        def select_as_on_cuda(kernel, rule, device):
-            del device  # Unused.
-            return select_kernel(kernel, rule, torch.device("cuda"))
-
-        patches = [
-            (fused, "_interpreted", lambda device: False),
-            (fused, "_sm_count", lambda index: SM_COUNT),
-            (fused, "unavailable_reason", supported),
-            (dispatch, "select_kernel", select_as_on_cuda),
-            (torch.testing, "assert_close", lambda *args, **kwargs: None),
-            (torch.cuda, "current_device", lambda: 0),
-            (torch.cuda, "synchronize", lambda *args, **kwargs: None),
-            (torch.cuda, "empty_cache", lambda: None),
-            (torch.cuda, "memory_allocated", lambda *args, **kwargs: 0),
-            (torch.cuda, "max_memory_allocated", lambda *args, **kwargs: 0),
-            (torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: None),
-            (knobs.runtime, "jit_cache_hook", self._hook),
-        ]
-        with offline_driver(), _patched(patches):
+        with offline_driver(), cuda_paths_on_cpu(), _patched([(knobs.runtime, "jit_cache_hook", self._hook)]):
             yield self
 
     def run(self, workload: str, fn: Callable[[], Any]) -> None:
@@ -374,6 +403,52 @@ def install(directory: Path) -> dict[str, Any]:
     return counts
 
 
+def check(directory: Path, workloads: list[tuple[str, Callable[[], Any]]] | None = None) -> dict[str, Any]:
+    """Installs a build into a fresh cache here, then replays the workloads through Triton's real launch path.
+
+    The launches go through Triton's binder and cache lookup as on the GPU machine; the kernels
+    are then loaded and launched by :class:`NoLaunchDriver`, which does nothing. A miss is a
+    variant the build lacks (Triton compiles it, for sm_90, here).
+
+    Returns:
+        ``{"installed": install()'s counts, "workloads": {name: {"hits": int, "misses": int}}}``.
+    """
+    from triton import knobs
+
+    outcomes: dict[str, list[bool]] = {}
+    current = ["?"]
+
+    def listener(*, cache_hit: bool, **unused: Any) -> None:
+        del unused  # Unused.
+        outcomes.setdefault(current[0], []).append(cache_hit)
+
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            with offline_driver():
+                installed = install(directory)
+            for name in KERNELS:  # forget what install() loaded: every launch goes to the cache on disk
+                _kernel(name).device_caches.clear()
+            with offline_driver(NoLaunchDriver), cuda_paths_on_cpu(), \
+                    _patched([(knobs.compilation, "listener", listener)]):
+                for name, fn in workloads if workloads is not None else session_workloads():
+                    current[0] = name
+                    try:
+                        fn()
+                    except Exception as error:  # reported; the launches made before it are counted
+                        print(f"  {name}: stopped by {type(error).__name__}: {str(error).splitlines()[0][:100]}")
+            for name in KERNELS:  # loaded through the do-nothing driver: unusable elsewhere
+                _kernel(name).device_caches.clear()
+        finally:
+            if previous is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = previous
+    return {"installed": installed, "workloads": {name: {"hits": sum(hits), "misses": len(hits) - sum(hits)}
+                                                  for name, hits in outcomes.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -383,12 +458,21 @@ def main() -> None:
     build_parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     install_parser = commands.add_parser("install", help="install a build into this machine's Triton cache")
     install_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
+    check_parser = commands.add_parser("check", help="install a build into a fresh cache here and replay the "
+                                                     "session's launches against it (no GPU needed)")
+    check_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
     args = parser.parse_args()
     if args.command == "capture":
         for specialization, workloads in sorted(capture().items()):
             data = json.loads(specialization)
             constants = dict(zip((k[0] for k in data["constant_keys"]), data["constant_vals"]))
             print(data["name"].split(".")[-1], data["options"]["num_warps"], constants, sorted(workloads))
+    elif args.command == "check":
+        report = check(args.directory)
+        print(f"installed {report['installed']['installed']} variants "
+              f"({report['installed']['refused'] or 'not refused'}); launches replayed:")
+        for name, counts in report["workloads"].items():
+            print(f"  {name:28} {counts['hits']:4} cache hits, {counts['misses']:3} compiled")
     elif args.command == "build":
         manifest = build(args.out, args.workers)
         print(f"built {len(manifest['entries'])} variants for sm_90 with Triton {manifest['triton']} into {args.out}: "

@@ -130,10 +130,10 @@ with kernel_cache.offline_driver():
 def test_build_then_install_elsewhere_hits_the_cache_at_launch(kernel_cache, tmp_path):
     from l2l.optimizers import CoordinateWiseLSTM
 
-    def step():
+    def step(n=37):
         rule = CoordinateWiseLSTM(seed=0)
-        h, c = rule.init_state(37)
-        fused.lstm_step_(rule, torch.randn(37), h, c)
+        h, c = rule.init_state(n)
+        fused.lstm_step_(rule, torch.randn(n), h, c)
 
     variants = kernel_cache.capture([("step", step)])
     assert len(variants) == 1
@@ -156,6 +156,10 @@ def test_build_then_install_elsewhere_hits_the_cache_at_launch(kernel_cache, tmp
     assert (first["installed"], first["cache_hits"], first["refused"]) == (1, 1, None)
     assert (second["installed"], second["present"]) == (0, 1)
     assert elsewhere(install=False) == [True]  # the launch finds the installed binary
+    # check(): the same through Triton's whole launch path, in this process; n = 1 is another variant.
+    report = kernel_cache.check(build, [("built", step), ("not built", lambda: step(1))])
+    assert report["installed"]["installed"] == 1
+    assert report["workloads"] == {"built": {"hits": 1, "misses": 0}, "not built": {"hits": 0, "misses": 1}}
 
 
 def test_install_refuses_another_triton_version(kernel_cache, tmp_path):
