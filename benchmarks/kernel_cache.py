@@ -25,6 +25,7 @@ tests and benchmarks launch. This tool moves the compiling to the development ma
     python benchmarks/kernel_cache.py build [--out .triton-sm90] [--workers 2]   # development machine
     python benchmarks/kernel_cache.py install .triton-sm90                       # GPU machine (gpu_session.sh)
     python benchmarks/kernel_cache.py check .triton-sm90                         # replay the launches against it
+    python benchmarks/kernel_cache.py resources .triton-sm90 [--json OUT]        # registers and spills of each
     python benchmarks/kernel_cache.py capture                                     # list the variants only
 """
 
@@ -38,6 +39,8 @@ import gzip
 import json
 import multiprocessing
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +60,9 @@ LARGEST_CAPTURED = 20_000  # coordinates; larger sizes are captured at a stand-i
 DEFAULT_OUT = ROOT / ".triton-sm90"
 MANIFEST = "manifest.json"
 KERNELS = ("lstm_forward_kernel", "lstm_backward_kernel")
+REGISTERS_PER_SM = 65536
+L1_AND_SHARED_PER_SM = 256 * 1024  # H100/H200
+FLAGS = ("HAS_PARAMS", "MASK_NONFINITE", "HAS_DU", "HAS_DH", "HAS_DC", "NEED_DG", "NEED_DSTATE", "NEED_DW")
 
 
 class OfflineDriver:
@@ -194,13 +200,32 @@ class Capture:
         """Runs ``fn`` under the capture, its launches credited to ``workload``; its errors are reported, not raised."""
         self.workload = workload
         before = len(self.variants)
-        try:
-            with self.active():
-                fn()
-        except Exception as error:  # a workload that stops early has recorded what it launched so far
-            message = str(error).splitlines()[0][:100] if str(error) else ""
-            print(f"  {workload}: stopped by {type(error).__name__}: {message}")
+        with self.active():
+            _run_workload(workload, fn)
         print(f"  {workload}: {len(self.variants) - before} new variants ({len(self.variants)} in all)", flush=True)
+
+
+def _run_workload(name: str, fn: Callable[[], Any]) -> None:
+    """Runs ``fn``; an error is printed, not raised (a workload that stops early has launched what it launched)."""
+    try:
+        fn()
+    except Exception as error:
+        message = str(error).splitlines()[0][:100] if str(error) else ""
+        print(f"  {name}: stopped by {type(error).__name__}: {message}")
+
+
+@contextlib.contextmanager
+def _triton_cache(directory: str) -> Iterator[None]:
+    """Triton's on-disk cache is ``directory`` inside the block (read from the environment at each compile)."""
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = directory
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = previous
 
 
 def _benchmark_module(name: str):
@@ -267,7 +292,7 @@ def _portable(specialization: str) -> str:
     """Specialisation data without the machine's path to libdevice (the target machine's Triton fills in its own)."""
     data = json.loads(specialization)
     data["options"].pop("extern_libs", None)
-    return json.dumps(data, sort_keys=True)
+    return json.dumps(data)  # in Triton's order: the signature's follows the kernel's arguments
 
 
 def _kernel(name: str):
@@ -276,21 +301,13 @@ def _kernel(name: str):
 
 def _compile(specialization: str) -> tuple[bytes, dict[str, Any], float]:
     """Compiles one variant for sm_90 (a worker of :func:`build`): cubin, metadata, seconds."""
-    previous = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as cache, offline_driver():
-        os.environ["TRITON_CACHE_DIR"] = cache  # a fresh cache: this really compiles
-        try:
-            name = json.loads(specialization)["name"].split(".")[-1]
-            begin = time.perf_counter()
-            compiled = _kernel(name).preload(specialization)
-            seconds = time.perf_counter() - begin
-            metadata_path = next(p for child, p in compiled.metadata_group.items() if child.endswith(".json"))
-            metadata = json.loads(Path(metadata_path).read_text())
-        finally:
-            if previous is None:
-                del os.environ["TRITON_CACHE_DIR"]
-            else:
-                os.environ["TRITON_CACHE_DIR"] = previous
+    with tempfile.TemporaryDirectory() as cache, _triton_cache(cache), offline_driver():  # a fresh cache: this compiles
+        name = json.loads(specialization)["name"].split(".")[-1]
+        begin = time.perf_counter()
+        compiled = _kernel(name).preload(specialization)
+        seconds = time.perf_counter() - begin
+        metadata_path = next(p for child, p in compiled.metadata_group.items() if child.endswith(".json"))
+        metadata = json.loads(Path(metadata_path).read_text())
         for name in _environment():  # compile() records them; install() writes the target machine's
             metadata.pop(name, None)
         return compiled.asm["cubin"], metadata, seconds
@@ -422,31 +439,63 @@ def check(directory: Path, workloads: list[tuple[str, Callable[[], Any]]] | None
         del unused  # Unused.
         outcomes.setdefault(current[0], []).append(cache_hit)
 
-    previous = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        try:
-            with offline_driver():
-                installed = install(directory)
-            for name in KERNELS:  # forget what install() loaded: every launch goes to the cache on disk
-                _kernel(name).device_caches.clear()
-            with offline_driver(NoLaunchDriver), cuda_paths_on_cpu(), \
-                    _patched([(knobs.compilation, "listener", listener)]):
-                for name, fn in workloads if workloads is not None else session_workloads():
-                    current[0] = name
-                    try:
-                        fn()
-                    except Exception as error:  # reported; the launches made before it are counted
-                        print(f"  {name}: stopped by {type(error).__name__}: {str(error).splitlines()[0][:100]}")
-            for name in KERNELS:  # loaded through the do-nothing driver: unusable elsewhere
-                _kernel(name).device_caches.clear()
-        finally:
-            if previous is None:
-                del os.environ["TRITON_CACHE_DIR"]
-            else:
-                os.environ["TRITON_CACHE_DIR"] = previous
+    with tempfile.TemporaryDirectory() as cache, _triton_cache(cache):
+        with offline_driver():
+            installed = install(directory)
+        for name in KERNELS:  # forget what install() loaded: every launch goes to the cache on disk
+            _kernel(name).device_caches.clear()
+        with offline_driver(NoLaunchDriver), cuda_paths_on_cpu(), _patched([(knobs.compilation, "listener", listener)]):
+            for name, fn in workloads if workloads is not None else session_workloads():
+                current[0] = name
+                _run_workload(name, fn)
+        for name in KERNELS:  # loaded through the do-nothing driver: unusable elsewhere
+            _kernel(name).device_caches.clear()
     return {"installed": installed, "workloads": {name: {"hits": sum(hits), "misses": len(hits) - sum(hits)}
                                                   for name, hits in outcomes.items()}}
+
+
+def _constants(entry: dict[str, Any]) -> dict[str, Any]:
+    """A built variant's constexpr arguments (and integers specialised to 1) by argument name."""
+    names = _kernel(entry["kernel"]).arg_names
+    data = json.loads(entry["specialization"])
+    return {names[path[0]]: value for path, value in zip(data["constant_keys"], data["constant_vals"])}
+
+
+def resources(directory: Path) -> list[dict[str, Any]]:
+    """Registers, spills and shared memory of every variant in a build: the ones the GPU session launches.
+
+    Read with the cuobjdump Triton ships. Spilled registers live in local memory, cached in L1;
+    where the resident programs' stack plus their shared memory exceeds an SM's 256 KiB of L1
+    (``stack_fits_l1`` False), spills travel to L2, which is what makes them expensive.
+    """
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    rows = []
+    for entry in json.loads((directory / MANIFEST).read_text())["entries"]:
+        constants = _constants(entry)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+            handle.write(gzip.decompress((directory / entry["cubin"]).read_bytes()))
+            handle.flush()
+            out = subprocess.run([str(cuobjdump), "--dump-resource-usage", handle.name], capture_output=True,
+                                 text=True, check=True).stdout
+        registers, stack = (int(re.search(rf"{key}:(\d+)", out).group(1)) for key in ("REG", "STACK"))
+        warps, shared = entry["metadata"]["num_warps"], entry["metadata"]["shared"]
+        threads = 32 * warps
+        # Resident programs per SM as the register file allows (allocated in units of 8 per thread).
+        resident = REGISTERS_PER_SM // (threads * -(-registers // 8) * 8)
+        scratch = constants.get("DW_SCRATCH")
+        rows.append({
+            "kernel": entry["kernel"].removeprefix("lstm_").removesuffix("_kernel"),
+            "precision": constants["PRECISION"], "block": constants["BLOCK"], "warps": warps,
+            "maxnreg": entry["metadata"]["maxnreg"], "weight_grads": None if scratch is None else
+            ("scratch" if scratch else "registers"),
+            "flags": [flag for flag in FLAGS if constants.get(flag) is True], "n_is_1": constants.get("N") == 1,
+            "registers": registers, "stack_bytes": stack, "shared_bytes": shared,
+            "programs_per_sm_by_registers": resident, "stack_bytes_per_coordinate": stack * threads / constants["BLOCK"],
+            "stack_fits_l1": resident * (threads * stack + shared) <= L1_AND_SHARED_PER_SM,
+            "workloads": entry["workloads"]})
+    return rows
 
 
 def main() -> None:
@@ -461,6 +510,9 @@ def main() -> None:
     check_parser = commands.add_parser("check", help="install a build into a fresh cache here and replay the "
                                                      "session's launches against it (no GPU needed)")
     check_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
+    resources_parser = commands.add_parser("resources", help="registers and spills of every variant in a build")
+    resources_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
+    resources_parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args()
     if args.command == "capture":
         for specialization, workloads in sorted(capture().items()):
@@ -473,6 +525,21 @@ def main() -> None:
               f"({report['installed']['refused'] or 'not refused'}); launches replayed:")
         for name, counts in report["workloads"].items():
             print(f"  {name:28} {counts['hits']:4} cache hits, {counts['misses']:3} compiled")
+    elif args.command == "resources":
+        rows = resources(args.directory)
+        print(f"{'kernel':8} {'precision':9} {'block':>5} {'warps':>5} {'maxnreg':>7} {'weight_grads':12} {'REG':>4} "
+              f"{'STACK B':>8} {'B/coord':>8} {'progs/SM':>8} {'fits L1':>7}  flags")
+        for row in sorted(rows, key=lambda r: (r["kernel"], r["precision"], r["block"], r["warps"], str(r["maxnreg"]),
+                                               str(r["weight_grads"]), r["flags"])):
+            print(f"{row['kernel']:8} {row['precision']:9} {row['block']:5} {row['warps']:5} {str(row['maxnreg']):>7} "
+                  f"{row['weight_grads'] or '-':12} {row['registers']:4} {row['stack_bytes']:8} "
+                  f"{row['stack_bytes_per_coordinate']:8.0f} {row['programs_per_sm_by_registers']:8} "
+                  f"{'yes' if row['stack_fits_l1'] else 'no':>7}  {' '.join(row['flags'])}"
+                  f"{' N=1' if row['n_is_1'] else ''}")
+        if args.json:
+            manifest = json.loads((args.directory / MANIFEST).read_text())
+            args.json.write_text(json.dumps({"date": datetime.date.today().isoformat(), "triton": manifest["triton"],
+                                             "target": "sm_90", "rows": rows}, indent=1))
     elif args.command == "build":
         manifest = build(args.out, args.workers)
         print(f"built {len(manifest['entries'])} variants for sm_90 with Triton {manifest['triton']} into {args.out}: "

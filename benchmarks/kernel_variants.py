@@ -1,27 +1,26 @@
 """How many compiled variants of the fused backward kernel a set of coordinate counts needs, with and without specialising its loop bounds.
 
 Triton compiles a kernel once per specialisation of its integer arguments (equal to 1, or
-divisible by 16). This computes each launch's specialisation with Triton's own binder for
-sm_90, on the CPU (no GPU needed), for the integers ``FusedLSTMFunction.backward`` passes at
-each coordinate count, and counts the distinct ones: as the kernel is declared (``num_blocks``
-and ``num_programs`` not specialised) and with every integer specialised. Uses Triton's
-internal ``create_function_from_signature`` (checked on Triton 3.6 and 3.9).
+divisible by 16). This records real backward launches, one meta-training step at each
+coordinate count, with ``kernel_cache.Capture`` (Triton's own binder for sm_90, on the CPU,
+nothing run), and counts the distinct specialisations: as the kernel is declared
+(``num_blocks`` and ``num_programs`` not specialised) and with every integer specialised.
 
     python benchmarks/kernel_variants.py
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import json
+from typing import Iterator
 
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
 
+import kernel_cache
 from l2l.kernels import fused
+from l2l.optimizers import CoordinateWiseLSTM
 
-HIDDEN, SMS = 20, 132  # the 2 x 20 LSTM; an H100/H200's SM count sizes the persistent grid
 SIZE_SETS = {
     "unroll_throughput sizes": [1280, 16_000, 1_000_000, 10_000_000],
     "CUDA tests' backward sizes": [1, 37, 1000, 100_003, 1280, 200_000],
@@ -29,31 +28,55 @@ SIZE_SETS = {
 }
 
 
-def specialisation(binder, n: int) -> str:
-    """The specialisation key of one default-config backward launch over ``n`` coordinates."""
-    config = fused.get_config()
-    pointer = torch.empty(64)  # only the alignment of the data pointers matters (allocations: 256 B)
-    blocks = fused.triton_cdiv(n, config.backward_block)
-    programs = max(1, min(blocks, config.programs_per_sm * SMS))
-    ints = [n, HIDDEN * n, n, HIDDEN * n, n, blocks, programs]  # N, s_l, s_h, gs_l, gs_h, num_blocks, num_programs
-    constants = dict(F=2, LOG_SIGN=True, H=HIDDEN, HP=32, L=2, BLOCK=config.backward_block, PRECISION=config.precision,
-                     HAS_DU=True, HAS_DH=True, HAS_DC=True, NEED_DG=False, NEED_DSTATE=True, NEED_DW=True,
-                     DW_SCRATCH=config.weight_grads == "scratch")
-    return str(binder(*[pointer] * 14, *ints, **constants, debug=False)[1])
+def meta_step(n: int) -> None:
+    """One fused step and its backward as meta-training launches them (the gradient input needs no gradient)."""
+    rule = CoordinateWiseLSTM(seed=0, kernel="fused")
+    h, c = (state.requires_grad_() for state in rule.init_state(n))
+    update, h_new, c_new = fused.forward(rule, torch.zeros(n), h, c)
+    (update.sum() + h_new.sum() + c_new.sum()).backward()
+
+
+@contextlib.contextmanager
+def every_integer_specialised() -> Iterator[None]:
+    """Inside the block the backward kernel specialises all its integers, its loop bounds included."""
+    kernel = fused.kernels().lstm_backward_kernel
+    declared = [param.do_not_specialize for param in kernel.params]
+    for param in kernel.params:
+        param.do_not_specialize = False
+    kernel.device_caches.clear()  # the binder is built from the parameters on first use
+    try:
+        yield
+    finally:
+        for param, value in zip(kernel.params, declared):
+            param.do_not_specialize = value
+        kernel.device_caches.clear()
+
+
+def stand_in(n: int) -> int:
+    """``n``, or above 20,000 a smaller size every backward integer specialises alike on.
+
+    The same remainder mod 256 keeps ``N`` mod 16 and ``num_blocks = ceil(N / 16)`` mod 16, and
+    at least 264 blocks keep ``num_programs`` at its cap (2 per SM x 132 SMs).
+    """
+    return n if n <= 20_000 else 63 * 256 + n % 256
+
+
+def backward_variants(sizes: list[int]) -> int:
+    """Distinct backward-kernel specialisations that meta-training steps at ``sizes`` launch."""
+    recorder = kernel_cache.Capture()
+    with recorder.active():
+        for n in sizes:
+            meta_step(stand_in(n))
+    return sum(json.loads(variant)["name"].endswith("lstm_backward_kernel") for variant in recorder.variants)
 
 
 def main() -> None:
-    kernel = fused.kernels().lstm_backward_kernel
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    specialised = [copy.copy(param) for param in kernel.params]
-    for param in specialised:
-        param.do_not_specialize = False
-    as_declared = create_function_from_signature(kernel.signature, kernel.params, backend)
-    everything = create_function_from_signature(kernel.signature, specialised, backend)
     print(f"Triton {fused.triton_version()}, backward kernel, default FusedConfig, sm_90")
     for name, sizes in SIZE_SETS.items():
-        print(f"  {name:28} variants: {len({specialisation(everything, n) for n in sizes})} with the loop bounds "
-              f"specialised, {len({specialisation(as_declared, n) for n in sizes})} as declared")
+        declared = backward_variants(sizes)
+        with every_integer_specialised():
+            specialised = backward_variants(sizes)
+        print(f"  {name:28} variants: {specialised} with the loop bounds specialised, {declared} as declared")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ write d h, d c = 968). Roofline = copy bandwidth / bytes.
 
     python benchmarks/unroll_throughput.py --device cpu|cuda [--json OUT] [--precision tf32x3|tf32|ieee]
     python benchmarks/unroll_throughput.py --device cuda --sweep     # launch settings of the fused kernels
-    python benchmarks/unroll_throughput.py --resources [--json OUT]  # registers/spills for sm_90 (no GPU needed)
 """
 
 from __future__ import annotations
@@ -31,10 +30,7 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import statistics
-import subprocess
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -281,11 +277,9 @@ def precompile(jobs: list[WarmJob], workers: int) -> None:
           f"(one after another: {sum(seconds for seconds, _ in results):.0f} s)", flush=True)
 
 
-# Launch settings the sweep and the compiler report cover: (block, warps) per kernel.
+# Launch settings the sweep covers: (block, warps) per kernel.
 FORWARD_SETTINGS = ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 BACKWARD_SETTINGS = ((16, 4), (16, 8), (32, 4), (32, 8))
-REGISTERS_PER_SM = 65536
-L1_AND_SHARED_PER_SM = 256 * 1024  # H100/H200
 SWEEP_SIZES = (10_000_000, 1_000_000)  # the forward is swept by inference at the first, the backward by meta-training
 CUDA_SIZES = (1280, 16_000, 1_000_000, 10_000_000)
 CUDA_DROP_IN_SIZES = (1_000_000, 10_000_000)
@@ -351,78 +345,6 @@ def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
     return rows
 
 
-def _compile_for_sm90(job: tuple[str, str, int, int, str | None]) -> dict[str, Any]:
-    """Compiles one kernel for sm_90 and reads its registers, stack and shared memory (a worker of :func:`resources`)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel_name, precision, block, warps, weight_grads = job
-    module = fused.kernels()
-    kernel = getattr(module, f"lstm_{kernel_name}_kernel")
-    constants = dict(F=2, LOG_SIGN=True, H=20, HP=32, L=2, BLOCK=block, PRECISION=precision)
-    if kernel_name == "forward":
-        constants.update(HAS_PARAMS=True, MASK_NONFINITE=False)
-    else:
-        constants.update(HAS_DU=True, HAS_DH=True, HAS_DC=True, NEED_DG=False, NEED_DSTATE=True, NEED_DW=True,
-                         DW_SCRATCH=weight_grads == "scratch")
-    ints = {"N", "s_l", "s_h", "so_l", "so_h", "gs_l", "gs_h", "num_blocks", "num_programs"}
-    signature = {name: "constexpr" if name in constants else ("i32" if name in ints else
-                 "*i32" if name == "flag_ptr" else "*fp64" if name == "const_ptr" else "*fp32")
-                 for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": 3 if kernel_name == "forward" else 1})
-    row: dict[str, Any] = {"kernel": kernel_name, "precision": precision, "block": block, "warps": warps,
-                           "weight_grads": weight_grads, "shared_bytes": compiled.metadata.shared,
-                           "mma": "wgmma" if "wgmma" in compiled.asm["ptx"] else "mma.sync"}
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):
-        return {**row, "error": "cuobjdump not found"}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(compiled.asm["cubin"])
-        handle.flush()
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-    registers, stack = (int(re.search(rf"{key}:(\d+)", out).group(1)) for key in ("REG", "STACK"))
-    threads = 32 * warps
-    # Resident programs per SM as the register file allows (allocated in units of 8 per thread).
-    resident = REGISTERS_PER_SM // (threads * -(-registers // 8) * 8)
-    return {**row, "registers": registers, "stack_bytes": stack, "programs_per_sm_by_registers": resident,
-            "stack_bytes_per_coordinate": stack * threads / block,
-            "stack_kib_per_sm": resident * threads * stack / 1024,
-            "stack_fits_l1": resident * (threads * stack + compiled.metadata.shared) <= L1_AND_SHARED_PER_SM}
-
-
-def resources(precision: str, workers: int) -> list[dict[str, Any]]:
-    """Registers and spills of the fused kernels compiled for sm_90 (H100/H200) by the installed Triton; no GPU needed.
-
-    The forward at its default setting and the backward over ``BACKWARD_SETTINGS`` x
-    ``fused.WEIGHT_GRADS``. Spilled registers live in local memory, cached in L1: where the
-    resident programs' stack (plus their shared memory) exceeds an SM's 256 KiB of L1, spills
-    travel to L2 (``stack_fits_l1`` False), which is what makes them expensive.
-    """
-    import triton
-
-    config = fused.get_config()
-    jobs = [("forward", precision, config.block, config.warps, None)]
-    jobs += [("backward", precision, block, warps, mode) for mode in fused.WEIGHT_GRADS for block, warps in BACKWARD_SETTINGS]
-    print(f"Triton {triton.__version__}, sm_90, {precision}; defaults {config}", flush=True)
-    print(f"{'kernel':8} {'weight_grads':12} {'block':>5} {'warps':>5} {'REG':>4} {'STACK B':>8} {'B/coord':>8} "
-          f"{'progs/SM':>8} {'stack/SM KiB':>12} {'fits L1':>7} {'shared B':>8}  mma", flush=True)
-    rows = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-        for row in pool.map(_compile_for_sm90, jobs):
-            rows.append(row)
-            if "error" in row:
-                print(row, flush=True)
-                continue
-            print(f"{row['kernel']:8} {row['weight_grads'] or '-':12} {row['block']:5} {row['warps']:5} "
-                  f"{row['registers']:4} {row['stack_bytes']:8} {row['stack_bytes_per_coordinate']:8.0f} "
-                  f"{row['programs_per_sm_by_registers']:8} {row['stack_kib_per_sm']:12.0f} "
-                  f"{'yes' if row['stack_fits_l1'] else 'no':>7} {row['shared_bytes']:8}  {row['mma']}", flush=True)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -432,18 +354,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--sweep", action="store_true", help="time the fused kernels' launch settings instead")
-    parser.add_argument("--resources", action="store_true", help="compile the fused kernels for sm_90 and report")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="compiler processes: --resources, and on CUDA the fused kernels are first compiled "
-                             "in this many processes (1: compile on first launch instead)")
+                        help="on CUDA the fused kernels are first compiled in this many processes "
+                             "(1: compile on first launch instead)")
     args = parser.parse_args()
-    if args.resources:
-        rows = resources(args.precision, args.workers)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"date": datetime.date.today().isoformat(), "triton": fused.triton_version(),
-                           "target": "sm_90", "rows": rows}, handle, indent=1)
-        return
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     seconds = timer(device)

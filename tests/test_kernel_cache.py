@@ -141,6 +141,10 @@ def test_build_then_install_elsewhere_hits_the_cache_at_launch(kernel_cache, tmp
     manifest = kernel_cache.build(build, workers=1, variants=variants)
     assert [entry["kernel"] for entry in manifest["entries"]] == ["lstm_forward_kernel"]
     assert (build / manifest["entries"][0]["cubin"]).stat().st_size > 5_000  # gzipped
+    (row,) = kernel_cache.resources(build)  # read back from the cubin with cuobjdump
+    assert (row["kernel"], row["precision"], row["block"], row["warps"], row["workloads"]) == (
+        "forward", "tf32x3", 64, 4, ["step"])
+    assert 0 < row["registers"] <= 255 and row["stack_bytes"] >= 0 and row["flags"] == []
     env = {"PATH": "/usr/bin:/bin", "TRITON_CACHE_DIR": str(tmp_path / "fresh-cache"), "HOME": str(tmp_path),
            **{name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ}}  # this Triton, wherever it is
 
