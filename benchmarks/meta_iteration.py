@@ -20,7 +20,7 @@ import time
 import torch
 
 from l2l.meta.unroll import start, unroll
-from l2l.optimizers import CoordinateWiseLSTM, LSTMState
+from l2l.optimizers import CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily
 
 

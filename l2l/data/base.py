@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 DATA_ENV = "L2L_DATA"
