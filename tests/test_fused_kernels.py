@@ -1,5 +1,6 @@
 """The fused Triton LSTM step against the reference: interpreter runs on the CPU, compiled runs on CUDA, and dispatch."""
 
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from l2l import LearnedOptimizer
-from l2l.kernels import dispatch, fused
+from l2l.kernels import dispatch, fused, tensor_cores
 from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, LSTMState
 from l2l.optimizers.grouped import PerGroupRule
@@ -31,7 +32,9 @@ def interpreter():
     problem = fused.interpreter_problem()
     if problem is not None:
         pytest.skip(problem)
-    with fused.interpreter(), fused.configured(block=16, backward_block=16, interpreter_programs=2):
+    # float32 dots round like the compiled kernels' (tf32x3 by default), not exactly as numpy would.
+    with fused.interpreter(), tensor_cores.emulated(), fused.configured(block=16, backward_block=16,
+                                                                        interpreter_programs=2):
         yield
 
 
@@ -111,6 +114,42 @@ def test_forward_matches_reference_float32(interpreter):
     h, c = random_state(rule, 53, torch.float32)
     for ours, reference in zip(*both_paths(rule, grad, h, c)):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def largest_errors(rule, n, seed=0):
+    """Largest error of the fused path against the reference: outputs ``(update, h, c)`` and all gradients.
+
+    Output errors are relative to ``|reference| + 1``; each gradient's error to the largest of
+    its reference entries (at least 1), as the CUDA tests measure them.
+    """
+    device = next(rule.parameters()).device
+    grad = edge_gradients(n, torch.float32, seed=seed).to(device)
+    h, c = (t.to(device) for t in random_state(rule, n, torch.float32, seed=seed + 1))
+    generator = torch.Generator().manual_seed(seed + 2)
+    weights = [torch.randn(t.shape, generator=generator).to(device) for t in (grad, h, c)]
+    outputs = both_paths(rule, grad, h, c)
+    forward = max(((a - b).abs() / (b.abs() + 1)).max().item() for a, b in zip(*outputs))
+    ours, reference = all_grads(rule, grad, h, c, weights)
+    backward = max(((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(ours, reference))
+    return forward, backward
+
+
+@needs_triton
+def test_precision_reaches_every_dot(interpreter):
+    """Under tensor-core rounding, tf32x3 and ieee are float32-accurate in every output and gradient; tf32 is not.
+
+    One dot left at Triton's default precision (tf32) would put tf32x3's error at tf32's.
+    """
+    rule = CoordinateWiseLSTM(seed=21)
+    errors = {}
+    for precision in fused.PRECISIONS:
+        with fused.configured(precision=precision):
+            errors[precision] = largest_errors(rule, 96)
+    for precision in ("tf32x3", "ieee"):
+        forward, backward = errors[precision]
+        assert forward < 2e-6 and backward < 2e-6, (precision, errors)
+    forward, backward = errors["tf32"]
+    assert 1e-5 < forward < 1e-2 and 1e-5 < backward < 1e-2, errors  # ~4e-4 and ~1e-3 measured
 
 
 @needs_triton
@@ -336,7 +375,8 @@ def test_package_imports_and_trains_without_triton(tmp_path):
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",  # PYTHONPATH: higher may live there
+                                 **{name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ}})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
 
@@ -361,6 +401,19 @@ def test_cuda_forward_and_gradients_match_reference(n, precision, weight_grads):
     for a, b in zip(ours, reference):
         scale = b.abs().max().clamp_min(1.0)
         torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda_and_triton
+def test_cuda_tf32_rounds_as_the_cpu_emulation_predicts():
+    """precision="tf32" reaches the compiled dots: an error of the emulated size (4e-4 at this input), not float32's."""
+    rule = CoordinateWiseLSTM(seed=21).to(CUDA)
+    grad = edge_gradients(1000, torch.float32).to(CUDA)
+    h, c = (t.to(CUDA) for t in random_state(rule, 1000, torch.float32))
+    with fused.configured(precision="tf32"):
+        outputs = both_paths(rule, grad, h, c)
+    error = max(((a - b).abs() / (b.abs() + 1)).max().item() for a, b in zip(*outputs))
+    assert 1e-5 < error < 1e-2, f"tf32 forward error {error:.1e}"
 
 
 @pytest.mark.cuda

@@ -1,0 +1,104 @@
+"""Tensor-core rounding of float32 ``tl.dot`` for Triton's CPU interpreter: tf32 and tf32x3 as compiled.
+
+Triton's interpreter computes every ``tl.dot`` with numpy in full float32 whatever its
+``input_precision``, so on the CPU the kernels' precision setting would go untested. Inside
+:func:`emulated`, float32 dots round their operands the way the compiled kernels do on sm_80
+and later:
+
+- ``tf32``: the tensor cores read the top 19 bits of each float32 operand (1 sign, 8 exponent,
+  10 mantissa bits), dropping the low 13 (truncation); products are exact in float32 and are
+  summed in float32.
+- ``tf32x3``: Triton's F32DotTC pass splits each operand into ``big = cvt.rna.tf32(x)`` (round
+  to nearest, ties away) and ``small = x - big``, and sums ``small_a @ big_b + big_a @ small_b
+  + big_a @ big_b`` (three tf32 dots) onto the accumulator; ``small_a @ small_b`` is dropped.
+- ``ieee`` and float64 dots are left to numpy.
+
+What is not modelled: the order in which the tensor cores add products within a dot (numpy's
+float32 matmul adds in its own order); the difference is at float32 rounding, far below the
+tf32 and tf32x3 errors this exists to show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Any, Iterator
+
+import numpy as np
+
+_LOW_BITS = np.uint32(0x1FFF)  # the 13 mantissa bits a tf32 operand drops
+_HALF = np.uint32(0x1000)
+
+
+def truncate_to_tf32(x: np.ndarray) -> np.ndarray:
+    """float32 values with their low 13 mantissa bits cleared (what a tf32 tensor-core operand keeps)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return (bits & ~_LOW_BITS).view(np.float32)
+
+
+def round_to_tf32(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to tf32, to nearest with ties away from zero (PTX ``cvt.rna.tf32.f32``).
+
+    Adding half a tf32 unit to the magnitude bits carries into the exponent where it should;
+    infinities and NaNs stay what they are.
+    """
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    finite = np.isfinite(x)
+    rounded = np.where(finite, (bits + _HALF) & ~_LOW_BITS, bits)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def tf32_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` in float32 with tf32 operands (``[M, K] @ [K, N] -> [M, N]``)."""
+    return np.matmul(truncate_to_tf32(a), truncate_to_tf32(b), dtype=np.float32)
+
+
+def tf32x3_matmul(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """``acc + a @ b`` the way Triton's tf32x3 computes it (three tf32 dots, smallest terms first)."""
+    a_big, b_big = round_to_tf32(a), round_to_tf32(b)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the small parts: NaN, as on the GPU
+        a_small = (a.astype(np.float32) - a_big).astype(np.float32)
+        b_small = (b.astype(np.float32) - b_big).astype(np.float32)
+        out = acc.astype(np.float32) + tf32_matmul(a_small, b_big)
+        out = out + tf32_matmul(a_big, b_small)
+        return (out + tf32_matmul(a_big, b_big)).astype(np.float32)
+
+
+def _precision_name(input_precision: Any) -> str:
+    name = getattr(input_precision, "name", None) or str(input_precision).rsplit(".", 1)[-1]
+    return name.lower()
+
+
+@contextlib.contextmanager
+def emulated() -> Iterator[None]:
+    """Inside the block, Triton's interpreter computes float32 tf32 and tf32x3 dots as the GPU does.
+
+    Raises:
+        RuntimeError: this Triton's interpreter has no ``create_dot`` of the known signature
+            (the emulation would silently not apply).
+    """
+    from triton.runtime import interpreter as triton_interpreter
+
+    builder = getattr(triton_interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "create_dot", None)
+    expected = ["self", "a", "b", "d", "input_precision", "max_num_imprecise_acc"]
+    if original is None or list(inspect.signature(original).parameters) != expected:
+        raise RuntimeError("this Triton's interpreter has no InterpreterBuilder.create_dot(a, b, d, input_precision, "
+                           "max_num_imprecise_acc): tensor-core rounding cannot be emulated with it")
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        precision = _precision_name(input_precision)
+        if precision not in ("tf32", "tf32x3") or not all(t.data.dtype == np.float32 for t in (a, b, d)):
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        if precision == "tf32":
+            with np.errstate(invalid="ignore", over="ignore"):
+                data = (tf32_matmul(a.data, b.data) + d.data).astype(np.float32)
+        else:
+            data = tf32x3_matmul(a.data, b.data, d.data)
+        return triton_interpreter.TensorHandle(data, d.dtype.scalar)
+
+    builder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        builder.create_dot = original
