@@ -98,6 +98,8 @@ _TRAIN_FLAGS = [
     ("--seed", "seed", int, "seed of every random stream of the run"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--kernel", "kernel", str, "LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused"),
+    ("--cuda-graphs", "cuda_graphs", str, "replay each truncation from CUDA graphs: auto (on CUDA, for tasks "
+     "without minibatches) | on (an error where unsupported) | off"),
 ]
 
 

@@ -12,6 +12,7 @@ LOSS_WEIGHTINGS = ("uniform", "linear", "final")
 META_LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_LR_GRID = tuple(10.0 ** (k / 2) for k in range(-10, 3))  # 1e-5 ... 10 in half-decades
 BASELINE_NAMES = ("sgd", "momentum", "nag", "rmsprop", "adam")
+CUDA_GRAPHS = ("auto", "on", "off")
 KERNEL_NAMES = ("auto", "reference", "fused")  # l2l.kernels.dispatch.KERNELS (not imported: configs stay light)
 
 
@@ -106,6 +107,7 @@ class TrainConfig(_JSONConfig):
     seed: int = 0
     device: str = "auto"
     kernel: str = "auto"  # LSTM step: auto (fused on CUDA where available) | reference | fused
+    cuda_graphs: str = "auto"  # replay each truncation from CUDA graphs: auto (where supported) | on | off
 
     def __post_init__(self):
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
@@ -158,6 +160,7 @@ class TrainConfig(_JSONConfig):
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check_device(self.device)
         _check_kernel(self.kernel)
+        _require(self.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
 
     def optimizer_config(self) -> dict[str, Any]:
         """Constructor arguments of the learned optimizer this run trains."""

@@ -1,8 +1,16 @@
-"""GraphedTruncation: the eager fallback equals the meta-training loop; on CUDA, graph replays equal eager truncations."""
+"""GraphedTruncation: the eager fallback equals the meta-training loop; on CUDA, graph replays equal eager truncations.
+
+Also its use by meta-training (``TrainConfig.cuda_graphs``): choice, refusal, resume across the two.
+"""
+
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
+
+from l2l.config import ConfigError, TrainConfig
+from l2l.meta.train import MetaTrainer
 
 from l2l.kernels import fused
 from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason
@@ -10,7 +18,7 @@ from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily
 
-from gpu import CUDA, needs_cuda
+from gpu import CUDA, RECORDING, needs_cuda
 
 
 def manual_truncations(rule, optimizer, task, weights, truncations, steps):
@@ -67,6 +75,58 @@ def test_graphs_are_refused_with_a_reason_off_cuda():
     assert not GraphedTruncation(rule, optimizer, task, torch.ones(3), 1.0).use_graph
 
 
+# Uneven truncations (4, 4, 2) and a schedule that changes the learning rate every epoch.
+GRAPHABLE = dict(epochs=3, instances=4, optimizee_steps=10, unroll=4, val_every=3, val_problems=4,
+                 meta_lr=3e-3, meta_lr_schedule="cosine")
+
+
+def test_trainer_through_the_graph_runner_equals_eager_training():
+    """The graphed epoch loop (new instances loaded each epoch, a tensor learning rate, output buffers cloned).
+
+    Off CUDA the runner falls back to eager truncations, so everything but the capture is checked
+    against the eager trainer, to float32 rounding: Adam computes a tensor learning rate's step
+    size in float32 where a float's is computed in double.
+    """
+    eager = MetaTrainer(TrainConfig(device="cpu", **GRAPHABLE))
+    graphed = MetaTrainer(TrainConfig(device="cpu", **GRAPHABLE))
+    assert not eager.use_graphs and not graphed.use_graphs  # auto: no CUDA here
+    graphed.use_graphs = True  # what auto chooses on CUDA
+    eager.run(progress=False)
+    graphed.run(progress=False)
+    assert graphed.graphed is not None and not graphed.graphed.use_graph
+    assert isinstance(graphed.meta_optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert [r["meta_loss"] for r in graphed.history] == pytest.approx([r["meta_loss"] for r in eager.history], rel=1e-6)
+    for name, value in eager.rule.state_dict().items():
+        torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)
+    untouched = MetaTrainer(TrainConfig(device="cpu", **GRAPHABLE)).rule.state_dict()
+    assert all(not torch.equal(untouched[name], value) for name, value in eager.rule.state_dict().items())
+
+
+def test_cuda_graphs_on_is_refused_where_unsupported_naming_why():
+    with pytest.raises(ConfigError, match="cuda_graphs='on' cannot be honoured: CUDA graphs need a CUDA device"):
+        MetaTrainer(TrainConfig(device="cpu", cuda_graphs="on", **GRAPHABLE))
+    with pytest.raises(ConfigError, match="cuda_graphs must be one of auto, on, off, got 'yes'"):
+        TrainConfig(cuda_graphs="yes")
+    assert not MetaTrainer(TrainConfig(device="cpu", cuda_graphs="off", **GRAPHABLE)).use_graphs
+
+
+def test_a_state_saved_with_graphs_resumes_without_them(tmp_path):
+    """A graphed run's Adam state (capturable, device step counts, a tensor learning rate) loads into an eager run."""
+    config = TrainConfig(device="cpu", checkpoint_every=1, **dict(GRAPHABLE, epochs=1))
+    trainer = MetaTrainer(config, tmp_path)
+    trainer.run(progress=False)
+    payload = torch.load(tmp_path / "resume.pt", weights_only=True)
+    for group in payload["meta_optimizer"]["param_groups"]:
+        group["capturable"], group["lr"] = True, torch.tensor(group["lr"])
+    torch.save(payload, tmp_path / "resume.pt")
+    resumed = MetaTrainer(dataclasses.replace(config, epochs=2), tmp_path)
+    resumed.restore(tmp_path / "resume.pt")
+    group = resumed.meta_optimizer.param_groups[0]
+    assert group["capturable"] is False and group["lr"] == pytest.approx(payload["meta_optimizer"]["param_groups"][0]["lr"].item())
+    resumed.run(progress=False)  # an eager Adam step on capturable-saved state would raise
+    assert resumed.epoch == 2 and torch.isfinite(next(resumed.rule.parameters())).all()
+
+
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("kernel", ["reference", "fused"])
@@ -115,3 +175,20 @@ def test_cuda_graph_new_task_new_length_and_lr_change():
     torch.testing.assert_close(outcomes[1][0], outcomes[0][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(outcomes[1][1], outcomes[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_meta_training_with_graphs_equals_eager():
+    """``l2l train`` at the paper's quadratic batch (128 x 10) replays graphs by default and trains as eagerly."""
+    config = TrainConfig(device=str(CUDA), **dict(GRAPHABLE, instances=128, optimizee_steps=40, unroll=20, val_problems=16))
+    runs = {}
+    for graphs in ("auto", "off"):
+        trainer = MetaTrainer(dataclasses.replace(config, cuda_graphs=graphs))
+        assert trainer.use_graphs == (graphs == "auto") or RECORDING
+        trainer.run(progress=False)
+        runs[graphs] = trainer
+    losses = [torch.tensor([r["meta_loss"] for r in runs[g].history]) for g in ("auto", "off")]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for name, value in runs["off"].rule.state_dict().items():
+        torch.testing.assert_close(runs["auto"].rule.state_dict()[name], value, rtol=1e-5, atol=1e-7)

@@ -37,13 +37,18 @@ class TruncationResult:
     carry: UnrollCarry  # detached, ready for the next truncation
 
 
-def graph_unsupported_reason(task: Task, meta_optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:
-    """Why a truncation on ``task`` cannot be captured as a CUDA graph, or None if it can."""
+def graph_unsupported_reason(
+    task: Task, meta_optimizer: torch.optim.Optimizer | None, device: torch.device
+) -> str | None:
+    """Why a truncation on ``task`` cannot be captured as a CUDA graph, or None if it can.
+
+    ``meta_optimizer=None`` leaves it out (it is built ``capturable`` once graphs are chosen).
+    """
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"CUDA graphs need a CUDA device (the task is on {device})"
     if type(task).sample_batch is not Task.sample_batch:
         return f"{type(task).__name__} draws minibatches; their generator is not captured"
-    for group in meta_optimizer.param_groups:
+    for group in meta_optimizer.param_groups if meta_optimizer is not None else ():
         if not group.get("capturable", False):
             return "the meta-optimizer must be built with capturable=True (e.g. torch.optim.Adam(..., capturable=True))"
     return None

@@ -34,7 +34,8 @@ from l2l.checkpoint import (
 from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.evaluate import evaluate, resolve_device
-from l2l.meta.unroll import detach_carry, start, unroll
+from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason
+from l2l.meta.unroll import UnrollCarry, detach_carry, start, unroll
 from l2l.optimizers.grouped import PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM
 from l2l.seeding import derive_seed, make_generator
@@ -46,7 +47,7 @@ RESUME_CHECKPOINT = "resume.pt"
 HISTORY_FILE = "history.json"
 
 # What a resumed run may change without changing what it computes (the kernel only changes rounding).
-RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every", "kernel")
+RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every", "kernel", "cuda_graphs")
 
 
 class NonFiniteError(RuntimeError):
@@ -165,10 +166,15 @@ class MetaTrainer:
         if warm_start and config.init_from is not None:
             initialise_from(self.rule, config.init_from)
         self.rule = set_kernel(self.rule.to(self.device), config.kernel)
-        self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr)
         self.instance_generator = make_generator(config.seed, "train")
         self.batch_generator = make_generator(config.seed, "train-batches", self.device)
         self.validation_task = self.family.sample(config.val_problems, make_generator(config.seed, "validation"), self.device)
+        reason = graph_unsupported_reason(self.validation_task, None, self.device)
+        if config.cuda_graphs == "on" and reason is not None:
+            raise ConfigError(f"cuda_graphs='on' cannot be honoured: {reason}; use cuda_graphs='auto' or 'off'")
+        self.use_graphs = config.cuda_graphs != "off" and reason is None
+        self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr, capturable=self.use_graphs)
+        self.graphed: GraphedTruncation | None = None  # built on the first graphed epoch
         self.epoch = 0
         self.skipped = 0
         self.consecutive_skipped = 0
@@ -191,23 +197,14 @@ class MetaTrainer:
             raise NonFiniteError(
                 f"task {config.task!r} gave a non-finite loss at its initial parameters; check the task's data and initialisation"
             )
-        for group in self.meta_optimizer.param_groups:
-            group["lr"] = meta_learning_rate(config, self.epoch)
+        self._set_learning_rate(meta_learning_rate(config, self.epoch))
+        truncate = self._graphed_truncation(task) if self.use_graphs else self._eager_truncation(task)
         meta_losses = []
         while carry.step < self.steps:
-            length = min(self.unroll, self.steps - carry.step)
-            losses, carry = unroll(
-                self.rule, task, carry, length, generator=self.batch_generator, second_order=config.second_order
-            )
-            meta_loss = (self.weights[:length, None] * losses).sum(0).mean()
-            self.meta_optimizer.zero_grad(set_to_none=True)
-            meta_loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), config.clip_grad_norm)
-            # One host synchronisation per meta-step, outside the unroll.
-            if bool(torch.isfinite(meta_loss) & torch.isfinite(grad_norm)):
-                self.meta_optimizer.step()
+            result = truncate(carry, min(self.unroll, self.steps - carry.step))
+            if result.stepped:
                 self.consecutive_skipped = 0
-                meta_losses.append(meta_loss.detach())
+                meta_losses.append(result.meta_loss.clone())  # a graph's output buffer is overwritten by the next replay
             else:
                 self.skipped += 1
                 self.consecutive_skipped += 1
@@ -217,8 +214,60 @@ class MetaTrainer:
                         f"(epoch {self.epoch}); training stopped. Lower --meta-lr or --clip-grad-norm, or check the task."
                     )
                 break  # The trajectory diverged: the rest of this epoch would only repeat it.
-            carry = detach_carry(carry)
+            carry = result.carry
         return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+
+    def _eager_truncation(self, task) -> Callable[[UnrollCarry, int], TruncationResult]:
+        """One truncation computed eagerly: unroll, meta-loss, backward, clip, and the step if all is finite."""
+        config = self.config
+
+        def truncate(carry: UnrollCarry, length: int) -> TruncationResult:
+            losses, carry = unroll(
+                self.rule, task, carry, length, generator=self.batch_generator, second_order=config.second_order
+            )
+            meta_loss = (self.weights[:length, None] * losses).sum(0).mean()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            meta_loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), config.clip_grad_norm)
+            # One host synchronisation per meta-step, outside the unroll.
+            stepped = bool(torch.isfinite(meta_loss) & torch.isfinite(grad_norm))
+            if stepped:
+                self.meta_optimizer.step()
+            return TruncationResult(meta_loss.detach(), grad_norm.detach(), stepped, detach_carry(carry))
+
+        return truncate
+
+    def _graphed_truncation(self, task) -> GraphedTruncation:
+        """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
+        if self.graphed is None:
+            self.graphed = GraphedTruncation(self.rule, self.meta_optimizer, task, self.weights, self.config.clip_grad_norm,
+                                             second_order=self.config.second_order)
+        else:
+            self.graphed.load_task(task)
+        return self.graphed
+
+    def _set_learning_rate(self, lr: float) -> None:
+        """The meta-optimizer's learning rate: a float, or with graphs one device tensor updated in place.
+
+        Replays read a tensor learning rate where it lives, so a schedule never forces a recapture.
+        """
+        for group in self.meta_optimizer.param_groups:
+            if not self.use_graphs:
+                group["lr"] = lr
+            elif isinstance(group["lr"], Tensor) and group["lr"].device == self.device:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device)
+
+    def _align_meta_optimizer(self) -> None:
+        """After loading a state saved with or without graphs: this run's ``capturable`` and where Adam's steps live."""
+        for group in self.meta_optimizer.param_groups:
+            group["capturable"] = self.use_graphs
+            group["lr"] = float(group["lr"])  # _set_learning_rate makes it a tensor again where graphs want one
+        for state in self.meta_optimizer.state.values():
+            if isinstance(state.get("step"), Tensor):
+                # capturable Adam counts steps on the parameters' device; the eager one on the CPU.
+                state["step"] = state["step"].to(self.device if self.use_graphs else "cpu", torch.float32)
 
     def validate(self) -> float:
         """Mean loss of the current rule on the fixed held-out instances over the last tenth of the steps.
@@ -283,6 +332,7 @@ class MetaTrainer:
         self.best_state = {key: value.to(self.device) for key, value in self.best_state.items()}
         try:
             self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+            self._align_meta_optimizer()
             self.instance_generator.set_state(payload["rng"]["instances"])
             self.batch_generator.set_state(payload["rng"]["batches"])
             progress = payload["progress"]
