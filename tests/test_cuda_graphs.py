@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from l2l.config import ConfigError, TrainConfig
-from l2l.meta.train import MetaTrainer
+from l2l.meta.train import MetaTrainer, meta_learning_rate
 
 from l2l.kernels import fused
 from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason
@@ -92,9 +92,15 @@ def test_trainer_through_the_graph_runner_equals_eager_training():
     assert not eager.use_graphs and not graphed.use_graphs  # auto: no CUDA here
     graphed.use_graphs = True  # what auto chooses on CUDA
     eager.run(progress=False)
-    graphed.run(progress=False)
+    learning_rates = []  # the object the Adam step reads, and its value, per epoch
+    graphed.run(progress=False, on_epoch=lambda t: learning_rates.append(
+        (t.meta_optimizer.param_groups[0]["lr"], t.meta_optimizer.param_groups[0]["lr"].item())))
     assert graphed.graphed is not None and not graphed.graphed.use_graph
-    assert isinstance(graphed.meta_optimizer.param_groups[0]["lr"], torch.Tensor)
+    # One tensor updated in place: a captured step reads it at one address, and the runner never recaptures.
+    assert all(lr is learning_rates[0][0] for lr, _ in learning_rates)
+    assert [value for _, value in learning_rates] == pytest.approx(
+        [meta_learning_rate(graphed.config, epoch) for epoch in range(3)])
+    assert len({value for _, value in learning_rates}) == 3  # the schedule did change it
     assert [r["meta_loss"] for r in graphed.history] == pytest.approx([r["meta_loss"] for r in eager.history], rel=1e-6)
     for name, value in eager.rule.state_dict().items():
         torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)

@@ -175,6 +175,7 @@ class MetaTrainer:
         self.use_graphs = config.cuda_graphs != "off" and reason is None
         self.meta_optimizer = torch.optim.Adam(self.rule.parameters(), lr=config.meta_lr, capturable=self.use_graphs)
         self.graphed: GraphedTruncation | None = None  # built on the first graphed epoch
+        self.graph_lr: Tensor | None = None  # the learning rate the graphed Adam step reads
         self.epoch = 0
         self.skipped = 0
         self.consecutive_skipped = 0
@@ -251,19 +252,19 @@ class MetaTrainer:
 
         Replays read a tensor learning rate where it lives, so a schedule never forces a recapture.
         """
-        for group in self.meta_optimizer.param_groups:
-            if not self.use_graphs:
-                group["lr"] = lr
-            elif isinstance(group["lr"], Tensor) and group["lr"].device == self.device:
-                group["lr"].fill_(lr)
+        if self.use_graphs:
+            if self.graph_lr is None:
+                self.graph_lr = torch.tensor(lr, dtype=torch.float32, device=self.device)
             else:
-                group["lr"] = torch.tensor(lr, dtype=torch.float32, device=self.device)
+                self.graph_lr.fill_(lr)
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = self.graph_lr if self.use_graphs else lr
 
     def _align_meta_optimizer(self) -> None:
         """After loading a state saved with or without graphs: this run's ``capturable`` and where Adam's steps live."""
         for group in self.meta_optimizer.param_groups:
             group["capturable"] = self.use_graphs
-            group["lr"] = float(group["lr"])  # _set_learning_rate makes it a tensor again where graphs want one
+            group["lr"] = float(group["lr"])  # each epoch's _set_learning_rate hands graphs their tensor
         for state in self.meta_optimizer.state.values():
             if isinstance(state.get("step"), Tensor):
                 # capturable Adam counts steps on the parameters' device; the eager one on the CPU.
