@@ -116,6 +116,11 @@ def test_forward_matches_reference_float32(interpreter):
         torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
+def forward_error(outputs):
+    """Largest error of :func:`both_paths`' fused outputs against the reference's, relative to ``|reference| + 1``."""
+    return max(((a - b).abs() / (b.abs() + 1)).max().item() for a, b in zip(*outputs))
+
+
 def largest_errors(rule, n, seed=0):
     """Largest error of the fused path against the reference: outputs ``(update, h, c)`` and all gradients.
 
@@ -127,8 +132,7 @@ def largest_errors(rule, n, seed=0):
     h, c = (t.to(device) for t in random_state(rule, n, torch.float32, seed=seed + 1))
     generator = torch.Generator().manual_seed(seed + 2)
     weights = [torch.randn(t.shape, generator=generator).to(device) for t in (grad, h, c)]
-    outputs = both_paths(rule, grad, h, c)
-    forward = max(((a - b).abs() / (b.abs() + 1)).max().item() for a, b in zip(*outputs))
+    forward = forward_error(both_paths(rule, grad, h, c))
     ours, reference = all_grads(rule, grad, h, c, weights)
     backward = max(((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(ours, reference))
     return forward, backward
@@ -411,8 +415,7 @@ def test_cuda_tf32_rounds_as_the_cpu_emulation_predicts():
     grad = edge_gradients(1000, torch.float32).to(CUDA)
     h, c = (t.to(CUDA) for t in random_state(rule, 1000, torch.float32))
     with fused.configured(precision="tf32"):
-        outputs = both_paths(rule, grad, h, c)
-    error = max(((a - b).abs() / (b.abs() + 1)).max().item() for a, b in zip(*outputs))
+        error = forward_error(both_paths(rule, grad, h, c))
     assert 1e-5 < error < 1e-2, f"tf32 forward error {error:.1e}"
 
 

@@ -78,29 +78,6 @@ def test_an_interpreter_of_unknown_shape_is_refused(monkeypatch):
 
 
 @needs_triton
-def test_emulated_kernel_dots_round_their_operands():
-    """A 1-element LSTM step through the interpreter: tf32 moves the update, tf32x3 and ieee agree with float32."""
-    from l2l.optimizers import CoordinateWiseLSTM, LSTMState
-
-    problem = fused.interpreter_problem()
-    if problem is not None:
-        pytest.skip(problem)
-    rule = CoordinateWiseLSTM(seed=0, kernel="fused")
-    grad = torch.tensor([0.37, -2.1, 5e-6, 13.0])
-    state = rule.init_state(4)
-    with torch.no_grad(), fused.interpreter(), tensor_cores.emulated():
-        updates = {}
-        for precision in fused.PRECISIONS:
-            with fused.configured(precision=precision):
-                updates[precision] = rule(grad, LSTMState(*state))[0]
-        rule.kernel = "reference"
-        reference = rule(grad, LSTMState(*state))[0]
-    torch.testing.assert_close(updates["tf32x3"], reference, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(updates["ieee"], reference, rtol=1e-6, atol=1e-8)
-    assert not torch.allclose(updates["tf32"], reference, rtol=1e-5, atol=1e-8)
-
-
-@needs_triton
 def test_precision_benchmark_measures_what_the_emulation_predicts(capsys):
     """benchmarks/precision_error.py on a tiny setting: PyTorch's float32 is float32-accurate, tf32 is not, in all three."""
     import importlib.util

@@ -44,8 +44,7 @@ def round_to_tf32(x: np.ndarray) -> np.ndarray:
     """
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     finite = np.isfinite(x)
-    rounded = np.where(finite, (bits + _HALF) & ~_LOW_BITS, bits)
-    return rounded.astype(np.uint32).view(np.float32)
+    return np.where(finite, (bits + _HALF) & ~_LOW_BITS, bits).view(np.float32)
 
 
 def tf32_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
