@@ -13,6 +13,7 @@ from l2l.checkpoint import CheckpointError, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
 from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
+from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, meta_train
 from l2l.tasks.registry import get_task, list_tasks
@@ -77,7 +78,10 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 _TRAIN_FLAGS = [
     ("--task", "task", str, "task family (see `l2l tasks`)"),
     ("--epochs", "epochs", int, "meta-training epochs; each samples fresh instances"),
-    ("--instances", "instances", int, "optimizee instances per epoch, K (default: the family's)"),
+    ("--instances", "instances", int, "optimizee instances per epoch, K (default: the family's); under torchrun, "
+     "all processes together"),
+    ("--accumulate", "accumulate", int, "split each process's instances into this many shards, backpropagated one "
+     "after another (less memory, same meta-gradient)"),
     ("--optimizee-steps", "optimizee_steps", int, "optimizee steps per epoch (default: the family's)"),
     ("--unroll", "unroll", int, "steps per truncation of BPTT (default: the family's)"),
     ("--meta-lr", "meta_lr", float, "Adam learning rate of the LSTM"),
@@ -144,12 +148,20 @@ def _train(args: argparse.Namespace) -> int:
         base = TrainConfig.from_json(args.config.read_text()).to_dict() if args.config else {}
         config = TrainConfig.from_dict({**base, **given})
         out = args.out or Path("runs") / config.task
-    print(f"l2l train: task {config.task}, {config.epochs} epochs, output {out}", file=sys.stderr)
-    try:
-        result = meta_train(config, out, resume=args.resume, progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)
-        return 130
+    # Under torchrun every process trains its shards; rank 0 alone reports, writes and benchmarks.
+    with process_group_from_environment(resolve_device(config.device)):
+        layout = current_layout(config.accumulate)
+        if layout.is_main:
+            processes = f", {layout.world_size} processes" if layout.world_size > 1 else ""
+            print(f"l2l train: task {config.task}, {config.epochs} epochs{processes}, output {out}", file=sys.stderr)
+        try:
+            result = meta_train(config, out, resume=args.resume, progress=not args.quiet)
+        except KeyboardInterrupt:
+            if layout.is_main:
+                print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)
+            return 130
+    if not layout.is_main:
+        return 0
     print(
         f"trained {result.epochs} epochs; best validation loss {result.best_score:.4g} at epoch {result.best_epoch}; "
         f"{result.skipped_steps} non-finite meta-steps skipped"

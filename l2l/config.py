@@ -91,6 +91,7 @@ class TrainConfig(_JSONConfig):
     # Truncated BPTT.
     epochs: int = 1000
     instances: int | None = None  # optimizee instances per epoch (K); None: the family's default
+    accumulate: int = 1  # shards of the K instances each process backpropagates one after another per meta-step
     optimizee_steps: int | None = None
     unroll: int | None = None
     loss_weights: str | tuple = "uniform"
@@ -112,7 +113,7 @@ class TrainConfig(_JSONConfig):
     def __post_init__(self):
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
         _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
-        for name in ("hidden_size", "num_layers", "epochs", "val_every", "val_problems", "max_nonfinite", "checkpoint_every"):
+        for name in ("hidden_size", "num_layers", "epochs", "val_every", "val_problems", "max_nonfinite", "checkpoint_every", "accumulate"):
             _positive_int(name, getattr(self, name))
         for name in ("instances", "optimizee_steps", "unroll"):
             if getattr(self, name) is not None:

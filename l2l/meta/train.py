@@ -4,7 +4,9 @@ Each epoch samples fresh optimizee instances and optimizes them for ``optimizee_
 steps, unrolled ``unroll`` steps at a time. After each truncation the meta-loss (weighted
 sum of the losses over the truncation, averaged over instances) is backpropagated into the
 learned optimizer, whose weights Adam updates; parameters and optimizer state are carried,
-detached, into the next truncation. A fixed held-out set selects the best weights.
+detached, into the next truncation. A fixed held-out set selects the best weights. The
+instances may be split into shards backpropagated one after another and across the processes
+of a torch.distributed group (``l2l.meta.distributed``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from l2l.checkpoint import (
 )
 from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
+from l2l.meta.distributed import Collectives, ShardLayout, assign_grads, current_layout, flatten_grads, local_device
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason
 from l2l.meta.unroll import UnrollCarry, detach_carry, start, unroll
@@ -42,12 +45,16 @@ from l2l.seeding import derive_seed, make_generator
 from l2l.tasks.base import TaskFamily
 from l2l.tasks.registry import get_task
 
+# One truncation of every shard this process computes: (carries, length) -> (result, next carries).
+Truncate = Callable[[list[UnrollCarry], int], tuple[TruncationResult, list[UnrollCarry]]]
+
 USE_CHECKPOINT = "optimizer.pt"
 RESUME_CHECKPOINT = "resume.pt"
 HISTORY_FILE = "history.json"
 
 # What a resumed run may change without changing what it computes (the kernel only changes rounding).
-RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every", "kernel", "cuda_graphs")
+# accumulate may change as long as processes x accumulate (the shards of an epoch) stays the same.
+RESUMABLE_OVERRIDES = ("epochs", "device", "max_nonfinite", "checkpoint_every", "kernel", "cuda_graphs", "accumulate")
 
 
 class NonFiniteError(RuntimeError):
@@ -99,6 +106,18 @@ def horizon(config: TrainConfig, family: TaskFamily) -> tuple[int, int]:
     if length > steps:
         raise ValueError(f"unroll ({length}) must not exceed optimizee_steps ({steps})")
     return steps, length
+
+
+def shard_streams(seed: int, shard: int, shards: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """The generators of shard ``shard`` of ``shards``: its instances (CPU) and its minibatches (on ``device``).
+
+    An unsplit run (one shard) keeps the streams of a plain run; shard g of S has its own pair,
+    whichever process computes it.
+    """
+    if shards == 1:
+        return make_generator(seed, "train"), make_generator(seed, "train-batches", device)
+    name = f"shard {shard} of {shards}"
+    return make_generator(seed, f"train:{name}"), make_generator(seed, f"train-batches:{name}", device)
 
 
 def build_learned_rule(config: TrainConfig) -> nn.Module:
@@ -157,19 +176,27 @@ class MetaTrainer:
         # warm_start=False skips config.init_from: a resumed run takes its weights from the resume checkpoint.
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.device = resolve_device(config.device)
+        self.layout: ShardLayout = current_layout(config.accumulate)
+        self.collectives = Collectives(self.layout)
+        self.collectives.check_same("configuration", config.to_json())
+        self.device = local_device(resolve_device(config.device))
         self.family = get_task(config.task, **config.task_options)
         self.steps, self.unroll = horizon(config, self.family)
         self.instances = config.instances or self.family.default_instances
+        self.shard_instances = self.layout.shard_size(self.instances)
         self.weights = loss_weights(config, self.unroll).to(self.device)
         self.rule = build_learned_rule(config)
         if warm_start and config.init_from is not None:
             initialise_from(self.rule, config.init_from)
         self.rule = set_kernel(self.rule.to(self.device), config.kernel)
-        self.instance_generator = make_generator(config.seed, "train")
-        self.batch_generator = make_generator(config.seed, "train-batches", self.device)
+        # One (instances, minibatches) generator pair per shard this process computes.
+        self.streams = [shard_streams(config.seed, shard, self.layout.total, self.device) for shard in self.layout.local]
+        self.instance_generator, self.batch_generator = self.streams[0]
         self.validation_task = self.family.sample(config.val_problems, make_generator(config.seed, "validation"), self.device)
         reason = graph_unsupported_reason(self.validation_task, None, self.device)
+        if reason is None and self.layout.total > 1:
+            reason = (f"the meta-batch is split into {self.layout.total} shards ({self.layout.world_size} processes x "
+                      f"accumulate {self.layout.accumulate}), which run eagerly")
         if config.cuda_graphs == "on" and reason is not None:
             raise ConfigError(f"cuda_graphs='on' cannot be honoured: {reason}; use cuda_graphs='auto' or 'off'")
         self.use_graphs = config.cuda_graphs != "off" and reason is None
@@ -192,17 +219,20 @@ class MetaTrainer:
             The mean meta-loss per truncation (a 0-d tensor; NaN if every step was skipped).
         """
         config = self.config
-        task = self.family.sample(self.instances, self.instance_generator, self.device)
-        carry = start(self.rule, task, generator=self.batch_generator)
-        if not bool(torch.isfinite(carry.loss).all()):
+        tasks = [self.family.sample(self.shard_instances, instances, self.device) for instances, _ in self.streams]
+        carries = [start(self.rule, task, generator=batches) for task, (_, batches) in zip(tasks, self.streams)]
+        locally_finite = all(bool(torch.isfinite(carry.loss).all()) for carry in carries)
+        if self.collectives.any(not locally_finite):  # every process raises, none waits on the others
             raise NonFiniteError(
                 f"task {config.task!r} gave a non-finite loss at its initial parameters; check the task's data and initialisation"
             )
         self._set_learning_rate(meta_learning_rate(config, self.epoch))
-        truncate = self._graphed_truncation(task) if self.use_graphs else self._eager_truncation(task)
+        truncate = self._graphed_truncation(tasks[0]) if self.use_graphs else self._eager_truncation(tasks)
         meta_losses = []
-        while carry.step < self.steps:
-            result = truncate(carry, min(self.unroll, self.steps - carry.step))
+        step = 0
+        while step < self.steps:
+            length = min(self.unroll, self.steps - step)
+            result, carries = truncate(carries, length)
             if result.stepped:
                 self.consecutive_skipped = 0
                 meta_losses.append(result.meta_loss.clone())  # a graph's output buffer is overwritten by the next replay
@@ -215,37 +245,61 @@ class MetaTrainer:
                         f"(epoch {self.epoch}); training stopped. Lower --meta-lr or --clip-grad-norm, or check the task."
                     )
                 break  # The trajectory diverged: the rest of this epoch would only repeat it.
-            carry = result.carry
+            step += length
         return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
 
-    def _eager_truncation(self, task) -> Callable[[UnrollCarry, int], TruncationResult]:
-        """One truncation computed eagerly: unroll, meta-loss, backward, clip, and the step if all is finite."""
+    def _eager_truncation(self, tasks: list) -> Truncate:
+        """One truncation computed eagerly: unroll, meta-loss, backward (shard by shard), clip, and the step if all is finite."""
         config = self.config
 
-        def truncate(carry: UnrollCarry, length: int) -> TruncationResult:
-            losses, carry = unroll(
-                self.rule, task, carry, length, generator=self.batch_generator, second_order=config.second_order
-            )
-            meta_loss = (self.weights[:length, None] * losses).sum(0).mean()
+        def truncate(carries: list[UnrollCarry], length: int) -> tuple[TruncationResult, list[UnrollCarry]]:
             self.meta_optimizer.zero_grad(set_to_none=True)
-            meta_loss.backward()
+            shard_losses, next_carries = [], []
+            for task, carry, (_, batches) in zip(tasks, carries, self.streams):
+                losses, carry = unroll(self.rule, task, carry, length, generator=batches, second_order=config.second_order)
+                shard_loss = (self.weights[:length, None] * losses).sum(0).mean()
+                shard_loss.backward()  # frees this shard's graph before the next shard's unroll
+                shard_losses.append(shard_loss.detach())
+                next_carries.append(detach_carry(carry))
+            meta_loss = shard_losses[0] if self.layout.total == 1 else self._average_over_shards(shard_losses)
             grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), config.clip_grad_norm)
-            # One host synchronisation per meta-step, outside the unroll.
+            # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
+            # the averaged loss or gradient non-finite, so every process skips the same steps.
             stepped = bool(torch.isfinite(meta_loss) & torch.isfinite(grad_norm))
             if stepped:
                 self.meta_optimizer.step()
-            return TruncationResult(meta_loss.detach(), grad_norm.detach(), stepped, detach_carry(carry))
+            return TruncationResult(meta_loss, grad_norm.detach(), stepped, next_carries[0]), next_carries
 
         return truncate
 
-    def _graphed_truncation(self, task) -> GraphedTruncation:
+    def _average_over_shards(self, shard_losses: list[Tensor]) -> Tensor:
+        """Replaces the accumulated meta-gradients by their mean over all shards of all processes; returns the mean meta-loss.
+
+        One all-reduce carries the gradients and the loss. The sums are taken before the one
+        division, so two processes with one shard each compute bit for bit what one process
+        with two shards does.
+        """
+        parameters = list(self.rule.parameters())
+        flat = torch.cat([flatten_grads(parameters), torch.stack(shard_losses).sum().reshape(1)])
+        self.collectives.sum_(flat)
+        flat /= self.layout.total
+        assign_grads(parameters, flat[:-1])
+        return flat[-1]
+
+    def _graphed_truncation(self, task) -> Truncate:
         """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
         if self.graphed is None:
             self.graphed = GraphedTruncation(self.rule, self.meta_optimizer, task, self.weights, self.config.clip_grad_norm,
                                              second_order=self.config.second_order)
         else:
             self.graphed.load_task(task)
-        return self.graphed
+        graphed = self.graphed
+
+        def truncate(carries: list[UnrollCarry], length: int) -> tuple[TruncationResult, list[UnrollCarry]]:
+            result = graphed(carries[0], length)
+            return result, [result.carry]
+
+        return truncate
 
     def _set_learning_rate(self, lr: float) -> None:
         """The meta-optimizer's learning rate: a float, or with graphs one device tensor updated in place.
@@ -274,11 +328,29 @@ class MetaTrainer:
         """Mean loss of the current rule on the fixed held-out instances over the last tenth of the steps.
 
         Averaging the last steps estimates the final loss with less minibatch noise than the
-        last step alone, so selection picks better weights rather than luckier batches.
+        last step alone, so selection picks better weights rather than luckier batches. In a
+        process group, rank 0 validates and every process receives its score, so all keep the
+        same best weights.
         """
-        losses = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses
-        score = losses[-max(1, self.steps // 10) :].double().mean().item()
+        score = math.inf
+        if self.layout.is_main:
+            losses = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses
+            score = losses[-max(1, self.steps // 10) :].double().mean().item()
+        if self.collectives.active:
+            score = self.collectives.broadcast_(torch.tensor([score], dtype=torch.float64)).item()
         return score if math.isfinite(score) else math.inf
+
+    def synchronise(self) -> None:
+        """Gives every process rank 0's learned-optimizer weights (a no-op for one process).
+
+        The processes start from the same seed, warm start or checkpoint anyway; this makes
+        it certain, and later steps keep them equal because every process applies the same
+        averaged meta-gradient.
+        """
+        if self.collectives.active:
+            with torch.no_grad():
+                for tensor in self.rule.state_dict().values():
+                    self.collectives.broadcast_(tensor)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _metadata(self) -> dict[str, Any]:
@@ -298,6 +370,9 @@ class MetaTrainer:
         """Writes the resume checkpoint, the use checkpoint (best weights) and the history."""
         if self.out_dir is None:
             return
+        rng = self._rng_states()  # a collective: every process takes part, rank 0 writes
+        if not self.layout.is_main:
+            return
         save_resume_checkpoint(
             self.out_dir / RESUME_CHECKPOINT,
             {
@@ -307,7 +382,7 @@ class MetaTrainer:
                 "best_state_dict": _cpu(self.best_state),
                 "meta_optimizer": self.meta_optimizer.state_dict(),
                 "epoch": self.epoch,
-                "rng": {"instances": self.instance_generator.get_state(), "batches": self.batch_generator.get_state()},
+                "rng": rng,
                 "progress": {
                     "skipped": self.skipped,
                     "consecutive_skipped": self.consecutive_skipped,
@@ -323,6 +398,27 @@ class MetaTrainer:
         temporary.write_text(json.dumps(self.history, indent=1))
         os.replace(temporary, self.out_dir / HISTORY_FILE)
 
+    def _rng_states(self) -> dict[str, Any]:
+        """Every shard's generator states: ``{instances, batches}`` unsplit, else ``{shards: [{instances, batches}] * S}``."""
+        if self.layout.total == 1:
+            return {"instances": self.instance_generator.get_state(), "batches": self.batch_generator.get_state()}
+        instances = torch.cat(self.collectives.gather(torch.stack([pair[0].get_state() for pair in self.streams])))
+        batches = torch.cat(self.collectives.gather(torch.stack([pair[1].get_state() for pair in self.streams])))
+        return {"shards": [{"instances": i.clone(), "batches": b.clone()} for i, b in zip(instances, batches)]}
+
+    def _load_rng_states(self, rng: dict[str, Any], source: str) -> None:
+        """Sets this process's generators from :meth:`_rng_states`' output; the number of shards must match."""
+        saved = [(rng["instances"], rng["batches"])] if "shards" not in rng else [(s["instances"], s["batches"]) for s in rng["shards"]]
+        if len(saved) != self.layout.total:
+            raise CheckpointError(
+                f"{source} splits each epoch's instances into {len(saved)} shard(s) (processes x accumulate), but this run "
+                f"splits them into {self.layout.total} ({self.layout.world_size} processes x accumulate {self.layout.accumulate}); "
+                f"resume with processes x --accumulate = {len(saved)}, for example --accumulate {len(saved)} in one process"
+            )
+        for (instances, batches), shard in zip(self.streams, self.layout.local):
+            instances.set_state(saved[shard][0])
+            batches.set_state(saved[shard][1])
+
     def restore(self, path: str | os.PathLike) -> None:
         """Loads a resume checkpoint written by :meth:`save` into this trainer."""
         payload = load_resume_checkpoint(path)
@@ -334,8 +430,7 @@ class MetaTrainer:
         try:
             self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
             self._align_meta_optimizer()
-            self.instance_generator.set_state(payload["rng"]["instances"])
-            self.batch_generator.set_state(payload["rng"]["batches"])
+            self._load_rng_states(payload["rng"], source)
             progress = payload["progress"]
             self.epoch = int(payload["epoch"])
             self.skipped = int(progress["skipped"])
@@ -343,6 +438,8 @@ class MetaTrainer:
             self.best_score = float(progress["best_score"])
             self.best_epoch = int(progress["best_epoch"])
             self.history = list(progress["history"])
+        except CheckpointError:
+            raise
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{source} has damaged training state: {error}") from None
 
@@ -358,9 +455,10 @@ class MetaTrainer:
     def run(self, *, progress: bool = True, on_epoch: Callable[["MetaTrainer"], None] | None = None) -> TrainResult:
         """Trains until ``config.epochs`` epochs are done, validating and checkpointing periodically."""
         config = self.config
+        self.synchronise()
         bar = tqdm(
             total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch",
-            disable=not progress, dynamic_ncols=True,
+            disable=not (progress and self.layout.is_main), dynamic_ncols=True,
         )
         running = None
         if config.init_from is not None and self.epoch == 0 and not self.history:

@@ -1,0 +1,197 @@
+"""Data-parallel meta-training: how an epoch's instances split into shards, and the collectives that join them.
+
+Each epoch's K optimizee instances are split into ``S = world_size * accumulate`` equal shards.
+Process ``r`` of a torch.distributed group owns shards ``r * accumulate ... (r + 1) * accumulate - 1``
+and backpropagates them one after another; the meta-gradients and meta-losses are then summed
+over all shards in one all-reduce and divided by S, so every process applies the same Adam step
+to the same weights. Shard ``g`` of S always draws its instances and minibatches from the same
+seeded streams, whichever process computes it: two processes with ``accumulate=1`` compute
+exactly what one process with ``accumulate=2`` does, and a run can resume under any
+``(world_size, accumulate)`` with the same S.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from l2l.config import ConfigError
+
+# torchrun (torch.distributed.run) sets these for every process it starts.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which shards of an epoch's meta-batch this process computes.
+
+    Attributes:
+        rank: this process's rank in the group (0 without torch.distributed).
+        world_size: processes in the group (1 without torch.distributed).
+        accumulate: shards each process backpropagates one after another per meta-step.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    accumulate: int = 1
+
+    @property
+    def total(self) -> int:
+        """S, the number of shards the epoch's instances are split into."""
+        return self.world_size * self.accumulate
+
+    @property
+    def local(self) -> range:
+        """Global indices of the shards this process computes."""
+        return range(self.rank * self.accumulate, (self.rank + 1) * self.accumulate)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process validates, writes checkpoints and shows progress."""
+        return self.rank == 0
+
+    def shard_size(self, instances: int) -> int:
+        """Instances per shard; raises ConfigError unless ``instances`` splits evenly."""
+        if instances % self.total:
+            raise ConfigError(
+                f"{instances} instances per epoch cannot be split into {self.total} equal shards "
+                f"({self.world_size} processes x accumulate {self.accumulate}); choose --instances as a multiple of {self.total}"
+            )
+        return instances // self.total
+
+
+def current_layout(accumulate: int = 1) -> ShardLayout:
+    """The layout of this process: its rank and world size if torch.distributed is initialised, else one process."""
+    if dist.is_available() and dist.is_initialized():
+        return ShardLayout(dist.get_rank(), dist.get_world_size(), accumulate)
+    return ShardLayout(0, 1, accumulate)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (its environment names a rank and a world size)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE"))
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device of this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun, anything else is kept."""
+    if device.type == "cuda" and device.index is None and launched_by_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@contextlib.contextmanager
+def process_group_from_environment(device: torch.device) -> Iterator[bool]:
+    """Starts the default process group for the duration of the block if torchrun launched this process.
+
+    NCCL serves CUDA devices, Gloo the CPU. Yields whether a group was started (False for a plain
+    ``python`` or ``l2l`` invocation, or where the caller has already initialised one).
+
+    Raises:
+        RuntimeError: torch.distributed is not available in this build of torch.
+    """
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        yield False
+        return
+    if not dist.is_available():
+        raise RuntimeError("this process was launched by torchrun, but this build of torch has no torch.distributed")
+    device = local_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+class Collectives:
+    """The few collectives meta-training needs; each is a no-op for a single process.
+
+    Tensors may live anywhere: they travel through the backend's device (CUDA for NCCL, the CPU
+    otherwise) and come back in place.
+    """
+
+    def __init__(self, layout: ShardLayout):
+        self.layout = layout
+        self.active = layout.world_size > 1
+        if self.active and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"a layout of {layout.world_size} processes needs an initialised torch.distributed group")
+        self.device = torch.device("cpu")
+        if self.active and dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def _through_backend(self, tensor: Tensor) -> Tensor:
+        return tensor if tensor.device == self.device else tensor.to(self.device)
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """Sums ``tensor`` over the processes, in place; returns it."""
+        if self.active:
+            moved = self._through_backend(tensor)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            if moved is not tensor:
+                tensor.copy_(moved)
+        return tensor
+
+    def broadcast_(self, tensor: Tensor, source: int = 0) -> Tensor:
+        """Overwrites ``tensor`` on every process with the one of rank ``source``; returns it."""
+        if self.active:
+            moved = self._through_backend(tensor)
+            dist.broadcast(moved, src=source)
+            if moved is not tensor:
+                tensor.copy_(moved)
+        return tensor
+
+    def gather(self, tensor: Tensor) -> list[Tensor]:
+        """``tensor`` of every process, in rank order, on the CPU (every process gets all; equal shapes)."""
+        if not self.active:
+            return [tensor.cpu()]
+        moved = self._through_backend(tensor.contiguous())
+        pieces = [torch.empty_like(moved) for _ in range(self.layout.world_size)]
+        dist.all_gather(pieces, moved)
+        return [piece.cpu() for piece in pieces]
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (every process gets the same answer)."""
+        if not self.active:
+            return flag
+        return bool(self.sum_(torch.tensor([int(flag)], device=self.device)).item())
+
+    def check_same(self, description: str, text: str) -> None:
+        """Raises ConfigError on every process unless every process passed the same ``text``.
+
+        Args:
+            description: what ``text`` is, for the message ("configuration").
+            text: the value to compare, for example a configuration as JSON.
+        """
+        if not self.active:
+            return
+        digest = hashlib.sha256(text.encode()).digest()[:8]
+        local = torch.tensor(list(digest), dtype=torch.uint8)
+        others = [rank for rank, piece in enumerate(self.gather(local)) if not piece.equal(local)]
+        if others:
+            raise ConfigError(
+                f"process {self.layout.rank} and process(es) {', '.join(map(str, others))} were started with a different "
+                f"{description}; launch every process with the same arguments"
+            )
+
+
+def flatten_grads(parameters: Sequence[Tensor]) -> Tensor:
+    """The gradients of ``parameters`` in one flat vector (zeros where a parameter has none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+
+
+def assign_grads(parameters: Sequence[Tensor], flat: Tensor) -> None:
+    """Sets each parameter's gradient to its slice of ``flat`` (the inverse of :func:`flatten_grads`)."""
+    offset = 0
+    for parameter in parameters:
+        size = parameter.numel()
+        parameter.grad = flat[offset : offset + size].view_as(parameter)
+        offset += size

@@ -1,0 +1,238 @@
+"""Sharded and distributed meta-training: two processes compute what one process accumulating two shards does."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from l2l.checkpoint import CheckpointError, load_resume_checkpoint
+from l2l.config import ConfigError, TrainConfig
+from l2l.meta import train as train_module
+from l2l.meta.distributed import ShardLayout
+from l2l.meta.train import MetaTrainer, meta_train, shard_streams
+from l2l.meta.unroll import start, unroll
+from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
+
+SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=8, checkpoint_every=1, device="cpu")
+
+
+def torchrun(arguments, *, processes=2, timeout=180):
+    """Runs ``python -m torch.distributed.run --standalone`` with ``processes`` workers; returns the finished process."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """Three epochs of ``l2l train`` on two Gloo processes, one shard each; the output directory."""
+    out = tmp_path_factory.mktemp("two-processes")
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
+    finished = torchrun(["-m", "l2l", "train", "--epochs=3", *flags, f"--out={out}", "--no-bench", "--quiet"])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return out, finished
+
+
+def _equal_states(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_two_processes_train_exactly_as_one_process_accumulating_two_shards(two_process_run):
+    out, finished = two_process_run
+    distributed = load_resume_checkpoint(out / "resume.pt")
+    alone = MetaTrainer(TrainConfig(epochs=3, accumulate=2, **SMALL))
+    alone.run(progress=False)
+    _equal_states(distributed["state_dict"], alone.rule.state_dict())
+    assert distributed["progress"]["history"] == alone.history
+    shards = distributed["rng"]["shards"]
+    assert len(shards) == 2
+    for (instances, batches), saved in zip(alone.streams, shards):
+        assert instances.get_state().equal(saved["instances"]) and batches.get_state().equal(saved["batches"])
+    # Only rank 0 reports.
+    assert finished.stdout.count("trained 3 epochs") == 1
+    assert finished.stderr.count("2 processes") == 1
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_accumulating_two(two_process_run, tmp_path):
+    out, _ = two_process_run
+    config = TrainConfig(epochs=6, accumulate=2, **SMALL)
+    resumed = MetaTrainer(config, tmp_path, warm_start=False)
+    resumed.restore(out / "resume.pt")
+    resumed.run(progress=False)
+    uninterrupted = MetaTrainer(config)
+    uninterrupted.run(progress=False)
+    _equal_states(resumed.rule.state_dict(), uninterrupted.rule.state_dict())
+    # The same meta-losses; the three-epoch run also validated at its last epoch, 3.
+    assert [r["meta_loss"] for r in resumed.history] == [r["meta_loss"] for r in uninterrupted.history]
+
+
+def test_resume_refuses_another_number_of_shards(two_process_run, tmp_path):
+    out, _ = two_process_run
+    with pytest.raises(CheckpointError, match=r"splits each epoch's instances into 2 shard\(s\).*--accumulate 2"):
+        meta_train(TrainConfig(epochs=6, **SMALL), tmp_path, resume=out / "resume.pt", progress=False)
+    meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match=r"into 1 shard\(s\).*into 4 \(1 processes x accumulate 4\)"):
+        meta_train(TrainConfig(epochs=2, accumulate=4, **SMALL), tmp_path / "again", resume=tmp_path / "resume.pt", progress=False)
+
+
+def test_accumulated_meta_gradient_is_the_meta_gradient_of_all_instances():
+    config = TrainConfig(epochs=1, accumulate=2, clip_grad_norm=1e9, **{**SMALL, "optimizee_steps": 5})
+    trainer = MetaTrainer(config)
+    reference_rule = train_module.build_learned_rule(config)
+    captured = []
+    original_step = trainer.meta_optimizer.step
+
+    def recording_step(*args, **kwargs):
+        captured.append({name: p.grad.clone() for name, p in trainer.rule.named_parameters()})
+        return original_step(*args, **kwargs)
+
+    trainer.meta_optimizer.step = recording_step
+    trainer.train_epoch()
+
+    family = QuadraticFamily()
+    shards = [family.sample(4, shard_streams(config.seed, shard, 2, torch.device("cpu"))[0]) for shard in range(2)]
+    union = QuadraticTask(torch.cat([task.W for task in shards]), torch.cat([task.y for task in shards]))
+    losses, _ = unroll(reference_rule, union, start(reference_rule, union), 5)
+    losses.sum(0).mean().backward()
+    assert len(captured) == 1
+    for name, parameter in reference_rule.named_parameters():
+        torch.testing.assert_close(captured[0][name], parameter.grad, rtol=1e-5, atol=1e-7, msg=name)
+        assert parameter.grad.abs().max() > 0, name
+
+
+class BlowUpFamily(QuadraticFamily):
+    """Quadratics whose second half has huge curvature: their loss overflows after the first update."""
+
+    name = "test-blow-up"
+
+    def __init__(self):
+        super().__init__(dim=4)
+        self.calls = 0
+
+    def sample(self, num_instances, generator, device="cpu"):
+        task = super().sample(num_instances, generator, device)
+        self.calls += 1
+        if self.calls % 2 == 0:  # the second shard of every epoch
+            return QuadraticTask(task.W * 1e30, task.y)
+        return task
+
+
+register_task("test-blow-up", BlowUpFamily, replace=True)
+
+
+def test_a_non_finite_shard_stops_the_meta_step_of_all_shards():
+    trainer = MetaTrainer(TrainConfig(task="test-blow-up", epochs=1, accumulate=2, **SMALL))
+    trainer.family = BlowUpFamily()
+    before = {name: value.clone() for name, value in trainer.rule.state_dict().items()}
+    meta_loss = trainer.train_epoch()
+    assert trainer.skipped == 1 and not torch.isfinite(meta_loss)
+    _equal_states(trainer.rule.state_dict(), before)
+
+
+class NoisyQuadraticFamily(QuadraticFamily):
+    """Quadratics observed through a noisy target each step: a task that draws minibatches."""
+
+    name = "test-noisy-quadratic"
+
+    def sample(self, num_instances, generator, device="cpu"):
+        base = super().sample(num_instances, generator, device)
+
+        class Task(QuadraticTask):
+            def sample_batch(self, generator):
+                return torch.randn(self.y.shape, generator=generator, device=self.device)
+
+            def loss(self, params, batch=None):
+                return QuadraticTask(self.W, self.y + 0.1 * batch).loss(params)
+
+        return Task(base.W, base.y)
+
+
+register_task("test-noisy-quadratic", NoisyQuadraticFamily, replace=True)
+
+
+def test_accumulating_shards_of_a_stochastic_task_resumes_exactly(tmp_path):
+    config = TrainConfig(task="test-noisy-quadratic", epochs=4, accumulate=2, **SMALL)
+    uninterrupted = MetaTrainer(config)
+    uninterrupted.run(progress=False)
+    meta_train(dataclasses.replace(config, epochs=2), tmp_path, progress=False)
+    resumed = MetaTrainer(config)
+    resumed.restore(tmp_path / "resume.pt")
+    resumed.run(progress=False)
+    _equal_states(resumed.rule.state_dict(), uninterrupted.rule.state_dict())
+    assert resumed.history == uninterrupted.history
+    # The two shards draw different minibatches.
+    assert not resumed.streams[0][1].get_state().equal(resumed.streams[1][1].get_state())
+
+
+def test_instances_must_split_evenly_into_the_shards():
+    with pytest.raises(ConfigError, match=r"8 instances per epoch cannot be split into 3 equal shards .*multiple of 3"):
+        MetaTrainer(TrainConfig(epochs=1, accumulate=3, **SMALL))
+    with pytest.raises(ConfigError, match="accumulate must be a positive integer"):
+        TrainConfig(accumulate=0)
+    assert ShardLayout(rank=1, world_size=2, accumulate=3).local == range(3, 6)
+
+
+def test_sharded_runs_refuse_cuda_graphs_on(monkeypatch):
+    monkeypatch.setattr(train_module, "graph_unsupported_reason", lambda *args: None)
+    with pytest.raises(ConfigError, match=r"split into 2 shards \(1 processes x accumulate 2\), which run eagerly"):
+        MetaTrainer(TrainConfig(epochs=1, accumulate=2, cuda_graphs="on", **SMALL))
+
+
+COLLECTIVES_SCRIPT = textwrap.dedent(
+    """
+    import torch, torch.distributed as dist
+    from l2l.config import ConfigError
+    from l2l.meta.distributed import Collectives, current_layout
+
+    dist.init_process_group("gloo")
+    layout = current_layout()
+    collectives = Collectives(layout)
+    rank = layout.rank
+    summed = collectives.sum_(torch.tensor([1.0, rank]))
+    source = collectives.broadcast_(torch.tensor([float(rank + 5)]))
+    gathered = collectives.gather(torch.tensor([rank, 10 * rank], dtype=torch.uint8))
+    print(f"rank {rank}: sum {summed.tolist()} broadcast {source.tolist()} gather {[g.tolist() for g in gathered]} "
+          f"any {collectives.any(rank == 1)} none {collectives.any(False)}")
+    collectives.check_same("configuration", "same")
+    try:
+        collectives.check_same("configuration", f"seed {rank}")
+    except ConfigError as error:
+        print(f"rank {rank}: refused: {error}")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_collectives_across_two_processes(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES_SCRIPT)
+    finished = torchrun([str(script)])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: sum [2.0, 1.0] broadcast [5.0] gather [[0, 0], [1, 10]] any True none False" in finished.stdout
+    assert "rank 0: refused: process 0 and process(es) 1 were started with a different configuration" in finished.stdout
+    assert "rank 1: refused: process 1 and process(es) 0 were started with a different configuration" in finished.stdout
+
+
+def test_distributed_training_benchmark_smoke(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "distributed_training.py")
+    out = tmp_path / "report.json"
+    finished = subprocess.run(
+        [sys.executable, script, "--tasks", "quadratic", "--accumulate", "2", "--epochs", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["processes"], row["accumulate"]) for row in rows] == [(1, 1), (1, 2), (2, 1)]
+    assert rows[0]["speed_vs_one_process"] == 1.0
+    for row in rows:
+        assert row["instances"] == 128 and row["seconds_per_epoch"] > 0 and row["peak_rss_growth_bytes_per_process"] > 0
+        ratio = rows[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
+        assert row["speed_vs_one_process"] == pytest.approx(ratio)
