@@ -507,6 +507,10 @@ def meta_train(
 ) -> TrainResult:
     """Meta-trains a coordinatewise LSTM optimizer as ``config`` says.
 
+    In an initialised torch.distributed group every process calls this with the same
+    arguments; each computes its ``config.accumulate`` shards of the epoch's instances and rank
+    0 writes the files (see :mod:`l2l.meta.distributed`).
+
     Args:
         config: the run (task, horizon, meta-optimizer, validation, seed, ...).
         out_dir: where ``optimizer.pt`` (use), ``resume.pt`` and ``history.json`` are written;
