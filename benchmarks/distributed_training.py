@@ -105,7 +105,7 @@ def main() -> None:
     for task in args.tasks.split(","):
         for processes, accumulate in layouts:
             row = launch(task, args.device, processes, accumulate, args.threads, args.epochs)
-            baseline = next(r for r in rows if r["task"] == task) if processes * accumulate > 1 else row
+            baseline = next((r for r in rows if r["task"] == task), row)  # the task's one-process run comes first
             row["speed_vs_one_process"] = baseline["seconds_per_epoch"] / row["seconds_per_epoch"]
             row["memory_vs_one_process"] = row["peak_rss_growth_bytes_per_process"] / baseline["peak_rss_growth_bytes_per_process"]
             rows.append(row)

@@ -129,7 +129,7 @@ register_task("test-blow-up", BlowUpFamily, replace=True)
 
 def test_a_non_finite_shard_stops_the_meta_step_of_all_shards():
     trainer = MetaTrainer(TrainConfig(task="test-blow-up", epochs=1, accumulate=2, **SMALL))
-    trainer.family = BlowUpFamily()
+    trainer.family = BlowUpFamily()  # a fresh count: sampling the validation set was the first call
     before = {name: value.clone() for name, value in trainer.rule.state_dict().items()}
     meta_loss = trainer.train_epoch()
     assert trainer.skipped == 1 and not torch.isfinite(meta_loss)

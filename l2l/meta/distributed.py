@@ -24,10 +24,6 @@ from torch import Tensor
 
 from l2l.config import ConfigError
 
-# torchrun (torch.distributed.run) sets these for every process it starts.
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 @dataclass(frozen=True)
 class ShardLayout:
     """Which shards of an epoch's meta-batch this process computes.
