@@ -99,17 +99,25 @@ def rule_spec(rule: nn.Module) -> dict[str, Any]:
 
 
 def build_rule(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None, *, source: str = "checkpoint") -> nn.Module:
-    """Rebuilds a learned rule from :func:`rule_spec` output and optionally loads weights into it."""
+    """Rebuilds a learned rule from :func:`rule_spec` output and optionally loads weights into it.
+
+    Raises:
+        CheckpointError: the spec names no known rule or has no valid config, or the weights are
+            not a mapping of tensors, do not fit the config, or hold NaN or infinite values.
+    """
     if not isinstance(spec, dict) or spec.get("class") not in LEARNED_RULES:
         raise CheckpointError(
             f"{source} names an unknown learned optimizer {spec.get('class') if isinstance(spec, dict) else spec!r}; "
             f"this l2l knows {', '.join(LEARNED_RULES)}"
         )
+    if not isinstance(spec.get("config"), dict):
+        raise CheckpointError(f"{source} is corrupt: its optimizer entry has no config mapping (found {spec.get('config')!r})")
     try:
         rule = LEARNED_RULES[spec["class"]].from_config(spec["config"])
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{source} has an invalid optimizer config {spec['config']!r}: {error}") from None
     if state_dict is not None:
+        _check_weights(state_dict, source)
         try:
             rule.load_state_dict(state_dict)
         except RuntimeError as error:
@@ -117,6 +125,21 @@ def build_rule(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | None 
                 f"{source}'s weights do not match its optimizer config {spec['config']!r}: {str(error).splitlines()[0]}"
             ) from None
     return rule
+
+
+def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of ``tensors`` whose floating-point tensor holds a NaN or an infinity."""
+    return [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
+def _check_weights(state_dict: Any, source: str) -> None:
+    # A NaN weight would turn every parameter the rule touches into NaN with no gradient ever
+    # being non-finite, so it is refused here, where the cause is still nameable.
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise CheckpointError(f"{source} is corrupt: its weights are not a mapping of names to tensors")
+    bad = non_finite_keys(state_dict)
+    if bad:
+        raise CheckpointError(f"{source} is corrupt: weights {', '.join(bad)} hold NaN or infinite values; retrain or re-export it")
 
 
 def versions() -> dict[str, str]:
@@ -147,6 +170,8 @@ def load_use_checkpoint(name_or_path: str | os.PathLike, *, device: torch.device
     path = resolve_checkpoint(name_or_path)
     payload = _read(path, USE_FORMAT)
     _require_keys(path, payload, ("rule", "state_dict", "metadata"))
+    if not isinstance(payload["metadata"], dict):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its metadata is a {type(payload['metadata']).__name__}, not a mapping")
     rule = build_rule(payload["rule"], payload["state_dict"], source=f"checkpoint {path}")
     if device is not None:
         rule = rule.to(device)

@@ -52,6 +52,32 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read --config {path}: {error.strerror or error}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold a JSON object of TrainConfig fields, found a {type(data).__name__}")
+    return data
+
+
 def _loss_weights(text: str) -> str | tuple[float, ...]:
     return text if text in ("uniform", "linear", "final") else _float_list(text)
 
@@ -127,7 +153,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
     parser.add_argument("--resume", type=Path, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
-    parser.add_argument("--bench-problems", type=int, default=512, help="held-out instances of the final comparison")
+    parser.add_argument("--bench-problems", type=_positive_int, default=512, help="held-out instances of the final comparison")
     parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_flags(parser)
@@ -141,11 +167,13 @@ def _train(args: argparse.Namespace) -> int:
         given["second_order"] = True
     if args.task_option:
         given["task_options"] = _task_options(args.task_option)
+    base = _read_config_file(args.config)
     if args.resume is not None:
-        config = config_from_resume(args.resume, **given)
+        # The file's fields go through the same check as flags: only the resumable ones may differ.
+        saved = config_from_resume(args.resume).to_dict()
+        config = TrainConfig.from_dict({**saved, **base, **given})
         out = args.out or args.resume.parent
     else:
-        base = TrainConfig.from_json(args.config.read_text()).to_dict() if args.config else {}
         config = TrainConfig.from_dict({**base, **given})
         out = args.out or Path("runs") / config.task
     # Under torchrun every process trains its shards; rank 0 alone reports, writes and benchmarks.

@@ -36,13 +36,21 @@ def _positive_float(name: str, value: Any) -> None:
     )
 
 
+def _check_seed(value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool), f"seed must be an integer, got {value!r}")
+
+
+def _check_sequence(name: str, value: Any, example: str) -> None:
+    _require(isinstance(value, (tuple, list)), f"{name} must be a tuple such as {example}, got {value!r}")
+
+
 def _check_kernel(value: str) -> None:
     _require(value in KERNEL_NAMES, f"kernel must be one of {', '.join(KERNEL_NAMES)}, got {value!r}")
 
 
 def _check_device(value: str) -> None:
     _require(
-        value in ("auto", "cpu", "cuda") or value.startswith("cuda:"),
+        isinstance(value, str) and (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")),
         f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}",
     )
 
@@ -132,9 +140,11 @@ class TrainConfig(_JSONConfig):
                 f"loss_weights must be one of {', '.join(LOSS_WEIGHTINGS)} or a list of numbers, got {self.loss_weights!r}",
             )
         else:
+            _check_sequence("loss_weights", self.loss_weights, "(1.0, 2.0, ...) or one of " + ", ".join(LOSS_WEIGHTINGS))
             weights = tuple(self.loss_weights)
             _require(
-                len(weights) > 0 and all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights),
+                len(weights) > 0
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights),
                 f"loss_weights must be non-negative finite numbers, got {self.loss_weights!r}",
             )
             if self.unroll is not None:
@@ -150,6 +160,7 @@ class TrainConfig(_JSONConfig):
         if isinstance(self.split, str):  # "conv,fc", as on the command line
             object.__setattr__(self, "split", tuple(kind.strip() for kind in self.split.split(",")))
         if self.split is not None:
+            _check_sequence("split", self.split, "('conv', 'fc')")
             _require(
                 len(self.split) > 0 and all(isinstance(k, str) and k for k in self.split) and len(set(self.split)) == len(self.split),
                 f"split must be distinct parameter kinds such as conv,fc; got {self.split!r}",
@@ -158,7 +169,7 @@ class TrainConfig(_JSONConfig):
             self.init_from is None or (isinstance(self.init_from, str) and self.init_from),
             f"init_from must be a checkpoint path or shipped name, got {self.init_from!r}",
         )
-        _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check_seed(self.seed)
         _check_device(self.device)
         _check_kernel(self.kernel)
         _require(self.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
@@ -192,15 +203,23 @@ class BenchConfig(_JSONConfig):
 
     def __post_init__(self):
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
+        _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
+        if isinstance(self.baselines, str):  # "sgd,adam", as on the command line ("" for none)
+            object.__setattr__(self, "baselines", tuple(name.strip() for name in self.baselines.split(",") if name.strip()))
+        _check_sequence("baselines", self.baselines, "('sgd', 'adam')")
+        _check_sequence("optimizers", self.optimizers, "('quadratic',) (checkpoint paths or shipped names)")
+        for name in self.optimizers:
+            _require(isinstance(name, str) and name, f"every optimizer must be a checkpoint path or shipped name, got {name!r}")
         for name in self.baselines:
             _require(name in BASELINE_NAMES, f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")
         if self.steps is not None:
             _positive_int("steps", self.steps)
         _positive_int("problems", self.problems)
         _positive_int("tune_problems", self.tune_problems)
+        _check_sequence("lr_grid", self.lr_grid, "(1e-3, 1e-2, 1e-1)")
         _require(len(self.lr_grid) > 0, "lr_grid must not be empty")
         for lr in self.lr_grid:
             _positive_float("every learning rate in lr_grid", lr)
-        _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check_seed(self.seed)
         _check_device(self.device)
         _check_kernel(self.kernel)

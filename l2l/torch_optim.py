@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
-from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, rule_spec
+from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, rule_spec
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
@@ -201,7 +201,7 @@ class LearnedOptimizer(Optimizer):
 
     def _check_options(self, group: dict[str, Any]) -> None:
         lr_scale = group["lr_scale"]
-        if isinstance(lr_scale, Tensor) or not (isinstance(lr_scale, (int, float)) and math.isfinite(lr_scale) and lr_scale >= 0):
+        if isinstance(lr_scale, (Tensor, bool)) or not (isinstance(lr_scale, (int, float)) and math.isfinite(lr_scale) and lr_scale >= 0):
             raise ValueError(f"Invalid lr_scale: {lr_scale}")
         if not isinstance(group["maximize"], bool):
             raise ValueError(f"Invalid maximize: {group['maximize']}")
@@ -396,8 +396,8 @@ class LearnedOptimizer(Optimizer):
 
         Raises:
             ValueError: the state was saved with a learned rule of another class or config
-                (preprocessing, hidden size, layers, ...), or its hidden states do not fit the
-                parameters.
+                (preprocessing, hidden size, layers, ...), its hidden states do not fit the
+                parameters, or its hidden states or rule weights hold NaN or infinite values.
         """
         saved_rule = state_dict.get("learned_rule")
         if not isinstance(saved_rule, dict):
@@ -428,6 +428,16 @@ class LearnedOptimizer(Optimizer):
                     f"saved LSTM state of parameter {saved_id} has shapes h {shapes[0]}, c {shapes[1]}; "
                     f"expected {expected} for a parameter of shape {tuple(p.shape)}"
                 )
+            # Non-finite gradients are kept out of the state, so a non-finite saved state is damage;
+            # loaded, it would turn its parameter into NaN with no non-finite step ever counted.
+            if non_finite_keys({key: saved[key] for key in ("h", "c")}):
+                raise ValueError(f"saved LSTM state of parameter {saved_id} holds NaN or infinite values: the state_dict is corrupt")
+        rule_weights = saved_rule.get("state_dict")
+        if not isinstance(rule_weights, dict) or not all(isinstance(value, Tensor) for value in rule_weights.values()):
+            raise ValueError("this state_dict's learned_rule has no weights (a 'state_dict' mapping of tensors)")
+        nonfinite_weights = non_finite_keys(rule_weights)
+        if nonfinite_weights:
+            raise ValueError(f"this state_dict's learned-rule weights {', '.join(nonfinite_weights)} hold NaN or infinite values")
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to each parameter's dtype; the LSTM state keeps its own.
         for saved_id, p, _ in pairs:

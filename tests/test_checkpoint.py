@@ -89,6 +89,36 @@ def test_unknown_rule_class(tmp_path, lstm):
         load_optimizer(path)
 
 
+def _damaged(tmp_path, lstm, damage):
+    path = save_use_checkpoint(tmp_path / "opt.pt", lstm, {})
+    payload = torch.load(path, weights_only=True)
+    damage(payload)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, lstm, value):
+    # Loaded, a NaN weight would make every parameter it updates NaN with no warning at all.
+    path = _damaged(tmp_path, lstm, lambda payload: payload["state_dict"]["weight_ih_l0"].view(-1)[3].fill_(value))
+    with pytest.raises(CheckpointError, match="corrupt: weights weight_ih_l0 hold NaN or infinite values"):
+        load_optimizer(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda payload: payload["rule"].pop("config"), "corrupt: its optimizer entry has no config mapping"),
+        (lambda payload: payload.update(state_dict=[1, 2]), "corrupt: its weights are not a mapping of names to tensors"),
+        (lambda payload: payload.update(metadata=None), "corrupt: its metadata is a NoneType, not a mapping"),
+    ],
+    ids=["no-config", "weights-not-a-mapping", "metadata-not-a-mapping"],
+)
+def test_malformed_entries_name_the_damage(tmp_path, lstm, damage, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_optimizer(_damaged(tmp_path, lstm, damage))
+
+
 def test_missing_file_and_unknown_name(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint file .*shipped: .*quadratic"):
         load_optimizer(tmp_path / "nothing.pt")

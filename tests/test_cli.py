@@ -65,6 +65,38 @@ def test_bad_input_gives_one_clear_line(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_an_invalid_bench_option_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--bench-problems", "0", "--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2 and "expected a positive integer, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
+    assert f"cannot read --config {tmp_path / 'nope.json'}: No such file or directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    for text, message in (("{", "is not valid JSON"), ("[1]", "must hold a JSON object of TrainConfig fields, found a list"),
+                          ('{"device": 0}', "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 0")):
+        bad.write_text(text)
+        assert main(["train", "--config", str(bad)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_resume_checks_a_config_file_like_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--no-bench"]
+    assert main(["train", "--epochs", "1", "--out", str(out), *common]) == 0
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({"hidden_size": 99}))
+    assert main(["train", "--resume", str(out / "resume.pt"), "--config", str(changed), "--quiet", "--no-bench"]) == 2
+    assert "different configuration (hidden_size: checkpoint 20, asked 99)" in capsys.readouterr().err
+    longer = tmp_path / "longer.json"
+    longer.write_text(json.dumps({"epochs": 2}))  # a resumable field: the run continues to epoch 2
+    assert main(["train", "--resume", str(out / "resume.pt"), "--config", str(longer), "--quiet", "--no-bench"]) == 0
+    assert "trained 2 epochs" in capsys.readouterr().out
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "l2l", "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--json OUT" in result.stdout

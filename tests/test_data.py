@@ -115,6 +115,32 @@ def test_cifar_batches_refuse_arbitrary_objects(tmp_path):
         load_cifar10(tmp_path)
 
 
+def test_an_incomplete_batches_folder_names_the_missing_files(tmp_path):
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    with open(folder / "data_batch_1", "wb") as handle:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}, handle)
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path)
+    message = str(error.value)
+    assert "cifar-10-batches-py/ is incomplete" in message and "--download" in message
+    assert str(folder / "data_batch_2") in message and str(folder / "test_batch") in message
+    assert str(folder / "data_batch_1") not in message
+
+
+def test_labels_outside_the_classes_are_rejected(tmp_path):
+    arrays = fake_cifar_arrays()
+    arrays["y_test"][2] = 10
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match=r"CIFAR-10 test labels must be class indices 0..9, found uint8 values in \[\d+, 10\]"):
+        load_cifar10(tmp_path)
+    fake_mnist(tmp_path / "mnist")
+    labels = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    write_idx(labels, np.full(12, 255), compress=True)
+    with pytest.raises(DataError, match="MNIST train labels must be class indices 0..9"):
+        load_mnist(tmp_path)
+
+
 def test_corrupt_npz_is_rejected(tmp_path):
     (tmp_path / "cifar10.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DataError, match="not a readable npz"):

@@ -310,6 +310,7 @@ def test_state_dtype_precedence_and_buffers_kept_across_steps():
     [
         ({"lr_scale": -1.0}, ValueError, r"Invalid lr_scale: -1.0"),
         ({"lr_scale": float("nan")}, ValueError, r"Invalid lr_scale: nan"),
+        ({"lr_scale": True}, ValueError, r"Invalid lr_scale: True"),
         ({"chunk_size": 0}, ValueError, r"Invalid chunk_size: 0"),
         ({"state_dtype": torch.int32}, ValueError, r"Invalid state_dtype: torch.int32"),
         ({"maximize": 1}, ValueError, r"Invalid maximize: 1"),
@@ -355,6 +356,26 @@ def test_loading_a_state_of_another_rule_config_raises(checkpoint, tmp_path):
     other.step()
     with pytest.raises(ValueError, match=r"expected \(2, 20, 3\) for a parameter of shape \(3,\)"):
         optimizer.load_state_dict(other.state_dict())
+
+
+def test_loading_a_non_finite_state_raises_and_leaves_the_optimizer_as_it_was(checkpoint):
+    # A NaN hidden state or rule weight, once loaded, would turn parameters into NaN while no
+    # gradient was ever non-finite, so nothing would count or warn.
+    p = nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([p], checkpoint)
+    p.grad = torch.randn(3)
+    optimizer.step()
+    good = copy.deepcopy(optimizer.state_dict())
+    damaged_state = copy.deepcopy(good)
+    damaged_state["state"][0]["c"][1, 4, 2] = float("nan")
+    with pytest.raises(ValueError, match="saved LSTM state of parameter 0 holds NaN or infinite values"):
+        optimizer.load_state_dict(damaged_state)
+    damaged_rule = copy.deepcopy(good)
+    damaged_rule["learned_rule"]["state_dict"]["bias_out"].fill_(float("inf"))
+    with pytest.raises(ValueError, match="learned-rule weights bias_out hold NaN or infinite values"):
+        optimizer.load_state_dict(damaged_rule)
+    assert all(torch.equal(value, good["state"][0][key]) for key, value in optimizer.state[p].items() if key in ("h", "c"))
+    assert all(bool(torch.isfinite(value).all()) for value in optimizer.rule.state_dict().values())
 
 
 def test_shipped_names_resolve(checkpoint, monkeypatch):

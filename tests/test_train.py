@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from l2l.checkpoint import CheckpointError
-from l2l.config import ConfigError, TrainConfig
+from l2l.config import BenchConfig, ConfigError, TrainConfig
 from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weights, meta_train
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
@@ -163,6 +163,31 @@ def test_split_accepts_the_command_line_spelling():
     assert TrainConfig(task="cifar10", split="conv, fc").split == ("conv", "fc")
     with pytest.raises(ConfigError, match="distinct parameter kinds"):
         TrainConfig(task="cifar10", split="conv,conv")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: TrainConfig(split=3), r"split must be a tuple such as \('conv', 'fc'\), got 3"),
+        (lambda: TrainConfig(loss_weights=2), "loss_weights must be a tuple such as"),
+        (lambda: TrainConfig(loss_weights=(1.0, True)), "loss_weights must be non-negative finite numbers"),
+        (lambda: TrainConfig(seed=True), "seed must be an integer, got True"),
+        (lambda: TrainConfig(device=0), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 0"),
+        (lambda: BenchConfig(lr_grid=0.1), r"lr_grid must be a tuple such as \(1e-3, 1e-2, 1e-1\), got 0.1"),
+        (lambda: BenchConfig(optimizers="quadratic"), "optimizers must be a tuple such as"),
+        (lambda: BenchConfig(optimizers=("",)), "every optimizer must be a checkpoint path or shipped name"),
+        (lambda: BenchConfig(task_options=[1]), r"task_options must be a dict, got \[1\]"),
+        (lambda: BenchConfig(seed=1.5), "seed must be an integer, got 1.5"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_name_the_field(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_bench_baselines_accept_the_command_line_spelling():
+    assert BenchConfig(baselines="sgd, adam").baselines == ("sgd", "adam")
+    assert BenchConfig(baselines="").baselines == ()
 
 
 def test_a_warm_start_is_validated_first_so_fine_tuning_never_returns_worse_weights(tmp_path):

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 from torch import Tensor
 
 DATA_ENV = "L2L_DATA"
@@ -80,6 +81,16 @@ def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool 
             raise
         raise DataError(f"could not download {url}: {error}") from None
     return destination
+
+
+def check_labels(dataset: str, labels: np.ndarray, classes: int) -> None:
+    """Raises a DataError unless every label is an integer class index in ``[0, classes)``."""
+    labels = np.asarray(labels)
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes):
+        raise DataError(
+            f"{dataset} labels must be class indices 0..{classes - 1}, found {labels.dtype} values in "
+            f"[{labels.min()}, {labels.max()}]: the files are damaged; delete them and fetch them again"
+        )
 
 
 def missing(dataset: str, directory: Path, files: list[str], flag_hint: str) -> DataError:

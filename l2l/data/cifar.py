@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2l.data.base import ArrayDataset, DataError, data_dir, download, download_allowed, missing
+from l2l.data.base import ArrayDataset, DataError, check_labels, data_dir, download, download_allowed, missing
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -42,14 +42,20 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = _ArraysOnlyUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
         images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it and fetch it again") from None
     if len(images) != len(labels):
         raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
     return np.ascontiguousarray(images), labels
 
 
+BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
 def _from_batches(folder: Path) -> ArrayDataset:
+    absent = [name for name in BATCH_FILES if not (folder / name).is_file()]
+    if absent:
+        raise missing("CIFAR-10 (the folder cifar-10-batches-py/ is incomplete)", folder, absent, "--download")
     train = [_read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = _read_batch(folder / "test_batch")
     return _dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test)
@@ -73,6 +79,7 @@ def _dataset(x_train, y_train, x_test, y_test) -> ArrayDataset:
             raise DataError(f"CIFAR-10 {name} images must be uint8 [N, 32, 32, 3], got {images.dtype} {list(images.shape)}")
         if labels.shape != (len(images),):
             raise DataError(f"CIFAR-10 {name} labels must be [{len(images)}], got {list(labels.shape)}")
+        check_labels(f"CIFAR-10 {name}", labels, len(CLASSES))
     return ArrayDataset(
         x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
         y_train=torch.from_numpy(np.asarray(y_train, dtype=np.int64)),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2l.data.base import ArrayDataset, DataError, data_dir, download, download_allowed, missing
+from l2l.data.base import ArrayDataset, DataError, check_labels, data_dir, download, download_allowed, missing
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 # MD5 of the decompressed official files: it holds for the official .gz and for any re-compression.
@@ -88,6 +88,7 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"MNIST {split} files disagree: images {images.shape}, labels {labels.shape}")
+        check_labels(f"MNIST {split}", labels, 10)
     return ArrayDataset(
         x_train=torch.from_numpy(arrays["train-images-idx3-ubyte"].copy()),
         y_train=torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64)),
