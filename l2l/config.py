@@ -147,6 +147,7 @@ class TrainConfig(_JSONConfig):
                 and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights),
                 f"loss_weights must be non-negative finite numbers, got {self.loss_weights!r}",
             )
+            _require(any(w > 0 for w in weights), "loss_weights must not all be zero: the meta-loss would be 0")
             if self.unroll is not None:
                 _require(
                     len(weights) == self.unroll,

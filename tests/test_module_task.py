@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from l2l.meta.unroll import run, value_and_grad
+from l2l.tasks import get_task
 from l2l.optimizers import Adam, CoordinateWiseLSTM, PerGroupRule
 from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
 
@@ -121,6 +122,33 @@ def test_per_group_rule_applies_each_lstm_to_its_coordinates():
         torch.testing.assert_close(update[index], expected)
     losses, _ = run(rule, task, 3, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(losses).all()
+
+
+def test_per_group_rule_refuses_groups_that_do_not_partition_the_coordinates():
+    rule = PerGroupRule({"a": CoordinateWiseLSTM(seed=1), "b": CoordinateWiseLSTM(seed=2)})
+    overlapping = {"a": torch.tensor([0, 1]), "b": torch.tensor([1, 2])}  # right total, coordinate 3 never updated
+    with pytest.raises(ValueError, match=r"must partition range\(4\): some coordinates are repeated or out of range"):
+        rule.init_state(4, groups=overlapping)
+    with pytest.raises(ValueError, match="the groups cover 3 coordinates"):
+        rule.init_state(4, groups={"a": torch.tensor([0, 1]), "b": torch.tensor([2])})
+    rule.init_state(4, groups={"a": torch.tensor([3, 0]), "b": torch.tensor([1, 2])})  # any order is a partition
+
+
+@pytest.mark.parametrize(
+    "task, options, message",
+    [
+        ("mnist", {"train_examples": -100}, "train_examples must be a positive integer or None, got -100"),
+        ("mnist", {"eval_examples": 0}, "eval_examples must be a positive integer or None, got 0"),
+        ("mnist-relu", {"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ("cifar10", {"channels": 0}, "channels must be a positive integer, got 0"),
+        ("cifar10", {"hidden": "32"}, "hidden must be a positive integer, got '32'"),
+        ("mnist-gp", {"layers": 0}, "layers must be a positive integer, got 0"),
+    ],
+)
+def test_task_options_out_of_range_are_refused_before_any_data_is_read(task, options, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("L2L_DATA", str(tmp_path))  # no data there: the options must fail first
+    with pytest.raises(ValueError, match=message):
+        get_task(task, **options)
 
 
 def test_missing_minibatch_is_a_clear_error(family):

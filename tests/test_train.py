@@ -9,7 +9,8 @@ import torch
 
 from l2l.checkpoint import CheckpointError
 from l2l.config import BenchConfig, ConfigError, TrainConfig
-from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weights, meta_train
+from l2l.meta.graphs import truncation_weights
+from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weight_table, loss_weights, meta_train
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
 SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=16, device="cpu")
@@ -110,6 +111,40 @@ def test_loss_weightings():
     assert loss_weights(TrainConfig(loss_weights="final"), 3).tolist() == [0, 0, 1]
     assert loss_weights(TrainConfig(loss_weights="linear"), 2).tolist() == [0.5, 1.0]
     assert loss_weights(TrainConfig(loss_weights=(1, 2), unroll=2, optimizee_steps=4), 2).tolist() == [1, 2]
+
+
+def test_a_shorter_last_truncation_lays_the_named_weightings_over_its_own_length():
+    table = loss_weight_table(TrainConfig(loss_weights="final"), 30, 20)
+    assert truncation_weights(table, 20).tolist() == [0] * 19 + [1]
+    assert truncation_weights(table, 10).tolist() == [0] * 9 + [1]  # not the first 10 of 20: all zero
+    linear = loss_weight_table(TrainConfig(loss_weights="linear"), 30, 20)
+    assert truncation_weights(linear, 4).tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert truncation_weights(loss_weight_table(TrainConfig(), 30, 20), 10).tolist() == [1] * 10
+    with pytest.raises(ConfigError, match="30 optimizee steps end with a 10-step one; make optimizee_steps a multiple"):
+        loss_weight_table(TrainConfig(loss_weights=(1.0,) * 20), 30, 20)
+    with pytest.raises(ConfigError, match="loss_weights must not all be zero"):
+        TrainConfig(loss_weights=(0, 0))
+
+
+def test_the_last_truncation_of_a_final_weighted_run_has_a_meta_gradient(monkeypatch):
+    trainer = MetaTrainer(TrainConfig(epochs=1, loss_weights="final", optimizee_steps=6, unroll=4, instances=4, val_problems=4))
+    seen = []
+    original = trainer._eager_truncation
+
+    def recording(tasks):
+        truncate = original(tasks)
+
+        def wrapped(carries, length):
+            result, carries = truncate(carries, length)
+            seen.append((length, float(result.meta_loss), float(result.grad_norm)))
+            return result, carries
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "_eager_truncation", recording)
+    trainer.train_epoch()
+    assert [length for length, _, _ in seen] == [4, 2]
+    assert all(loss > 0 and norm > 0 for _, loss, norm in seen)
 
 
 def test_unknown_task_is_a_clear_error():

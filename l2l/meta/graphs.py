@@ -59,13 +59,24 @@ def task_tensors(task: Task) -> list[Tensor]:
     return [value for value in vars(task).values() if isinstance(value, Tensor)]
 
 
+def truncation_weights(loss_weights: Tensor, steps: int) -> Tensor:
+    """The ``[steps]`` weights of a truncation of ``steps`` steps.
+
+    Args:
+        loss_weights: a ``[T, T]`` table whose row ``L - 1`` weighs a truncation of ``L`` steps
+            (:func:`l2l.meta.train.loss_weight_table`), or ``[T]`` weights of which a shorter
+            truncation takes the first ``steps``.
+    """
+    return loss_weights[steps - 1, :steps] if loss_weights.dim() == 2 else loss_weights[:steps]
+
+
 class GraphedTruncation:
     """One meta-training truncation, replayed from CUDA graphs where possible.
 
     Equivalent to one iteration of ``MetaTrainer.train_epoch``::
 
         losses, carry = unroll(rule, task, carry, steps, second_order=second_order)
-        meta_loss = (loss_weights[:steps, None] * losses).sum(0).mean()
+        meta_loss = (truncation_weights(loss_weights, steps)[:, None] * losses).sum(0).mean()
         meta_optimizer.zero_grad(set_to_none=True); meta_loss.backward()
         grad_norm = clip_grad_norm_(rule.parameters(), clip_grad_norm)
         if finite(meta_loss) and finite(grad_norm): meta_optimizer.step()
@@ -79,7 +90,8 @@ class GraphedTruncation:
         rule: the learned rule (its weights get the meta-gradients).
         meta_optimizer: the optimizer of ``rule``'s weights.
         task: the optimizee instances (static for the graphs).
-        loss_weights: ``[T_max]`` weights of the per-step losses (on the task's device).
+        loss_weights: weights of the per-step losses (on the task's device): ``[T_max, T_max]``, row
+            ``L - 1`` for a truncation of ``L`` steps, or ``[T_max]`` (see :func:`truncation_weights`).
         clip_grad_norm: meta-gradient norm clipping.
         second_order: differentiate through the optimizee gradients.
         use_graph: ``"auto"`` (graphs where supported, else eager), True (raise where not) or False.
@@ -119,7 +131,7 @@ class GraphedTruncation:
     def _body(self, carry: UnrollCarry, steps: int) -> tuple[Tensor, Tensor, Tensor, UnrollCarry]:
         """Unroll, meta-loss, backward, clip: ``(meta_loss, grad_norm, finite, new carry)`` (no optimizer step)."""
         losses, carry = unroll(self.rule, self.task, carry, steps, second_order=self.second_order)
-        meta_loss = (self.loss_weights[:steps, None] * losses).sum(0).mean()
+        meta_loss = (truncation_weights(self.loss_weights, steps)[:, None] * losses).sum(0).mean()
         meta_loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), self.clip_grad_norm)
         finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)

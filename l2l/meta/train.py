@@ -37,7 +37,7 @@ from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import Collectives, ShardLayout, assign_grads, current_layout, flatten_grads, local_device
 from l2l.meta.evaluate import evaluate, resolve_device
-from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason
+from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason, truncation_weights
 from l2l.meta.unroll import UnrollCarry, detach_carry, start, unroll
 from l2l.optimizers.grouped import PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM
@@ -66,7 +66,7 @@ class TrainResult:
     """The outcome of :func:`meta_train`."""
 
     rule: nn.Module  # the best learned optimizer by validation score (on the CPU)
-    best_score: float  # its mean final validation loss
+    best_score: float  # its validation score: mean loss over the last tenth of the steps on the held-out instances
     best_epoch: int
     epochs: int  # epochs completed
     skipped_steps: int  # meta-steps skipped for non-finite loss or gradient
@@ -89,6 +89,29 @@ def loss_weights(config: TrainConfig, unroll: int) -> Tensor:
     if weights.numel() != unroll:
         raise ValueError(f"loss_weights has {weights.numel()} entries but the unroll has {unroll} steps")
     return weights
+
+
+def loss_weight_table(config: TrainConfig, steps: int, unroll: int) -> Tensor:
+    """Weights ``[unroll, unroll]`` of every truncation length: row ``L - 1`` weighs a truncation of ``L`` steps.
+
+    A run whose ``steps`` is not a multiple of ``unroll`` ends with a shorter truncation; the
+    named weightings are laid out over its own length (``final`` weighs its last step, not a
+    step it never reaches). An explicit list is one weight per step of a full truncation, so
+    it needs whole truncations.
+
+    Raises:
+        ConfigError: explicit weights with ``steps`` not a multiple of ``unroll``.
+    """
+    if not isinstance(config.loss_weights, str) and steps % unroll:
+        raise ConfigError(
+            f"explicit loss_weights give one weight per step of a {unroll}-step truncation, but {steps} optimizee steps "
+            f"end with a {steps % unroll}-step one; make optimizee_steps a multiple of unroll or use a named weighting"
+        )
+    table = torch.zeros(unroll, unroll)
+    named = isinstance(config.loss_weights, str)
+    for length in range(1, unroll + 1):
+        table[length - 1, :length] = loss_weights(config, length if named else unroll)[:length]
+    return table
 
 
 def meta_learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -184,7 +207,7 @@ class MetaTrainer:
         self.steps, self.unroll = horizon(config, self.family)
         self.instances = config.instances or self.family.default_instances
         self.shard_instances = self.layout.shard_size(self.instances)
-        self.weights = loss_weights(config, self.unroll).to(self.device)
+        self.weights = loss_weight_table(config, self.steps, self.unroll).to(self.device)
         self.rule = build_learned_rule(config)
         if warm_start and config.init_from is not None:
             initialise_from(self.rule, config.init_from)
@@ -257,7 +280,7 @@ class MetaTrainer:
             shard_losses, next_carries = [], []
             for task, carry, (_, batches) in zip(tasks, carries, self.streams):
                 losses, carry = unroll(self.rule, task, carry, length, generator=batches, second_order=config.second_order)
-                shard_loss = (self.weights[:length, None] * losses).sum(0).mean()
+                shard_loss = (truncation_weights(self.weights, length)[:, None] * losses).sum(0).mean()
                 shard_loss.backward()  # frees this shard's graph before the next shard's unroll
                 shard_losses.append(shard_loss.detach())
                 next_carries.append(detach_carry(carry))

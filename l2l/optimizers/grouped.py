@@ -53,7 +53,7 @@ class PerGroupRule(nn.Module):
             groups: ``{name: index [N_g]}`` for every group of this rule, partitioning ``range(N)``.
 
         Raises:
-            ValueError: a group is missing or the groups do not cover N coordinates.
+            ValueError: a group is missing or the groups do not partition the N coordinates.
         """
         if groups is None or set(groups) != set(self.group_names):
             raise ValueError(
@@ -64,6 +64,11 @@ class PerGroupRule(nn.Module):
         if sum(sizes.values()) != num_coords:
             raise ValueError(f"the groups cover {sum(sizes.values())} coordinates ({sizes}), but there are {num_coords}")
         index = tuple(groups[name].to(device) for name in self.group_names)
+        # Once per trajectory, not per step: overlapping groups would leave some coordinates
+        # frozen and write others twice, with no error anywhere else.
+        covered = torch.cat([i.reshape(-1) for i in index]).sort().values
+        if not torch.equal(covered, torch.arange(num_coords, device=covered.device, dtype=covered.dtype)):
+            raise ValueError(f"the groups' indices must partition range({num_coords}): some coordinates are repeated or out of range")
         states = tuple(
             self.rules[name].init_state(sizes[name], device=device, dtype=dtype) for name in self.group_names
         )

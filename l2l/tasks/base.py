@@ -77,10 +77,18 @@ class TaskFamily(abc.ABC):
         return {}
 
 
+def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
+    """Raises a ValueError naming ``name`` unless ``value`` is a positive integer (or None, if ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        kind = "a positive integer or None" if optional else "a positive integer"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
 def check_num_instances(num_instances: int) -> None:
     """Raises a ValueError unless ``num_instances`` is a positive integer."""
-    if not (isinstance(num_instances, int) and num_instances > 0):
-        raise ValueError(f"num_instances must be a positive integer, got {num_instances!r}")
+    check_positive_int("num_instances", num_instances)
 
 
 def check_params(task: Task, params: Tensor) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from l2l.data.base import data_dir
 from l2l.data.cifar import load_cifar10
+from l2l.tasks.base import check_positive_int
 from l2l.tasks.module import ModuleFamily, SupervisedData, fixed_shuffle
 
 
@@ -84,6 +85,9 @@ class CIFAR10Family(ModuleFamily):
     ):
         if not (isinstance(classes, int) and 2 <= classes <= 10):
             raise ValueError(f"classes must be an integer from 2 to 10, got {classes!r}")
+        check_positive_int("channels", channels)
+        check_positive_int("hidden", hidden)
+        check_positive_int("train_examples", train_examples, optional=True)
         self.classes, self.channels, self.hidden = classes, channels, hidden
         self.train_examples = train_examples
         super().__init__(

@@ -36,15 +36,11 @@ from l2l.objectives import (
     directional_derivatives,
     input_gradient_penalty,
 )
+from l2l.tasks.base import check_positive_int
 from l2l.tasks.mnist import ACTIVATIONS, MNISTFamily, mlp
 from l2l.tasks.module import Forward, ModuleFamily, ModuleTask, SupervisedData, fixed_shuffle
 
 _CHUNK = 1000  # Test examples per vmapped evaluation call: bounds activation memory.
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,9 +305,9 @@ class MNISTGradientReversalFamily(ModuleFamily):
         train_examples: int = 20000,
         eval_examples: int = 2000,
     ):
-        _check_positive_int("hidden", hidden)
-        _check_positive_int("train_examples", train_examples)
-        _check_positive_int("eval_examples", eval_examples)
+        check_positive_int("hidden", hidden)
+        check_positive_int("train_examples", train_examples)
+        check_positive_int("eval_examples", eval_examples)
         _check_choice("activation", activation, tuple(ACTIVATIONS))
         _check_nonnegative("coeff", coeff)
         self.hidden, self.activation, self.coeff = hidden, activation, coeff
@@ -407,7 +403,7 @@ class Tangent1DFamily(ModuleFamily):
     default_instances = 64
 
     def __init__(self, hidden: int = 20, activation: str = "tanh", weight: float = 1.0):
-        _check_positive_int("hidden", hidden)
+        check_positive_int("hidden", hidden)
         _check_choice("activation", activation, tuple(ACTIVATIONS))
         self.hidden, self.activation = hidden, activation
         super().__init__(

@@ -10,6 +10,7 @@ from torch import nn
 
 from l2l.data.base import data_dir
 from l2l.data.mnist import load_mnist
+from l2l.tasks.base import check_positive_int
 from l2l.tasks.module import ModuleFamily, SupervisedData, fixed_shuffle
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -70,9 +71,9 @@ class MNISTFamily(ModuleFamily):
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        for name, value in (("hidden", hidden), ("layers", layers)):
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_int("hidden", hidden)
+        check_positive_int("layers", layers)
+        check_positive_int("train_examples", train_examples, optional=True)
         self.hidden, self.layers, self.activation = hidden, layers, activation
         self.train_examples = train_examples
         super().__init__(

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params
+from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params, check_positive_int
 
 # Module types whose parameters form each kind of parameter group (for per-group optimizers).
 LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
@@ -344,8 +344,8 @@ class ModuleFamily(TaskFamily):
         task_type: type[ModuleTask] = ModuleTask,
         vectorize: str = "auto",
     ):
-        if not (isinstance(batch_size, int) and batch_size > 0):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("eval_examples", eval_examples, optional=True)
         if vectorize not in VECTORIZE:
             raise ValueError(f"vectorize must be one of {', '.join(VECTORIZE)}, got {vectorize!r}")
         self.vectorize = vectorize
