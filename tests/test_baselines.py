@@ -1,9 +1,12 @@
 """Every hand-designed rule matches torch.optim step for step on a small model."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
+from l2l.meta.evaluate import evaluate, tune_learning_rate
 from l2l.optimizers import NAG, SGD, Adam, Momentum, RMSProp, get_baseline
 
 CASES = [
@@ -12,7 +15,15 @@ CASES = [
     (NAG(lr=0.05, beta=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
     (RMSProp(lr=0.01, alpha=0.99, eps=1e-8), lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.99, eps=1e-8)),
     (Adam(lr=0.01), lambda p: torch.optim.Adam(p, lr=0.01, foreach=False)),
+    # What the benchmark tunes: get_baseline's defaults against torch.optim's (momentum 0.9 where torch has none).
+    (get_baseline("sgd", 0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (get_baseline("momentum", 0.05), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    (get_baseline("nag", 0.05), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+    (get_baseline("rmsprop", 0.01), lambda p: torch.optim.RMSprop(p, lr=0.01)),
+    (get_baseline("adam", 0.01), lambda p: torch.optim.Adam(p, lr=0.01)),
 ]
+IDS = ["sgd", "momentum", "nag", "rmsprop", "adam"]
+IDS += [f"get_baseline-{name}" for name in IDS]
 
 
 def _model():
@@ -20,7 +31,7 @@ def _model():
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
 
 
-@pytest.mark.parametrize("rule, make_torch_optimizer", CASES, ids=lambda c: type(c).__name__ if not callable(c) else "")
+@pytest.mark.parametrize("rule, make_torch_optimizer", CASES, ids=IDS)
 def test_matches_torch_optim_step_for_step(rule, make_torch_optimizer):
     model = _model()
     reference = _model()
@@ -69,3 +80,12 @@ def test_rules_are_pure():
 def test_constructors_validate_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_tuning_picks_the_lowest_mean_final_loss_and_never_a_divergent_rate(quadratics):
+    grid = (1e-4, 1e-2, 10.0)  # 10 diverges on these quadratics
+    best, scores = tune_learning_rate(lambda lr: get_baseline("sgd", lr), quadratics, 30, grid)
+    assert scores[10.0] == math.inf
+    for lr in grid[:2]:
+        assert scores[lr] == evaluate(SGD(lr=lr), quadratics, 30).losses[-1].double().mean().item()
+    assert scores[1e-2] < scores[1e-4] and best == 1e-2

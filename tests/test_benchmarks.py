@@ -49,6 +49,13 @@ def test_each_threshold_is_enforced(throughput, field, value, missed):
     assert sum(met is False for met in result.values()) == (2 if field in ("meta", "speedup", "kept") else 1)
 
 
+def test_a_figure_exactly_at_its_threshold_meets_it(throughput):
+    # The issue says "at least" and "at most": equality passes.
+    checks = throughput.targets(report(inference=0.60, meta=0.35, speedup=4.0, kept=400.0, quadratic=10.0))
+    assert [check["value"] for check in checks] == [0.60] + [0.35, 4.0, 400.0] * 2 + [10.0]
+    assert all(check["met"] is True for check in checks)
+
+
 def test_figures_a_run_did_not_measure_are_not_judged(throughput):
     cpu_run = {"sizes": [{"coordinates": 1280, "kernel": "reference", "meta_cs_per_s": 2e5}],
                "quadratic_iteration_s": {"reference": 0.1}}

@@ -1,6 +1,7 @@
 """The command line: train, bench (table and JSON of the documented form), tasks, clear errors."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -38,6 +39,9 @@ def test_train_then_bench_json_form(tmp_path, capsys):
     assert set(report["results"]) == NAMES
     for name, result in report["results"].items():
         assert (result["lr"] is None) == (name == "lstm")
+        if name != "lstm":  # the tuned rate is the grid's best on the tuning instances
+            scores = {float(lr): math.inf if score is None else score for lr, score in result["lr_scores"].items()}
+            assert result["lr"] == pytest.approx(min(scores, key=scores.get), rel=1e-2)  # keys are rounded
         assert set(result["final_loss"]) == {"mean", "median", "sem"}
         assert len(result["curve_mean"]) == 11
 

@@ -18,6 +18,8 @@ from l2l.meta.train import MetaTrainer, meta_train, shard_streams
 from l2l.meta.unroll import start, unroll
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
+from helpers import NoisyQuadraticFamily
+
 SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=8, checkpoint_every=1, device="cpu")
 
 
@@ -136,29 +138,8 @@ def test_a_non_finite_shard_stops_the_meta_step_of_all_shards():
     _equal_states(trainer.rule.state_dict(), before)
 
 
-class NoisyQuadraticFamily(QuadraticFamily):
-    """Quadratics observed through a noisy target each step: a task that draws minibatches."""
-
-    name = "test-noisy-quadratic"
-
-    def sample(self, num_instances, generator, device="cpu"):
-        base = super().sample(num_instances, generator, device)
-
-        class Task(QuadraticTask):
-            def sample_batch(self, generator):
-                return torch.randn(self.y.shape, generator=generator, device=self.device)
-
-            def loss(self, params, batch=None):
-                return QuadraticTask(self.W, self.y + 0.1 * batch).loss(params)
-
-        return Task(base.W, base.y)
-
-
-register_task("test-noisy-quadratic", NoisyQuadraticFamily, replace=True)
-
-
 def test_accumulating_shards_of_a_stochastic_task_resumes_exactly(tmp_path):
-    config = TrainConfig(task="test-noisy-quadratic", epochs=4, accumulate=2, **SMALL)
+    config = TrainConfig(task=NoisyQuadraticFamily.name, epochs=4, accumulate=2, **SMALL)
     uninterrupted = MetaTrainer(config)
     uninterrupted.run(progress=False)
     meta_train(dataclasses.replace(config, epochs=2), tmp_path, progress=False)

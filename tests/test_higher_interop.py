@@ -12,16 +12,7 @@ from torch import nn
 
 from l2l import LearnedOptimizer
 from l2l.higher_interop import DifferentiableLearnedOptimizer
-from l2l.optimizers import CoordinateWiseLSTM
-
-
-def sensitive_rule(seed=0):
-    """A seeded float64 LSTM with weights scaled up, so its updates depend visibly on its inputs."""
-    rule = CoordinateWiseLSTM(seed=seed).double()
-    with torch.no_grad():
-        for weight in rule.parameters():
-            weight.mul_(4)
-    return rule
+from helpers import sensitive_rule
 
 
 def mlp():
@@ -42,10 +33,11 @@ def test_registered_with_higher():
     assert higher.optim._opt_mapping[LearnedOptimizer] is DifferentiableLearnedOptimizer
 
 
-def test_innerloop_continues_the_learned_optimizer_step_for_step():
+@pytest.mark.parametrize("maximize", [False, True])
+def test_innerloop_continues_the_learned_optimizer_step_for_step(maximize):
     x, y = data()
     model = mlp()
-    optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(), chunk_size=5)
+    optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=torch.float64), chunk_size=5, maximize=maximize)
     for _ in range(2):  # The inner loop must start from these hidden states.
         optimizer.zero_grad()
         mse(model, x, y).backward()
@@ -83,7 +75,7 @@ def meta_loss(rule, model, lr_scale, x, y, steps=3):
 
 def test_meta_gradient_matches_central_finite_differences():
     x, y = data()
-    rule, model = sensitive_rule(), mlp()
+    rule, model = sensitive_rule(dtype=torch.float64), mlp()
     lr_scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     named = {**{f"rule.{k}": v for k, v in rule.named_parameters()}, **{f"model.{k}": v for k, v in model.named_parameters()}}
     names = ["rule.weight_out", "rule.bias_l0", "rule.weight_ih_l0", "rule.weight_hh_l1", "model.0.weight", "model.2.bias"]
@@ -109,7 +101,7 @@ def test_meta_gradient_matches_central_finite_differences():
 
 def test_nonfinite_gradients_are_masked_and_meta_gradients_stay_finite():
     x, y = data()
-    rule, model = sensitive_rule(), mlp()
+    rule, model = sensitive_rule(dtype=torch.float64), mlp()
     optimizer = LearnedOptimizer(model.parameters(), rule)
 
     def poison(grads):
@@ -131,7 +123,7 @@ def test_nonfinite_gradients_are_masked_and_meta_gradients_stay_finite():
 def test_test_mode_keeps_no_graph():
     x, y = data()
     model = mlp()
-    optimizer = LearnedOptimizer(model.parameters(), sensitive_rule())
+    optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=torch.float64))
     with higher.innerloop_ctx(model, optimizer, track_higher_grads=False) as (fmodel, diffopt):
         for _ in range(2):
             diffopt.step(mse(fmodel, x, y))

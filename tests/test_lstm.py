@@ -1,9 +1,14 @@
 """The coordinatewise LSTM: shapes, coordinate independence, config round trip, clear errors."""
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 from l2l.optimizers import CoordinateWiseLSTM
+
+from helpers import sensitive_rule
 
 
 def test_update_and_state_shapes(lstm):
@@ -14,13 +19,56 @@ def test_update_and_state_shapes(lstm):
     assert new_state.h.shape == (2, 20, 7)
 
 
-def test_coordinates_are_independent(lstm):
-    grads = torch.randn(3, 5)
-    state = lstm.init_state(15)
-    batched, _ = lstm(grads.reshape(-1), state)
-    for row in range(3):
-        alone, _ = lstm(grads[row], lstm.init_state(5))
-        torch.testing.assert_close(batched.view(3, 5)[row], alone)
+def test_coordinates_are_independent():
+    # A sensitive float64 rule over several steps: a fresh LSTM writes almost the same update
+    # whatever its input, which would hide a coupling between coordinates inside float32 tolerance.
+    rule = sensitive_rule(dtype=torch.float64)
+    grads = torch.randn(4, 3, 5, dtype=torch.float64)
+    batched_state, alone_states = rule.init_state(15), [rule.init_state(5) for _ in range(3)]
+    for step in range(4):
+        batched, batched_state = rule(grads[step].reshape(-1), batched_state)
+        for row in range(3):
+            alone, alone_states[row] = rule(grads[step, row], alone_states[row])
+            torch.testing.assert_close(batched.view(3, 5)[row], alone, rtol=1e-12, atol=1e-15)
+    changed = grads[0].reshape(-1).clone()
+    changed[7] *= -100
+    before, after = rule(grads[0].reshape(-1), rule.init_state(15))[0], rule(changed, rule.init_state(15))[0]
+    assert not torch.isclose(before[7], after[7], rtol=1e-3)
+    torch.testing.assert_close(torch.cat([after[:7], after[8:]]), torch.cat([before[:7], before[8:]]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [10.0, 5.0])
+def test_equals_two_stacked_lstm_cells_on_the_papers_preprocessing(p):
+    """The reference path against an independent implementation: torch's LSTMCell, the formula written out."""
+    rule = sensitive_rule(dtype=torch.float64, preprocess_p=p)
+    hidden = rule.hidden_size
+    cells = [nn.LSTMCell(2, hidden).double(), nn.LSTMCell(hidden, hidden).double()]
+    # l2l orders the gates input, forget, output, cell; torch orders them input, forget, cell, output.
+    to_torch = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden), torch.arange(2 * hidden, 3 * hidden)])
+    with torch.no_grad():
+        for layer, cell in enumerate(cells):
+            cell.weight_ih.copy_(getattr(rule, f"weight_ih_l{layer}")[to_torch])
+            cell.weight_hh.copy_(getattr(rule, f"weight_hh_l{layer}")[to_torch])
+            cell.bias_ih.copy_(getattr(rule, f"bias_l{layer}")[to_torch])
+            cell.bias_hh.zero_()
+    grads = torch.tensor([0.0, 1e-6, -3e-5, 2e-3, -0.5, 7.0, -1e4, 1e30], dtype=torch.float64)
+    steps = torch.stack([grads * scale for scale in (1.0, -0.3, 2.0)])
+    state = rule.init_state(grads.numel())
+    hc = [(torch.zeros(grads.numel(), hidden, dtype=torch.float64),) * 2 for _ in cells]
+    for grad in steps:
+        large = grad.abs() >= math.exp(-p)
+        features = torch.stack([
+            torch.where(large, grad.abs().clamp_min(1e-300).log() / p, torch.full_like(grad, -1.0)),
+            torch.where(large, grad.sign(), math.exp(p) * grad),
+        ], 1)
+        layer_input = features
+        for layer, cell in enumerate(cells):
+            hc[layer] = cell(layer_input, hc[layer])
+            layer_input = hc[layer][0]
+        expected = rule.output_scale * (layer_input @ rule.weight_out + rule.bias_out)
+        update, state = rule(grad, state)
+        torch.testing.assert_close(update, expected.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.c[1].t(), hc[1][1].detach(), rtol=1e-12, atol=1e-14)
 
 
 def test_output_scale_multiplies_the_update():

@@ -18,19 +18,7 @@ from l2l.tasks.base import Task
 from l2l.tasks.module import ParamLayout
 
 from gpu import CUDA, needs_cuda
-
-
-def sensitive_rule(seed=0):
-    """A seeded LSTM with its weights scaled up: its updates depend visibly on the gradient and the state.
-
-    (Freshly initialised, the LSTM writes nearly the same small update whatever its input, which
-    would let wrong gradients or states pass the comparisons below.)
-    """
-    rule = CoordinateWiseLSTM(seed=seed)
-    with torch.no_grad():
-        for weight in rule.parameters():
-            weight.mul_(4)
-    return rule
+from helpers import sensitive_rule
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from l2l.meta.graphs import truncation_weights
 from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weight_table, loss_weights, meta_train
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
+from helpers import NoisyQuadraticFamily
+
 SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=16, device="cpu")
 
 
@@ -25,8 +27,23 @@ def test_meta_training_lowers_the_meta_loss():
     assert len(result.history) == 40
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    config = TrainConfig(epochs=6, checkpoint_every=2, **SMALL)
+@pytest.mark.parametrize(
+    "task, options",
+    [
+        ("quadratic", {}),
+        # A trained start wrecked by too large a meta-learning rate: the best weights are the
+        # starting ones (epoch 0), restored from the checkpoint and handed back by the resumed run.
+        ("quadratic", {"meta_lr": 5.0, "init_from": "trained"}),
+        (NoisyQuadraticFamily.name, {}),  # minibatches: the batch stream must resume too
+        ("test-nan-after", {"max_nonfinite": 100}),  # every epoch skips a step: the counts must resume
+    ],
+    ids=["quadratic", "best-before-interruption", "minibatches", "skipped-steps"],
+)
+def test_resume_equals_uninterrupted(tmp_path, task, options):
+    if options.get("init_from") == "trained":
+        options = {**options, "init_from": str(meta_train(TrainConfig(epochs=4, **SMALL), tmp_path / "init", progress=False).use_checkpoint)}
+    tmp_path = tmp_path / "run"
+    config = TrainConfig(task=task, epochs=6, checkpoint_every=2, **{**SMALL, **options})
     uninterrupted = MetaTrainer(config)
     uninterrupted.run(progress=False)
 
@@ -43,10 +60,19 @@ def test_resume_equals_uninterrupted(tmp_path):
     final.restore(tmp_path / "resume.pt")
     for name, value in uninterrupted.rule.state_dict().items():
         assert torch.equal(value, final.rule.state_dict()[name]), name
+        assert torch.equal(uninterrupted.best_state[name], final.best_state[name]), name
         assert torch.equal(uninterrupted.best_state[name], resumed.rule.state_dict()[name]), name
     assert final.history == uninterrupted.history
     assert final.epoch == 6 and resumed.epochs == 6
+    assert (final.best_score, final.best_epoch) == (uninterrupted.best_score, uninterrupted.best_epoch)
+    assert (resumed.best_score, resumed.best_epoch) == (uninterrupted.best_score, uninterrupted.best_epoch)
+    assert (final.skipped, final.consecutive_skipped) == (uninterrupted.skipped, uninterrupted.consecutive_skipped)
     assert final.instance_generator.get_state().equal(uninterrupted.instance_generator.get_state())
+    assert final.batch_generator.get_state().equal(uninterrupted.batch_generator.get_state())
+    if "init_from" in options:
+        assert uninterrupted.best_epoch == 0
+    if task == "test-nan-after":
+        assert uninterrupted.skipped == 6
 
 
 def test_resume_rejects_a_changed_configuration(tmp_path):
@@ -145,6 +171,21 @@ def test_the_last_truncation_of_a_final_weighted_run_has_a_meta_gradient(monkeyp
     trainer.train_epoch()
     assert [length for length, _, _ in seen] == [4, 2]
     assert all(loss > 0 and norm > 0 for _, loss, norm in seen)
+
+
+def test_the_applied_meta_gradient_is_clipped_to_the_configured_norm(monkeypatch):
+    trainer = MetaTrainer(TrainConfig(epochs=1, clip_grad_norm=1e-3, **SMALL))
+    applied = []
+    step = trainer.meta_optimizer.step
+
+    def recording_step(*args, **kwargs):
+        applied.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.rule.parameters()])).item())
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.meta_optimizer, "step", recording_step)
+    trainer.train_epoch()
+    assert len(applied) == 2  # one meta-step per truncation
+    assert all(norm == pytest.approx(1e-3, rel=1e-4) for norm in applied)  # the raw norms are far larger
 
 
 def test_unknown_task_is_a_clear_error():
