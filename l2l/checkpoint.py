@@ -117,7 +117,9 @@ def build_rule(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | None 
     except (TypeError, ValueError, KeyError) as error:
         raise CheckpointError(f"{source} has an invalid optimizer config {spec['config']!r}: {error}") from None
     if state_dict is not None:
-        _check_weights(state_dict, source)
+        problem = weights_problem(state_dict)
+        if problem:
+            raise CheckpointError(f"{source} is corrupt: {problem}; retrain or re-export it")
         try:
             rule.load_state_dict(state_dict)
         except RuntimeError as error:
@@ -132,14 +134,14 @@ def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
 
 
-def _check_weights(state_dict: Any, source: str) -> None:
+def weights_problem(state_dict: Any) -> str | None:
+    """What is wrong with a rule's saved weights (not a mapping of tensors, NaN or infinite values), or None."""
     # A NaN weight would turn every parameter the rule touches into NaN with no gradient ever
-    # being non-finite, so it is refused here, where the cause is still nameable.
+    # being non-finite, so it is refused on loading, where the cause is still nameable.
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise CheckpointError(f"{source} is corrupt: its weights are not a mapping of names to tensors")
+        return "its weights are not a mapping of names to tensors"
     bad = non_finite_keys(state_dict)
-    if bad:
-        raise CheckpointError(f"{source} is corrupt: weights {', '.join(bad)} hold NaN or infinite values; retrain or re-export it")
+    return f"weights {', '.join(bad)} hold NaN or infinite values" if bad else None
 
 
 def versions() -> dict[str, str]:

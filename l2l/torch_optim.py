@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
-from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, rule_spec
+from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, rule_spec, weights_problem
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
@@ -432,12 +432,9 @@ class LearnedOptimizer(Optimizer):
             # loaded, it would turn its parameter into NaN with no non-finite step ever counted.
             if non_finite_keys({key: saved[key] for key in ("h", "c")}):
                 raise ValueError(f"saved LSTM state of parameter {saved_id} holds NaN or infinite values: the state_dict is corrupt")
-        rule_weights = saved_rule.get("state_dict")
-        if not isinstance(rule_weights, dict) or not all(isinstance(value, Tensor) for value in rule_weights.values()):
-            raise ValueError("this state_dict's learned_rule has no weights (a 'state_dict' mapping of tensors)")
-        nonfinite_weights = non_finite_keys(rule_weights)
-        if nonfinite_weights:
-            raise ValueError(f"this state_dict's learned-rule weights {', '.join(nonfinite_weights)} hold NaN or infinite values")
+        problem = weights_problem(saved_rule.get("state_dict"))
+        if problem:
+            raise ValueError(f"this state_dict's learned rule is corrupt: {problem}")
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to each parameter's dtype; the LSTM state keeps its own.
         for saved_id, p, _ in pairs:

@@ -360,7 +360,7 @@ def test_loading_a_non_finite_state_raises_and_leaves_the_optimizer_as_it_was(ch
         optimizer.load_state_dict(damaged_state)
     damaged_rule = copy.deepcopy(good)
     damaged_rule["learned_rule"]["state_dict"]["bias_out"].fill_(float("inf"))
-    with pytest.raises(ValueError, match="learned-rule weights bias_out hold NaN or infinite values"):
+    with pytest.raises(ValueError, match="learned rule is corrupt: weights bias_out hold NaN or infinite values"):
         optimizer.load_state_dict(damaged_rule)
     assert all(torch.equal(value, good["state"][0][key]) for key, value in optimizer.state[p].items() if key in ("h", "c"))
     assert all(bool(torch.isfinite(value).all()) for value in optimizer.rule.state_dict().values())

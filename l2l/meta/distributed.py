@@ -24,6 +24,7 @@ from torch import Tensor
 
 from l2l.config import ConfigError
 
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Which shards of an epoch's meta-batch this process computes.

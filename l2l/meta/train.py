@@ -278,9 +278,10 @@ class MetaTrainer:
         def truncate(carries: list[UnrollCarry], length: int) -> tuple[TruncationResult, list[UnrollCarry]]:
             self.meta_optimizer.zero_grad(set_to_none=True)
             shard_losses, next_carries = [], []
+            weights = truncation_weights(self.weights, length)[:, None]
             for task, carry, (_, batches) in zip(tasks, carries, self.streams):
                 losses, carry = unroll(self.rule, task, carry, length, generator=batches, second_order=config.second_order)
-                shard_loss = (truncation_weights(self.weights, length)[:, None] * losses).sum(0).mean()
+                shard_loss = (weights * losses).sum(0).mean()
                 shard_loss.backward()  # frees this shard's graph before the next shard's unroll
                 shard_losses.append(shard_loss.detach())
                 next_carries.append(detach_carry(carry))
