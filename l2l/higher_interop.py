@@ -46,7 +46,7 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
 
     Updates are out of place and tracked by autograd, so a loss after the inner loop is
     differentiable with respect to the learned rule's weights (the optimizer's live module, not
-    a copy), to the initial parameters and to tensor overrides of ``lr_scale``. It starts from
+    a copy), to the initial parameters and to tensor overrides of ``lr``. It starts from
     the LearnedOptimizer's hidden states and applies the same kernel
     (:func:`~l2l.torch_optim.learned_step`); non-finite gradient coordinates are masked as in
     the drop-in but not counted (counting would synchronise with the device).
@@ -88,7 +88,7 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
         h = torch.cat([s["h"].to(fresh.h) if "h" in s else z for s, z in zip(states, fresh_h)], dim=2)
         c = torch.cat([s["c"].to(fresh.c) if "c" in s else z for s, z in zip(states, fresh_c)], dim=2)
         update, new_state = learned_step(
-            rule_fn, grad, LSTMState(h, c), lr_scale=group["lr_scale"], finite=torch.isfinite(grad)
+            rule_fn, grad, LSTMState(h, c), lr_scale=group["lr"], finite=torch.isfinite(grad)
         )
         if not self._track_higher_grads:
             new_state = LSTMState(new_state.h.detach(), new_state.c.detach())

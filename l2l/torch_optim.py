@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
@@ -24,6 +26,9 @@ from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState
 # accelerator needs large batches to amortise kernel launches.
 CPU_CHUNK_SIZE = 2**14
 ACCELERATOR_CHUNK_SIZE = 2**20
+
+# The recurrent state's dtypes: 8-bit floats cannot hold an LSTM cell's range and precision.
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]  # (torch.optim's own alias is newer than torch 2.1)
 RuleFn = Callable[[Tensor, LSTMState], "tuple[Tensor, LSTMState]"]
@@ -73,11 +78,23 @@ def resolve_rule(checkpoint: str | os.PathLike | UseCheckpoint | nn.Module) -> t
     if isinstance(checkpoint, UseCheckpoint):
         return checkpoint.rule, dict(checkpoint.metadata)
     if isinstance(checkpoint, tuple(LEARNED_RULES.values())):
+        problem = weights_problem(checkpoint.state_dict())
+        if problem:
+            raise ValueError(f"the learned rule cannot be used: {problem}")
         return checkpoint, {}
     raise TypeError(
         "checkpoint must be a shipped checkpoint name, a path, a UseCheckpoint or a learned rule "
         f"({', '.join(LEARNED_RULES)}), got {type(checkpoint).__name__}"
     )
+
+
+def _caller_stacklevel() -> int:
+    """The ``warnings.warn`` stacklevel of the first frame outside l2l and torch: the user's line."""
+    internal = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def real_view(tensor: Tensor) -> Tensor:
@@ -149,8 +166,9 @@ class LearnedOptimizer(Optimizer):
 
     Each step flattens the gradients of all parameters of a group that share a device and dtype
     into one batch, runs the LSTM on it in chunks of ``chunk_size`` coordinates under
-    ``torch.no_grad()`` (on each device in the rule's dtype) and adds ``lr_scale`` times its
-    output to the parameters in place. Parameters without a gradient are skipped.
+    ``torch.no_grad()`` (on each device in the rule's dtype) and adds ``lr`` times its output to
+    the parameters in place. Parameters without a gradient are skipped. ``lr`` is a plain
+    param-group option, so ``torch.optim.lr_scheduler`` schedulers scale the learned update.
 
     Memory: the recurrent state is ``2 (h, c) x layers x hidden`` numbers per parameter, 320 bytes
     in float32 for the paper's 2 x 20 LSTM (Adam: 8 bytes), 160 bytes with
@@ -167,7 +185,8 @@ class LearnedOptimizer(Optimizer):
         params: the parameters, or param group dicts (per-group options override the defaults).
         checkpoint: a shipped checkpoint name (``"mnist"``), a path to a use checkpoint, a loaded
             :class:`~l2l.checkpoint.UseCheckpoint` or a learned rule (used as is, not copied).
-        lr_scale: factor on the learned update (1 reproduces meta-training).
+        lr: factor on the learned update (1 reproduces meta-training); named ``lr`` so that
+            learning-rate schedulers can change it.
         maximize: maximize the objective instead of minimizing it.
         state_dtype: dtype of the recurrent state (``torch.bfloat16`` halves it); None keeps the
             rule's ``state_dtype``, else the parameters' dtype.
@@ -181,7 +200,7 @@ class LearnedOptimizer(Optimizer):
         self,
         params: ParamsT,
         checkpoint: str | os.PathLike | UseCheckpoint | nn.Module = "mnist",
-        lr_scale: float = 1.0,
+        lr: float = 1.0,
         *,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
@@ -195,29 +214,39 @@ class LearnedOptimizer(Optimizer):
         self._nonfinite_device: Tensor | None = None
         self._warned_nonfinite = False
         defaults = dict(
-            lr_scale=lr_scale, maximize=maximize, state_dtype=state_dtype, chunk_size=chunk_size, rule_group=rule_group
+            lr=lr, maximize=maximize, state_dtype=state_dtype, chunk_size=chunk_size, rule_group=rule_group
         )
         super().__init__(params, defaults)
 
     def _check_options(self, group: dict[str, Any]) -> None:
-        lr_scale = group["lr_scale"]
-        if isinstance(lr_scale, (Tensor, bool)) or not (isinstance(lr_scale, (int, float)) and math.isfinite(lr_scale) and lr_scale >= 0):
-            raise ValueError(f"Invalid lr_scale: {lr_scale}")
+        lr = group["lr"]
+        if isinstance(lr, (Tensor, bool)) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"Invalid lr: {lr!r} (expected a finite number >= 0, the factor on the learned update)")
         if not isinstance(group["maximize"], bool):
-            raise ValueError(f"Invalid maximize: {group['maximize']}")
+            raise ValueError(f"Invalid maximize: {group['maximize']!r} (expected True or False)")
         state_dtype = group["state_dtype"]
-        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
-            raise ValueError(f"Invalid state_dtype: {state_dtype}")
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype: {state_dtype!r} (expected None or one of "
+                f"{', '.join(map(str, STATE_DTYPES))})"
+            )
         chunk_size = group["chunk_size"]
         if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
-            raise ValueError(f"Invalid chunk_size: {chunk_size}")
+            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected None or a positive int)")
         group_rule(self.rule, group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group; its options are validated before it joins (see torch.optim)."""
         if isinstance(param_group, dict):
             self._check_options({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*duplicate parameters")  # refused below instead
+            super().add_param_group(param_group)
+        params = self.param_groups[-1]["params"]
+        if len({id(p) for p in params}) != len(params):
+            # torch.optim only warns; here the parameter would get two learned updates per step.
+            self.param_groups.pop()
+            raise ValueError("a param group lists a parameter more than once; pass each parameter once")
 
     @property
     def nonfinite_steps(self) -> int:
@@ -240,7 +269,7 @@ class LearnedOptimizer(Optimizer):
             "LearnedOptimizer: non-finite gradients; the parameters and LSTM state of those coordinates "
             "were left unchanged (steps affected are counted in optimizer.nonfinite_steps)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
 
     def _rule_on(self, rule: CoordinateWiseLSTM, device: torch.device) -> CoordinateWiseLSTM:
@@ -341,7 +370,7 @@ class LearnedOptimizer(Optimizer):
             # state is updated in place, the update overwrites the gradients, non-finite
             # coordinates are masked and flagged on the device.
             flag = torch.zeros(1, dtype=torch.int32, device=flat.device)
-            fused.lstm_step_(rule, flat, bucket.h, bucket.c, out=flat, lr_scale=float(group["lr_scale"]), nonfinite_flag=flag)
+            fused.lstm_step_(rule, flat, bucket.h, bucket.c, out=flat, lr_scale=float(group["lr"]), nonfinite_flag=flag)
             bad, starts = (bool(flag.item()) if on_cpu else flag[0] > 0), range(0)
         for start in starts:
             grad = flat[start : start + chunk]
@@ -357,7 +386,7 @@ class LearnedOptimizer(Optimizer):
             else:
                 flag = ~finite.all()
                 bad = flag if isinstance(bad, bool) else bad | flag
-            update, new_state = learned_step(rule, grad, LSTMState(h, c), lr_scale=group["lr_scale"], finite=finite)
+            update, new_state = learned_step(rule, grad, LSTMState(h, c), lr_scale=group["lr"], finite=finite)
             h.copy_(new_state.h)
             c.copy_(new_state.c)
             grad.copy_(update)
@@ -387,6 +416,7 @@ class LearnedOptimizer(Optimizer):
         state_dict["learned_rule"] = {
             **rule_spec(self.rule),
             "state_dict": {key: value.detach().cpu().clone() for key, value in self.rule.state_dict().items()},
+            "metadata": copy.deepcopy(self.metadata),
         }
         state_dict["nonfinite_steps"] = self._nonfinite_count()
         return state_dict
@@ -399,6 +429,12 @@ class LearnedOptimizer(Optimizer):
                 (preprocessing, hidden size, layers, ...), its hidden states do not fit the
                 parameters, or its hidden states or rule weights hold NaN or infinite values.
         """
+        # torch.optim's pre-hooks may rewrite the state_dict: check and load what they return.
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved_rule = state_dict.get("learned_rule")
         if not isinstance(saved_rule, dict):
             raise ValueError("this state_dict was not saved by a LearnedOptimizer (it has no 'learned_rule' entry)")
@@ -411,6 +447,11 @@ class LearnedOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         pairs: list[tuple[Any, Tensor, dict[str, Any]]] = []
         if len(groups) == len(saved_groups) and all(len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)):
+            for group, saved_group in zip(groups, saved_groups):
+                try:
+                    self._check_options({**group, **saved_group})
+                except ValueError as error:
+                    raise ValueError(f"this state_dict's param group options are invalid: {error}") from None
             pairs = [
                 (saved_id, p, {**group, **saved_group})
                 for group, saved_group in zip(groups, saved_groups)
@@ -435,7 +476,13 @@ class LearnedOptimizer(Optimizer):
         problem = weights_problem(saved_rule.get("state_dict"))
         if problem:
             raise ValueError(f"this state_dict's learned rule is corrupt: {problem}")
-        super().load_state_dict(state_dict)
+        # The pre-hooks ran above; the post-hooks run once the LSTM state and weights are in place.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         # torch.optim casts floating state to each parameter's dtype; the LSTM state keeps its own.
         for saved_id, p, _ in pairs:
             saved = state_dict["state"].get(saved_id)
@@ -447,6 +494,11 @@ class LearnedOptimizer(Optimizer):
         self._nonfinite_device = None
         self._warned_nonfinite = self._nonfinite_host > 0  # The saving run warned already.
         self._buckets = {}
+        # The weights are the saving optimizer's: so is the description of where they came from.
+        metadata = saved_rule.get("metadata")
+        self.metadata = dict(metadata) if isinstance(metadata, dict) else {}
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -297,7 +297,7 @@ def test_drop_in_fused_matches_reference(interpreter):
     models = [nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [
-        LearnedOptimizer(model.parameters(), CoordinateWiseLSTM(seed=14, kernel=kernel), lr_scale=0.7, chunk_size=8)
+        LearnedOptimizer(model.parameters(), CoordinateWiseLSTM(seed=14, kernel=kernel), lr=0.7, chunk_size=8)
         for model, kernel in zip(models, ("fused", "reference"))
     ]
     step_together(models, optimizers, nan_step=1)

@@ -64,7 +64,7 @@ def test_innerloop_continues_the_learned_optimizer_step_for_step(maximize):
 
 def meta_loss(rule, model, lr_scale, x, y, steps=3):
     optimizer = LearnedOptimizer(model.parameters(), rule)
-    with higher.innerloop_ctx(model, optimizer, copy_initial_weights=False, override={"lr_scale": [lr_scale]}) as (
+    with higher.innerloop_ctx(model, optimizer, copy_initial_weights=False, override={"lr": [lr_scale]}) as (
         fmodel,
         diffopt,
     ):

@@ -129,8 +129,8 @@ def test_sequential_of_conv_batchnorm_linear_with_param_groups(checkpoint):
     x, y = batch(shape=(8, 1, 6, 6), outputs=2)
     model, reference = conv_net(), conv_net()
     conv, linear = list(model[:2].parameters()), list(model[4:].parameters())
-    optimizer = LearnedOptimizer([{"params": conv, "lr_scale": 0.5}, {"params": linear}], checkpoint, lr_scale=2.0)
-    assert [group["lr_scale"] for group in optimizer.param_groups] == [0.5, 2.0]
+    optimizer = LearnedOptimizer([{"params": conv, "lr": 0.5}, {"params": linear}], checkpoint, lr=2.0)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.5, 2.0]
     reference_optimizer = LearnedOptimizer(reference.parameters(), checkpoint)
     before = [p.detach().clone() for p in model.parameters()]
     for optim, net in ((optimizer, model), (reference_optimizer, reference)):
@@ -261,12 +261,12 @@ def test_nonfinite_gradients_leave_coordinates_unchanged_and_are_counted(checkpo
     assert optimizer.state_dict()["nonfinite_steps"] == 2
 
 
-def test_lr_scale_and_maximize(checkpoint):
+def test_lr_and_maximize(checkpoint):
     base, scaled, maximized = (nn.Parameter(torch.zeros(4)) for _ in range(3))
     grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
     base.grad, scaled.grad, maximized.grad = grad.clone(), grad.clone(), -grad
     LearnedOptimizer([base], checkpoint).step()
-    LearnedOptimizer([scaled], checkpoint, lr_scale=0.25).step()
+    LearnedOptimizer([scaled], checkpoint, lr=0.25).step()
     LearnedOptimizer([maximized], checkpoint, maximize=True).step()
     torch.testing.assert_close(scaled, 0.25 * base, rtol=1e-6, atol=0)
     torch.testing.assert_close(maximized, base, rtol=1e-6, atol=0)
@@ -296,12 +296,17 @@ def test_state_dtype_precedence_and_buffers_kept_across_steps():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"lr_scale": -1.0}, ValueError, r"Invalid lr_scale: -1.0"),
-        ({"lr_scale": float("nan")}, ValueError, r"Invalid lr_scale: nan"),
-        ({"lr_scale": True}, ValueError, r"Invalid lr_scale: True"),
-        ({"chunk_size": 0}, ValueError, r"Invalid chunk_size: 0"),
-        ({"state_dtype": torch.int32}, ValueError, r"Invalid state_dtype: torch.int32"),
-        ({"maximize": 1}, ValueError, r"Invalid maximize: 1"),
+        ({"lr": -1.0}, ValueError, r"Invalid lr: -1.0 \(expected a finite number >= 0"),
+        ({"lr": float("nan")}, ValueError, r"Invalid lr: nan"),
+        ({"lr": True}, ValueError, r"Invalid lr: True"),
+        ({"lr": "1"}, ValueError, r"Invalid lr: '1'"),
+        ({"chunk_size": 0}, ValueError, r"Invalid chunk_size: 0 \(expected None or a positive int\)"),
+        ({"chunk_size": "4"}, ValueError, r"Invalid chunk_size: '4'"),
+        ({"state_dtype": torch.int32}, ValueError, r"Invalid state_dtype: torch.int32 \(expected None or one of torch.float16"),
+        ({"state_dtype": "bfloat16"}, ValueError, r"Invalid state_dtype: 'bfloat16'"),
+        ({"state_dtype": torch.float8_e4m3fn}, ValueError, r"Invalid state_dtype: torch.float8_e4m3fn"),
+        ({"maximize": 1}, ValueError, r"Invalid maximize: 1 \(expected True or False\)"),
+        ({"maximize": "True"}, ValueError, r"Invalid maximize: 'True'"),
         ({"rule_group": "conv"}, ValueError, r"rule_group='conv' given, but the checkpoint holds a single"),
         ({"checkpoint": 3}, TypeError, r"checkpoint must be a shipped checkpoint name, a path"),
         ({"checkpoint": "no-such-checkpoint"}, CheckpointError, r"no shipped checkpoint of that name"),
@@ -316,12 +321,12 @@ def test_constructor_validates_every_argument(checkpoint, kwargs, error, message
 def test_add_param_group_validates_and_new_parameters_get_state(checkpoint):
     first, second = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
     optimizer = LearnedOptimizer([first], checkpoint)
-    with pytest.raises(ValueError, match="Invalid lr_scale: -2"):
-        optimizer.add_param_group({"params": [second], "lr_scale": -2})
+    with pytest.raises(ValueError, match="Invalid lr: -2"):
+        optimizer.add_param_group({"params": [second], "lr": -2})
     assert len(optimizer.param_groups) == 1
     first.grad = torch.randn(3)
     optimizer.step()
-    optimizer.add_param_group({"params": [second], "lr_scale": 0.5})
+    optimizer.add_param_group({"params": [second], "lr": 0.5})
     first.grad, second.grad = torch.randn(3), torch.randn(4)
     optimizer.step()
     assert optimizer.state[second]["h"].shape == (2, 20, 4)
@@ -396,3 +401,81 @@ def test_deepcopy_continues_identically(checkpoint):
     train(model, optimizer, x, y, 2)
     model_copy, optimizer_copy = copy.deepcopy((model, optimizer))  # one memo: the copies share parameters
     assert torch.equal(train(model_copy, optimizer_copy, x, y, 3), train(model, optimizer, x, y, 3))
+
+
+def test_lr_schedulers_scale_the_learned_update(checkpoint):
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    base, scheduled = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))
+    base_optimizer, optimizer = LearnedOptimizer([base], checkpoint), LearnedOptimizer([scheduled], checkpoint)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    deltas = []
+    for _ in range(2):
+        before = base.detach().clone(), scheduled.detach().clone()
+        base.grad, scheduled.grad = grad.clone(), grad.clone()
+        base_optimizer.step(), optimizer.step()
+        scheduler.step()
+        deltas.append((base.detach() - before[0], scheduled.detach() - before[1]))
+    assert optimizer.param_groups[0]["lr"] == 0.25
+    torch.testing.assert_close(deltas[0][1], deltas[0][0], rtol=1e-6, atol=0)  # lr 1
+    torch.testing.assert_close(deltas[1][1], 0.5 * deltas[1][0], rtol=1e-5, atol=1e-7)  # lr 0.5, same state
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=0)
+    plateau.step(1.0), plateau.step(2.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_a_rule_with_non_finite_weights_is_refused():
+    rule = sensitive_rule()
+    with torch.no_grad():
+        rule.weight_out[0] = float("nan")
+    with pytest.raises(ValueError, match="the learned rule cannot be used: weights weight_out hold NaN or infinite"):
+        LearnedOptimizer([nn.Parameter(torch.zeros(3))], rule)
+
+
+def test_the_non_finite_warning_points_at_the_callers_step(checkpoint):
+    p = nn.Parameter(torch.zeros(3))
+    optimizer = LearnedOptimizer([p], checkpoint)
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    with pytest.warns(RuntimeWarning, match="non-finite gradients") as record:
+        optimizer.step()
+    assert record[0].filename == __file__
+
+
+def test_a_parameter_listed_twice_is_refused(checkpoint):
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="lists a parameter more than once"):
+        LearnedOptimizer([p, p], checkpoint)
+    optimizer = LearnedOptimizer([nn.Parameter(torch.zeros(2))], checkpoint)
+    with pytest.raises(ValueError, match="lists a parameter more than once"):
+        optimizer.add_param_group({"params": iter([p, p])})
+    assert len(optimizer.param_groups) == 1
+
+
+def test_load_state_dict_checks_group_options_runs_hooks_and_restores_metadata(checkpoint, tmp_path):
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    source = LearnedOptimizer([p], save_use_checkpoint(tmp_path / "other.pt", sensitive_rule(seed=3), {"task": "other"}))
+    source.step()
+    saved = source.state_dict()
+    optimizer = LearnedOptimizer([p], checkpoint)
+    for option, value, message in (("lr", -5.0, "Invalid lr: -5.0"), ("chunk_size", 0, "Invalid chunk_size: 0"),
+                                   ("maximize", "yes", "Invalid maximize: 'yes'")):
+        damaged = copy.deepcopy(saved)
+        damaged["param_groups"][0][option] = value
+        with pytest.raises(ValueError, match=f"param group options are invalid: {message}"):
+            optimizer.load_state_dict(damaged)
+    # A pre-hook's returned state_dict is what gets checked and loaded; post-hooks see the loaded state.
+    seen = {}
+
+    def zero_h(opt, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["h"].zero_()
+        return state_dict
+
+    optimizer.register_load_state_dict_pre_hook(zero_h)
+    optimizer.register_load_state_dict_post_hook(lambda opt: seen.update(h=opt.state[p]["h"].clone()))
+    optimizer.load_state_dict(saved)
+    assert torch.count_nonzero(optimizer.state[p]["h"]) == 0 and torch.count_nonzero(seen["h"]) == 0
+    assert torch.count_nonzero(optimizer.state[p]["c"]) > 0
+    # The weights are the source's, and so is their description.
+    assert optimizer.metadata["task"] == "other"
+    assert torch.equal(optimizer.rule.weight_out, source.rule.weight_out)
