@@ -47,9 +47,19 @@ NORMS = ("l1", "l2", "linf")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def _is_plain_tensor(value: Tensor) -> bool:
+    """A tensor whose value can be read: not traced or batched by torch.func, nor on an accelerator (a sync)."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return value.device.type == "cpu" and value.numel() == 1 and not (wrapped is not None and wrapped(value))
+
+
 def _check_nonnegative(name: str, value: Any) -> None:
     if isinstance(value, Tensor):
-        return  # May be a traced or batched value (schedules, vmap); the caller owns its range.
+        # A schedule's tensor is checked where reading it is free; a value traced or batched by
+        # torch.func, or on an accelerator, cannot be read without a sync: its caller owns its range.
+        if _is_plain_tensor(value):
+            _check_nonnegative(name, float(value.detach()))
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
 
@@ -85,7 +95,10 @@ class _GradReverse(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.coeff = inputs[1]
+        coeff = inputs[1]
+        # The value at the forward, as the docs say: a schedule changing the tensor in place before
+        # backward must not change this gradient.
+        ctx.coeff = coeff.detach().clone() if isinstance(coeff, Tensor) else coeff
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
@@ -104,6 +117,11 @@ def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
     while the features receive the negated gradient, so they maximise it (domain-adversarial
     training). ``coeff`` gets no gradient. Forward-mode derivatives (``torch.func.jvp``) are
     those of the identity.
+
+    A gradient computed through the layer is not the gradient of any function, so it has no
+    correct derivative: differentiating it again (``create_graph=True``, second-order
+    meta-gradients) applies the reversal to the forward path as well and gives wrong results.
+    ``l2l train --second-order`` refuses ``mnist-grl`` for this reason.
 
     Args:
         x: any tensor ``[...]``.
@@ -156,29 +174,69 @@ def reversal_coefficient(progress: float, gamma: float = 10.0) -> float:
 # Input-gradient penalty: first-order adversarial training
 
 
+_IMPURE_FORWARD = (
+    "the network changes a buffer in place during its forward pass (batch norm in training mode "
+    "updating its running statistics?), which input gradients and Jacobian-vector products cannot "
+    "differentiate: call .eval(), build the batch norm with track_running_stats=False, or apply "
+    "torch.func.replace_all_batch_norm_modules_(model)"
+)
+
+
+def _transform(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (a torch.func transform), with torch.func's in-place-buffer error replaced by one naming the fix."""
+
+    def wrapped(*args: Any) -> Any:
+        try:
+            return function(*args)
+        except RuntimeError as error:
+            if "mutate a captured Tensor" in str(error):
+                raise ValueError(_IMPURE_FORWARD) from error
+            raise
+
+    return wrapped
+
+
 def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
     """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
+    if inputs.dim() == 0:
+        raise ValueError("inputs must be [B, ...] (one row per example), got a 0-d tensor")
 
     def summed(x: Tensor) -> tuple[Tensor, Tensor]:
         per_example = loss(forward(x), labels)
+        if per_example.shape != (x.shape[0],):
+            raise ValueError(
+                f"loss must return one loss per example, shape [{x.shape[0]}], got {list(per_example.shape)}: "
+                "use reduction='none' (as per_example_cross_entropy does) and reshape the result to [B]"
+            )
         return per_example.sum(), per_example
 
-    gradients, per_example = grad(summed, has_aux=True)(inputs)
+    gradients, per_example = _transform(grad(summed, has_aux=True))(inputs)
     return per_example, gradients
 
 
 def _dual_norm(gradients: Tensor, norm: str) -> Tensor:
     """``max_{||δ|| <= 1} <g_i, δ>`` per example: ``[B, ...] -> [B]`` (the dual of ``norm``)."""
-    flat = gradients.flatten(1)
+    flat = gradients.reshape(gradients.shape[0], -1)
     dual_order = {"l1": math.inf, "l2": 2.0, "linf": 1.0}[norm]
     return torch.linalg.vector_norm(flat, ord=dual_order, dim=1)
 
 
+def _unit_rows(flat: Tensor) -> Tensor:
+    """Each row of ``[B, n]`` divided by its L2 norm, 0 for zero rows.
+
+    Rows are first divided by their largest magnitude, so tiny gradients (saturated units: norms
+    that square to below the dtype's smallest normal number) keep their direction.
+    """
+    tiny = torch.finfo(flat.dtype).tiny
+    scaled = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+    return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(tiny)
+
+
 def _steepest_direction(gradients: Tensor, norm: str) -> Tensor:
     """The unit-``norm`` direction δ_i that attains the dual norm: ``<g_i, δ_i> = ||g_i||_*``."""
-    flat = gradients.flatten(1)
+    flat = gradients.reshape(gradients.shape[0], -1)
     if norm == "l2":
-        direction = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
+        direction = _unit_rows(flat)
     elif norm == "linf":
         direction = flat.sign()
     else:  # l1: all the budget on the largest coordinate(s); ties share it, which keeps <g, δ> exact.
@@ -275,9 +333,9 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
     rows ``k`` only, as for :class:`l2l.tasks.base.Task`): then each instance gets its own
     penalty.
 
-    Example (an ``nn.Module``)::
+    Example (an ``nn.Module``; frozen parameters are left out, as they are not trained)::
 
-        params = dict(model.named_parameters())
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         objective = parameter_gradient_penalty(
             lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y), params, lr=0.1)
         objective.backward()  # gradients land in model's .grad
@@ -303,6 +361,12 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
     if value.dim() == 0:
         squared_norm = sum(g.pow(2).sum() for g in leaves)
     else:
+        for g in leaves:
+            if g.dim() == 0 or g.shape[0] != value.shape[0]:
+                raise ValueError(
+                    f"loss_fn returned {value.shape[0]} per-instance losses, so every parameter leaf must be "
+                    f"[{value.shape[0]}, ...] (one row per instance), got a leaf of shape {list(g.shape)}"
+                )
         squared_norm = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in leaves)
     return value + (lr / 4) * squared_norm
 
@@ -328,12 +392,13 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         example, ``[B, ...out]`` or ``[T, B, ...out]`` like ``tangents``.
     """
     if tangents.shape == inputs.shape:
-        return jvp(forward, (inputs,), (tangents,))
+        return _transform(jvp)(forward, (inputs,), (tangents,))
     if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
         raise ValueError(f"tangents must be shaped like inputs {list(inputs.shape)} or [T, *that], got {list(tangents.shape)}")
-    outputs = forward(inputs)
-    derivatives = vmap(lambda t: jvp(forward, (inputs,), (t,))[1])(tangents)
-    return outputs, derivatives
+    # One vmapped call yields the outputs with the derivatives, so a random layer (dropout) uses
+    # one mask for the outputs and every direction.
+    outputs, derivatives = _transform(vmap(lambda t: jvp(forward, (inputs,), (t,)), randomness="same"))(tangents)
+    return outputs[0], derivatives
 
 
 def tangent_penalty(forward: Forward, inputs: Tensor, tangents: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -356,7 +421,7 @@ def tangent_penalty(forward: Forward, inputs: Tensor, tangents: Tensor, *, reduc
     _, derivatives = directional_derivatives(forward, inputs, tangents)
     if tangents.shape == inputs.shape:
         derivatives = derivatives.unsqueeze(0)
-    per_example = derivatives.pow(2).flatten(2).sum(2).sum(0)
+    per_example = derivatives.pow(2).reshape(*derivatives.shape[:2], -1).sum(2).sum(0)
     return _reduce(per_example, reduction)
 
 
@@ -439,10 +504,17 @@ def gradient_supervision_loss(
     _check_choice("reduction", reduction, REDUCTIONS)
     if counterfactuals.shape != inputs.shape:
         raise ValueError(f"counterfactuals {list(counterfactuals.shape)} must be shaped like inputs {list(inputs.shape)}")
+    if counterfactual_labels.shape != inputs.shape[:1] or counterfactual_labels.is_floating_point() or counterfactual_labels.is_complex():
+        raise ValueError(
+            f"counterfactual_labels must be integer classes, one per pair, shape [{inputs.shape[0]}]; "
+            f"got {counterfactual_labels.dtype} of shape {list(counterfactual_labels.shape)}"
+        )
 
     def target_logits(x: Tensor) -> Tensor:
         return forward(x).gather(1, counterfactual_labels.unsqueeze(1)).sum()
 
-    gradients = grad(target_logits)(inputs)
-    cosine = nn.functional.cosine_similarity(gradients.flatten(1), (counterfactuals - inputs).flatten(1), dim=1)
+    gradients = _transform(grad(target_logits))(inputs)
+    batch = inputs.shape[0]
+    # Not F.cosine_similarity: its norm floor (1e-8) makes tiny aligned gradients score far from 0.
+    cosine = (_unit_rows(gradients.reshape(batch, -1)) * _unit_rows((counterfactuals - inputs).reshape(batch, -1))).sum(1)
     return _reduce(1.0 - cosine, reduction)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from l2l.config import TrainConfig
+from l2l.config import ConfigError, TrainConfig
 from l2l.meta.train import MetaTrainer
-from l2l.meta.unroll import run, value_and_grad
+from l2l.meta.unroll import run, start, unroll, value_and_grad
 from l2l.objectives import adversarial_example, input_gradient_penalty
-from l2l.optimizers import Adam
+from l2l.optimizers import Adam, CoordinateWiseLSTM
 from l2l.tasks import get_task
 from l2l.tasks.gradient_tasks import TwoHeadNet, two_head_loss, zero_composites
 from l2l.tasks.mnist import mlp
@@ -184,3 +184,16 @@ def test_meta_gradients_flow_through_the_gradient_objectives(real_data, task_nam
     meta_loss = trainer.train_epoch()
     assert torch.isfinite(meta_loss) and trainer.skipped == 0
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.rule.parameters()))
+
+
+def test_second_order_meta_gradients_through_gradient_reversal_are_refused(real_data):
+    # Checked against finite differences in review: differentiating a gradient taken through the
+    # reversal layer scales the cross term by -coeff, so the second-order meta-gradient is wrong.
+    config = TrainConfig(task="mnist-grl", task_options={"train_examples": 300, "eval_examples": 100}, instances=1, epochs=1,
+                         optimizee_steps=4, unroll=2, hidden_size=4, val_problems=1, second_order=True, device="cpu")
+    with pytest.raises(ConfigError, match=r"--second-order is not available for task mnist-grl: .*gradient reversal layer"):
+        MetaTrainer(config)
+    task = get_task("mnist-grl", train_examples=300, eval_examples=100).sample(1, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM(hidden_size=4)
+    with pytest.raises(ValueError, match="second_order=True is not available for TwoHeadTask"):
+        unroll(rule, task, start(rule, task), 1, second_order=True)

@@ -336,3 +336,104 @@ def test_parameter_penalty_over_k_instances_penalizes_each_instance_by_its_own_g
         explicit = loss + 0.5 / 4 * g.pow(2).sum()
         torch.testing.assert_close(penalized[k], explicit, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gradient[k], torch.autograd.grad(explicit, flat)[0], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and edge cases: clear errors, no silent wrong values
+
+
+def test_a_loss_that_is_not_one_value_per_example_is_refused():
+    model, (x, y) = tanh_net(), batch()
+    with pytest.raises(ValueError, match=r"loss must return one loss per example, shape \[6\], got \[\].*reduction='none'"):
+        input_gradient_penalty(model, x, y, 0.5, loss=nn.functional.cross_entropy)
+    regression = nn.Linear(5, 1).double()
+    with pytest.raises(ValueError, match=r"shape \[6\], got \[6, 1\]"):
+        input_gradient_penalty(regression, x, torch.zeros(6, 1, dtype=torch.float64), 0.5, loss=lambda out, t: (out - t) ** 2)
+
+
+def test_one_feature_per_example_inputs_and_outputs_are_accepted():
+    net = nn.Sequential(nn.Unflatten(0, (-1, 1)), nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1), nn.Flatten(0))  # [B] -> [B]
+    x = torch.linspace(-1, 1, 5)
+    value = input_gradient_penalty(net, x, torch.zeros(5), 0.1, loss=lambda out, t: (out - t) ** 2)
+    assert value.shape == ()
+    slopes = tangent_penalty(net, x, torch.ones(5), reduction="none")
+    torch.testing.assert_close(slopes, torch.func.vmap(torch.func.grad(lambda v: net(v.view(1))[0]))(x) ** 2)
+
+
+def test_the_l2_attack_keeps_its_radius_when_the_input_gradient_is_tiny():
+    # Saturated sigmoid units: the input gradient is ~1e-24 per pixel, whose squares underflow float32.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 8), nn.Sigmoid(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[0].bias.fill_(-55.0)
+    x, y = torch.rand(4, 20), torch.tensor([0, 1, 2, 0])
+    gradients, _ = torch.func.grad_and_value(lambda v: per_example_cross_entropy(net(v), y).sum())(x)
+    assert 0 < gradients.abs().max() < 1e-18
+    moved = adversarial_example(net, x, y, eps=1.0, norm="l2")
+    torch.testing.assert_close(torch.linalg.vector_norm(moved - x, dim=1), torch.ones(4))
+
+
+def test_batch_norm_in_training_mode_gets_an_error_naming_the_fixes():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = batch()
+    for call in (lambda: input_gradient_penalty(net, x, y, 0.5),
+                 lambda: tangent_penalty(net, x, torch.randn(2, 6, 5, dtype=torch.float64)),
+                 lambda: gradient_supervision_loss(net, x, x + 1, y)):
+        with pytest.raises(ValueError, match=r"changes a buffer in place.*\.eval\(\).*track_running_stats=False"):
+            call()
+    net.eval()
+    assert torch.isfinite(input_gradient_penalty(net, x, y, 0.5))
+
+
+def test_tangents_see_the_outputs_dropout_mask():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Dropout(0.5), nn.Linear(5, 3, bias=False)).double()  # linear: f(x) = J x with the mask in J
+    x = torch.randn(6, 5, dtype=torch.float64)
+    outputs, derivatives = directional_derivatives(net, x, torch.stack([x, x, 2 * x]))
+    torch.testing.assert_close(derivatives[0], outputs)  # the derivative along x is f(x) under the same mask
+    torch.testing.assert_close(derivatives[2], 2 * outputs)
+
+
+def test_gradient_supervision_checks_its_labels_and_is_scale_invariant_for_tiny_gradients():
+    linear = nn.Linear(4, 3).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"counterfactual_labels must be integer classes, one per pair, shape \[3\]"):
+        gradient_supervision_loss(linear, x, x + 1, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="got torch.float64"):
+        gradient_supervision_loss(linear, x, x + 1, torch.zeros(3, dtype=torch.float64))
+    labels = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        linear.weight.mul_(1e-12)  # input gradients of norm ~1e-12: F.cosine_similarity's floor is 1e-8
+    aligned = x + linear.weight.detach()[labels] * 1e12
+    torch.testing.assert_close(gradient_supervision_loss(linear, x, aligned, labels, reduction="none"), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: grad_reverse(torch.ones(2), torch.tensor(-2.0)),
+        lambda: grad_reverse(torch.ones(2), torch.tensor(float("nan"))),
+        lambda: input_gradient_penalty(tanh_net(), *batch(), eps=torch.tensor(-1.0)),
+        lambda: parameter_gradient_penalty(lambda p: p.pow(2).sum(), torch.ones(2), lr=torch.tensor(-4.0)),
+    ],
+    ids=["negative-coeff", "nan-coeff", "negative-eps", "negative-lr"],
+)
+def test_hyperparameters_given_as_plain_tensors_are_checked(call):
+    with pytest.raises(ValueError, match=r"Invalid (coeff|eps|lr): .*must be >= 0"):
+        call()
+
+
+def test_the_reversal_uses_the_coefficient_of_the_forward_pass():
+    coeff = torch.tensor(1.0)
+    x = torch.ones(3, requires_grad=True)
+    y = grad_reverse(x, coeff).sum()
+    coeff.fill_(5.0)  # a schedule stepping before backward
+    (gx,) = torch.autograd.grad(y, x)
+    assert torch.equal(gx, -torch.ones(3))
+
+
+def test_per_instance_parameter_penalty_needs_one_row_per_instance_in_every_leaf():
+    params = {"rows": torch.randn(3, 2), "shared": torch.randn(1, 2)}
+    with pytest.raises(ValueError, match=r"3 per-instance losses, so every parameter leaf must be \[3, \.\.\.\].*\[1, 2\]"):
+        parameter_gradient_penalty(lambda p: (p["rows"] * p["shared"]).sum(1), params, lr=0.1)

@@ -216,6 +216,8 @@ class MetaTrainer:
         self.streams = [shard_streams(config.seed, shard, self.layout.total, self.device) for shard in self.layout.local]
         self.instance_generator, self.batch_generator = self.streams[0]
         self.validation_task = self.family.sample(config.val_problems, make_generator(config.seed, "validation"), self.device)
+        if config.second_order and self.validation_task.second_order_problem:
+            raise ConfigError(f"--second-order is not available for task {config.task}: {self.validation_task.second_order_problem}")
         reason = graph_unsupported_reason(self.validation_task, None, self.device)
         if reason is None and self.layout.total > 1:
             reason = (f"the meta-batch is split into {self.layout.total} shards ({self.layout.world_size} processes x "

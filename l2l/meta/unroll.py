@@ -112,7 +112,8 @@ def unroll(
         carry: from :func:`start` or a previous unroll (see :func:`detach_carry`).
         steps: T, the number of updates.
         generator: draws each step's minibatch (stochastic tasks only).
-        second_order: differentiate through the optimizee gradients too.
+        second_order: differentiate through the optimizee gradients too (refused for tasks
+            whose ``second_order_problem`` says why it would be wrong).
 
     Returns:
         ``(losses, carry)``: ``losses[t]`` is the loss of every instance after update ``t + 1``,
@@ -120,6 +121,8 @@ def unroll(
     """
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"unroll: steps must be a non-negative integer, got {steps!r}")
+    if second_order and task.second_order_problem:
+        raise ValueError(f"second_order=True is not available for {type(task).__name__}: {task.second_order_problem}")
     params, opt_state, _, grad, step = carry
     shape = params.shape
     losses = []

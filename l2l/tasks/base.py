@@ -16,6 +16,10 @@ class Task(abc.ABC):
     instance, so ``loss(params).sum()`` has the per-instance gradients as its gradient.
     """
 
+    # Why differentiating this task's gradients (second-order meta-gradients) gives wrong
+    # results, or None where it is correct.
+    second_order_problem: str | None = None
+
     @property
     @abc.abstractmethod
     def num_instances(self) -> int:

@@ -260,6 +260,11 @@ def zero_composite_tensors(directory: str, device: str, train_examples: int, tes
 class TwoHeadTask(ModuleTask):
     """A :class:`TwoHeadNet` task whose metrics report both heads."""
 
+    second_order_problem = (
+        "its gradient passes through a gradient reversal layer, so it is not the gradient of any "
+        "function and differentiating it again gives wrong derivatives; train it first-order (the default)"
+    )
+
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
         """``test_loss`` and ``test_accuracy`` of the label head and ``adversary_test_accuracy``, ``[K]`` each."""
