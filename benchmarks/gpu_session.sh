@@ -124,7 +124,7 @@ for name in $STEPS; do
                      --json "$OUT/unroll-$DEVICE.json" ;;
         sweep) step sweep 200 "$PY" benchmarks/unroll_throughput.py --device "$DEVICE" --sweep --workers "$WORKERS" \
                     --json "$OUT/sweep-$DEVICE.json" ;;
-        tf32) step tf32 150 "$PY" benchmarks/unroll_throughput.py --device "$DEVICE" --precision tf32 \
+        tf32) step tf32 150 "$PY" benchmarks/unroll_throughput.py --device "$DEVICE" --precision tf32 --kernels fused \
                    --workers "$WORKERS" --json "$OUT/unroll-$DEVICE-tf32.json" ;;
         step) step step 90 "$PY" benchmarks/optimizer_step.py --device "$DEVICE" --json "$OUT/step-$DEVICE.json" ;;
     esac

@@ -14,7 +14,12 @@ CUDA the fused kernels' variants are first compiled in ``--workers`` processes.
 Byte rooflines (float32 state, 2 x 20 LSTM), per coordinate-step: inference 652 bytes (read g,
 h, c, the parameter; write h, c, the parameter); meta-training 1,616 bytes (forward: read g,
 h, c, write h, c and the update = 648; backward: read g, h, c, d h_new, d c_new, d update,
-write d h, d c = 968). Roofline = copy bandwidth / bytes.
+write d h, d c = 968). Roofline = copy bandwidth / bytes. The timed inference kernel also
+stores the update (656 bytes), so its fraction of the 652-byte roofline is conservative by 0.6%.
+
+A figure that fails (out of memory, a compile error) is recorded as that row's ``error`` and the
+run goes on; with ``--json`` the report is rewritten after every row, so a run cut short by a
+time limit keeps what it measured.
 
     python benchmarks/unroll_throughput.py --device cpu|cuda [--json OUT] [--precision tf32x3|tf32|ieee]
     python benchmarks/unroll_throughput.py --device cuda --sweep     # launch settings of the fused kernels
@@ -352,7 +357,9 @@ def main() -> None:
     parser.add_argument("--unroll", type=int, default=20, help="steps of the meta-training unroll")
     parser.add_argument("--precision", default=fused.get_config().precision, choices=fused.PRECISIONS)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads")
-    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--json", help="write every figure here (rewritten after every row)")
+    parser.add_argument("--kernels", default="reference,fused",
+                        help="paths to time, comma-separated (the fused one only on CUDA with Triton)")
     parser.add_argument("--sweep", action="store_true", help="time the fused kernels' launch settings instead")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="on CUDA the fused kernels are first compiled in this many processes "
@@ -370,7 +377,12 @@ def main() -> None:
         return
     sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
         [1280, 16_000] if device.type == "cpu" else list(CUDA_SIZES))
-    kernels = ["reference"] + (["fused"] if device.type == "cuda" and fused.fused_available(device) else [])
+    asked = [name.strip() for name in args.kernels.split(",") if name.strip()]
+    unknown = sorted(set(asked) - {"reference", "fused"})
+    if unknown or not asked:
+        parser.error(f"--kernels takes reference and/or fused, got {args.kernels!r}")
+    fused_ready = device.type == "cuda" and fused.fused_available(device)
+    kernels = [name for name in ("reference", "fused") if name in asked and (name == "reference" or fused_ready)]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} threads"
     report: dict[str, Any] = {
         "date": datetime.date.today().isoformat(), "device": args.device, "machine": machine,
@@ -379,9 +391,19 @@ def main() -> None:
         "bytes_per_coordinate_step": {"inference": INFERENCE_BYTES, "meta_training": META_BYTES},
     }
     drop_in_sizes = CUDA_DROP_IN_SIZES if device.type == "cuda" else (100_000,)
+
+    def save() -> None:
+        if args.json:
+            report["targets"] = targets(report)
+            temporary = f"{args.json}.tmp"
+            with open(temporary, "w") as handle:
+                json.dump(report, handle, indent=1)
+            os.replace(temporary, args.json)
+
     if "fused" in kernels and args.workers > 1:
         precompile(benchmark_jobs(args.precision, tuple(sizes), drop_in_sizes), args.workers)
     report["ceilings"] = ceilings(device, seconds)
+    save()
     bandwidth = report["ceilings"]["copy_bandwidth_Bps"]
     print(f"unroll_throughput on {args.device} ({machine}), torch {torch.__version__}, triton {report['triton']}, "
           f"fused precision {args.precision}")
@@ -390,55 +412,64 @@ def main() -> None:
     print(f"byte rooflines: inference {bandwidth / INFERENCE_BYTES:.3g} coordinate-steps/s ({INFERENCE_BYTES} B), "
           f"meta-training {bandwidth / META_BYTES:.3g} ({META_BYTES} B)")
 
-    rows = []
+    rows = report["sizes"] = []
     rule = CoordinateWiseLSTM(seed=0).to(device)
     for n in sizes:
         for kernel in kernels:
             rule.kernel = kernel
             row: dict[str, Any] = {"coordinates": n, "kernel": kernel}
-            row["inference_s"] = inference(rule, kernel, n, device, seconds)
-            row["inference_cs_per_s"] = n / row["inference_s"]
-            row["inference_roofline_fraction"] = row["inference_cs_per_s"] * INFERENCE_BYTES / bandwidth
-            steps = args.unroll
-            bytes_needed = n * steps * (2300 if kernel == "reference" else 420)
-            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
-            if device.type == "cuda" and bytes_needed > 0.85 * free:
-                steps = int(0.85 * free / (n * (2300 if kernel == "reference" else 420)))
-            if steps >= 2:
-                row["meta_steps"] = steps
-                row["meta_s"], row["meta_bytes_per_coordinate_step"] = meta_training(rule, n, steps, device, seconds)
-                row["meta_cs_per_s"] = n * steps / row["meta_s"]
-                row["meta_roofline_fraction"] = row["meta_cs_per_s"] * META_BYTES / bandwidth
             rows.append(row)
-            print(f"  N {n:>10,} {kernel:9}  inference {row['inference_cs_per_s']:9.3g} cs/s "
-                  f"({row['inference_roofline_fraction']:6.1%} of roofline)   " + (
-                      f"meta fwd+bwd {row['meta_cs_per_s']:9.3g} cs/s ({row['meta_roofline_fraction']:6.1%}), "
-                      f"T={row['meta_steps']}" + (f", {row['meta_bytes_per_coordinate_step']:.0f} B/cs kept"
-                                                 if row.get("meta_bytes_per_coordinate_step") else "")
-                      if "meta_s" in row else "meta: skipped (memory)"), flush=True)
+            try:
+                row["inference_s"] = inference(rule, kernel, n, device, seconds)
+                row["inference_cs_per_s"] = n / row["inference_s"]
+                row["inference_roofline_fraction"] = row["inference_cs_per_s"] * INFERENCE_BYTES / bandwidth
+                steps = args.unroll
+                bytes_needed = n * steps * (2300 if kernel == "reference" else 420)
+                free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else float("inf")
+                if device.type == "cuda" and bytes_needed > 0.85 * free:
+                    steps = int(0.85 * free / (n * (2300 if kernel == "reference" else 420)))
+                if steps >= 2:
+                    row["meta_steps"] = steps
+                    row["meta_s"], row["meta_bytes_per_coordinate_step"] = meta_training(rule, n, steps, device, seconds)
+                    row["meta_cs_per_s"] = n * steps / row["meta_s"]
+                    row["meta_roofline_fraction"] = row["meta_cs_per_s"] * META_BYTES / bandwidth
+            except Exception as error:  # out of memory, a compile error: record it and measure the rest
+                row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+            print(f"  N {n:>10,} {kernel:9}  " + _size_line(row), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    report["sizes"] = rows
+            save()
 
-    quadratic = {}
+    quadratic = report["quadratic_iteration_s"] = {}
+    errors = report["errors"] = {}
     for kernel in kernels:
         for graphs in ((False, True) if device.type == "cuda" else (False,)):
             name = f"{kernel}{'+graphs' if graphs else ''}"
-            quadratic[name] = quadratic_iteration(kernel, graphs, device, seconds)
-            print(f"  quadratic 128 x 10, T=20, fwd+bwd+Adam: {name:18} {quadratic[name] * 1e3:8.2f} ms "
-                  f"({quadratic['reference'] / quadratic[name]:.1f}x reference)", flush=True)
-    report["quadratic_iteration_s"] = quadratic
+            try:
+                quadratic[name] = quadratic_iteration(kernel, graphs, device, seconds)
+            except Exception as error:
+                errors[f"quadratic {name}"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                print(f"  quadratic 128 x 10: {name}: {errors[f'quadratic {name}']}", flush=True)
+                continue
+            versus = f" ({quadratic['reference'] / quadratic[name]:.1f}x reference)" if "reference" in quadratic else ""
+            print(f"  quadratic 128 x 10, T=20, fwd+bwd+Adam: {name:18} {quadratic[name] * 1e3:8.2f} ms{versus}", flush=True)
+            save()
 
-    drop = []
+    drop = report["drop_in"] = []
     for n in drop_in_sizes:
         for kernel in kernels:
-            row = {"params": n, "kernel": kernel, **drop_in(n, device, seconds, kernel)}
+            try:
+                row = {"params": n, "kernel": kernel, **drop_in(n, device, seconds, kernel)}
+            except Exception as error:
+                errors[f"drop-in {n} {kernel}"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                print(f"  drop-in step, {n:>10,} params, {kernel:9}: {errors[f'drop-in {n} {kernel}']}", flush=True)
+                continue
             row["ratio"] = row["learned_s"] / row["adam_s"]
             drop.append(row)
             print(f"  drop-in step, {n:>10,} params, {kernel:9}: learned {row['learned_s'] * 1e3:8.3f} ms, "
                   f"Adam({'fused' if device.type == 'cuda' else 'foreach'}) {row['adam_s'] * 1e3:7.3f} ms, "
                   f"{row['ratio']:.1f}x", flush=True)
-    report["drop_in"] = drop
+            save()
     report["targets"] = targets(report)
     if any(check["met"] is not None for check in report["targets"]):
         print("issue targets:")
@@ -448,9 +479,22 @@ def main() -> None:
             print(f"  {check['target']:55} {value:>8} (needs {check['comparison']} {check['threshold']:g}): {verdict}")
         print(f"all targets met: {'yes' if all(check['met'] for check in report['targets']) else 'no'}", flush=True)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1)
+        save()
         print(f"written to {args.json}")
+
+
+def _size_line(row: dict[str, Any]) -> str:
+    """One size's figures as printed: inference, meta-training, or the error that stopped them."""
+    if "inference_cs_per_s" not in row:
+        return f"error: {row.get('error')}"
+    line = f"inference {row['inference_cs_per_s']:9.3g} cs/s ({row['inference_roofline_fraction']:6.1%} of roofline)   "
+    if "meta_s" in row:
+        line += (f"meta fwd+bwd {row['meta_cs_per_s']:9.3g} cs/s ({row['meta_roofline_fraction']:6.1%}), "
+                 f"T={row['meta_steps']}" + (f", {row['meta_bytes_per_coordinate_step']:.0f} B/cs kept"
+                                            if row.get("meta_bytes_per_coordinate_step") else ""))
+    else:
+        line += f"meta: {'error: ' + row['error'] if 'error' in row else 'skipped (memory)'}"
+    return line
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "unroll_throughput.py"
 
@@ -64,3 +65,37 @@ def test_figures_a_run_did_not_measure_are_not_judged(throughput):
     partial = report()
     partial["sizes"] = [row for row in partial["sizes"] if row["kernel"] == "fused"]  # reference skipped (memory)
     assert verdicts(throughput.targets(partial))["meta-training fused / reference at 1e6"] is None
+
+
+def test_a_failing_row_is_recorded_and_a_run_cut_short_keeps_its_figures(throughput, monkeypatch, tmp_path):
+    # The GPU session runs this once under a time limit: an out-of-memory row must not cost the
+    # other rows, and a kill must not cost the rows already measured.
+    import json
+    import sys
+
+    seconds = iter(range(1, 10_000))
+    monkeypatch.setattr(throughput, "timer", lambda device: lambda fn, **kwargs: float(next(seconds)))
+    monkeypatch.setattr(throughput, "ceilings", lambda device, seconds: {"copy_bandwidth_Bps": 1e12})
+
+    def inference(rule, kernel, n, device, seconds):
+        if n == 300:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        return 1e-3
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args):
+        raise Killed  # as `timeout` ends the step: nothing after this runs
+
+    monkeypatch.setattr(throughput, "inference", inference)
+    monkeypatch.setattr(throughput, "meta_training", lambda rule, n, steps, device, seconds: (2e-3, 0.0))
+    monkeypatch.setattr(throughput, "quadratic_iteration", killed)
+    out = tmp_path / "unroll.json"
+    monkeypatch.setattr(sys, "argv", ["unroll_throughput.py", "--device", "cpu", "--sizes", "200,300,400", "--json", str(out)])
+    with pytest.raises(Killed):
+        throughput.main()
+    rows = json.loads(out.read_text())["sizes"]
+    assert [row["coordinates"] for row in rows] == [200, 300, 400]
+    assert rows[1]["error"].startswith("OutOfMemoryError: CUDA out of memory") and "inference_s" not in rows[1]
+    assert rows[0]["inference_cs_per_s"] == 200 / 1e-3 and rows[2]["meta_cs_per_s"] == 400 * 20 / 2e-3

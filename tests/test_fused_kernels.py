@@ -190,13 +190,16 @@ def test_backward_with_only_the_update_used_float32(interpreter):
 
 
 @needs_triton
-def test_nonfinite_gradients_propagate_like_the_reference(interpreter):
-    rule = CoordinateWiseLSTM(seed=7).double()
-    grad = edge_gradients(20)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nonfinite_gradients_propagate_like_the_reference(interpreter, dtype):
+    # float32 runs the dots as tf32x3 (emulated), whose small terms turn an infinity into NaN
+    # unless they are masked as the compiled kernels mask them.
+    rule = CoordinateWiseLSTM(seed=7).to(dtype)
+    grad = edge_gradients(20, dtype)
     grad[[5, 9, 11]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=grad.dtype)
-    h, c = random_state(rule, 20)
+    h, c = random_state(rule, 20, dtype)
     for ours, reference in zip(*both_paths(rule, grad, h, c)):
-        torch.testing.assert_close(ours, reference, equal_nan=True, **TIGHT[torch.float64])
+        torch.testing.assert_close(ours, reference, equal_nan=True, **TIGHT[dtype])
 
 
 @needs_triton
@@ -511,3 +514,35 @@ def test_cuda_drop_in_uses_the_fused_kernel_and_matches_reference():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
     with pytest.warns(RuntimeWarning):
         assert optimizers[0].nonfinite_steps == 1
+
+
+def test_cached_launch_constants_that_a_cuda_graph_captured_are_never_evicted(monkeypatch):
+    # A captured graph replays the addresses of the constants it read; evicting them would let
+    # the replay read freed memory once a drop-in's scheduled lr filled the cache.
+    rule = CoordinateWiseLSTM(seed=0)
+    spec = fused._spec(rule)
+    device = torch.device("cpu")
+    monkeypatch.setattr(fused, "_constants", {})
+    monkeypatch.setattr(fused, "_captured", set())
+    monkeypatch.setattr(fused, "_capturing", lambda device: True)
+    captured = fused._constants_tensor(spec, 1.0, device)
+    monkeypatch.setattr(fused, "_capturing", lambda device: False)
+    first_eager = fused._constants_tensor(spec, 0.5, device)
+    for step in range(600):  # a per-step lr schedule
+        fused._constants_tensor(spec, 0.001 * (step + 1), device)
+    assert len(fused._constants) <= 257
+    assert fused._constants_tensor(spec, 1.0, device) is captured
+    assert fused._constants_tensor(spec, 0.5, device) is not first_eager  # uncaptured entries do go
+    torch.testing.assert_close(captured[4], torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_auto_takes_the_fused_path_only_for_the_tile_widths_it_was_built_and_tested_for(monkeypatch):
+    monkeypatch.setattr(fused, "unavailable_reason", lambda device, rule=None, dtype=None: None)  # as on a GPU
+    cuda = torch.device("cuda")
+    assert dispatch.select_kernel("auto", CoordinateWiseLSTM(hidden_size=20), cuda) == "fused"
+    assert dispatch.select_kernel("auto", CoordinateWiseLSTM(hidden_size=29), cuda) == "fused"
+    wide = CoordinateWiseLSTM(hidden_size=30)  # 30 + 2 inputs + 1 ones column pads to 64
+    assert dispatch.select_kernel("auto", wide, cuda) == "reference"
+    assert "pads the fused tiles to 64" in fused.auto_problem(wide)
+    monkeypatch.setattr(fused, "check_available", lambda device, rule=None: None)
+    assert dispatch.select_kernel("fused", wide, cuda) == "fused"

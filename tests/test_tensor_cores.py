@@ -57,6 +57,15 @@ def test_tf32x3_is_float32_accurate_and_tf32_is_not():
     assert 1e-4 < tf32 < 2.0**-9
 
 
+def test_tf32x3_of_an_infinite_operand_is_infinite_as_in_float32():
+    # The small parts of an infinity are inf - inf = NaN; the compiled kernels zero them.
+    a, b = f32(np.inf, 1.0).reshape(1, 2), f32(0.3, 0.5).reshape(2, 1)
+    result = tensor_cores.tf32x3_matmul(a, b, np.zeros((1, 1), np.float32))
+    assert result[0, 0] == np.inf
+    nan_operand = tensor_cores.tf32x3_matmul(f32(np.nan, 1.0).reshape(1, 2), b, np.zeros((1, 1), np.float32))
+    assert np.isnan(nan_operand[0, 0])  # a NaN stays NaN through the big dot
+
+
 @needs_triton
 def test_emulation_patches_the_interpreter_inside_the_block_only():
     from triton.runtime import interpreter as triton_interpreter

@@ -1,8 +1,8 @@
 """Chooses the kernel of a coordinatewise LSTM step: the plain-PyTorch reference or the fused Triton path.
 
 ``kernel="auto"`` (the default) takes the fused path for CUDA tensors when Triton is importable
-and the rule's configuration is covered (1-2 layers, float32/float64 weights), else the
-reference; ``"reference"`` always takes the reference; ``"fused"`` takes the fused path or
+and the rule's configuration is covered (1-2 layers, float32/float64 weights, hidden size up to
+29 with log/sign inputs: tiles padded to at most 32, the GPU-tested width), else the reference; ``"reference"`` always takes the reference; ``"fused"`` takes the fused path or
 raises :class:`~l2l.kernels.fused.FusedUnavailableError` saying why it cannot. The choice is a
 runtime setting of a module (``rule.kernel``), not part of its trained configuration.
 """
@@ -40,7 +40,7 @@ def select_kernel(kernel: str, rule: Any, device: torch.device) -> str:
     if kernel != "auto":
         check_kernel(kernel)
     # auto: never the CPU interpreter (a test tool), only real CUDA.
-    if device.type == "cuda" and fused.unavailable_reason(device, rule) is None:
+    if device.type == "cuda" and fused.unavailable_reason(device, rule) is None and fused.auto_problem(rule) is None:
         return "fused"
     return "reference"
 

@@ -37,6 +37,11 @@ PRECISIONS = ("tf32x3", "tf32", "ieee")
 WEIGHT_GRADS = ("scratch", "registers")
 MAX_LAYERS = 2
 MAX_HIDDEN = 128
+# kernel="auto" takes the fused path up to this padded width (tiles of HP x HP): the width of the
+# paper's 20-unit LSTM, which the ahead-of-time build compiles for sm_90 and the CUDA tests cover.
+# Wider tiles (hidden > 29 with log/sign inputs) are checked only in the interpreter and may
+# exceed a program's registers and shared memory; kernel="fused" still runs them where they compile.
+AUTO_MAX_PADDED = 32
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -101,6 +106,27 @@ _lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
 _constants: dict[tuple, Tensor] = {}
 _pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles
+# Keys read while a CUDA graph was being captured: the graph replays their tensors' addresses,
+# so those entries are never evicted.
+_captured: set[tuple] = set()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _cached(cache: dict[tuple, Tensor], key: tuple, limit: int, device: torch.device, make) -> Tensor:
+    """``cache[key]``, made by ``make()`` if missing; over ``limit`` entries, those no graph captured are dropped."""
+    tensor = cache.get(key)
+    if tensor is None:
+        tensor = make()
+        if len(cache) >= limit:
+            for old in [old for old in cache if old not in _captured]:
+                del cache[old]
+        cache[key] = tensor
+    if _capturing(device):
+        _captured.add(key)
+    return tensor
 _pack_zeros: dict[tuple, Tensor] = {}  # the zero the padding of the packed tiles gathers
 
 
@@ -298,6 +324,15 @@ def _spec(rule: Any) -> _Spec:
     )
 
 
+def auto_problem(rule: Any) -> str | None:
+    """Why ``kernel="auto"`` leaves ``rule`` to the reference path although the fused one covers it, or None."""
+    padded = _spec(rule).padded
+    if padded > AUTO_MAX_PADDED:
+        return (f"hidden size {rule.hidden_size} pads the fused tiles to {padded} (auto uses the fused path up to "
+                f"{AUTO_MAX_PADDED}); pass kernel='fused' to try it")
+    return None
+
+
 def _constants_tensor(spec: _Spec, lr_scale: float, device: torch.device) -> Tensor:
     """``[p, exp(-p), exp(p), output_scale, lr_scale, 0]`` in float64 on ``device``, cached.
 
@@ -305,16 +340,13 @@ def _constants_tensor(spec: _Spec, lr_scale: float, device: torch.device) -> Ten
     see exact constants; cached so that a CUDA-graph capture never copies from the host.
     """
     p = spec.p
-    key = (device, p, spec.output_scale, float(lr_scale))
-    tensor = _constants.get(key)
-    if tensor is None:
+
+    def make() -> Tensor:
         exp_p = math.exp(p) if p < 709 else math.inf
         values = [p, math.exp(-p), exp_p, spec.output_scale, float(lr_scale), 0.0]
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
-        if len(_constants) > 256:
-            _constants.clear()
-        _constants[key] = tensor
-    return tensor
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
+    return _cached(_constants, ("constants", device, p, spec.output_scale, float(lr_scale)), 256, device, make)
 
 
 def _weights(rule: Any, spec: _Spec) -> list[Tensor]:
@@ -335,10 +367,11 @@ def _pack_index(spec: _Spec, device: torch.device) -> Tensor:
     H]``, row ``H + F`` from ``b0[qH + j]``. Tiles ``4 + q`` hold ``[W_ih1^T; b1]`` (rows ``< H``,
     row ``H``), tiles ``8 + q`` hold ``W_hh1^T``. Everything else points at the zero.
     """
-    key = (spec, device)
-    index = _pack_indices.get(key)
-    if index is not None:
-        return index
+    return _cached(_pack_indices, ("pack", spec, device), 64, device, lambda: _build_pack_index(spec).to(device))
+
+
+def _build_pack_index(spec: _Spec) -> Tensor:
+    """:func:`_pack_index`'s index, built on the CPU."""
     H, F, HP = spec.hidden, spec.features, spec.padded
     sizes = spec.weight_sizes
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -361,11 +394,7 @@ def _pack_index(spec: _Spec, device: torch.device) -> Tensor:
                 if matrix == 3:
                     tile = torch.where(k == H, starts[5] + unit + 0 * k, tile)
                 tiles.append(torch.where(j < H, tile, zero))
-    index = torch.stack(tiles).reshape(-1).to(device)
-    if len(_pack_indices) > 64:
-        _pack_indices.clear()
-    _pack_indices[key] = index
-    return index
+    return torch.stack(tiles).reshape(-1)
 
 
 def _kernel_weights(weights: Sequence[Tensor], spec: _Spec) -> list[Tensor]:

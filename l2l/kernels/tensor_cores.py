@@ -9,8 +9,10 @@ and later:
   10 mantissa bits), dropping the low 13 (truncation); products are exact in float32 and are
   summed in float32.
 - ``tf32x3``: Triton's F32DotTC pass splits each operand into ``big = cvt.rna.tf32(x)`` (round
-  to nearest, ties away) and ``small = x - big``, and sums ``small_a @ big_b + big_a @ small_b
-  + big_a @ big_b`` (three tf32 dots) onto the accumulator; ``small_a @ small_b`` is dropped.
+  to nearest, ties away) and ``small = x - big``, sums ``small_a @ big_b + big_a @ small_b``,
+  zeroes its NaNs (so an infinite operand gives the infinity of a plain float32 dot, not NaN),
+  adds ``big_a @ big_b`` (three tf32 dots) and then the accumulator; ``small_a @ small_b`` is
+  dropped.
 - ``ieee`` and float64 dots are left to numpy.
 
 What is not modelled: the order in which the tensor cores add products within a dot (numpy's
@@ -53,14 +55,20 @@ def tf32_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def tf32x3_matmul(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
-    """``acc + a @ b`` the way Triton's tf32x3 computes it (three tf32 dots, smallest terms first)."""
+    """``acc + a @ b`` the way Triton's tf32x3 computes it (three tf32 dots, smallest terms first).
+
+    As Triton's F32DotTC pass: ``small = a_small @ b_big + a_big @ b_small`` from zero, NaNs in
+    ``small`` replaced by 0 (an infinite operand makes its small part ``inf - inf``), then
+    ``a_big @ b_big + small``, then the accumulator.
+    """
     a_big, b_big = round_to_tf32(a), round_to_tf32(b)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the small parts: NaN, as on the GPU
+    with np.errstate(invalid="ignore", over="ignore"):
         a_small = (a.astype(np.float32) - a_big).astype(np.float32)
         b_small = (b.astype(np.float32) - b_big).astype(np.float32)
-        out = acc.astype(np.float32) + tf32_matmul(a_small, b_big)
-        out = out + tf32_matmul(a_big, b_small)
-        return (out + tf32_matmul(a_big, b_big)).astype(np.float32)
+        small = tf32_matmul(a_small, b_big) + tf32_matmul(a_big, b_small)
+        small = np.where(np.isnan(small), np.float32(0), small).astype(np.float32)
+        out = (tf32_matmul(a_big, b_big) + small).astype(np.float32)
+        return (out + acc.astype(np.float32)).astype(np.float32)
 
 
 def _precision_name(input_precision: Any) -> str:
