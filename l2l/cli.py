@@ -149,6 +149,8 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--config", type=Path, help="TrainConfig JSON file; flags given here override it")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
     parser.add_argument("--resume", type=Path, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoints of another run in --out (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
     parser.add_argument("--bench-problems", type=_positive_int, default=512, help="held-out instances of the final comparison")
     parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances")
@@ -180,7 +182,7 @@ def _train(args: argparse.Namespace) -> int:
             processes = f", {layout.world_size} processes" if layout.world_size > 1 else ""
             print(f"l2l train: task {config.task}, {config.epochs} epochs{processes}, output {out}", file=sys.stderr)
         try:
-            result = meta_train(config, out, resume=args.resume, progress=not args.quiet)
+            result = meta_train(config, out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
         except KeyboardInterrupt:
             if layout.is_main:
                 print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)

@@ -16,6 +16,7 @@ def parser(description: str, checkpoint: str) -> argparse.ArgumentParser:
     args = argparse.ArgumentParser(description=description)
     args.add_argument("--checkpoint", default=checkpoint, help=f"use checkpoint or shipped name (default: {checkpoint})")
     args.add_argument("--train", action="store_true", help="meta-train first with the documented recipe, then evaluate that")
+    args.add_argument("--overwrite", action="store_true", help="with --train: replace an earlier training run's checkpoints")
     args.add_argument("--out", type=Path, default=RESULTS, help="where the figures and JSON go")
     args.add_argument("--problems", type=int, help="held-out instances (default: the experiment's)")
     args.add_argument("--seed", type=int, default=1, help="seed of the held-out instances")
@@ -30,7 +31,8 @@ def data_flags(options: argparse.Namespace) -> list[str]:
 
 def train(options: argparse.Namespace, recipe: list[str], out: Path) -> str:
     """Runs `l2l train RECIPE --out OUT`; returns the use checkpoint it wrote."""
-    status = l2l(["train", *recipe, "--out", str(out), "--no-bench", "--device", options.device, *data_flags(options)])
+    overwrite = ["--overwrite"] if options.overwrite else []
+    status = l2l(["train", *recipe, "--out", str(out), "--no-bench", "--device", options.device, *overwrite, *data_flags(options)])
     if status:
         sys.exit(status)
     return str(out / "optimizer.pt")

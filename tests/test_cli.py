@@ -104,3 +104,30 @@ def test_resume_checks_a_config_file_like_flags(tmp_path, capsys):
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "l2l", "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--json OUT" in result.stdout
+
+
+def test_a_fresh_run_never_overwrites_another_runs_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--no-bench"]
+    assert main(["train", "--epochs", "1", "--out", str(out), *common]) == 0
+    first = (out / "resume.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--epochs", "2", "--seed", "5", "--out", str(out), *common]) == 2
+    error = capsys.readouterr().err
+    assert f"{out} already holds a training run (resume.pt, optimizer.pt, history.json)" in error
+    assert f"l2l train --resume {out / 'resume.pt'}" in error and "--overwrite" in error
+    assert (out / "resume.pt").read_bytes() == first
+    # Resuming in place, and an explicit --overwrite, both write there.
+    assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "2", "--quiet", "--no-bench"]) == 0
+    assert main(["train", "--epochs", "1", "--seed", "5", "--overwrite", "--out", str(out), *common]) == 0
+    assert "trained 1 epochs" in capsys.readouterr().out
+
+
+def test_an_output_path_that_is_a_file_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "--epochs", "1", "--out", str(blocker), "--quiet", "--no-bench"]) == 2
+    assert f"output directory {blocker} is a file; choose another --out" in capsys.readouterr().err
+    assert main(["train", "--epochs", "1", "--out", str(blocker / "run"), "--quiet", "--no-bench"]) == 2
+    assert f"cannot create the output directory {blocker / 'run'}" in capsys.readouterr().err
+

@@ -197,6 +197,7 @@ class MetaTrainer:
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, *, warm_start: bool = True):
         # warm_start=False skips config.init_from: a resumed run takes its weights from the resume checkpoint.
+        # out_dir is written as given (meta_train is what refuses to replace another run's files).
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.layout: ShardLayout = current_layout(config.accumulate)
@@ -530,6 +531,7 @@ def meta_train(
     *,
     resume: str | os.PathLike | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Meta-trains a coordinatewise LSTM optimizer as ``config`` says.
 
@@ -544,11 +546,40 @@ def meta_train(
         resume: a resume checkpoint to continue from; its configuration must equal ``config``
             except for ``RESUMABLE_OVERRIDES``.
         progress: show a tqdm progress bar.
+        overwrite: replace the checkpoints of another run already in ``out_dir`` (refused by
+            default: nothing is lost). Resuming into the resume checkpoint's own directory never
+            needs it.
+
+    Raises:
+        ConfigError: ``out_dir`` is not a writable directory, or holds another run and
+            ``overwrite`` is False.
     """
+    if out_dir is not None and current_layout(config.accumulate).is_main:
+        # Before any work: a run that cannot write, or would replace another run, fails now, not at its first checkpoint.
+        in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
+        prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
     trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
     if resume is not None:
         trainer.restore(resume)
     return trainer.run(progress=progress)
+
+
+def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """Creates ``out_dir``; refuses a path that is not a writable directory or already holds a run's checkpoints."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output directory {out_dir} is a file; choose another --out")
+    held = [name for name in (RESUME_CHECKPOINT, USE_CHECKPOINT, HISTORY_FILE) if (out_dir / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(
+            f"{out_dir} already holds a training run ({', '.join(held)}); continue it with "
+            f"`l2l train --resume {out_dir / RESUME_CHECKPOINT}`, choose another --out, or pass --overwrite to replace it"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create the output directory {out_dir}: {error.strerror}; choose another --out") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to the output directory {out_dir}; choose another --out")
 
 
 def config_from_resume(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
