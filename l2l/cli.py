@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -257,16 +258,27 @@ def _bench(args: argparse.Namespace) -> int:
         lr_grid=args.lr_grid, seed=args.seed, device=args.device, kernel=args.kernel,
     )
     family = get_task(config.task, **config.task_options)
+    # Before the (long) benchmark: where its results go must be writable, and plots need matplotlib.
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            _check_output_file(flag, path)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib: pip install 'l2l[plot]' (or leave out --plot)")
     learned = {}
+    sources = {}
     for index, name_or_path in enumerate(config.optimizers):
         loaded = load_use_checkpoint(name_or_path)
         trained_on = loaded.metadata.get("task")
         if trained_on and trained_on != config.task and not args.quiet:
             print(f"note: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
         label = "lstm" if index == 0 else f"lstm[{Path(str(name_or_path)).stem}]"
+        if label in learned:  # two checkpoints with one file name (runs/a/optimizer.pt, runs/b/optimizer.pt)
+            label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"
         learned[label] = set_kernel(loaded.rule, config.kernel)
+        sources[label] = str(name_or_path)
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
+    report["optimizer_labels"] = sources
     print(format_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +289,18 @@ def _bench(args: argparse.Namespace) -> int:
 
         print(f"figure written to {plot_curves(report, args.plot)}")
     return 0
+
+
+def _check_output_file(flag: str, path: Path) -> None:
+    """Raises a ConfigError unless ``path`` can be written as a file (its directory is created)."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: cannot create its directory ({error.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: its directory is not writable")
 
 
 def _add_tasks(subparsers) -> None:

@@ -221,6 +221,9 @@ class BenchConfig(_JSONConfig):
         _require(len(self.lr_grid) > 0, "lr_grid must not be empty")
         for lr in self.lr_grid:
             _positive_float("every learning rate in lr_grid", lr)
+        keys = [f"{float(lr):.6g}" for lr in self.lr_grid]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        _require(not repeated, f"lr_grid lists {', '.join(repeated)} more than once (to 6 significant digits)")
         _check_seed(self.seed)
         _check_device(self.device)
         _check_kernel(self.kernel)

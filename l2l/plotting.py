@@ -32,7 +32,9 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
         label = name if result["lr"] is None else f"{name} (lr {result['lr']:.3g})"
         width = 2.2 if result["lr"] is None else 1.3
         (line,) = axes.plot(steps, mean, label=label, linewidth=width)
-        axes.fill_between(steps, np.clip(mean - sem, 1e-12, None), mean + sem, color=line.get_color(), alpha=0.2)
+        # On the log axis a band reaching 0 (sem >= mean: heavy tails, few instances) would stretch
+        # it over decades and squash every curve; its lower edge stops at a tenth of the mean.
+        axes.fill_between(steps, np.maximum(mean - sem, mean / 10), mean + sem, color=line.get_color(), alpha=0.2)
     axes.set_yscale("log")
     axes.set_xlabel("optimizee step")
     axes.set_ylabel("mean loss")

@@ -89,3 +89,36 @@ def test_tuning_picks_the_lowest_mean_final_loss_and_never_a_divergent_rate(quad
     for lr in grid[:2]:
         assert scores[lr] == evaluate(SGD(lr=lr), quadratics, 30).losses[-1].double().mean().item()
     assert scores[1e-2] < scores[1e-4] and best == 1e-2
+
+
+def test_summaries_use_the_true_median_and_no_spread_for_one_instance():
+    from l2l.meta.evaluate import RunResult, summarize
+
+    four = summarize(RunResult(losses=torch.tensor([[4.0, 1.0, 3.0, 2.0]]), metrics={}, seconds=0.0))
+    assert four["final_loss"]["median"] == 2.5  # torch.median would say 2.0
+    one = summarize(RunResult(losses=torch.tensor([[5.0], [4.0]]), metrics={}, seconds=0.0))
+    assert one["final_loss"]["sem"] is None and one["curve_sem"] == [None, None]
+    assert one["final_loss"]["mean"] == 4.0
+
+
+def test_when_every_rate_diverges_the_report_says_so(quadratics):
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.tasks import QuadraticFamily
+
+    report = benchmark(QuadraticFamily(), {}, baselines=("adam",), steps=20, problems=3, tune_problems=3,
+                       lr_grid=(1e4, 0.01), seed=0, device=torch.device("cpu"))
+    assert report["results"]["adam"]["tuning_diverged"] is False and report["results"]["adam"]["lr"] == 0.01
+    all_diverged = benchmark(QuadraticFamily(), {}, baselines=("sgd",), steps=20, problems=3, tune_problems=3,
+                             lr_grid=(1e4, 1e3), seed=0, device=torch.device("cpu"))
+    result = all_diverged["results"]["sgd"]
+    assert result["tuning_diverged"] is True and result["lr"] == 1e3  # the smallest, not the first listed
+    assert "every learning rate on the grid diverged on the tuning instances" in format_table(all_diverged)
+
+
+def test_learning_rate_scores_keep_close_rates_apart():
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    report = benchmark(QuadraticFamily(), {}, baselines=("adam",), steps=5, problems=2, tune_problems=2,
+                       lr_grid=(0.1, 0.1004, 0.3), seed=0, device=torch.device("cpu"))
+    assert set(report["results"]["adam"]["lr_scores"]) == {"0.1", "0.1004", "0.3"}

@@ -131,3 +131,31 @@ def test_an_output_path_that_is_a_file_fails_before_training(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--out", str(blocker / "run"), "--quiet", "--no-bench"]) == 2
     assert f"cannot create the output directory {blocker / 'run'}" in capsys.readouterr().err
 
+
+def test_bench_checks_its_output_paths_before_running(tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("")
+    common = ["bench", "--steps", "3", "--problems", "2", "--tune-problems", "2", "--lr-grid", "0.1", "--baselines", "adam",
+              "--quiet", "--device", "cpu"]
+    assert main([*common, "--json", str(tmp_path / "adir")]) == 2
+    assert f"--json {tmp_path / 'adir'} is a directory; give a file name" in capsys.readouterr().err
+    assert main([*common, "--plot", str(tmp_path / "afile" / "curves.png")]) == 2
+    assert "--plot" in capsys.readouterr().err
+    assert main([*common, "--lr-grid", "0.1,0.1000001"]) == 2
+    assert "lr_grid lists 0.1 more than once" in capsys.readouterr().err
+
+
+def test_two_checkpoints_with_one_file_name_get_two_rows(tmp_path, capsys):
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    train = ["train", "--epochs", "1", "--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4",
+             "--quiet", "--no-bench", "--device", "cpu"]
+    assert main([*train, "--out", str(out_a)]) == 0
+    assert main([*train, "--seed", "3", "--out", str(out_b)]) == 0
+    report_path = tmp_path / "bench.json"
+    status = main(["bench", "--optimizer", "quadratic", "--optimizer", str(out_a / "optimizer.pt"), "--optimizer",
+                   str(out_b / "optimizer.pt"), "--steps", "3", "--problems", "2", "--tune-problems", "2", "--lr-grid", "0.1",
+                   "--baselines", "", "--quiet", "--device", "cpu", "--json", str(report_path)])
+    assert status == 0
+    report = json.loads(report_path.read_text())
+    assert set(report["results"]) == {"lstm", "lstm[optimizer]", "lstm[optimizer #3]"}
+    assert report["optimizer_labels"]["lstm[optimizer #3]"] == str(out_b / "optimizer.pt")

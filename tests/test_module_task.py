@@ -212,3 +212,16 @@ def test_auto_vectorize_loops_only_over_conv_nets_on_the_cpu():
     assert sample(small_mlp).vectorize == "vmap"
     with pytest.raises(ValueError, match="vectorize must be one of auto, vmap, loop, got 'threads'"):
         ModuleFamily(small_mlp, fake_data, vectorize="threads")
+
+
+def test_a_per_group_rule_skips_a_group_the_task_does_not_have():
+    from l2l.optimizers import CoordinateWiseLSTM, PerGroupRule
+
+    rules = {"conv": CoordinateWiseLSTM(seed=1), "fc": CoordinateWiseLSTM(seed=2)}
+    rule = PerGroupRule(rules)
+    grad = torch.randn(6)
+    state = rule.init_state(6, groups={"conv": torch.zeros(0, dtype=torch.long), "fc": torch.arange(6)})
+    update, new_state = rule(grad, state)
+    expected, _ = rules["fc"](grad, rules["fc"].init_state(6))
+    torch.testing.assert_close(update, expected)
+    assert new_state.states[0].h.shape[-1] == 0

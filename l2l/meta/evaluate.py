@@ -56,22 +56,27 @@ def _finite_or_none(value: float) -> float | None:
 def summarize(result: RunResult) -> dict[str, Any]:
     """JSON-ready figures of a run: final-loss mean/median/sem, summed loss, mean curve.
 
-    Non-finite figures (diverged instances) are reported as ``None`` and counted.
+    Non-finite figures (diverged instances) are reported as ``None`` and counted; so is the
+    standard error of a single instance (undefined). The median of an even number of instances
+    is the mean of the two middle values.
     """
     losses = result.losses.double()
     final = losses[-1]
     num = final.numel()
     finite = torch.isfinite(losses).all(0)
+    # quantile (not torch.median, which returns the lower middle value) and NaN for undefined spreads.
+    median = final.quantile(0.5).item() if bool(torch.isfinite(final).all()) else math.nan
+    sem = (losses.std(1, unbiased=True) / math.sqrt(num)) if num > 1 else torch.full((len(losses),), math.nan)
     summary = {
         "final_loss": {
             "mean": _finite_or_none(final.mean().item()),
-            "median": _finite_or_none(final.median().item()),
-            "sem": _finite_or_none((final.std(unbiased=True) / math.sqrt(num)).item()) if num > 1 else 0.0,
+            "median": _finite_or_none(median),
+            "sem": _finite_or_none(sem[-1].item()) if len(losses) else None,
         },
         "summed_loss_mean": _finite_or_none(losses.sum(0).mean().item()),
         "diverged": int((~finite).sum().item()),
         "curve_mean": [_finite_or_none(v) for v in losses.mean(1).tolist()],
-        "curve_sem": [_finite_or_none(v) for v in (losses.std(1) / math.sqrt(num)).tolist()] if num > 1 else [0.0] * len(losses),
+        "curve_sem": [_finite_or_none(v) for v in sem.tolist()],
         "seconds": result.seconds,
     }
     for name, values in result.metrics.items():
@@ -92,14 +97,16 @@ def tune_learning_rate(
         seed: seeds the minibatches (stochastic tasks).
 
     Returns:
-        ``(best_lr, scores)`` with ``scores[lr]`` the mean final loss (``inf`` if diverged).
+        ``(best_lr, scores)`` with ``scores[lr]`` the mean final loss (``inf`` if diverged). Ties
+        go to the smallest rate; if every rate diverged, ``best_lr`` is the smallest (the one
+        least likely to), and the caller should say so.
     """
     scores: dict[float, float] = {}
     for lr in grid:
         final = evaluate(make_rule(lr), task, steps, seed=seed).losses[-1]
         score = final.double().mean().item()
         scores[lr] = score if math.isfinite(score) else math.inf
-    best = min(grid, key=lambda lr: scores[lr])
+    best = min(sorted(grid), key=lambda lr: scores[lr])
     return best, scores
 
 
@@ -142,8 +149,9 @@ def benchmark(
         results[name] = {
             "lr": best_lr,
             **summary,
-            "lr_scores": {f"{lr:.3g}": _finite_or_none(score) for lr, score in scores.items()},
+            "lr_scores": {lr_key(lr): _finite_or_none(score) for lr, score in scores.items()},
             "lr_at_grid_edge": edge,
+            "tuning_diverged": all(math.isinf(score) for score in scores.values()),
         }
     return {
         "task": family.name,
@@ -155,6 +163,11 @@ def benchmark(
         "device": str(device),
         "results": results,
     }
+
+
+def lr_key(lr: float) -> str:
+    """A learning rate as a key of ``lr_scores``: 6 significant digits (grids are checked to be distinct at them)."""
+    return f"{lr:.6g}"
 
 
 def format_table(report: dict[str, Any], reference: str = "adam") -> str:
@@ -175,7 +188,8 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         ratio = None if (ref is None or final["mean"] is None or ref == 0) else final["mean"] / ref
         lr = "learned" if r["lr"] is None else f"{r['lr']:.3g}" + ("*" if r.get("lr_at_grid_edge") else "")
         rows.append(
-            [name, lr, fmt(final["mean"]), fmt(final["sem"], ".2g"), fmt(final["median"]), fmt(r["summed_loss_mean"]),
+            [name, lr, fmt(final["mean"]), "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
+             fmt(final["median"]), fmt(r["summed_loss_mean"]),
              "-" if ratio is None else f"{ratio:.3f}x"]
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
         )
@@ -187,6 +201,10 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         "  ".join("-" * width for width in widths),
     ]
     lines += ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) for row in rows]
-    if any(r.get("lr_at_grid_edge") for r in results.values()):
+    diverged_tuning = [name for name in order if results[name].get("tuning_diverged")]
+    if diverged_tuning:
+        lines.append(f"* {', '.join(diverged_tuning)}: every learning rate on the grid diverged on the tuning instances; "
+                     "the smallest was used: extend --lr-grid downwards")
+    if any(r.get("lr_at_grid_edge") and not r.get("tuning_diverged") for r in results.values()):
         lines.append("* best learning rate at the edge of the grid: widen --lr-grid")
     return "\n".join(lines)

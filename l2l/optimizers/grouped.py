@@ -78,6 +78,9 @@ class PerGroupRule(nn.Module):
         update = torch.zeros_like(grad)
         new_states = []
         for rule, index, group_state in zip(self.rules.values(), state.index, state.states):
+            if index.numel() == 0:  # a group the task does not have (a conv,fc rule on an MLP)
+                new_states.append(group_state)
+                continue
             group_update, group_state = rule(grad[index], group_state)
             update = update.index_copy(0, index, group_update)
             new_states.append(group_state)
