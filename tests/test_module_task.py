@@ -143,6 +143,9 @@ def test_per_group_rule_refuses_groups_that_do_not_partition_the_coordinates():
         ("cifar10", {"channels": 0}, "channels must be a positive integer, got 0"),
         ("cifar10", {"hidden": "32"}, "hidden must be a positive integer, got '32'"),
         ("mnist-gp", {"layers": 0}, "layers must be a positive integer, got 0"),
+        ("cifar10", {"batch_size": 1}, r"batch_size must be at least 2 \(the conv net's batch norm"),
+        ("cifar10", {"train_examples": 1}, "train_examples must be at least 2"),
+        ("quadratic", {"dim": True}, "dim must be a positive integer, got True"),
     ],
 )
 def test_task_options_out_of_range_are_refused_before_any_data_is_read(task, options, message, monkeypatch, tmp_path):
@@ -225,3 +228,48 @@ def test_a_per_group_rule_skips_a_group_the_task_does_not_have():
     expected, _ = rules["fc"](grad, rules["fc"].init_state(6))
     torch.testing.assert_close(update, expected)
     assert new_state.states[0].h.shape[-1] == 0
+
+
+def frozen_first_layer():
+    module = small_mlp()
+    module[1].weight.requires_grad_(False)
+    return module
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_frozen_parameters_are_kept_per_instance_and_not_optimized(vectorize):
+    task = ModuleFamily(frozen_first_layer, fake_data, batch_size=16, vectorize=vectorize).sample(2, torch.Generator().manual_seed(1))
+    assert "1.weight" not in task.layout.names and task.num_params == 6 + 6 * 3 + 3
+    batch = task.sample_batch(torch.Generator().manual_seed(3))
+    loss, grad = value_and_grad(task, task.init_params(), batch)
+    for k in range(2):
+        module = frozen_first_layer()
+        with torch.no_grad():
+            module[1].weight.copy_(task.buffers["1.weight"][k])
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            nn.utils.vector_to_parameters(task.init_params()[k], trainable)
+        direct = nn.functional.cross_entropy(module(batch[0][k]), batch[1][k])
+        direct.backward()
+        torch.testing.assert_close(loss[k], direct.detach())
+        torch.testing.assert_close(grad[k], torch.cat([p.grad.reshape(-1) for p in trainable]))
+    assert not torch.equal(task.buffers["1.weight"][0], task.buffers["1.weight"][1])  # each instance's own init
+
+
+def test_a_cumulative_average_batch_norm_works_under_vmap():
+    def factory():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8, momentum=None), nn.ReLU(), nn.Linear(8, 3))
+
+    tasks = [ModuleFamily(factory, fake_data, batch_size=16, vectorize=v).sample(2, torch.Generator().manual_seed(1))
+             for v in ("vmap", "loop")]
+    batch = tasks[0].sample_batch(torch.Generator().manual_seed(3))
+    (vmapped, _), (looped, _) = (value_and_grad(task, task.init_params(), batch) for task in tasks)
+    torch.testing.assert_close(vmapped, looped)
+    assert all(m.momentum is None for m in tasks[0].module.modules() if isinstance(m, nn.BatchNorm1d))
+
+
+def test_sampling_leaves_the_cuda_generators_alone(monkeypatch):
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    ModuleFamily(small_mlp, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(1))
+    assert reseeded == []

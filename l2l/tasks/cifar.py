@@ -88,6 +88,10 @@ class CIFAR10Family(ModuleFamily):
         check_positive_int("channels", channels)
         check_positive_int("hidden", hidden)
         check_positive_int("train_examples", train_examples, optional=True)
+        # Batch norm in training mode needs two examples to normalise over.
+        for name, value in (("batch_size", batch_size), ("train_examples", train_examples)):
+            if isinstance(value, int) and not isinstance(value, bool) and value < 2:
+                raise ValueError(f"{name} must be at least 2 (the conv net's batch norm needs two examples per batch), got {value}")
         self.classes, self.channels, self.hidden = classes, channels, hidden
         self.train_examples = train_examples
         super().__init__(

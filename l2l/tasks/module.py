@@ -62,7 +62,8 @@ class ParamLayout:
                 kind = "other"
             for name, _ in child.named_parameters(recurse=False):
                 kind_of_param[f"{prefix}.{name}" if prefix else name] = kind
-        named = list(module.named_parameters())
+        # Frozen parameters (requires_grad=False) are not optimized: they travel with the buffers.
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         return cls(
             names=tuple(name for name, _ in named),
             shapes=tuple(p.shape for _, p in named),
@@ -244,7 +245,17 @@ class ModuleTask(Task):
 
             return self.objective(forward, instance_inputs, instance_labels)
 
-        return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
+        # A cumulative-average batch norm (momentum=None) reads its batch count on the host, which
+        # vmap refuses (and which would sync a GPU); the loss's running statistics are scratch, so
+        # any momentum gives the same loss.
+        cumulative = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+        try:
+            for m in cumulative:
+                m.momentum = 0.1
+            return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
+        finally:
+            for m in cumulative:
+                m.momentum = None
 
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
@@ -302,17 +313,21 @@ def init_instances(factory: Callable[[], nn.Module], num_instances: int, generat
         ``(template, params0 [K, n], buffers {name: [K, *shape]})`` on the CPU.
     """
     seeds = torch.randint(0, 2**62, (num_instances,), generator=generator).tolist()
+    # torch.manual_seed would also reseed every CUDA device, which fork_rng(devices=[]) does not
+    # restore; the initialisers draw from the CPU generator only.
     flats, buffers = [], []
     template = None
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             module = factory()
         if template is None:
             template = module
             layout = ParamLayout.of(module)
         flats.append(layout.flatten(module))
-        buffers.append({name: value.detach().clone() for name, value in module.named_buffers()})
+        constants = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+        constants.update(module.named_buffers())
+        buffers.append({name: value.detach().clone() for name, value in constants.items()})
     stacked = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]}
     return template, torch.stack(flats), stacked
 

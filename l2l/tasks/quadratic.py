@@ -51,7 +51,7 @@ class QuadraticFamily(TaskFamily):
     default_unroll = 20
 
     def __init__(self, dim: int = 10):
-        if not (isinstance(dim, int) and dim > 0):
+        if isinstance(dim, bool) or not (isinstance(dim, int) and dim > 0):
             raise ValueError(f"QuadraticFamily: dim must be a positive integer, got {dim!r}")
         self.dim = dim
 
