@@ -32,7 +32,7 @@ class QuadraticTask(Task):
         return self.W.device
 
     def init_params(self) -> Tensor:
-        """theta_0 = 0, as in the paper."""
+        """theta_0 = 0 (the paper does not say where its runs start)."""
         return torch.zeros_like(self.y)
 
     def loss(self, params: Tensor, batch: Any = None) -> Tensor:
