@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from l2l.data import DataError, load_cifar10, load_mnist, read_idx
-from l2l.data.base import DATA_ENV, data_dir
+from l2l.data.base import DATA_ENV, data_dir, file_md5
 
 
 def write_idx(path, array, compress=False):
@@ -159,3 +159,61 @@ def test_data_dir_precedence(tmp_path, monkeypatch):
     assert data_dir(tmp_path / "flag") == tmp_path / "flag"
     monkeypatch.delenv(DATA_ENV)
     assert data_dir().name == "data"
+
+
+def test_a_damaged_gzip_is_a_data_error(tmp_path):
+    fake_mnist(tmp_path / "mnist")
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    damaged = bytearray(path.read_bytes())
+    damaged[20:40] = bytes(20)  # inside the deflate stream: zlib.error, not OSError
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz cannot be read"):
+        load_mnist(tmp_path)
+
+
+def test_mnist_images_that_are_not_uint8_28x28_are_refused(tmp_path):
+    fake_mnist(tmp_path / "mnist")
+    images = np.zeros((12, 32, 32), dtype=np.uint8)
+    write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", images, compress=True)
+    with pytest.raises(DataError, match=r"MNIST train images must be uint8 \[N >= 1, 28, 28\], found uint8 \[12, 32, 32\]"):
+        load_mnist(tmp_path)
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({b"data": np.full((3, 3072), 300), b"labels": [1, 2, 3]}, r"data must be integers in 0\.\.255"),
+    ({b"data": np.zeros((3, 3072), dtype=np.uint8), b"labels": [0.9, 1.5, 9.99]}, r"labels must be integers in 0\.\.9"),
+    (np.zeros((3, 3072), dtype=np.uint8), "holds a ndarray, not a dict"),
+    ({b"data": np.zeros((3, 3072), dtype=np.uint8), b"labels": [2**70] * 3}, r"labels must be integers"),
+], ids=["data-out-of-range", "float-labels", "not-a-dict", "huge-labels"])
+def test_cifar_batches_are_checked_before_any_cast(tmp_path, batch, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+    with pytest.raises(DataError, match=message):
+        load_cifar10(tmp_path)
+
+
+def test_a_single_array_named_npz_is_a_data_error(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    with open(tmp_path / "cifar10" / "cifar10.npz", "wb") as handle:
+        np.save(handle, np.zeros(3))
+    with pytest.raises(DataError, match="a single .npy array, not an npz archive"):
+        load_cifar10(tmp_path)
+
+
+def test_a_truncated_gzip_download_tries_the_next_mirror_and_leaves_nothing(tmp_path, monkeypatch):
+    import l2l.data.mnist as mnist
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    fake_mnist(good)
+    bad.mkdir()
+    for path in good.iterdir():
+        (bad / path.name).write_bytes(path.read_bytes()[:-30])  # cut short: EOFError while checking the MD5
+    sums = {stem: file_md5(good / f"{stem}.gz", decompress=True) for stem in mnist.FILES}
+    monkeypatch.setattr(mnist, "FILES", sums)
+    monkeypatch.setattr(mnist, "MIRRORS", (bad.as_uri() + "/", good.as_uri() + "/"))
+    data = load_mnist(tmp_path / "data", download_missing=True)
+    assert data.x_train.shape == (12, 28, 28)
+    assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(f"{stem}.gz" for stem in sums)

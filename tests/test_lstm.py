@@ -122,8 +122,30 @@ def test_wrong_shapes_raise_clear_errors(lstm):
         ({"preprocess": "adam"}, "unknown preprocessing 'adam'"),
         ({"output_scale": 0.0}, "Invalid output_scale"),
         ({"preprocess_p": -1.0}, "Invalid preprocess_p"),
+        ({"preprocess_p": 100.0}, r"Invalid preprocess_p: 100.0 \(must be a number in \(0, 80\]"),
+        ({"preprocess_p": float("nan")}, "Invalid preprocess_p: nan"),
+        ({"state_dtype": torch.int64}, "Invalid state_dtype: torch.int64"),
+        ({"state_dtype": "bfloat16"}, "Invalid state_dtype: 'bfloat16'"),
     ],
 )
 def test_constructor_validates(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CoordinateWiseLSTM(**kwargs)
+
+
+def test_the_largest_p_allowed_stays_finite_at_zero_and_tiny_gradients():
+    rule = CoordinateWiseLSTM(preprocess_p=80.0)
+    update, _ = rule(torch.tensor([0.0, 1e-36, -1e-3]), rule.init_state(3))
+    assert torch.isfinite(update).all()
+
+
+def test_zero_coordinates_give_an_empty_update():
+    rule = CoordinateWiseLSTM()
+    update, state = rule(torch.zeros(0), rule.init_state(0))
+    assert update.shape == (0,) and state.h.shape == (2, 20, 0)
+
+
+def test_from_config_refuses_an_unknown_state_dtype():
+    config = {**CoordinateWiseLSTM().config(), "state_dtype": "int64"}
+    with pytest.raises(ValueError, match="Invalid state_dtype: torch.int64"):
+        CoordinateWiseLSTM.from_config(config)

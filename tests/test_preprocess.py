@@ -48,5 +48,5 @@ def test_identity_and_names():
     assert input_size("log_sign") == 2 and input_size("none") == 1
     with pytest.raises(ValueError, match="unknown preprocessing 'log'"):
         preprocess(g, "log")
-    with pytest.raises(ValueError, match="p must be positive"):
+    with pytest.raises(ValueError, match=r"Invalid preprocess_p: 0.0 \(must be a number in \(0, 80\]"):
         log_and_sign(g, 0.0)

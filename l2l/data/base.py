@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,7 +76,7 @@ def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool 
         if found != md5:
             raise DataError(f"download of {url} has MD5 {found}, expected {md5}: the file is damaged or not the official one")
         os.replace(temporary, destination)
-    except OSError as error:
+    except (OSError, EOFError, zlib.error) as error:  # EOFError, zlib.error: a truncated or damaged .gz
         Path(temporary).unlink(missing_ok=True)
         if isinstance(error, DataError):
             raise

@@ -7,6 +7,7 @@ import os
 import pickle
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,17 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
             batch = _ArraysOnlyUnpickler(io.BytesIO(handle.read()), encoding="bytes").load()
-        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+        if not isinstance(batch, dict):
+            raise TypeError(f"it holds a {type(batch).__name__}, not a dict")
+        # Checked before casting: a cast would wrap 300 to 44 or truncate 0.9 to 0 without a word.
+        images, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        for name, values, top in ((b"data", images, 255), (b"labels", labels, 9)):
+            if not np.issubdtype(values.dtype, np.integer) or (values.size and (values.min() < 0 or values.max() > top)):
+                raise ValueError(f"{name.decode()} must be integers in 0..{top}, found {values.dtype}")
+        images = images.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = labels.astype(np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, OverflowError,
+            AssertionError) as error:
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it and fetch it again") from None
     if len(images) != len(labels):
         raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
@@ -63,9 +72,12 @@ def _from_batches(folder: Path) -> ArrayDataset:
 
 def _from_npz(path: Path) -> ArrayDataset:
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it is a single .npy array, not an npz archive")
+        with loaded as archive:
             arrays = {key: archive[key] for key in NPZ_KEYS if key in archive.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(f"{path} is not a readable npz ({error}); delete it and fetch it again") from None
     absent = [key for key in NPZ_KEYS if key not in arrays]
     if absent:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             data = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} cannot be read ({error}); delete it and fetch it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}); delete it and fetch it again")
@@ -43,7 +45,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path} is truncated (header cut short); delete it and fetch it again")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_DTYPES[data[2]])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise DataError(
             f"{path} holds {len(data)} bytes but its header declares shape {shape} ({expected} bytes): "
@@ -88,6 +90,11 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"MNIST {split} files disagree: images {images.shape}, labels {labels.shape}")
+        if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(images) == 0:
+            raise DataError(
+                f"MNIST {split} images must be uint8 [N >= 1, 28, 28], found {images.dtype} {list(images.shape)} "
+                f"in {paths[f'{split}-images-idx3-ubyte']}: not the official file; delete it and fetch it again"
+            )
         check_labels(f"MNIST {split}", labels, 10)
     return ArrayDataset(
         x_train=torch.from_numpy(arrays["train-images-idx3-ubyte"].copy()),

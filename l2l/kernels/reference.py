@@ -56,5 +56,7 @@ def coordinatewise_lstm(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -
         hs.append(h_new)
         cs.append(c_new)
         layer_input = h_new
+    if layer_input.shape[1] == 0:  # addmv would broadcast the 0-d bias to a scalar, not to [0]
+        return layer_input.new_zeros(0), torch.stack(hs), torch.stack(cs)
     out = torch.addmv(weights.b_out, layer_input.t(), weights.w_out)
     return out, torch.stack(hs), torch.stack(cs)

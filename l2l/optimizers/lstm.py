@@ -63,8 +63,10 @@ class CoordinateWiseLSTM(nn.Module):
             raise ValueError(f"Invalid hidden_size: {hidden_size} (must be a positive integer)")
         if not (isinstance(num_layers, int) and num_layers > 0):
             raise ValueError(f"Invalid num_layers: {num_layers} (must be a positive integer)")
-        if not preprocess_p > 0:
-            raise ValueError(f"Invalid preprocess_p: {preprocess_p} (must be positive)")
+        preprocessing.check_p(preprocess_p)
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+                                            and state_dtype.itemsize >= 2):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None or a floating torch.dtype of 16 bits or more)")
         if not (math.isfinite(output_scale) and output_scale > 0):
             raise ValueError(f"Invalid output_scale: {output_scale} (must be a positive finite number)")
         self.hidden_size = hidden_size
@@ -108,7 +110,7 @@ class CoordinateWiseLSTM(nn.Module):
         config = dict(config)
         state_dtype = config.pop("state_dtype", None)
         if state_dtype is not None:
-            if not hasattr(torch, state_dtype) or not isinstance(getattr(torch, state_dtype), torch.dtype):
+            if not isinstance(state_dtype, str) or not isinstance(getattr(torch, state_dtype, None), torch.dtype):
                 raise ValueError(f"unknown state_dtype {state_dtype!r}")
             state_dtype = getattr(torch, state_dtype)
         return cls(**config, state_dtype=state_dtype)

@@ -8,6 +8,15 @@ import torch
 from torch import Tensor
 
 PREPROCESSORS = ("log_sign", "none")
+# exp(p) must stay finite and exp(-p) a normal number in float32 (exp(88.7) is its largest value).
+MAX_P = 80.0
+
+
+def check_p(p: float) -> float:
+    """Returns ``p`` if it is a valid cut-off exponent (finite, 0 < p <= MAX_P), else raises a ValueError."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0 < p <= MAX_P):
+        raise ValueError(f"Invalid preprocess_p: {p!r} (must be a number in (0, {MAX_P:g}]: exp(p) must be finite in float32)")
+    return p
 
 
 def log_and_sign(grad: Tensor, p: float = 10.0) -> Tensor:
@@ -23,13 +32,12 @@ def log_and_sign(grad: Tensor, p: float = 10.0) -> Tensor:
 
     Args:
         grad: gradient coordinates, shape ``[N]``.
-        p: the cut-off exponent; must be positive.
+        p: the cut-off exponent, in ``(0, MAX_P]``.
 
     Returns:
         Tensor of shape ``[2, N]`` (feature-major, as the kernels take it).
     """
-    if p <= 0:
-        raise ValueError(f"log_and_sign: p must be positive, got {p}")
+    check_p(p)
     magnitude = grad.abs()
     threshold = math.exp(-p)
     large = magnitude >= threshold
