@@ -204,6 +204,17 @@ def load_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     payload = _read(path, RESUME_FORMAT)
     _require_keys(path, payload, RESUME_KEYS)
+    kinds = {"train_config": dict, "rule": dict, "state_dict": dict, "best_state_dict": dict, "meta_optimizer": dict,
+             "rng": dict, "progress": dict}
+    wrong = [f"{key} is a {type(payload[key]).__name__}, not a {kind.__name__}"
+             for key, kind in kinds.items() if not isinstance(payload[key], kind)]
+    epoch = payload["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        wrong.append(f"epoch is {epoch!r}, not a non-negative integer")
+    if isinstance(payload["progress"], dict) and not isinstance(payload["progress"].get("history"), list):
+        wrong.append("progress.history is not a list")
+    if wrong:
+        raise CheckpointError(f"resume checkpoint {path} is damaged: {'; '.join(wrong)}")
     return payload
 
 

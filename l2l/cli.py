@@ -186,7 +186,11 @@ def _train(args: argparse.Namespace) -> int:
             result = meta_train(config, out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
         except KeyboardInterrupt:
             if layout.is_main:
-                print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)
+                if (out / RESUME_CHECKPOINT).is_file():
+                    print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)
+                else:
+                    print(f"\ninterrupted before the first checkpoint (every {config.checkpoint_every} epochs): "
+                          "nothing was written; start again", file=sys.stderr)
             return 130
     if not layout.is_main:
         return 0

@@ -64,6 +64,12 @@ class _JSONConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def _sequences_as_tuples(self) -> None:
+        # As from_dict makes them: a list given in Python must equal the same config read back from JSON.
+        for item in dataclasses.fields(self):
+            if item.name != "task_options" and isinstance(getattr(self, item.name), list):
+                object.__setattr__(self, item.name, tuple(getattr(self, item.name)))
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -119,6 +125,7 @@ class TrainConfig(_JSONConfig):
     cuda_graphs: str = "auto"  # replay each truncation from CUDA graphs: auto (where supported) | on | off
 
     def __post_init__(self):
+        self._sequences_as_tuples()
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
         _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
         for name in ("hidden_size", "num_layers", "epochs", "val_every", "val_problems", "max_nonfinite", "checkpoint_every", "accumulate"):
@@ -203,6 +210,7 @@ class BenchConfig(_JSONConfig):
     kernel: str = "auto"  # LSTM step of the learned optimizers: auto | reference | fused
 
     def __post_init__(self):
+        self._sequences_as_tuples()
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
         _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
         if isinstance(self.baselines, str):  # "sgd,adam", as on the command line ("" for none)

@@ -159,3 +159,18 @@ def test_two_checkpoints_with_one_file_name_get_two_rows(tmp_path, capsys):
     report = json.loads(report_path.read_text())
     assert set(report["results"]) == {"lstm", "lstm[optimizer]", "lstm[optimizer #3]"}
     assert report["optimizer_labels"]["lstm[optimizer #3]"] == str(out_b / "optimizer.pt")
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_point_at_a_missing_file(tmp_path, capsys, monkeypatch):
+    import l2l.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(l2l.cli, "meta_train", interrupted)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--no-bench"]) == 130
+    assert "interrupted before the first checkpoint" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "resume.pt").write_bytes(b"")
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--no-bench"]) == 130
+    assert f"continue with: l2l train --resume {tmp_path / 'run' / 'resume.pt'}" in capsys.readouterr().err

@@ -278,3 +278,73 @@ def test_a_warm_start_is_validated_first_so_fine_tuning_never_returns_worse_weig
     kept = torch.load(tmp_path / "ruined" / "optimizer.pt", weights_only=True)["state_dict"]
     for name, value in torch.load(init, weights_only=True)["state_dict"].items():
         assert torch.equal(kept[name], value), name
+
+
+def test_a_save_interrupted_midway_leaves_files_a_resume_completes(tmp_path, monkeypatch):
+    import l2l.meta.train as train_module
+    from l2l.checkpoint import load_use_checkpoint
+
+    config = TrainConfig(epochs=2, checkpoint_every=1, **SMALL)
+    uninterrupted = meta_train(config, tmp_path / "whole", progress=False)
+    real_save = train_module.save_use_checkpoint
+    calls = []
+
+    def crash_on_the_second(path, rule, metadata):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # epoch 2's use checkpoint, history and resume checkpoint not written
+        return real_save(path, rule, metadata)
+
+    monkeypatch.setattr(train_module, "save_use_checkpoint", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_module, "save_use_checkpoint", real_save)
+    assert torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)["epoch"] == 1  # written last, so still epoch 1
+    resumed = meta_train(config, tmp_path / "cut", resume=tmp_path / "cut" / "resume.pt", progress=False)
+    for name, value in uninterrupted.rule.state_dict().items():
+        assert torch.equal(value, resumed.rule.state_dict()[name]), name
+    assert json.loads((tmp_path / "cut" / "history.json").read_text()) == uninterrupted.history
+    shipped = load_use_checkpoint(tmp_path / "cut" / "optimizer.pt")
+    assert all(torch.equal(v, uninterrupted.rule.state_dict()[k]) for k, v in shipped.rule.state_dict().items())
+
+
+def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_files(tmp_path):
+    config = TrainConfig(epochs=3, checkpoint_every=1, **{**SMALL, "val_every": 4})
+    whole = meta_train(config, tmp_path / "whole", progress=False)
+
+    def stop_after_three(trainer):
+        if trainer.epoch == 3:
+            raise KeyboardInterrupt
+
+    longer = dataclasses.replace(config, epochs=6)
+    with pytest.raises(KeyboardInterrupt):
+        MetaTrainer(longer, tmp_path / "cut").run(progress=False, on_epoch=stop_after_three)
+    (tmp_path / "cut" / "optimizer.pt").unlink()
+    resumed = meta_train(config, tmp_path / "cut", resume=tmp_path / "cut" / "resume.pt", progress=False)
+    assert (resumed.best_score, resumed.best_epoch) == (whole.best_score, 3)
+    assert (tmp_path / "cut" / "optimizer.pt").is_file()
+    assert resumed.history == whole.history
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.update(train_config=None), "train_config is a NoneType, not a dict"),
+    (lambda p: p.update(meta_optimizer=None), "meta_optimizer is a NoneType, not a dict"),
+    (lambda p: p.update(epoch=-5), "epoch is -5, not a non-negative integer"),
+    (lambda p: p["progress"].update(history={"a": 1}), "progress.history is not a list"),
+    (lambda p: p["train_config"].update(meta_lr="fast"), "holds an invalid train_config"),
+    (lambda p: p["rule"]["config"].update(hidden_size=8), "holds a rule .* that is not the one its train_config builds"),
+], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule"])
+def test_a_damaged_resume_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
+    meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
+    payload = torch.load(tmp_path / "resume.pt", weights_only=True)
+    damage(payload)
+    torch.save(payload, tmp_path / "resume.pt")
+    with pytest.raises(CheckpointError, match=message):
+        trainer = MetaTrainer(TrainConfig(epochs=2, **SMALL), tmp_path, warm_start=False)
+        trainer.restore(tmp_path / "resume.pt")
+
+
+def test_a_list_given_in_python_equals_the_config_read_back_from_json():
+    config = TrainConfig(loss_weights=[1.0, 2.0, 0.0, 1.0, 1.0], split=["conv", "fc"], **SMALL)
+    assert config.loss_weights == (1.0, 2.0, 0.0, 1.0, 1.0) and config.split == ("conv", "fc")
+    assert TrainConfig.from_json(config.to_json()) == config

@@ -400,6 +400,13 @@ class MetaTrainer:
         rng = self._rng_states()  # a collective: every process takes part, rank 0 writes
         if not self.layout.is_main:
             return
+        # The resume checkpoint last: interrupted in between, a resume redoes what the use
+        # checkpoint and history already hold, and writes all three again.
+        best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
+        save_use_checkpoint(self.out_dir / USE_CHECKPOINT, best, self._metadata())
+        temporary = self.out_dir / f".{HISTORY_FILE}.tmp"
+        temporary.write_text(json.dumps(self.history, indent=1))
+        os.replace(temporary, self.out_dir / HISTORY_FILE)
         save_resume_checkpoint(
             self.out_dir / RESUME_CHECKPOINT,
             {
@@ -419,11 +426,6 @@ class MetaTrainer:
                 },
             },
         )
-        best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
-        save_use_checkpoint(self.out_dir / USE_CHECKPOINT, best, self._metadata())
-        temporary = self.out_dir / f".{HISTORY_FILE}.tmp"
-        temporary.write_text(json.dumps(self.history, indent=1))
-        os.replace(temporary, self.out_dir / HISTORY_FILE)
 
     def _rng_states(self) -> dict[str, Any]:
         """Every shard's generator states: ``{instances, batches}`` unsplit, else ``{shards: [{instances, batches}] * S}``."""
@@ -449,8 +451,13 @@ class MetaTrainer:
     def restore(self, path: str | os.PathLike) -> None:
         """Loads a resume checkpoint written by :meth:`save` into this trainer."""
         payload = load_resume_checkpoint(path)
-        check_resumable(TrainConfig.from_dict(payload["train_config"]), self.config)
+        check_resumable(saved_train_config(payload, path), self.config)
         source = f"resume checkpoint {path}"
+        if payload["rule"] != rule_spec(self.rule):
+            raise CheckpointError(
+                f"{source} holds a rule ({payload['rule']}) that is not the one its train_config builds "
+                f"({rule_spec(self.rule)}): the checkpoint is damaged"
+            )
         self.rule.load_state_dict(build_rule(payload["rule"], payload["state_dict"], source=source).state_dict())
         self.best_state = build_rule(payload["rule"], payload["best_state_dict"], source=source).state_dict()
         self.best_state = {key: value.to(self.device) for key, value in self.best_state.items()}
@@ -467,7 +474,7 @@ class MetaTrainer:
             self.history = list(progress["history"])
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
             raise CheckpointError(f"{source} has damaged training state: {error}") from None
 
     # -- the loop ----------------------------------------------------------------------------
@@ -491,6 +498,12 @@ class MetaTrainer:
         if config.init_from is not None and self.epoch == 0 and not self.history:
             # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
             self._consider(self.validate(), {"epoch": 0, "meta_loss": None})
+        if self.epoch >= config.epochs:
+            # Resumed with no epoch left (--epochs not above the checkpoint's): the last epoch is
+            # validated as an uninterrupted run's would be, and the files are written (again).
+            if self.history and "validation" not in self.history[-1]:
+                self._consider(self.validate(), self.history.pop())
+            self.save()
         try:
             while self.epoch < config.epochs:
                 meta_loss = self.train_epoch().item()
@@ -554,10 +567,19 @@ def meta_train(
         ConfigError: ``out_dir`` is not a writable directory, or holds another run and
             ``overwrite`` is False.
     """
-    if out_dir is not None and current_layout(config.accumulate).is_main:
-        # Before any work: a run that cannot write, or would replace another run, fails now, not at its first checkpoint.
-        in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
-        prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
+    if out_dir is not None:
+        # Before any work: a run that cannot write, or would replace another run, fails now, not at
+        # its first checkpoint, and on every process (the others would die in a collective).
+        layout = current_layout(config.accumulate)
+        problem = None
+        if layout.is_main:
+            in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
+            try:
+                prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
+            except ConfigError as error:
+                problem = error
+        if Collectives(layout).any(problem is not None):
+            raise problem or ConfigError("rank 0 refused the output directory (its message says why)")
     trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
     if resume is not None:
         trainer.restore(resume)
@@ -584,8 +606,15 @@ def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
 
 def config_from_resume(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """The configuration stored in a resume checkpoint, with ``overrides`` applied."""
-    saved = load_resume_checkpoint(path)["train_config"]
-    return dataclasses.replace(TrainConfig.from_dict(saved), **overrides)
+    return dataclasses.replace(saved_train_config(load_resume_checkpoint(path), path), **overrides)
+
+
+def saved_train_config(payload: dict[str, Any], path: str | os.PathLike) -> TrainConfig:
+    """The TrainConfig of a loaded resume checkpoint; a damaged one is a CheckpointError."""
+    try:
+        return TrainConfig.from_dict(payload["train_config"])
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"resume checkpoint {path} holds an invalid train_config: {error}") from None
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
