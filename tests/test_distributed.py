@@ -217,3 +217,13 @@ def test_distributed_training_benchmark_smoke(tmp_path):
         assert row["instances"] == 128 and row["seconds_per_epoch"] > 0 and row["peak_rss_growth_bytes_per_process"] > 0
         ratio = rows[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
         assert row["speed_vs_one_process"] == pytest.approx(ratio)
+
+
+def test_every_process_stops_on_an_output_directory_that_holds_another_run(two_process_run):
+    out, _ = two_process_run  # holds the fixture's run: a fresh run there must be refused, by both ranks
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
+    finished = torchrun(["-m", "l2l", "train", "--epochs=1", *flags, f"--out={out}", "--no-bench", "--quiet"])
+    assert finished.returncode != 0
+    assert finished.stderr.count("already holds a training run") == 1  # rank 0's message
+    assert "rank 0 refused the output directory" in finished.stderr  # rank 1 says so instead of dying in a collective
+    assert "Connection reset" not in finished.stderr
