@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ def _check_kernel(value: str) -> None:
 
 def _check_device(value: str) -> None:
     _require(
-        isinstance(value, str) and (value in ("auto", "cpu", "cuda") or value.startswith("cuda:")),
+        isinstance(value, str) and (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None),
         f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}",
     )
 

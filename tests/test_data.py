@@ -217,3 +217,12 @@ def test_a_truncated_gzip_download_tries_the_next_mirror_and_leaves_nothing(tmp_
     data = load_mnist(tmp_path / "data", download_missing=True)
     assert data.x_train.shape == (12, 28, 28)
     assert sorted(p.name for p in (tmp_path / "data" / "mnist").iterdir()) == sorted(f"{stem}.gz" for stem in sums)
+
+
+def test_cuda_and_the_current_cuda_device_share_one_cached_copy(monkeypatch):
+    from l2l.data.base import device_key
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert device_key("cuda") == device_key("cuda:0") == "cuda:0"
+    assert device_key(torch.device("cpu")) == "cpu" and device_key("cuda:1") == "cuda:1"

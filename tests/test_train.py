@@ -348,3 +348,9 @@ def test_a_list_given_in_python_equals_the_config_read_back_from_json():
     config = TrainConfig(loss_weights=[1.0, 2.0, 0.0, 1.0, 1.0], split=["conv", "fc"], **SMALL)
     assert config.loss_weights == (1.0, 2.0, 0.0, 1.0, 1.0) and config.split == ("conv", "fc")
     assert TrainConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "gpu"])
+def test_malformed_devices_are_refused_in_the_config(device):
+    with pytest.raises(ConfigError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        TrainConfig(device=device)

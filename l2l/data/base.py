@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import torch
 from torch import Tensor
 
 DATA_ENV = "L2L_DATA"
@@ -44,6 +45,14 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV]).expanduser()
     return Path.home() / ".cache" / "l2l" / "data"
+
+
+def device_key(device: torch.device | str) -> str:
+    """A device as a cache key: ``"cuda"`` and ``"cuda:0"`` (the current device) name one copy of a dataset."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 def download_allowed(explicit: bool | None = None) -> bool:

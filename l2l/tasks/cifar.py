@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l.data.base import data_dir
+from l2l.data.base import data_dir, device_key
 from l2l.data.cifar import load_cifar10
 from l2l.tasks.base import check_positive_int
 from l2l.tasks.module import ModuleFamily, SupervisedData, fixed_shuffle
@@ -99,7 +99,7 @@ class CIFAR10Family(ModuleFamily):
         )
 
     def _data(self, device: torch.device) -> SupervisedData:
-        return cifar_tensors(str(data_dir()), str(device), self.classes, self.train_examples)
+        return cifar_tensors(str(data_dir()), device_key(device), self.classes, self.train_examples)
 
     def config(self) -> dict[str, Any]:
         return {

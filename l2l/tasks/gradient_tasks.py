@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from l2l.data.base import data_dir
+from l2l.data.base import data_dir, device_key
 from l2l.data.mnist import load_mnist
 from l2l.objectives import (
     NORMS,
@@ -327,7 +327,7 @@ class MNISTGradientReversalFamily(ModuleFamily):
         )
 
     def _data(self, device: torch.device) -> SupervisedData:
-        return zero_composite_tensors(str(data_dir()), str(device), self.train_examples, self.eval_examples)
+        return zero_composite_tensors(str(data_dir()), device_key(device), self.train_examples, self.eval_examples)
 
     def config(self) -> dict[str, Any]:
         return {

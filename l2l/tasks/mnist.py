@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l.data.base import data_dir
+from l2l.data.base import data_dir, device_key
 from l2l.data.mnist import load_mnist
 from l2l.tasks.base import check_positive_int
 from l2l.tasks.module import ModuleFamily, SupervisedData, fixed_shuffle
@@ -84,7 +84,7 @@ class MNISTFamily(ModuleFamily):
         )
 
     def _data(self, device: torch.device) -> SupervisedData:
-        return mnist_tensors(str(data_dir()), str(device), self.train_examples)
+        return mnist_tensors(str(data_dir()), device_key(device), self.train_examples)
 
     def config(self) -> dict[str, Any]:
         return {
