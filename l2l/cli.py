@@ -16,7 +16,7 @@ from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
-from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, meta_train
+from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory, meta_train
 from l2l.tasks.registry import get_task, list_tasks
 
 
@@ -299,12 +299,7 @@ def _check_output_file(flag: str, path: Path) -> None:
     """Raises a ConfigError unless ``path`` can be written as a file (its directory is created)."""
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"{flag} {path}: cannot create its directory ({error.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: its directory is not writable")
+    make_writable_directory(path.parent, f"the directory of {flag} {path}", f"give another {flag}")
 
 
 def _add_tasks(subparsers) -> None:

@@ -49,6 +49,11 @@ def _check_kernel(value: str) -> None:
     _require(value in KERNEL_NAMES, f"kernel must be one of {', '.join(KERNEL_NAMES)}, got {value!r}")
 
 
+def lr_key(lr: float) -> str:
+    """A learning rate as a key of a benchmark's ``lr_scores``: 6 significant digits (grids must be distinct at them)."""
+    return f"{lr:.6g}"
+
+
 def _check_device(value: str) -> None:
     _require(
         isinstance(value, str) and (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None),
@@ -66,7 +71,7 @@ class _JSONConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def _sequences_as_tuples(self) -> None:
-        # As from_dict makes them: a list given in Python must equal the same config read back from JSON.
+        # JSON has no tuples: a list, from JSON or from Python, becomes the tuple every sequence field holds.
         for item in dataclasses.fields(self):
             if item.name != "task_options" and isinstance(getattr(self, item.name), list):
                 object.__setattr__(self, item.name, tuple(getattr(self, item.name)))
@@ -77,9 +82,7 @@ class _JSONConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        # JSON has no tuples; every sequence field of these configs is a tuple.
-        values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
-        return cls(**values)
+        return cls(**data)  # JSON's lists become the fields' tuples in __post_init__
 
     @classmethod
     def from_json(cls, text: str):
@@ -230,7 +233,7 @@ class BenchConfig(_JSONConfig):
         _require(len(self.lr_grid) > 0, "lr_grid must not be empty")
         for lr in self.lr_grid:
             _positive_float("every learning rate in lr_grid", lr)
-        keys = [f"{float(lr):.6g}" for lr in self.lr_grid]
+        keys = [lr_key(float(lr)) for lr in self.lr_grid]
         repeated = sorted({key for key in keys if keys.count(key) > 1})
         _require(not repeated, f"lr_grid lists {', '.join(repeated)} more than once (to 6 significant digits)")
         _check_seed(self.seed)

@@ -19,16 +19,13 @@ from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, 
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
-from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState
+from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState
 
 # Coordinates per LSTM call: on a CPU a chunk's ~1 KiB/coordinate of temporaries should stay
 # cache-sized (2**14 ran 1.6x faster than 2**18 and 3x faster than 2**20 at 1e6 parameters); an
 # accelerator needs large batches to amortise kernel launches.
 CPU_CHUNK_SIZE = 2**14
 ACCELERATOR_CHUNK_SIZE = 2**20
-
-# The recurrent state's dtypes: 8-bit floats cannot hold an LSTM cell's range and precision.
-STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]  # (torch.optim's own alias is newer than torch 2.1)
 RuleFn = Callable[[Tensor, LSTMState], "tuple[Tensor, LSTMState]"]

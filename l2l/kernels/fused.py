@@ -106,6 +106,7 @@ _lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
 _constants: dict[tuple, Tensor] = {}
 _pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles
+_pack_zeros: dict[tuple, Tensor] = {}  # the zero the padding of the packed tiles gathers
 # Keys read while a CUDA graph was being captured: the graph replays their tensors' addresses,
 # so those entries are never evicted.
 _captured: set[tuple] = set()
@@ -127,7 +128,6 @@ def _cached(cache: dict[tuple, Tensor], key: tuple, limit: int, device: torch.de
     if _capturing(device):
         _captured.add(key)
     return tensor
-_pack_zeros: dict[tuple, Tensor] = {}  # the zero the padding of the packed tiles gathers
 
 
 def get_config() -> FusedConfig:

@@ -9,6 +9,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from l2l.config import lr_key
 from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
@@ -71,7 +72,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
         "final_loss": {
             "mean": _finite_or_none(final.mean().item()),
             "median": _finite_or_none(median),
-            "sem": _finite_or_none(sem[-1].item()) if len(losses) else None,
+            "sem": _finite_or_none(sem[-1].item()),
         },
         "summed_loss_mean": _finite_or_none(losses.sum(0).mean().item()),
         "diverged": int((~finite).sum().item()),
@@ -163,11 +164,6 @@ def benchmark(
         "device": str(device),
         "results": results,
     }
-
-
-def lr_key(lr: float) -> str:
-    """A learning rate as a key of ``lr_scores``: 6 significant digits (grids are checked to be distinct at them)."""
-    return f"{lr:.6g}"
 
 
 def format_table(report: dict[str, Any], reference: str = "adam") -> str:

@@ -596,12 +596,17 @@ def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
             f"{out_dir} already holds a training run ({', '.join(held)}); continue it with "
             f"`l2l train --resume {out_dir / RESUME_CHECKPOINT}`, choose another --out, or pass --overwrite to replace it"
         )
+    make_writable_directory(out_dir, f"the output directory {out_dir}", "choose another --out")
+
+
+def make_writable_directory(directory: Path, what: str, fix: str) -> None:
+    """Creates ``directory`` (and its parents); a ConfigError naming ``what`` and ``fix`` if it cannot be written."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"cannot create the output directory {out_dir}: {error.strerror}; choose another --out") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to the output directory {out_dir}; choose another --out")
+        raise ConfigError(f"cannot create {what}: {error.strerror}; {fix}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {what}; {fix}")
 
 
 def config_from_resume(path: str | os.PathLike, **overrides: Any) -> TrainConfig:

@@ -23,6 +23,10 @@ class LSTMState(NamedTuple):
     c: Tensor
 
 
+# The recurrent state's dtypes: 8-bit floats cannot hold an LSTM cell's range and precision.
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class CoordinateWiseLSTM(nn.Module):
     """A stacked LSTM that reads one gradient coordinate and writes that coordinate's update.
 
@@ -64,9 +68,8 @@ class CoordinateWiseLSTM(nn.Module):
         if not (isinstance(num_layers, int) and num_layers > 0):
             raise ValueError(f"Invalid num_layers: {num_layers} (must be a positive integer)")
         preprocessing.check_p(preprocess_p)
-        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
-                                            and state_dtype.itemsize >= 2):
-            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None or a floating torch.dtype of 16 bits or more)")
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None or one of {', '.join(map(str, STATE_DTYPES))})")
         if not (math.isfinite(output_scale) and output_scale > 0):
             raise ValueError(f"Invalid output_scale: {output_scale} (must be a positive finite number)")
         self.hidden_size = hidden_size

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +186,12 @@ class ModuleTask(Task):
         self.eval_examples = eval_examples
         self.bn_examples = bn_examples
         self.vectorize = resolve_vectorize(vectorize, module, params0.device)
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self._tracking_norms = norms
+        # A cumulative-average batch norm (momentum=None) reads its batch count on the host, which
+        # vmap refuses (and which would sync a GPU); the loss's running statistics are scratch,
+        # so it runs with any momentum.
+        self._cumulative_norms = [m for m in norms if m.momentum is None]
 
     @property
     def num_instances(self) -> int:
@@ -245,17 +252,8 @@ class ModuleTask(Task):
 
             return self.objective(forward, instance_inputs, instance_labels)
 
-        # A cumulative-average batch norm (momentum=None) reads its batch count on the host, which
-        # vmap refuses (and which would sync a GPU); the loss's running statistics are scratch, so
-        # any momentum gives the same loss.
-        cumulative = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None]
-        try:
-            for m in cumulative:
-                m.momentum = 0.1
+        with _momenta(self._cumulative_norms, 0.1):
             return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
-        finally:
-            for m in cumulative:
-                m.momentum = None
 
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
@@ -282,18 +280,11 @@ class ModuleTask(Task):
     def _estimate_buffers(self, params: Tensor) -> dict[str, Tensor]:
         """Batch-norm statistics of the given parameters, from ``bn_examples`` training examples."""
         buffers = {name: value.clone() for name, value in self.buffers.items()}
-        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not norms:
+        if not self._tracking_norms:
             return buffers
-        momenta = [m.momentum for m in norms]
-        try:
-            for m in norms:
-                m.momentum = 1.0  # One large batch: running statistics become its statistics.
+        with _momenta(self._tracking_norms, 1.0):  # One large batch: running statistics become its statistics.
             self.module.train()
             self.outputs(params, self.data.x_train[: self.bn_examples], shared_inputs=True, buffers=buffers)
-        finally:
-            for m, momentum in zip(norms, momenta):
-                m.momentum = momentum
         return buffers
 
     def coordinate_groups(self, kinds: tuple[str, ...]) -> dict[str, Tensor]:
@@ -301,6 +292,19 @@ class ModuleTask(Task):
         per_instance = self.layout.coordinates(kinds)
         offsets = torch.arange(self.num_instances) * self.num_params
         return {kind: (offsets[:, None] + index[None, :]).reshape(-1).to(self.device) for kind, index in per_instance.items()}
+
+
+@contextlib.contextmanager
+def _momenta(norms: list[nn.Module], momentum: float) -> Iterator[None]:
+    """Sets the batch norms' ``momentum`` for the duration of the block, then restores each one's own."""
+    saved = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.momentum = momentum
+        yield
+    finally:
+        for m, value in zip(norms, saved):
+            m.momentum = value
 
 
 def init_instances(factory: Callable[[], nn.Module], num_instances: int, generator: torch.Generator) -> tuple[nn.Module, Tensor, dict[str, Tensor]]:
