@@ -6,7 +6,8 @@ from torch import nn
 
 from l2l.meta.unroll import run, value_and_grad
 from l2l.tasks import get_task
-from l2l.optimizers import Adam, CoordinateWiseLSTM, PerGroupRule
+from l2l.meta.evaluate import evaluate
+from l2l.optimizers import SGD, Adam, CoordinateWiseLSTM, PerGroupRule
 from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
 
 
@@ -74,7 +75,7 @@ def test_instances_have_their_own_initialisation_and_data(family):
     assert not torch.equal(task.params0[0], task.params0[1])
     again = family.sample(2, torch.Generator().manual_seed(1))
     assert torch.equal(task.params0, again.params0)
-    x, y = task.sample_batch(torch.Generator().manual_seed(0))
+    x, y, _ = task.sample_batch(torch.Generator().manual_seed(0))
     assert x.shape == (2, 16, 1, 8, 8) and y.shape == (2, 16)
     assert not torch.equal(x[0], x[1])
 
@@ -158,6 +159,49 @@ def test_missing_minibatch_is_a_clear_error(family):
     task = family.sample(1, torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="needs a minibatch"):
         task.loss(task.init_params())
+
+
+def dropout_net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+def test_dropout_masks_follow_the_minibatch_seed_and_leave_the_global_rng_alone(vectorize):
+    task = ModuleFamily(dropout_net, fake_data, batch_size=16, vectorize=vectorize).sample(3, torch.Generator().manual_seed(1))
+    params = task.init_params()
+    batch = task.sample_batch(torch.Generator().manual_seed(3))
+    assert isinstance(batch.seed, int)
+    before = torch.get_rng_state()
+    first = task.loss(params, batch)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(12345)
+    torch.testing.assert_close(task.loss(params, batch), first, rtol=0, atol=0)
+    other_masks = task.loss(params, batch._replace(seed=batch.seed + 1))
+    assert not torch.allclose(other_masks, first)
+    again = task.sample_batch(torch.Generator().manual_seed(3))
+    assert again.seed == batch.seed and torch.equal(again.inputs, batch.inputs)
+    # Without a seed (a plain (inputs, labels) pair) the masks come from the global RNG.
+    torch.manual_seed(0)
+    unseeded = task.loss(params, batch[:2])
+    torch.manual_seed(1)
+    assert not torch.allclose(task.loss(params, batch[:2]), unseeded)
+
+
+def test_optimizers_compared_on_a_dropout_task_see_the_same_masks_whatever_the_global_rng():
+    task = ModuleFamily(dropout_net, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    first = evaluate(SGD(lr=0.1), task, 4, seed=7)
+    torch.manual_seed(99)
+    second = evaluate(SGD(lr=0.1), task, 4, seed=7)
+    torch.testing.assert_close(second.losses, first.losses, rtol=0, atol=0)
+    torch.testing.assert_close(second.metrics, first.metrics, rtol=0, atol=0)
+    assert not torch.equal(evaluate(SGD(lr=0.1), task, 4, seed=8).losses, first.losses)
+
+
+def test_a_batch_that_is_not_a_minibatch_is_a_clear_error(family):
+    task = family.sample(1, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"takes a batch \(inputs, labels\) or \(inputs, labels, seed\), got list"):
+        task.loss(task.init_params(), list(task.sample_batch(None)))
 
 
 class TinyConvFamily(ModuleFamily):

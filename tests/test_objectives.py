@@ -308,7 +308,7 @@ def test_objectives_in_k_instance_tasks_equal_each_instance_computed_directly(na
     family = ModuleFamily(factory, fake_data, batch_size=8, objective=objective, vectorize=vectorize)
     task = family.sample(3, torch.Generator().manual_seed(1))
     params = task.init_params()
-    inputs, labels = task.sample_batch(torch.Generator().manual_seed(2))
+    inputs, labels, _ = task.sample_batch(torch.Generator().manual_seed(2))
     loss, grad = value_and_grad(task, params, (inputs, labels))
     for k in range(3):
         module = factory()

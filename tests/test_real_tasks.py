@@ -14,7 +14,7 @@ def test_mnist_family_is_the_papers_mlp(real_data):
     task = get_task("mnist").sample(2, torch.Generator().manual_seed(0))
     assert task.num_params == 784 * 20 + 20 + 20 * 10 + 10
     assert task.data.x_train.shape == (60000, 1, 28, 28)
-    x, y = task.sample_batch(torch.Generator().manual_seed(0))
+    x, y, _ = task.sample_batch(torch.Generator().manual_seed(0))
     assert x.shape == (2, 128, 1, 28, 28)
     losses, carry = run(Adam(lr=0.03), task, 30, generator=torch.Generator().manual_seed(0))
     assert losses[-1].mean() < 0.6 * losses[0].mean()

@@ -38,7 +38,7 @@ from l2l.objectives import (
 )
 from l2l.tasks.base import check_positive_int
 from l2l.tasks.mnist import ACTIVATIONS, MNISTFamily, mlp
-from l2l.tasks.module import Forward, ModuleFamily, ModuleTask, SupervisedData, fixed_shuffle
+from l2l.tasks.module import Forward, Minibatch, ModuleFamily, ModuleTask, SupervisedData, fixed_shuffle
 
 _CHUNK = 1000  # Test examples per vmapped evaluation call: bounds activation memory.
 
@@ -367,11 +367,11 @@ class TangentPropObjective:
 class Tangent1DTask(ModuleTask):
     """The five points as a full batch every step; metrics report the fit and the slopes."""
 
-    def sample_batch(self, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def sample_batch(self, generator: torch.Generator | None) -> Minibatch:
         """The same full batch for every instance: inputs and targets ``[K, 5, 1]`` (no randomness)."""
         del generator  # Deterministic.
         shape = (self.num_instances, *self.data.x_train.shape)
-        return self.data.x_train.expand(shape), self.data.y_train.expand(shape)
+        return Minibatch(self.data.x_train.expand(shape), self.data.y_train.expand(shape))
 
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:

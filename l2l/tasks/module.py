@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -19,6 +20,15 @@ LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
     "fc": (nn.Linear, nn.Bilinear),
 }
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class Minibatch(NamedTuple):
+    """One optimizee step's data: inputs ``[K, B, *features]``, labels ``[K, B]``, and the seed
+    of the step's random layers (dropout), so that the loss is a function of parameters and batch."""
+
+    inputs: Tensor
+    labels: Tensor
+    seed: int | None = None  # None: random layers draw from the global RNG
 
 
 class SupervisedData(NamedTuple):
@@ -208,12 +218,17 @@ class ModuleTask(Task):
     def init_params(self) -> Tensor:
         return self.params0.clone()
 
-    def sample_batch(self, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """An independent minibatch per instance: inputs ``[K, B, *features]``, labels ``[K, B]``."""
+    def sample_batch(self, generator: torch.Generator | None) -> Minibatch:
+        """An independent minibatch per instance, and a seed for its random layers (see :class:`Minibatch`).
+
+        The seed is a hash of ``generator``'s state, read on the host (no device synchronisation),
+        so the examples and the dropout masks both follow from the generator.
+        """
+        seed = None if generator is None else generator_seed(generator)
         index = torch.randint(
             0, self.data.x_train.shape[0], (self.num_instances, self.batch_size), generator=generator, device=self.device
         )
-        return self.data.x_train[index], self.data.y_train[index]
+        return Minibatch(self.data.x_train[index], self.data.y_train[index], seed)
 
     def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], inputs: Tensor) -> Tensor:
         return functional_call(self.module, (params, buffers), (inputs,))
@@ -242,7 +257,12 @@ class ModuleTask(Task):
         if batch is None:
             raise ValueError("ModuleTask.loss needs a minibatch: pass task.sample_batch(generator)")
         check_params(self, params)
-        inputs, labels = batch
+        if not isinstance(batch, tuple) or len(batch) not in (2, 3):
+            raise ValueError(
+                f"ModuleTask.loss takes a batch (inputs, labels) or (inputs, labels, seed), got {type(batch).__name__}"
+                f"{f' of {len(batch)}' if isinstance(batch, tuple) else ''}: pass task.sample_batch(generator)"
+            )
+        inputs, labels, seed = Minibatch(*batch)
         self.module.train()
         buffers = {name: value.clone() for name, value in self.buffers.items()}
 
@@ -252,7 +272,7 @@ class ModuleTask(Task):
 
             return self.objective(forward, instance_inputs, instance_labels)
 
-        with _momenta(self._cumulative_norms, 0.1):
+        with _momenta(self._cumulative_norms, 0.1), seeded_random_layers(seed, self.device):
             return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
 
     @torch.no_grad()
@@ -282,7 +302,9 @@ class ModuleTask(Task):
         buffers = {name: value.clone() for name, value in self.buffers.items()}
         if not self._tracking_norms:
             return buffers
-        with _momenta(self._tracking_norms, 1.0):  # One large batch: running statistics become its statistics.
+        # One large batch: running statistics become its statistics. Seed 0 keeps any dropout
+        # in that pass, and so the metrics, independent of the global RNG.
+        with _momenta(self._tracking_norms, 1.0), seeded_random_layers(0, self.device):
             self.module.train()
             self.outputs(params, self.data.x_train[: self.bn_examples], shared_inputs=True, buffers=buffers)
         return buffers
@@ -305,6 +327,37 @@ def _momenta(norms: list[nn.Module], momentum: float) -> Iterator[None]:
     finally:
         for m, value in zip(norms, saved):
             m.momentum = value
+
+
+def generator_seed(generator: torch.Generator) -> int:
+    """A 63-bit seed determined by ``generator``'s current state (which stays on the host, even for CUDA)."""
+    digest = hashlib.sha256(generator.get_state().numpy()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def seeded_random_layers(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Runs the block with the global RNG of the CPU and of ``device`` seeded with ``seed``, then
+    restores both, so random layers in it are repeatable and leave the global RNG as it was.
+
+    ``seed=None``, or a device other than CPU and CUDA, leaves the global RNG alone.
+    """
+    if seed is None or device.type not in ("cpu", "cuda"):
+        yield
+        return
+    # Not torch.manual_seed, which would reseed every CUDA device, nor fork_rng, which costs as
+    # much again in Python overhead per optimizee step: one generator per device, saved and restored.
+    generators = [torch.default_generator]
+    if device.type == "cuda":
+        generators.append(torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()])
+    saved = [g.get_state() for g in generators]
+    try:
+        for g in generators:
+            g.manual_seed(seed)
+        yield
+    finally:
+        for g, state in zip(generators, saved):
+            g.set_state(state)
 
 
 def init_instances(factory: Callable[[], nn.Module], num_instances: int, generator: torch.Generator) -> tuple[nn.Module, Tensor, dict[str, Tensor]]:
