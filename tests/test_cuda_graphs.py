@@ -13,10 +13,10 @@ from l2l.config import ConfigError, TrainConfig
 from l2l.meta.train import MetaTrainer, meta_learning_rate
 
 from l2l.kernels import fused
-from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason
+from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason, task_tensors
 from l2l.meta.unroll import detach_carry, start, unroll
-from l2l.optimizers import CoordinateWiseLSTM
-from l2l.tasks import QuadraticFamily
+from l2l.optimizers import CoordinateWiseLSTM, map_tensors
+from l2l.tasks import ModuleFamily, QuadraticFamily, QuadraticTask, SupervisedData
 
 from gpu import CUDA, RECORDING, needs_cuda
 
@@ -198,3 +198,135 @@ def test_cuda_meta_training_with_graphs_equals_eager():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for name, value in runs["off"].rule.state_dict().items():
         torch.testing.assert_close(runs["auto"].rule.state_dict()[name], value, rtol=1e-5, atol=1e-7)
+
+
+class ShiftedQuadraticTask(QuadraticTask):
+    """A quadratic whose tensors also sit in a dict and whose scale is a plain setting."""
+
+    def __init__(self, W, y, scale=1.0):
+        super().__init__(W, y)
+        self.extra = {"shift": torch.zeros_like(y)}
+        self.scale = scale
+
+    def loss(self, params, batch=None):
+        return self.scale * super().loss(params - self.extra["shift"], batch)
+
+
+def shifted(seed, k=3, dtype=torch.float32, scale=1.0):
+    task = QuadraticFamily().sample(k, torch.Generator().manual_seed(seed))
+    shift = torch.randn(task.y.shape, generator=torch.Generator().manual_seed(seed + 100))
+    new = ShiftedQuadraticTask(task.W.to(dtype), task.y.to(dtype), scale)
+    new.extra["shift"] = shift.to(dtype)
+    return new
+
+
+def test_load_task_copies_nested_tensors_and_refuses_instances_that_do_not_fit():
+    rule = CoordinateWiseLSTM(seed=0)
+    runner = GraphedTruncation(rule, torch.optim.Adam(rule.parameters()), shifted(0), torch.ones(5), 1.0)
+    addresses = {name: t.data_ptr() for name, t in task_tensors(runner.task).items()}
+    assert set(addresses) == {"W", "y", "extra[0]"}
+    new = shifted(1)
+    runner.load_task(new)
+    for name, tensor in task_tensors(runner.task).items():
+        assert tensor.data_ptr() == addresses[name] and torch.equal(tensor, task_tensors(new)[name])
+    with pytest.raises(ValueError, match=r"W has shape \[4, 10, 10\], the captured one \[3, 10, 10\].*build a new GraphedTruncation"):
+        runner.load_task(shifted(2, k=4))
+    with pytest.raises(ValueError, match=r"extra\[0\] has dtype torch.float64, the captured one torch.float32"):
+        runner.load_task(shifted(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"scale is 2.0, the captured one 1.0"):
+        runner.load_task(shifted(2, scale=2.0))
+    with pytest.raises(TypeError, match="expected a ShiftedQuadraticTask, got QuadraticTask"):
+        runner.load_task(QuadraticFamily().sample(3, torch.Generator().manual_seed(0)))
+    assert torch.equal(runner.task.W, new.W)  # a refused load copies nothing
+
+
+def test_graph_reasons_name_the_tasks_device_minibatches_and_a_fresh_optimizer_that_does_not_start_at_zero(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks read devices, they launch nothing
+    cuda = torch.device("cuda", 0)
+    task = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM()
+    assert graph_unsupported_reason(task, torch.optim.Adam(rule.parameters(), capturable=True), cuda) is None
+    assert "capturable=True" in graph_unsupported_reason(task, torch.optim.Adam(rule.parameters()), cuda)
+    nadam = torch.optim.NAdam(rule.parameters(), capturable=True)
+    assert "a fresh NAdam's state does not start at zero" in graph_unsupported_reason(task, nadam, cuda)
+    stepped = torch.optim.NAdam(rule.parameters())  # a capturable step needs CUDA: step, then mark it capturable
+    for p in rule.parameters():
+        p.grad = torch.zeros_like(p)
+    stepped.step()
+    stepped.param_groups[0]["capturable"] = True
+    assert graph_unsupported_reason(task, stepped, cuda) is None  # its state exists: the snapshot restores it
+    minibatches = ModuleFamily(lambda: nn.Linear(3, 2), lambda device: SupervisedData(
+        torch.randn(8, 3), torch.zeros(8, dtype=torch.long), torch.randn(8, 3), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    assert "ModuleTask overrides sample_batch" in graph_unsupported_reason(
+        minibatches.sample(1, torch.Generator().manual_seed(0)), None, cuda)
+    # The runner asks about the task's device, not where the loss weights happen to be.
+    with pytest.raises(ValueError, match="loss_weights are on meta, the task on cpu"):
+        GraphedTruncation(rule, torch.optim.Adam(rule.parameters()), task, torch.ones(3, device="meta"), 1.0)
+
+
+def test_warmup_steps_and_loss_weights_are_checked_before_anything_runs():
+    task = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM()
+    optimizer = torch.optim.Adam(rule.parameters())
+    with pytest.raises(ValueError, match="warmup must be a positive integer, got 0"):
+        GraphedTruncation(rule, optimizer, task, torch.ones(5), 1.0, warmup=0)
+    with pytest.raises(ValueError, match=r"loss_weights must be \[T\] or \[T, T\], got \[1, 1, 5\]"):
+        GraphedTruncation(rule, optimizer, task, torch.ones(1, 1, 5), 1.0)
+    runner = GraphedTruncation(rule, optimizer, task, torch.ones(5), 1.0)
+    for steps in (0, 6):
+        with pytest.raises(ValueError, match=f"steps must be between 1 and the loss weights' length 5, got {steps}"):
+            runner(start(rule, task), steps)
+
+
+def test_the_eager_fallback_draws_minibatches_from_the_given_generator():
+    family = ModuleFamily(lambda: nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), lambda device: SupervisedData(
+        torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3,
+        torch.randn(8, 4), torch.arange(8) % 3), batch_size=8)
+    task = family.sample(2, torch.Generator().manual_seed(1))
+    meta_losses = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        rule = CoordinateWiseLSTM(seed=1)
+        runner = GraphedTruncation(rule, torch.optim.Adam(rule.parameters(), lr=1e-2), task, torch.ones(4), 1.0)
+        generator = torch.Generator().manual_seed(5)
+        carry = start(rule, task, generator=generator)
+        meta_losses.append(torch.stack([runner(carry, 4, generator=generator).meta_loss for _ in range(2)]))
+    assert torch.equal(meta_losses[0], meta_losses[1])
+    rule = CoordinateWiseLSTM(seed=1)
+    generator = torch.Generator().manual_seed(5)
+    losses, _ = unroll(rule, task, start(rule, task, generator=generator), 4, generator=generator)
+    torch.testing.assert_close(meta_losses[0][0], losses.sum(0).mean().detach(), rtol=0, atol=0)
+
+
+def test_a_changed_hyperparameter_clipping_or_kernel_recaptures_and_a_tensor_lr_is_read_at_its_address():
+    task = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM()
+    lr = torch.tensor(1e-3)
+    optimizer = torch.optim.Adam(rule.parameters(), lr=lr, betas=(0.9, 0.999))
+    runner = GraphedTruncation(rule, optimizer, task, torch.ones(5), 1.0)
+    runner._captured_settings = runner._settings()  # what a capture records
+    lr.fill_(5e-4)
+    assert not runner._settings_changed()  # same tensor: the graph reads its new value
+    changes = [
+        lambda: optimizer.param_groups[0].__setitem__("lr", torch.tensor(5e-4)),  # another tensor, same value
+        lambda: optimizer.param_groups[0].__setitem__("betas", (0.5, 0.999)),
+        lambda: optimizer.param_groups[0].__setitem__("weight_decay", 1e-2),
+        lambda: setattr(runner, "clip_grad_norm", 2.0),
+        lambda: setattr(rule, "kernel", "reference"),
+    ]
+    for change in changes:
+        runner._captured_settings = runner._settings()
+        change()
+        assert runner._settings_changed()
+
+
+def test_a_carry_that_does_not_fit_the_static_one_is_refused():
+    task = QuadraticFamily().sample(4, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM()
+    runner = GraphedTruncation(rule, torch.optim.Adam(rule.parameters()), task, torch.ones(5), 1.0)
+    runner._load_carry(start(rule, task))  # allocates the static carry, as the first graphed call does
+    other = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"carry tensor 0 has shape \[2, 10\], the captured one \[4, 10\]"):
+        runner._load_carry(start(rule, other))
+    with pytest.raises(ValueError, match="carry tensor 0 has dtype torch.float64"):
+        runner._load_carry(map_tensors(torch.Tensor.double, start(rule, task)))

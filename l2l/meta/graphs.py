@@ -24,7 +24,14 @@ from torch import Tensor, nn
 
 from l2l.meta.unroll import UnrollCarry, detach_carry, unroll
 from l2l.optimizers.base import map_tensors, tensors_of
-from l2l.tasks.base import Task
+from l2l.tasks.base import Task, check_positive_int
+
+# Optimizers whose lazily created state (at their first step) is all zeros, so that the state a
+# capture's warm-up creates can be reset to a fresh optimizer's. NAdam (mu_product = 1) and ASGD
+# (eta = lr, mu = 1) start elsewhere: they are graphed only once they have stepped.
+ZERO_INITIAL_STATE = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adadelta,
+)
 
 
 @dataclass
@@ -47,16 +54,46 @@ def graph_unsupported_reason(
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"CUDA graphs need a CUDA device (the task is on {device})"
     if type(task).sample_batch is not Task.sample_batch:
-        return f"{type(task).__name__} draws minibatches; their generator is not captured"
-    for group in meta_optimizer.param_groups if meta_optimizer is not None else ():
+        return f"{type(task).__name__} overrides sample_batch (draws minibatches), and a graph would replay one minibatch"
+    if meta_optimizer is None:
+        return None
+    for group in meta_optimizer.param_groups:
         if not group.get("capturable", False):
             return "the meta-optimizer must be built with capturable=True (e.g. torch.optim.Adam(..., capturable=True))"
+    fresh = any(p not in meta_optimizer.state for group in meta_optimizer.param_groups for p in group["params"])
+    if fresh and type(meta_optimizer) not in ZERO_INITIAL_STATE:
+        return (
+            f"a fresh {type(meta_optimizer).__name__}'s state does not start at zero, which the capture's warm-up "
+            f"relies on; use one of {', '.join(t.__name__ for t in ZERO_INITIAL_STATE)}, or step it once first"
+        )
     return None
 
 
-def task_tensors(task: Task) -> list[Tensor]:
-    """The tensors a task instance holds (read by a captured graph at fixed addresses)."""
-    return [value for value in vars(task).values() if isinstance(value, Tensor)]
+def task_tensors(task: Task) -> dict[str, Tensor]:
+    """The tensors a task instance holds, by attribute (``name[i]`` inside tuples, lists and dicts).
+
+    A captured graph reads them at fixed addresses.
+    """
+    found = {}
+    for name, value in vars(task).items():
+        if isinstance(value, Tensor):
+            found[name] = value
+        else:
+            found.update({f"{name}[{i}]": tensor for i, tensor in enumerate(tensors_of(value))})
+    return found
+
+
+def _plain_settings(task: Task) -> dict[str, Any]:
+    """A task's attributes that are plain values (numbers, strings, None): they must match for a load."""
+    return {name: value for name, value in vars(task).items() if value is None or isinstance(value, (bool, int, float, str))}
+
+
+def _tensor_mismatch(name: str, static: Tensor, new: Tensor) -> str | None:
+    for what, a, b in (("shape", list(static.shape), list(new.shape)), ("dtype", static.dtype, new.dtype),
+                       ("device", static.device, new.device)):
+        if a != b:
+            return f"{name} has {what} {b}, the captured one {a}"
+    return None
 
 
 def truncation_weights(loss_weights: Tensor, steps: int) -> Tensor:
@@ -83,8 +120,9 @@ class GraphedTruncation:
 
     The graphs read ``task``'s tensors and the rule's weights at fixed addresses: give new
     instances with :meth:`load_task` (copies into them), and keep the rule's parameters (they
-    are updated in place by the captured step). A float learning rate is baked into the
-    captured step; changing it recaptures (use a tensor ``lr`` to change it for free).
+    are updated in place by the captured step). The meta-optimizer's float hyperparameters,
+    the clipping, ``second_order`` and the rule's kernel choice are baked into the graphs;
+    changing one recaptures (use a tensor ``lr`` to change the learning rate for free).
 
     Args:
         rule: the learned rule (its weights get the meta-gradients).
@@ -116,8 +154,13 @@ class GraphedTruncation:
         self.loss_weights = loss_weights
         self.clip_grad_norm = clip_grad_norm
         self.second_order = second_order
+        check_positive_int("warmup", warmup)  # the warm-up creates the state a capture must not allocate
         self.warmup = warmup
-        reason = graph_unsupported_reason(task, meta_optimizer, loss_weights.device)
+        if loss_weights.device != task.device:
+            raise ValueError(f"loss_weights are on {loss_weights.device}, the task on {task.device}: put them on the task's device")
+        if loss_weights.dim() not in (1, 2):
+            raise ValueError(f"loss_weights must be [T] or [T, T], got {list(loss_weights.shape)}")
+        reason = graph_unsupported_reason(task, meta_optimizer, task.device)
         if use_graph is True and reason is not None:
             raise RuntimeError(f"cannot capture the truncation as a CUDA graph: {reason}")
         self.use_graph = use_graph is not False and reason is None
@@ -125,21 +168,23 @@ class GraphedTruncation:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph, tuple[Tensor, Tensor, Tensor]]] = {}
         self._pool = None
         self._static: UnrollCarry | None = None
-        self._captured_lrs: list[Any] | None = None
+        self._captured_settings: list[Any] | None = None
 
     # -- eager -------------------------------------------------------------------------------
-    def _body(self, carry: UnrollCarry, steps: int) -> tuple[Tensor, Tensor, Tensor, UnrollCarry]:
+    def _body(
+        self, carry: UnrollCarry, steps: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, UnrollCarry]:
         """Unroll, meta-loss, backward, clip: ``(meta_loss, grad_norm, finite, new carry)`` (no optimizer step)."""
-        losses, carry = unroll(self.rule, self.task, carry, steps, second_order=self.second_order)
+        losses, carry = unroll(self.rule, self.task, carry, steps, generator=generator, second_order=self.second_order)
         meta_loss = (truncation_weights(self.loss_weights, steps)[:, None] * losses).sum(0).mean()
         meta_loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), self.clip_grad_norm)
         finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
         return meta_loss.detach(), grad_norm.detach(), finite, detach_carry(carry)
 
-    def _eager(self, carry: UnrollCarry, steps: int) -> TruncationResult:
+    def _eager(self, carry: UnrollCarry, steps: int, generator: torch.Generator | None) -> TruncationResult:
         self.meta_optimizer.zero_grad(set_to_none=True)
-        meta_loss, grad_norm, finite, carry = self._body(carry, steps)
+        meta_loss, grad_norm, finite, carry = self._body(carry, steps, generator)
         stepped = bool(finite)  # one host synchronisation per meta-step, as in MetaTrainer
         if stepped:
             self.meta_optimizer.step()
@@ -147,18 +192,44 @@ class GraphedTruncation:
 
     # -- graphs ------------------------------------------------------------------------------
     def load_task(self, task: Task) -> None:
-        """Copies new instances' tensors into the static task (same class and shapes)."""
+        """Copies new instances' tensors into the static task.
+
+        Raises:
+            TypeError: ``task`` is not of the captured task's class.
+            ValueError: its tensors differ in name, shape, dtype or device, or its plain settings
+                (numbers, strings) differ: a graph replays fixed shapes, so build a new runner.
+        """
         if type(task) is not type(self.task):
             raise TypeError(f"load_task: expected a {type(self.task).__name__}, got {type(task).__name__}")
-        for static, new in zip(task_tensors(self.task), task_tensors(task), strict=True):
-            static.copy_(new)
+        statics, news = task_tensors(self.task), task_tensors(task)
+        problems = []
+        if statics.keys() != news.keys():
+            problems.append(f"its tensors are {sorted(news)}, the captured task's {sorted(statics)}")
+        else:
+            problems += [p for name in statics if (p := _tensor_mismatch(name, statics[name], news[name]))]
+        captured_settings, settings = _plain_settings(self.task), _plain_settings(task)
+        problems += [f"{name} is {settings.get(name)!r}, the captured one {value!r}"
+                     for name, value in captured_settings.items() if settings.get(name) != value]
+        if problems:
+            raise ValueError(f"load_task: the new {type(task).__name__} does not fit the captured one: "
+                             f"{'; '.join(problems)}; build a new GraphedTruncation for it")
+        for name, static in statics.items():
+            if static is not news[name]:
+                static.copy_(news[name])
 
     def _load_carry(self, carry: UnrollCarry) -> UnrollCarry:
         """The static input carry holding ``carry``'s values (allocated on first use)."""
         if self._static is None:
             self._static = map_tensors(lambda t: t.detach().clone(), carry)
         elif carry is not self._static:
-            for static, new in zip(tensors_of(self._static), tensors_of(carry), strict=True):
+            statics, news = tensors_of(self._static), tensors_of(carry)
+            if len(statics) != len(news):
+                raise ValueError(f"the carry holds {len(news)} tensors, the captured one {len(statics)}: "
+                                 "a graph replays one rule on one task; build a new GraphedTruncation")
+            for i, (static, new) in enumerate(zip(statics, news)):
+                if problem := _tensor_mismatch(f"carry tensor {i}", static, new):
+                    raise ValueError(f"{problem}: a graph replays fixed shapes; build a new GraphedTruncation")
+            for static, new in zip(statics, news):
                 if static is not new:
                     static.copy_(new)
             self._static = self._static._replace(step=carry.step)
@@ -184,10 +255,28 @@ class GraphedTruncation:
                     if id(p) in state:
                         value.copy_(state[id(p)][key])
                     else:
-                        value.zero_()  # state created by the warm-up: a fresh optimizer's is zeros
+                        value.zero_()  # state created by the warm-up: a fresh one is zeros (ZERO_INITIAL_STATE)
 
-    def _lrs(self) -> list[Any]:
-        return [group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"]) for group in self.meta_optimizer.param_groups]
+    def _settings(self) -> list[Any]:
+        """What a captured graph bakes in: every group's hyperparameters, the clipping, the order, the kernels."""
+        groups = [tuple((key, value) for key, value in group.items() if key != "params") for group in self.meta_optimizer.param_groups]
+        kernels = tuple(getattr(module, "kernel", None) for module in self.rule.modules())
+        return [groups, self.clip_grad_norm, self.second_order, kernels]
+
+    def _settings_changed(self) -> bool:
+        if self._captured_settings is None:
+            return False
+
+        def same(a: Any, b: Any) -> bool:
+            # A tensor hyperparameter (a learning rate) is read at its address: the same object is
+            # the same setting whatever its value, and comparing values would sync the GPU.
+            if isinstance(a, Tensor) or isinstance(b, Tensor):
+                return a is b
+            if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+                return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            return a == b
+
+        return not same(self._settings(), self._captured_settings)
 
     def _capture(self, steps: int) -> None:
         static = self._static
@@ -211,20 +300,28 @@ class GraphedTruncation:
         with torch.cuda.graph(step_graph, pool=self._pool):
             self.meta_optimizer.step()
         self._graphs[steps] = (body_graph, step_graph, (meta_loss, grad_norm, finite))
-        self._captured_lrs = self._lrs()
+        self._captured_settings = self._settings()
 
-    def __call__(self, carry: UnrollCarry, steps: int) -> TruncationResult:
+    def __call__(self, carry: UnrollCarry, steps: int, *, generator: torch.Generator | None = None) -> TruncationResult:
         """Runs one truncation of ``steps`` optimizee steps from ``carry``.
+
+        Args:
+            carry: where the truncation starts (:func:`l2l.meta.unroll.start`, or the last result's).
+            steps: optimizee steps, at most the loss weights' length.
+            generator: the minibatch stream of a task that draws minibatches (eager runs only:
+                such tasks are never graphed).
 
         Returns:
             The meta-loss, gradient norm, whether the meta-optimizer stepped, and the next carry
             (static buffers when graphed: copy them to keep them past the next call).
         """
+        if not 1 <= steps <= self.loss_weights.shape[-1]:
+            raise ValueError(f"steps must be between 1 and the loss weights' length {self.loss_weights.shape[-1]}, got {steps}")
         if not self.use_graph:
-            return self._eager(carry, steps)
+            return self._eager(carry, steps, generator)
         static = self._load_carry(carry)
-        if self._captured_lrs is not None and self._lrs() != self._captured_lrs:
-            self._graphs.clear()  # a changed float learning rate is baked into the captured step
+        if self._settings_changed():
+            self._graphs.clear()  # a changed hyperparameter, clipping or kernel is baked into the captured graphs
         if steps not in self._graphs:
             self._capture(steps)
         body_graph, step_graph, (meta_loss, grad_norm, finite) = self._graphs[steps]
