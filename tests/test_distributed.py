@@ -13,7 +13,7 @@ import torch
 from l2l.checkpoint import CheckpointError, load_resume_checkpoint
 from l2l.config import ConfigError, TrainConfig
 from l2l.meta import train as train_module
-from l2l.meta.distributed import ShardLayout
+from l2l.meta.distributed import ShardLayout, local_device
 from l2l.meta.train import MetaTrainer, meta_train, shard_streams
 from l2l.meta.unroll import start, unroll
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
@@ -225,5 +225,66 @@ def test_every_process_stops_on_an_output_directory_that_holds_another_run(two_p
     finished = torchrun(["-m", "l2l", "train", "--epochs=1", *flags, f"--out={out}", "--no-bench", "--quiet"])
     assert finished.returncode != 0
     assert finished.stderr.count("already holds a training run") == 1  # rank 0's message
-    assert "rank 0 refused the output directory" in finished.stderr  # rank 1 says so instead of dying in a collective
+    # Rank 1 says so instead of dying in a collective.
+    assert "another process failed while checking the output directory (on process 0)" in finished.stderr
     assert "Connection reset" not in finished.stderr
+
+
+MISMATCH_SCRIPT = textwrap.dedent(
+    """
+    import datetime, sys
+    import torch.distributed as dist
+    from l2l.config import TrainConfig
+    from l2l.meta.train import meta_train
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a regression waits a minute, not 30
+    rank = dist.get_rank()
+    out, other, fixture_resume, early_resume = sys.argv[1:5]
+    small = dict({small})
+    def attempt(scenario, **arguments):
+        try:
+            meta_train(TrainConfig(**small), progress=False, **arguments)
+            print(f"rank {{rank}} {{scenario}}: trained")
+        except Exception as error:
+            print(f"rank {{rank}} {{scenario}}: {{type(error).__name__}}: {{error}}")
+    attempt("out-on-rank-0-only", out_dir=out if rank == 0 else None)
+    attempt("resume-missing-on-rank-1", resume=fixture_resume if rank == 0 else other + "/missing/resume.pt")
+    attempt("resume-from-different-epochs", resume=fixture_resume if rank == 0 else early_resume)
+    attempt("resume-from-one-checkpoint", resume=fixture_resume)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_processes_given_different_arguments_or_failing_alone_all_stop_with_a_message(two_process_run, tmp_path):
+    fixture_out, _ = two_process_run
+    early = tmp_path / "early"
+    meta_train(TrainConfig(epochs=1, accumulate=2, **SMALL), early, progress=False)  # 2 shards, like the fixture's
+    script = tmp_path / "mismatch.py"
+    script.write_text(MISMATCH_SCRIPT.format(small=repr(dict(SMALL, epochs=4))))
+    finished = torchrun([str(script), str(tmp_path / "out"), str(tmp_path), str(fixture_out / "resume.pt"),
+                         str(early / "resume.pt")], timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    lines = finished.stdout
+    for rank, other in ((0, 1), (1, 0)):
+        assert (f"rank {rank} out-on-rank-0-only: ConfigError: process {rank} and process(es) {other} were started with a "
+                "different choice of writing an output directory and of resuming") in lines
+        assert (f"rank {rank} resume-from-different-epochs: ConfigError: process {rank} and process(es) {other} were started "
+                "with a different training state (epoch, weights, meta-optimizer, history)") in lines
+    assert "rank 1 resume-missing-on-rank-1: CheckpointError: checkpoint" in lines
+    assert ("rank 0 resume-missing-on-rank-1: RuntimeError: another process failed while loading the resume checkpoint "
+            "(its own error above says why); this one stops too") in lines
+    assert lines.count(": trained") == 2 and "rank 0 resume-from-one-checkpoint: trained" in lines
+
+
+def test_an_explicit_gpu_under_torchrun_with_several_processes_per_node_is_refused(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert local_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert local_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device cuda:0 would put all 2 processes of this node on one GPU; pass --device cuda"):
+        local_device(torch.device("cuda", 0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: its GPU is the user's choice
+    assert local_device(torch.device("cuda", 3)) == torch.device("cuda", 3)

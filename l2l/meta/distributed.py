@@ -77,9 +77,22 @@ def launched_by_torchrun() -> bool:
 
 
 def local_device(device: torch.device) -> torch.device:
-    """The device of this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun, anything else is kept."""
-    if device.type == "cuda" and device.index is None and launched_by_torchrun():
+    """The device of this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun, anything else is kept.
+
+    Raises:
+        ConfigError: an explicit ``cuda:N`` under torchrun with several processes per node, which
+            would put them all on one GPU (NCCL refuses that, or hangs).
+    """
+    if device.type != "cuda" or not launched_by_torchrun():
+        return device
+    if device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if per_node > 1:
+        raise ConfigError(
+            f"--device {device} would put all {per_node} processes of this node on one GPU; "
+            "pass --device cuda, which gives each process the GPU of its LOCAL_RANK"
+        )
     return device
 
 
@@ -160,6 +173,23 @@ class Collectives:
         if not self.active:
             return flag
         return bool(self.sum_(torch.tensor([int(flag)], device=self.device)).item())
+
+    @contextlib.contextmanager
+    def together(self, what: str) -> Iterator[None]:
+        """Runs a block of process-local work that stops every process if it fails on any.
+
+        A process whose block raised re-raises its own error; the others raise a RuntimeError
+        naming ``what``, instead of waiting in their next collective for a process that has gone.
+        The block must not use collectives itself (a process leaving it early would leave the
+        others waiting inside it).
+        """
+        try:
+            yield
+        except Exception:
+            self.any(True)
+            raise
+        if self.any(False):
+            raise RuntimeError(f"another process failed while {what} (its own error above says why); this one stops too")
 
     def check_same(self, description: str, text: str) -> None:
         """Raises ConfigError on every process unless every process passed the same ``text``.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -203,6 +204,11 @@ class MetaTrainer:
         self.layout: ShardLayout = current_layout(config.accumulate)
         self.collectives = Collectives(self.layout)
         self.collectives.check_same("configuration", config.to_json())
+        with self.collectives.together("setting up meta-training (device, task, data, warm start)"):
+            self._set_up(config, warm_start)
+
+    def _set_up(self, config: TrainConfig, warm_start: bool) -> None:
+        """Everything of ``__init__`` that each process does on its own (no collectives)."""
         self.device = local_device(resolve_device(config.device))
         self.family = get_task(config.task, **config.task_options)
         self.steps, self.unroll = horizon(config, self.family)
@@ -317,7 +323,8 @@ class MetaTrainer:
         """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
         if self.graphed is None:
             self.graphed = GraphedTruncation(self.rule, self.meta_optimizer, task, self.weights, self.config.clip_grad_norm,
-                                             second_order=self.config.second_order)
+                                             second_order=self.config.second_order,
+                                             use_graph=True if self.config.cuda_graphs == "on" else "auto")
         else:
             self.graphed.load_task(task)
         graphed = self.graphed
@@ -360,9 +367,10 @@ class MetaTrainer:
         same best weights.
         """
         score = math.inf
-        if self.layout.is_main:
-            losses = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses
-            score = losses[-max(1, self.steps // 10) :].double().mean().item()
+        with self.collectives.together("validating (on process 0)"):
+            if self.layout.is_main:
+                losses = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses
+                score = losses[-max(1, self.steps // 10) :].double().mean().item()
         if self.collectives.active:
             score = self.collectives.broadcast_(torch.tensor([score], dtype=torch.float64)).item()
         return score if math.isfinite(score) else math.inf
@@ -398,8 +406,11 @@ class MetaTrainer:
         if self.out_dir is None:
             return
         rng = self._rng_states()  # a collective: every process takes part, rank 0 writes
-        if not self.layout.is_main:
-            return
+        with self.collectives.together("writing the checkpoints (on process 0)"):
+            if self.layout.is_main:
+                self._write_checkpoints(rng)
+
+    def _write_checkpoints(self, rng: dict[str, Any]) -> None:
         # The resume checkpoint last: interrupted in between, a resume redoes what the use
         # checkpoint and history already hold, and writes all three again.
         best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
@@ -449,7 +460,33 @@ class MetaTrainer:
             batches.set_state(saved[shard][1])
 
     def restore(self, path: str | os.PathLike) -> None:
-        """Loads a resume checkpoint written by :meth:`save` into this trainer."""
+        """Loads a resume checkpoint written by :meth:`save` into this trainer.
+
+        In a process group every process loads its own copy (``path`` may differ per node); if
+        any fails every process stops, and the processes must then hold the same training state.
+        """
+        with self.collectives.together("loading the resume checkpoint"):
+            self._restore(path)
+        if self.collectives.active:
+            self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
+                                        "checkpoint", self._state_digest())
+
+    def _state_digest(self) -> str:
+        """A digest of the state every process must share (not the generators, which are per shard)."""
+        digest = hashlib.sha256()
+        for state in (self.rule.state_dict(), self.best_state):
+            for name, tensor in state.items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+        for tensors in self.meta_optimizer.state.values():
+            for name, value in tensors.items():
+                digest.update(name.encode())
+                digest.update(torch.as_tensor(value).detach().cpu().float().reshape(-1).view(torch.uint8).numpy())
+        progress = [self.epoch, self.skipped, self.consecutive_skipped, self.best_score, self.best_epoch, self.history]
+        digest.update(json.dumps(progress, default=str).encode())
+        return digest.hexdigest()
+
+    def _restore(self, path: str | os.PathLike) -> None:
         payload = load_resume_checkpoint(path)
         check_resumable(saved_train_config(payload, path), self.config)
         source = f"resume checkpoint {path}"
@@ -567,19 +604,18 @@ def meta_train(
         ConfigError: ``out_dir`` is not a writable directory, or holds another run and
             ``overwrite`` is False.
     """
+    collectives = Collectives(current_layout(config.accumulate))
+    # Every process must take the same collective path: one that writes (or resumes) while
+    # another does not would wait forever in a collective the other never calls.
+    collectives.check_same("choice of writing an output directory and of resuming",
+                           json.dumps([out_dir is None, resume is None]))
     if out_dir is not None:
         # Before any work: a run that cannot write, or would replace another run, fails now, not at
-        # its first checkpoint, and on every process (the others would die in a collective).
-        layout = current_layout(config.accumulate)
-        problem = None
-        if layout.is_main:
-            in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
-            try:
+        # its first checkpoint, and on every process.
+        with collectives.together("checking the output directory (on process 0)"):
+            if collectives.layout.is_main:
+                in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
                 prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
-            except ConfigError as error:
-                problem = error
-        if Collectives(layout).any(problem is not None):
-            raise problem or ConfigError("rank 0 refused the output directory (its message says why)")
     trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
     if resume is not None:
         trainer.restore(resume)
