@@ -122,3 +122,19 @@ def test_learning_rate_scores_keep_close_rates_apart():
     report = benchmark(QuadraticFamily(), {}, baselines=("adam",), steps=5, problems=2, tune_problems=2,
                        lr_grid=(0.1, 0.1004, 0.3), seed=0, device=torch.device("cpu"))
     assert set(report["results"]["adam"]["lr_scores"]) == {"0.1", "0.1004", "0.3"}
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(lr_grid=()), r"lr_grid must list positive finite learning rates to tune the baselines over, got \(\)"),
+    (dict(lr_grid=(0.1, -1.0)), r"lr_grid must list positive finite learning rates .* got \(0.1, -1.0\)"),
+    (dict(steps=0), "steps must be a positive integer, got 0"),
+    (dict(problems=2.5), "problems must be a positive integer, got 2.5"),
+    (dict(tune_problems=0), "tune_problems must be a positive integer, got 0"),
+])
+def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments, message):
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    defaults = dict(baselines=("adam",), steps=5, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=message):
+        benchmark(QuadraticFamily(), {}, **{**defaults, **arguments})

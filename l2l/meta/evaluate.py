@@ -14,7 +14,7 @@ from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
 from l2l.seeding import make_generator
-from l2l.tasks.base import Task, TaskFamily
+from l2l.tasks.base import Task, TaskFamily, check_positive_int
 
 
 class RunResult(NamedTuple):
@@ -42,6 +42,8 @@ def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0) -> RunR
     every rule evaluated with the same seed sees the same data (common random numbers).
     """
     generator = make_generator(seed, "evaluate-batches", task.device)
+    if task.device.type == "cuda":
+        torch.cuda.synchronize(task.device)  # the clock starts when earlier queued work (copies, training) is done
     begin = time.perf_counter()
     losses, carry = run(rule, task, steps, generator=generator)
     with torch.no_grad():
@@ -135,6 +137,12 @@ def benchmark(
         where a summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules)
         and, for baselines, ``"lr_scores"``.
     """
+    check_positive_int("steps", steps)
+    check_positive_int("problems", problems)
+    if baselines:
+        check_positive_int("tune_problems", tune_problems)
+        if not lr_grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in lr_grid):
+            raise ValueError(f"lr_grid must list positive finite learning rates to tune the baselines over, got {lr_grid!r}")
     say = progress or (lambda message: None)
     eval_task = family.sample(problems, make_generator(seed, "bench"), device)
     tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device)
