@@ -153,8 +153,8 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints of another run in --out (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
-    parser.add_argument("--bench-problems", type=_positive_int, default=512, help="held-out instances of the final comparison")
-    parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances")
+    parser.add_argument("--bench-problems", type=_positive_int, default=512, help="held-out instances of the final comparison (default: 512)")
+    parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_flags(parser)
     parser.set_defaults(handler=_train)
