@@ -53,7 +53,8 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer (``0``, ``-3``, ``1.5`` and ``x`` are usage errors naming the value)."""
     value = int(text) if text.strip().lstrip("+").isdigit() else 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
@@ -153,7 +154,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints of another run in --out (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
-    parser.add_argument("--bench-problems", type=_positive_int, default=512, help="held-out instances of the final comparison (default: 512)")
+    parser.add_argument("--bench-problems", type=positive_int, default=512, help="held-out instances of the final comparison (default: 512)")
     parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_flags(parser)

@@ -8,33 +8,51 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+from _common import FIGURES, RESULTS, Formatter, guard_published, positive_int
 
 from l2l.data.base import DATA_ENV, data_dir
 from l2l.tasks.mnist import mnist_tensors
 from l2l.tasks.module import SupervisedData
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# Flags that leave what a run measures unchanged.
+_NOT_SETTINGS = ("data_dir", "out", "figures", "results", "threads", "name")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     """Flags every reproduction shares: data directory, output folders, seed, threads."""
-    args = argparse.ArgumentParser(description=description)
+    args = argparse.ArgumentParser(description=description, formatter_class=Formatter)
     args.add_argument("--data-dir", help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
-    args.add_argument("--figures", type=Path, default=BENCHMARKS / "figures", help="where the PNG goes")
-    args.add_argument("--results", type=Path, default=BENCHMARKS / "results", help="where the JSON goes")
+    args.add_argument("--out", type=Path, help="write the PNG and the JSON here (instead of --figures and --results)")
+    args.add_argument("--figures", type=Path, default=FIGURES,
+                      help="where the PNG goes; the default folder holds the published ones, and only the published settings may write there")
+    args.add_argument("--results", type=Path, default=RESULTS,
+                      help="where the JSON goes; the default folder holds the published ones, and only the published settings may write there")
     args.add_argument("--seed", type=int, default=0, help="first seed (model initialisation, minibatch order)")
     # One thread: on a shared 2-core machine, two OpenMP threads wait on the busy core.
-    args.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     return args
 
 
-def setup(options: argparse.Namespace) -> None:
+def setup(args: argparse.ArgumentParser, recipes: Mapping[str, Mapping[str, Any]]) -> argparse.Namespace:
+    """Parses the command line and applies the thread count and data directory.
+
+    ``recipes``: for each published output name, the flags (beyond the parser's defaults) of
+    the run that made it. The output name is ``--name`` where the script has that flag, else
+    the only recipe's; a run that would write other settings into the published folders is a
+    usage error.
+    """
+    options = args.parse_args()
+    if options.out is not None:
+        options.figures = options.results = options.out
+    name = getattr(options, "name", None) or next(iter(recipes))
+    guard_published(args, options, [options.figures, options.results], f"results named {name!r}", recipes.get(name), _NOT_SETTINGS)
     torch.set_num_threads(options.threads)
     if options.data_dir:
         os.environ[DATA_ENV] = str(options.data_dir)
+    return options
 
 
 def mnist(train_examples: int | None = None) -> SupervisedData:

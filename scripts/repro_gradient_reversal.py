@@ -20,12 +20,14 @@ from __future__ import annotations
 import sys
 
 import torch
+from _common import nonnegative_int, positive_float, positive_int
 from _objectives_repro import minibatches, parser, setup, table, write
 from torch import nn
 
 from l2l.data.base import data_dir
 from l2l.objectives import reversal_coefficient
 from l2l.tasks.gradient_tasks import TwoHeadNet, two_head_accuracies, two_head_loss, zero_composite_tensors
+from l2l.tasks.mnist import ACTIVATIONS
 
 SETTINGS = {"reversal": True, "no reversal": False}
 
@@ -84,19 +86,18 @@ def probe_accuracy(net: TwoHeadNet, data, options, seed: int, hidden: int) -> fl
 
 def main() -> None:
     args = parser(__doc__)
-    args.add_argument("--train-examples", type=int, default=20000, help="training composites (from the MNIST training split)")
-    args.add_argument("--test-examples", type=int, default=2000, help="test composites (from the MNIST test split)")
-    args.add_argument("--epochs", type=int, default=5)
-    args.add_argument("--hidden", type=int, default=64)
-    args.add_argument("--activation", default="relu")
-    args.add_argument("--adversary-hidden", type=int, default=64, help="hidden units of the adversary head (0: linear)")
-    args.add_argument("--batch-size", type=int, default=128)
-    args.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    args.add_argument("--eval-every", type=int, default=50, help="steps between test evaluations")
-    args.add_argument("--probe-steps", type=int, default=1500, help="Adam steps of the post-hoc probe")
-    args.add_argument("--seeds", type=int, default=3)
-    options = args.parse_args()
-    setup(options)
+    args.add_argument("--train-examples", type=positive_int, default=20000, help="training composites (from the MNIST training split)")
+    args.add_argument("--test-examples", type=positive_int, default=2000, help="test composites (from the MNIST test split)")
+    args.add_argument("--epochs", type=positive_int, default=5, help="passes over the training composites")
+    args.add_argument("--hidden", type=positive_int, default=64, help="units of the shared features")
+    args.add_argument("--activation", default="relu", choices=tuple(ACTIVATIONS), help="activation of the shared features")
+    args.add_argument("--adversary-hidden", type=nonnegative_int, default=64, help="hidden units of the adversary head (0: linear)")
+    args.add_argument("--batch-size", type=positive_int, default=128, help="composites per minibatch")
+    args.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    args.add_argument("--eval-every", type=positive_int, default=50, help="steps between test evaluations")
+    args.add_argument("--probe-steps", type=positive_int, default=1500, help="Adam steps of the post-hoc probe")
+    args.add_argument("--seeds", type=positive_int, default=3, help="training runs per setting")
+    options = setup(args, {"gradient_reversal": {}})
     data = zero_composite_tensors(str(data_dir()), "cpu", options.train_examples, options.test_examples)
     runs = []
     for name, reverse in SETTINGS.items():

@@ -18,9 +18,11 @@ contain a zero?".
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
+from _common import positive_float, positive_int
 from _objectives_repro import mnist, parser, setup, table, write
 from torch import nn
 
@@ -92,20 +94,30 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).double().mean().item()
 
 
+def _weights(text: str) -> str:
+    """``text`` if it is comma-separated positive numbers (a 0 would repeat the plain run that is always added)."""
+    try:
+        for part in text.split(","):
+            if part.strip():
+                positive_float(part)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+    return text
+
+
 def main() -> None:
     args = parser(__doc__)
-    args.add_argument("--biased-examples", type=int, default=4000, help="biased training composites")
-    args.add_argument("--pairs", type=int, default=200, help="counterfactual training pairs")
-    args.add_argument("--test-examples", type=int, default=2000, help="composites per test set")
-    args.add_argument("--epochs", type=int, default=10, help="passes over the biased composites")
-    args.add_argument("--hidden", type=int, default=64)
-    args.add_argument("--batch-size", type=int, default=64, help="biased composites per minibatch")
-    args.add_argument("--batch-pairs", type=int, default=16, help="pairs per minibatch")
-    args.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    args.add_argument("--weights", default="1,10", help="gradient-supervision weights (plain training is added)")
-    args.add_argument("--seeds", type=int, default=5)
-    options = args.parse_args()
-    setup(options)
+    args.add_argument("--biased-examples", type=positive_int, default=4000, help="biased training composites")
+    args.add_argument("--pairs", type=positive_int, default=200, help="counterfactual training pairs")
+    args.add_argument("--test-examples", type=positive_int, default=2000, help="composites per test set")
+    args.add_argument("--epochs", type=positive_int, default=10, help="passes over the biased composites")
+    args.add_argument("--hidden", type=positive_int, default=64, help="hidden ReLU units of the MLP")
+    args.add_argument("--batch-size", type=positive_int, default=64, help="biased composites per minibatch")
+    args.add_argument("--batch-pairs", type=positive_int, default=16, help="pairs per minibatch")
+    args.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    args.add_argument("--weights", type=_weights, default="1,10", help="positive gradient-supervision weights, comma-separated (plain training is added)")
+    args.add_argument("--seeds", type=positive_int, default=5, help="training runs per weight")
+    options = setup(args, {"gradient_supervision": {}})
     weights = (0.0, *(float(w) for w in options.weights.split(",") if w.strip()))
     data = mnist()
     training = Composer(data.x_train, data.y_train, torch.Generator().manual_seed(10))

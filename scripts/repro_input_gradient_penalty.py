@@ -10,10 +10,12 @@ same attack (PGD, step 2.5·eps/10).
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 import torch
+from _common import nonnegative_int, positive_float, positive_int
 from _objectives_repro import minibatches, mnist, parser, setup, table, write
 from torch import nn
 
@@ -24,7 +26,14 @@ CHUNK = 2000  # Test images per attack call.
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(part) for part in text.split(",") if part.strip())
+    """Comma-separated positive numbers, at least one."""
+    try:
+        values = tuple(positive_float(part) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError:
+        values = ()
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return values
 
 
 def train(eps: float, data, options, seed: int) -> nn.Module:
@@ -75,17 +84,16 @@ def mean_input_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
 
 def main() -> None:
     args = parser(__doc__)
-    args.add_argument("--train-examples", type=int, default=60000, help="MNIST training images used")
-    args.add_argument("--epochs", type=int, default=5)
-    args.add_argument("--hidden", type=int, default=100)
-    args.add_argument("--batch-size", type=int, default=128)
-    args.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    args.add_argument("--norm", default="l2", choices=("l2", "linf"))
+    args.add_argument("--train-examples", type=positive_int, default=60000, help="MNIST training images used")
+    args.add_argument("--epochs", type=positive_int, default=5, help="passes over the training images")
+    args.add_argument("--hidden", type=positive_int, default=100, help="hidden ReLU units of the MLP")
+    args.add_argument("--batch-size", type=positive_int, default=128, help="images per minibatch")
+    args.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    args.add_argument("--norm", default="l2", choices=("l2", "linf"), help="norm of the perturbation ball (penalty and attacks)")
     args.add_argument("--train-eps", type=_floats, default=(0.5, 1.0, 2.0, 4.0), help="penalty eps values (plain training is added)")
     args.add_argument("--eval-eps", type=_floats, default=(0.5, 1.0, 2.0, 3.0), help="attack radii")
-    args.add_argument("--pgd-steps", type=int, default=10, help="steps of the projected check attack (0: skip)")
-    options = args.parse_args()
-    setup(options)
+    args.add_argument("--pgd-steps", type=nonnegative_int, default=10, help="steps of the projected check attack (0: skip)")
+    options = setup(args, {"input_gradient_penalty": {}})
     data = mnist()
     x_test, y_test = data.x_test, data.y_test
     models = []

@@ -1,17 +1,20 @@
 """Tangent prop on a 1-D toy: fit y = x at x = 0, 0.25, ..., 1 with tanh and ReLU nets, with and without the slope penalty.
 
 The penalty is l2l.objectives.tangent_penalty with tangent 1 (for a scalar function of a
-scalar, J_f(x)·1 = f'(x)), so the objective is mean (f(x_i) - x_i)² + weight · mean f'(x_i)².
+scalar, J_f(x)·1 = f'(x)), so the objective is mean (f(x_i) - x_i)² + weight · mean f'(x_i)²,
+tangent-1d's (l2l.tasks.gradient_tasks.TangentPropObjective) computed another way: see loss().
 A penalised fit must pass through the points with zero slope there (a staircase, or a curve
 with extrema at the points); the plain fit is free to be the straight line y = x.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 import torch
+from _common import positive_float, positive_int
 from _objectives_repro import parser, setup, table, write
 
 from l2l.objectives import directional_derivatives, tangent_penalty
@@ -20,6 +23,23 @@ from l2l.tasks.mnist import mlp
 
 FLAT_MSE, FLAT_SLOPE = 1e-3, 0.05  # "Fits the points and is flat there."
 MONOTONE_TOLERANCE = -0.01  # Smallest slope on [0, 1] that still counts as non-decreasing.
+# The published runs (benchmarks/results/NAME.json): flags beyond the defaults.
+RECIPES = {"tangent_prop": {}, "tangent_prop_init1": {"init_scale": 1.0, "steps": 15000}}
+
+
+def loss(net: torch.nn.Module, x: torch.Tensor, weight: float) -> torch.Tensor:
+    """The objective at points ``x`` ``[5, 1]`` (targets y = x).
+
+    TangentPropObjective(weight)(net, x, x) is the same function (tests/test_scripts.py checks
+    they agree), but it takes the fit from the JVP's primal output: rounding differs in the
+    last float32 bits, and over 6,000 Adam steps that grows into other final numbers (seed 0,
+    tanh, weight 1: fit MSE 8.6e-7 instead of the published 1.2e-4). The published tables
+    come from this form.
+    """
+    value = (net(x) - x).pow(2).mean()
+    if weight:
+        value = value + weight * tangent_penalty(net, x, torch.ones_like(x))
+    return value
 
 
 def train(activation: str, weight: float, seed: int, options) -> tuple[torch.nn.Module, list[float]]:
@@ -33,13 +53,11 @@ def train(activation: str, weight: float, seed: int, options) -> tuple[torch.nn.
     history = []
     for step in range(options.steps):
         optimizer.zero_grad()
-        loss = (net(x) - x).pow(2).mean()
-        if weight:
-            loss = loss + weight * tangent_penalty(net, x, torch.ones_like(x))
-        loss.backward()
+        value = loss(net, x, weight)
+        value.backward()
         optimizer.step()
         if step % 100 == 0 or step == options.steps - 1:
-            history.append(loss.item())
+            history.append(value.item())
     return net, history
 
 
@@ -48,18 +66,21 @@ def fit_and_slopes(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
         return directional_derivatives(net, x, torch.ones_like(x))
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     args = parser(__doc__)
-    args.add_argument("--steps", type=int, default=6000, help="full-batch Adam steps per fit")
-    args.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
-    args.add_argument("--hidden", type=int, default=20, help="hidden units of the 1-H-1 net")
-    args.add_argument("--weight", type=float, default=1.0, help="weight of the slope penalty")
-    args.add_argument("--seeds", type=int, default=3, help="fits per setting")
-    args.add_argument("--init-scale", type=float, default=4.0,
+    args.add_argument("--steps", type=positive_int, default=6000, help="full-batch Adam steps per fit")
+    args.add_argument("--lr", type=positive_float, default=0.01, help="Adam learning rate")
+    args.add_argument("--hidden", type=positive_int, default=20, help="hidden units of the 1-H-1 net")
+    args.add_argument("--weight", type=positive_float, default=1.0, help="weight of the slope penalty (plain fits, weight 0, are added)")
+    args.add_argument("--seeds", type=positive_int, default=3, help="fits per setting")
+    args.add_argument("--init-scale", type=positive_float, default=4.0,
                       help="factor on the first layer's default initialisation (1: PyTorch's U(-1, 1) for one input)")
-    args.add_argument("--name", default="tangent_prop", help="output file stem")
-    options = args.parse_args()
-    setup(options)
+    args.add_argument("--name", default="tangent_prop", help="output file stem (published: " + ", ".join(RECIPES) + ")")
+    return args
+
+
+def main() -> None:
+    options = setup(arguments(), RECIPES)
     x = torch.tensor(TANGENT_POINTS).unsqueeze(1)
     grid = torch.linspace(-0.1, 1.1, 241).unsqueeze(1)
     runs, curves = [], {}
