@@ -25,6 +25,8 @@ from l2l.torch_optim import (
     LearnedOptimizer,
     RuleFn,
     bucket_key,
+    check_grad,
+    check_options,
     group_rule,
     learned_step,
     real_view,
@@ -50,19 +52,65 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
     the LearnedOptimizer's hidden states and applies the same kernel
     (:func:`~l2l.torch_optim.learned_step`); non-finite gradient coordinates are masked as in
     the drop-in but not counted (counting would synchronise with the device).
+
+    Overrides (``innerloop_ctx(..., override=...)`` and ``step(..., override=...)``) are checked
+    as the drop-in checks its options, except that ``lr`` may also be a one-element
+    floating-point tensor; an invalid one raises and leaves the options as they were. A
+    ``rule_group`` override is honoured from the next step on, as the drop-in honours a changed
+    ``group["rule_group"]``; the group's hidden state is carried over, so the new LSTM must have
+    the same layers and hidden size. ``chunk_size`` is checked but not used: autograd keeps
+    every coordinate's activations whatever the chunking, so the twin steps a bucket in one call.
+    Parameters frozen (``requires_grad=False``) when the inner loop starts are never updated, in
+    test mode too (where higher hands every parameter back requiring grad).
     """
 
     def __init__(self, other: LearnedOptimizer, reference_params, **kwargs: Any) -> None:
+        self._rule = other.rule  # Set first: the base class applies the overrides, which are checked against it.
+        # With track_higher_grads=False higher hands back every parameter as
+        # p.detach().requires_grad_(), so from the second step a frozen one would get a gradient:
+        # remember which were frozen, as the drop-in skips them (they never get a .grad).
+        self._frozen = [[not p.requires_grad for p in group["params"]] for group in other.param_groups]
         super().__init__(other, reference_params, **kwargs)
-        self._rules = [group_rule(other.rule, group) for group in other.param_groups]
+        self._check_states_fit()  # The override above was applied before the states were copied.
+
+    def _check_states_fit(self) -> None:
+        """Raises if a group's hidden state does not fit the LSTM its (overridden) ``rule_group`` names."""
+        for index, group in enumerate(self.param_groups):
+            rule = group_rule(self._rule, group)
+            expected = (rule.num_layers, rule.hidden_size)
+            for state in self.state[index].values():
+                found = tuple(state["h"].shape[:2]) if "h" in state else expected
+                if found != expected:
+                    raise ValueError(
+                        f"param group {index}'s LSTM state is {found[0]} layers x {found[1]} units, but "
+                        f"rule_group {group['rule_group']!r} is {expected[0]} x {expected[1]}: a rule_group "
+                        "override must name an LSTM of the same shape"
+                    )
+
+    def _apply_override(self, override: dict[str, list[Any]]) -> None:
+        options = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
+        try:
+            super()._apply_override(override)
+            for group in self.param_groups:
+                check_options(self._rule, group, tensor_lr=True)
+            self._check_states_fit()
+        except ValueError:
+            # A refused override must not stay behind for the next step (which has none to check).
+            for group, kept in zip(self.param_groups, options):
+                params = group["params"]
+                group.clear()
+                group.update(kept, params=params)
+            raise
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
         del kwargs  # Unused.
-        for index, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            rule = self._rules[index]
+        for index, (group, grads, frozen) in enumerate(zip(self.param_groups, grouped_grads, self._frozen)):
+            rule = group_rule(self._rule, group)  # Per step: a rule_group override takes effect.
+            grads = [None if is_frozen else grad for grad, is_frozen in zip(grads, frozen)]
             by_key: dict[tuple, list[int]] = {}
             for position, (param, grad) in enumerate(zip(group["params"], grads)):
                 if grad is not None:
+                    check_grad(grad)
                     by_key.setdefault(bucket_key(param), []).append(position)
             for (device, dtype), positions in by_key.items():
                 self._update_bucket(index, group, grads, positions, rule_on(rule, device), rule, dtype)
@@ -87,9 +135,10 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
         fresh_h, fresh_c = fresh.h.split(sizes, dim=2), fresh.c.split(sizes, dim=2)
         h = torch.cat([s["h"].to(fresh.h) if "h" in s else z for s, z in zip(states, fresh_h)], dim=2)
         c = torch.cat([s["c"].to(fresh.c) if "c" in s else z for s, z in zip(states, fresh_c)], dim=2)
-        update, new_state = learned_step(
-            rule_fn, grad, LSTMState(h, c), lr_scale=group["lr"], finite=torch.isfinite(grad)
-        )
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = lr.reshape(())  # A [1] or [1, 1] lr would broadcast the update to another shape.
+        update, new_state = learned_step(rule_fn, grad, LSTMState(h, c), lr_scale=lr, finite=torch.isfinite(grad))
         if not self._track_higher_grads:
             new_state = LSTMState(new_state.h.detach(), new_state.c.detach())
         for i, param, piece, h_piece, c_piece in zip(

@@ -130,13 +130,45 @@ def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
     return param.device, (param.real.dtype if param.is_complex() else param.dtype)
 
 
-def check_grad(param: Tensor) -> None:
+def check_grad(grad: Tensor) -> None:
     """Raises for gradients the learned optimizer cannot take (sparse ones)."""
-    if param.grad.is_sparse:
+    if grad.is_sparse:
         raise RuntimeError(
             "LearnedOptimizer does not support sparse gradients; densify them (grad.to_dense()) "
             "or optimize those parameters with torch.optim.SparseAdam"
         )
+
+
+def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = False) -> None:
+    """Raises ``ValueError`` naming the first invalid option of a param group (``lr``, ``maximize``, ...).
+
+    Args:
+        rule: the optimizer's learned rule, which the group's ``rule_group`` must fit.
+        group: the param group's options.
+        tensor_lr: also accept a one-element floating-point tensor ``lr`` holding a valid value
+            (the differentiable twin's meta-learned lr; the drop-in needs a number for schedulers
+            and the fused kernel). Checking its value reads it, a device sync off the CPU.
+    """
+    lr = value = group["lr"]
+    if tensor_lr and isinstance(lr, Tensor) and lr.numel() == 1 and lr.is_floating_point():
+        value = lr.detach().item()
+    if isinstance(value, (Tensor, bool)) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        expected = "a finite number >= 0"
+        if tensor_lr and isinstance(lr, Tensor):
+            expected += " or a one-element floating-point tensor holding one"
+        raise ValueError(f"Invalid lr: {lr!r} (expected {expected}, the factor on the learned update)")
+    if not isinstance(group["maximize"], bool):
+        raise ValueError(f"Invalid maximize: {group['maximize']!r} (expected True or False)")
+    state_dtype = group["state_dtype"]
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"Invalid state_dtype: {state_dtype!r} (expected None or one of "
+            f"{', '.join(map(str, STATE_DTYPES))})"
+        )
+    chunk_size = group["chunk_size"]
+    if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
+        raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected None or a positive int)")
+    group_rule(rule, group)
 
 
 @dataclass
@@ -215,27 +247,10 @@ class LearnedOptimizer(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def _check_options(self, group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, (Tensor, bool)) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"Invalid lr: {lr!r} (expected a finite number >= 0, the factor on the learned update)")
-        if not isinstance(group["maximize"], bool):
-            raise ValueError(f"Invalid maximize: {group['maximize']!r} (expected True or False)")
-        state_dtype = group["state_dtype"]
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            raise ValueError(
-                f"Invalid state_dtype: {state_dtype!r} (expected None or one of "
-                f"{', '.join(map(str, STATE_DTYPES))})"
-            )
-        chunk_size = group["chunk_size"]
-        if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
-            raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected None or a positive int)")
-        group_rule(self.rule, group)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group; its options are validated before it joins (see torch.optim)."""
         if isinstance(param_group, dict):
-            self._check_options({**self.defaults, **param_group})
+            check_options(self.rule, {**self.defaults, **param_group})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*duplicate parameters")  # refused below instead
             super().add_param_group(param_group)
@@ -338,7 +353,7 @@ class LearnedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                check_grad(p)
+                check_grad(p.grad)
                 by_key.setdefault(bucket_key(p), []).append(p)
             for key, params in by_key.items():
                 bucket = self._bucket(index, key, params, group, rule)
@@ -446,7 +461,7 @@ class LearnedOptimizer(Optimizer):
         if len(groups) == len(saved_groups) and all(len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)):
             for group, saved_group in zip(groups, saved_groups):
                 try:
-                    self._check_options({**group, **saved_group})
+                    check_options(self.rule, {**group, **saved_group})
                 except ValueError as error:
                     raise ValueError(f"this state_dict's param group options are invalid: {error}") from None
             pairs = [
