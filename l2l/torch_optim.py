@@ -147,11 +147,12 @@ def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = F
         group: the param group's options.
         tensor_lr: also accept a one-element floating-point tensor ``lr`` holding a valid value
             (the differentiable twin's meta-learned lr; the drop-in needs a number for schedulers
-            and the fused kernel). Checking its value reads it, a device sync off the CPU.
+            and the fused kernel). Its value is checked on the CPU only: reading a GPU tensor
+            would synchronise the device at every step.
     """
     lr = value = group["lr"]
     if tensor_lr and isinstance(lr, Tensor) and lr.numel() == 1 and lr.is_floating_point():
-        value = lr.detach().item()
+        value = lr.detach().item() if lr.device.type == "cpu" else 0.0  # 0.0: a valid stand-in, unread
     if isinstance(value, (Tensor, bool)) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
         expected = "a finite number >= 0"
         if tensor_lr and isinstance(lr, Tensor):

@@ -195,6 +195,17 @@ def test_invalid_tensor_lrs_are_refused(lr):
             pass
 
 
+def test_a_tensor_lr_off_the_cpu_is_not_read_by_the_check():
+    from l2l.torch_optim import check_options
+
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64))
+    group = dict(optimizer.param_groups[0], lr=torch.tensor(-1.0, device="meta"))  # .item() on meta raises
+    check_options(optimizer.rule, group, tensor_lr=True)  # reading a CUDA lr would sync at every step
+    with pytest.raises(ValueError, match="Invalid lr"):
+        check_options(optimizer.rule, dict(group, lr=torch.tensor(-1.0)), tensor_lr=True)
+
+
 def test_one_element_tensor_lrs_act_as_their_number():
     x, y = data()
     finals = []
