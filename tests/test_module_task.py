@@ -10,6 +10,8 @@ from l2l.meta.evaluate import evaluate
 from l2l.optimizers import SGD, Adam, CoordinateWiseLSTM, PerGroupRule
 from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
 
+from gpu import CUDA, RECORDING, needs_cuda
+
 
 def small_conv_net():
     return nn.Sequential(
@@ -185,6 +187,23 @@ def test_dropout_masks_follow_the_minibatch_seed_and_leave_the_global_rng_alone(
     unseeded = task.loss(params, batch[:2])
     torch.manual_seed(1)
     assert not torch.allclose(task.loss(params, batch[:2]), unseeded)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_dropout_on_cuda_follows_the_minibatch_seed_and_restores_the_cuda_rng():
+    if RECORDING:
+        pytest.skip("launches no fused kernel")
+    family = ModuleFamily(dropout_net, lambda device: SupervisedData(*(t.to(device) for t in fake_data())), batch_size=16)
+    task = family.sample(3, torch.Generator().manual_seed(1), CUDA)
+    params = task.init_params()
+    batch = task.sample_batch(torch.Generator(device=CUDA).manual_seed(3))
+    before = torch.cuda.get_rng_state(CUDA)
+    first = task.loss(params, batch)
+    assert torch.equal(torch.cuda.get_rng_state(CUDA), before)
+    torch.cuda.manual_seed(7)
+    torch.testing.assert_close(task.loss(params, batch), first, rtol=0, atol=0)
+    assert not torch.allclose(task.loss(params, batch._replace(seed=batch.seed + 1)), first)
 
 
 def test_optimizers_compared_on_a_dropout_task_see_the_same_masks_whatever_the_global_rng():
