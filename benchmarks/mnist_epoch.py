@@ -40,7 +40,8 @@ def measure(device: str, instances: int, epochs: int) -> dict:
         trainer.train_epoch().item()
         times.append(time.perf_counter() - begin)
     coordinates = instances * trainer.validation_task.num_params
-    result = {"instances": instances, "coordinates": coordinates, "seconds_per_epoch": statistics.median(times)}
+    result = {"instances": instances, "coordinates": coordinates, "optimizee_steps": trainer.steps, "unroll": trainer.unroll,
+              "seconds_per_epoch": statistics.median(times)}
     if device.startswith("cuda"):
         result["peak_bytes"] = torch.cuda.max_memory_allocated() - base
         result["machine"] = torch.cuda.get_device_name()
@@ -48,7 +49,10 @@ def measure(device: str, instances: int, epochs: int) -> dict:
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         result["peak_rss_growth_bytes"] = result["peak_rss_bytes"] - rss_before
         result["machine"] = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    result["coordinate_steps_per_second"] = coordinates * 100 / result["seconds_per_epoch"]
+    result["coordinate_steps_per_second"] = coordinates * trainer.steps / result["seconds_per_epoch"]
+    # What the epoch holds is one truncation's graph: per coordinate-step of that truncation.
+    growth = result["peak_bytes"] if device.startswith("cuda") else result["peak_rss_growth_bytes"]
+    result["bytes_per_coordinate_step"] = growth / (coordinates * trainer.unroll)
     return result
 
 
@@ -71,12 +75,14 @@ def main() -> None:
         ).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
     memory_key = "peak_bytes" if args.device.startswith("cuda") else "peak_rss_bytes"
-    print(f"MNIST meta-training epoch (100 steps, unroll 20) on {rows[0]['machine']}")
+    print(f"MNIST meta-training epoch ({rows[0]['optimizee_steps']} steps, unroll {rows[0]['unroll']}) on {rows[0]['machine']}")
     growth_key = "peak_bytes" if args.device.startswith("cuda") else "peak_rss_growth_bytes"
-    print(f"{'K':>4} {'coordinates':>12} {'s/epoch':>9} {'coord-steps/s':>14} {'peak memory':>12} {'of which the epoch':>19}")
+    print(f"{'K':>4} {'coordinates':>12} {'s/epoch':>9} {'coord-steps/s':>14} {'peak memory':>12} {'of which the epoch':>19} "
+          f"{'per coord-step':>15}")
     for row in rows:
         print(f"{row['instances']:>4} {row['coordinates']:>12,} {row['seconds_per_epoch']:>9.2f} "
-              f"{row['coordinate_steps_per_second']:>14.3g} {row[memory_key] / 2**30:>8.2f} GiB {row[growth_key] / 2**20:>15.0f} MiB")
+              f"{row['coordinate_steps_per_second']:>14.3g} {row[memory_key] / 2**30:>8.2f} GiB {row[growth_key] / 2**20:>15.0f} MiB "
+              f"{row['bytes_per_coordinate_step'] / 1e3:>12.1f} KB")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=1)

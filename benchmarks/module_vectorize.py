@@ -4,7 +4,7 @@
 everything else; this prints the figures behind that choice (median seconds per
 `value_and_grad`, same parameters and minibatch for both).
 
-    L2L_DATA=../shared/data python benchmarks/module_vectorize.py [--device cpu|cuda] [--threads 1] [--json OUT]
+    L2L_DATA=../shared/data python benchmarks/module_vectorize.py [--device cpu|cuda] [--threads 1] [--settings mnist:4,...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -20,6 +20,17 @@ from l2l.meta.unroll import value_and_grad
 from l2l.tasks import get_task
 
 SETTINGS = (("mnist", 4), ("mnist", 16), ("cifar10", 1), ("cifar10", 4))
+
+
+def settings(text: str) -> list[tuple[str, int]]:
+    """``"mnist:4,cifar10:1"`` as ``[("mnist", 4), ("cifar10", 1)]``."""
+    pairs = []
+    for item in text.split(","):
+        name, _, count = item.strip().partition(":")
+        if not name or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"settings are TASK:K with K >= 1, comma-separated; got {item!r}")
+        pairs.append((name, int(count)))
+    return pairs
 
 
 def seconds_per_step(task, params, batch, device, repeats: int) -> float:
@@ -41,6 +52,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--settings", type=settings, default=list(SETTINGS),
+                        help="task:instances pairs, comma-separated (default: "
+                             + ",".join(f"{name}:{k}" for name, k in SETTINGS) + ")")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,7 +62,7 @@ def main() -> None:
     rows = []
     print(f"loss + gradient of K instances per step ({device}, {args.threads} threads, torch {torch.__version__})")
     print(f"{'task':>8} {'K':>3} {'vmap':>10} {'loop':>10} {'vmap / loop':>12}")
-    for name, instances in SETTINGS:
+    for name, instances in args.settings:
         family = get_task(name)
         figures = {}
         for vectorize in ("vmap", "loop"):

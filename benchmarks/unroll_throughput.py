@@ -139,25 +139,30 @@ def inference(rule: CoordinateWiseLSTM, kernel: str, n: int, device: torch.devic
     return seconds(step, 2, 10 if n <= 1e6 else 5)
 
 
-def meta_training(rule: CoordinateWiseLSTM, n: int, steps: int, device: torch.device, seconds) -> tuple[float, float | None]:
-    """Seconds per unroll of ``steps`` steps + backward on ``n`` coordinates, and bytes kept per coordinate-step (CUDA)."""
+def meta_training(rule: CoordinateWiseLSTM, n: int, steps: int, device: torch.device, seconds,
+                  kept: bool = True) -> tuple[float, float | None]:
+    """Seconds per unroll of ``steps`` steps + backward on ``n`` coordinates, and bytes kept per coordinate-step (CUDA, ``kept``)."""
     instances = max(1, n // 1000)
     task = DiagonalQuadratic(instances, n // instances, device)
     carry = start(rule, task)
-    peak = [None]
 
     def run():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
         losses, _ = unroll(rule, task, carry, steps)
-        if device.type == "cuda":
-            peak[0] = (torch.cuda.max_memory_allocated() - base) / (task.num_instances * task.num_params * steps)
         losses.sum().backward()
         rule.zero_grad(set_to_none=True)
 
-    return seconds(run, 1, 3 if n >= 1e6 else 5), peak[0]
+    elapsed = seconds(run, 1, 3 if n >= 1e6 else 5)
+    if device.type != "cuda" or not kept:
+        return elapsed, None
+    # The memory kept is read in one more, untimed, unroll: reading it in the timed ones put a
+    # host synchronisation and the allocator's statistics inside every timing.
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    losses, _ = unroll(rule, task, carry, steps)
+    per_coordinate_step = (torch.cuda.max_memory_allocated(device) - base) / (task.num_instances * task.num_params * steps)
+    del losses
+    return elapsed, per_coordinate_step
 
 
 def quadratic_iteration(kernel: str, graphs: bool, device: torch.device, seconds) -> float:
@@ -240,7 +245,7 @@ def run_job(job: WarmJob, device: torch.device) -> None:
             inference(rule, "fused", size, device, _run_once)
         elif measurement == "meta":
             # Three steps launch every variant a longer unroll does (first, middle and last step).
-            meta_training(rule, size, 3, device, _run_once)
+            meta_training(rule, size, 3, device, _run_once, kept=False)
         elif measurement == "quadratic":
             quadratic_iteration("fused", bool(size), device, _run_once)
         elif measurement == "drop_in":
@@ -346,7 +351,7 @@ def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
         row = {"kernel": "backward", "precision": precision, "weight_grads": changes["weight_grads"],
                "block": changes["backward_block"], "warps": changes["backward_warps"]}
         measure(row, changes,
-                lambda: {"meta_cs_per_s": sizes[1] * 5 / meta_training(rule, sizes[1], 5, device, seconds)[0]})
+                lambda: {"meta_cs_per_s": sizes[1] * 5 / meta_training(rule, sizes[1], 5, device, seconds, kept=False)[0]})
     return rows
 
 
@@ -407,8 +412,8 @@ def main() -> None:
     bandwidth = report["ceilings"]["copy_bandwidth_Bps"]
     print(f"unroll_throughput on {args.device} ({machine}), torch {torch.__version__}, triton {report['triton']}, "
           f"fused precision {args.precision}")
-    print("ceilings: copy {:.2f} TB/s (read+write)".format(bandwidth / 1e12) + "".join(
-        f", matmul {k.split('_')[1]} {v / 1e12:.1f} TFLOP/s" for k, v in report["ceilings"].items() if k.startswith("matmul")))
+    print("ceilings: copy {:.3g} TB/s (read+write)".format(bandwidth / 1e12) + "".join(
+        f", matmul {k.split('_')[1]} {v / 1e12:.3g} TFLOP/s" for k, v in report["ceilings"].items() if k.startswith("matmul")))
     print(f"byte rooflines: inference {bandwidth / INFERENCE_BYTES:.3g} coordinate-steps/s ({INFERENCE_BYTES} B), "
           f"meta-training {bandwidth / META_BYTES:.3g} ({META_BYTES} B)")
 

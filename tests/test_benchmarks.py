@@ -1,20 +1,33 @@
-"""The issue-target verdicts that benchmarks/unroll_throughput.py prints and records for the CUDA path."""
+"""benchmarks/: the issue-target verdicts unroll_throughput.py prints and records for the CUDA path, and the
+CPU path of the timing scripts at their smallest settings (what they print and write, ratios from the same run)."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "unroll_throughput.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PATH = BENCHMARKS / "unroll_throughput.py"
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(module, monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    module.main()
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("unroll_throughput", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("unroll_throughput")
 
 
 def report(inference=0.7, meta=0.4, speedup=5.0, kept=330.0, quadratic=12.0):
@@ -99,3 +112,107 @@ def test_a_failing_row_is_recorded_and_a_run_cut_short_keeps_its_figures(through
     assert [row["coordinates"] for row in rows] == [200, 300, 400]
     assert rows[1]["error"].startswith("OutOfMemoryError: CUDA out of memory") and "inference_s" not in rows[1]
     assert rows[0]["inference_cs_per_s"] == 200 / 1e-3 and rows[2]["meta_cs_per_s"] == 400 * 20 / 2e-3
+
+
+def test_meta_iteration_smoke(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "meta.json"
+    run_main(script("meta_iteration"), monkeypatch, "--instances", "3", "--dim", "2", "--unroll", "2", "--repeats", "1",
+             "--json", str(out))
+    report = json.loads(out.read_text())
+    seconds = report["seconds"]
+    assert set(seconds) == {"batched", "per_parameter_loop"} and all(value > 0 for value in seconds.values())
+    assert report["ratio"] == seconds["per_parameter_loop"] / seconds["batched"]
+    printed = capsys.readouterr().out
+    assert "batched path" in printed and "per-parameter loop" in printed and f"{report['ratio']:9.1f}x" in printed
+
+
+def test_optimizer_step_smoke(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "step.json"
+    run_main(script("optimizer_step"), monkeypatch, "--sizes", "1e3", "--repeats", "1", "--threads", "1", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["params"] == 4 * (15 * 15 + 15)  # four Linear(15, 15): the width closest to 1e3 parameters
+    assert row["ratio_foreach"] == row["learned_s"] / row["adam_foreach_s"] and "adam_fused_s" not in row
+    assert f"{row['params']:>11,}" in capsys.readouterr().out
+
+
+def test_lstm_layout_smoke(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "layout.json"
+    run_main(script("lstm_layout"), monkeypatch, "--sizes", "50,70", "--repeats", "1", "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [row["coordinates"] for row in rows] == [50, 70]
+    assert all(row["speedup"] == row["coordinate_major_s"] / row["feature_major_s"] for row in rows)
+    assert "feature-major" in capsys.readouterr().out
+
+
+def test_module_vectorize_smoke(monkeypatch, tmp_path, capsys, real_data):
+    module = script("module_vectorize")
+    out = tmp_path / "vectorize.json"
+    run_main(module, monkeypatch, "--threads", "1", "--repeats", "1", "--settings", "mnist:2", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["task"], row["instances"]) == ("mnist", 2) and row["ratio"] == row["vmap"] / row["loop"]
+    assert "mnist   2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_main(module, monkeypatch, "--settings", "mnist")
+
+
+def test_meta_training_times_no_memory_query_or_synchronisation(throughput, monkeypatch):
+    # On CUDA the bytes kept are read in an untimed unroll: inside a timed run neither the allocator's
+    # statistics nor a synchronisation may be called. The CUDA branch runs here on CPU tensors, with a
+    # device that says "cuda" and those calls stubbed to fail inside a timing.
+    import types
+
+    from l2l.optimizers import CoordinateWiseLSTM
+
+    inside = []
+
+    def seconds(fn, warmup=0, repeats=1):
+        inside.append(True)
+        try:
+            for _ in range(warmup + repeats):
+                fn()
+        finally:
+            inside.pop()
+        return 1e-3
+
+    calls = []
+
+    def outside_timings_only(name):
+        def call(*args, **kwargs):
+            assert not inside, f"torch.cuda.{name} inside a timed run"
+            calls.append(name)
+            return 0
+        return call
+
+    for name in ("synchronize", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, outside_timings_only(name))
+    on_cpu = throughput.DiagonalQuadratic
+    monkeypatch.setattr(throughput, "DiagonalQuadratic", lambda k, n, device: on_cpu(k, n, torch.device("cpu")))
+    cuda = types.SimpleNamespace(type="cuda")
+    elapsed, kept = throughput.meta_training(CoordinateWiseLSTM(seed=0), 40, 3, cuda, seconds)
+    assert elapsed == 1e-3 and kept == 0.0 and "max_memory_allocated" in calls
+    calls.clear()
+    assert throughput.meta_training(CoordinateWiseLSTM(seed=0), 40, 3, cuda, seconds, kept=False) == (1e-3, None)
+    assert calls == []
+
+
+def test_mnist_epoch_prints_the_memory_per_coordinate_step(monkeypatch, tmp_path, capsys):
+    # Each K runs in its own process (an MNIST epoch takes seconds): the child's report is stood in for here.
+    import types
+
+    module = script("mnist_epoch")
+    child = {"instances": 1, "coordinates": 15910, "optimizee_steps": 100, "unroll": 20, "seconds_per_epoch": 8.57,
+             "peak_rss_bytes": 1.33 * 2**30, "peak_rss_growth_bytes": 520 * 2**20, "machine": "x86_64 CPU, 1 threads",
+             "coordinate_steps_per_second": 15910 * 100 / 8.57, "bytes_per_coordinate_step": 520 * 2**20 / (15910 * 20)}
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return types.SimpleNamespace(stdout="noise\n" + json.dumps(child) + "\n")
+
+    monkeypatch.setattr(module.subprocess, "run", run)
+    out = tmp_path / "epoch.json"
+    run_main(module, monkeypatch, "--instances", "1", "--epochs", "1", "--json", str(out))
+    assert commands[0][-6:] == ["--device", "cpu", "--instances", "1", "--epochs", "1"]
+    assert json.loads(out.read_text()) == [child]
+    printed = capsys.readouterr().out
+    assert "(100 steps, unroll 20)" in printed and "520 MiB" in printed and "1.7 KB" in printed  # RESULTS.md's K = 1 row
