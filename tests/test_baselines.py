@@ -70,6 +70,7 @@ def test_rules_are_pure():
     [
         (lambda: SGD(lr=-1.0), "Invalid learning rate: -1.0"),
         (lambda: SGD(lr=float("nan")), "Invalid learning rate"),
+        (lambda: Adam(lr=0.0), "Invalid learning rate: 0.0"),
         (lambda: Momentum(beta=1.0), "Invalid momentum value: 1.0"),
         (lambda: RMSProp(alpha=-0.1), "Invalid alpha value"),
         (lambda: RMSProp(eps=-1e-8), "Invalid epsilon value"),
@@ -80,6 +81,14 @@ def test_rules_are_pure():
 def test_constructors_validate_arguments(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_a_zero_epsilon_is_accepted_as_torch_optim_accepts_it():
+    grad = torch.tensor([0.5, -2.0])
+    for rule in (RMSProp(lr=0.1, eps=0.0), Adam(lr=0.1, eps=0.0)):
+        update, _ = rule(grad, rule.init_state(2))
+        assert torch.isfinite(update).all()
+    assert Adam(lr=0.1, eps=0.0)(grad, Adam().init_state(2))[0].tolist() == pytest.approx([-0.1, 0.1], rel=1e-6)  # lr * sign g on step 1
 
 
 def test_tuning_picks_the_lowest_mean_final_loss_and_never_a_divergent_rate(quadratics):

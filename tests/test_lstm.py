@@ -71,6 +71,30 @@ def test_equals_two_stacked_lstm_cells_on_the_papers_preprocessing(p):
         torch.testing.assert_close(state.c[1].t(), hc[1][1].detach(), rtol=1e-12, atol=1e-14)
 
 
+def test_defaults_are_the_papers():
+    assert CoordinateWiseLSTM().config() == {"hidden_size": 20, "num_layers": 2, "preprocess": "log_sign",
+                                             "preprocess_p": 10.0, "output_scale": 0.1, "state_dtype": None}
+
+
+def test_weights_start_uniform_within_one_over_sqrt_hidden():
+    """torch.nn.LSTM's initialisation, U(-1/sqrt(H), 1/sqrt(H)), for every weight and bias."""
+    for name, weight in CoordinateWiseLSTM(hidden_size=16, seed=0).named_parameters():
+        assert weight.abs().max() <= 0.25, name
+        if weight.numel() > 1:
+            assert weight.min() < -0.2 and weight.max() > 0.2, name
+
+
+def test_the_state_keeps_its_dtype_and_the_update_the_gradients():
+    rule = CoordinateWiseLSTM(seed=0, state_dtype=torch.bfloat16)
+    state = rule.init_state(5, dtype=torch.float64)
+    assert state.h.dtype == state.c.dtype == torch.bfloat16  # state_dtype before dtype
+    assert CoordinateWiseLSTM().init_state(5, dtype=torch.float64).h.dtype == torch.float64
+    grad = torch.randn(5, dtype=torch.float64)
+    update, state = rule(grad, state)
+    assert update.dtype == torch.float64 and state.h.dtype == state.c.dtype == torch.bfloat16
+    torch.testing.assert_close(update, rule(grad.float(), rule.init_state(5))[0].double(), rtol=0, atol=0)
+
+
 def test_output_scale_multiplies_the_update():
     small = CoordinateWiseLSTM(output_scale=0.1, seed=3)
     large = CoordinateWiseLSTM(output_scale=1.0, seed=3)

@@ -11,6 +11,7 @@ from l2l.optimizers import SGD, Adam, CoordinateWiseLSTM, PerGroupRule
 from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
 
 from gpu import CUDA, RECORDING, needs_cuda
+from helpers import sensitive_rule
 
 
 def small_conv_net():
@@ -127,6 +128,21 @@ def test_per_group_rule_applies_each_lstm_to_its_coordinates():
     assert torch.isfinite(losses).all()
 
 
+def test_per_group_rule_carries_each_groups_state_from_step_to_step():
+    rules = {"a": sensitive_rule(seed=1, dtype=torch.float64), "b": sensitive_rule(seed=2, dtype=torch.float64, hidden_size=8)}
+    rule = PerGroupRule(rules)
+    groups = {"a": torch.tensor([5, 0, 3]), "b": torch.tensor([1, 4, 2, 6], dtype=torch.int32)}  # interleaved; int32 too
+    state = rule.init_state(7, groups=groups)
+    alone = {name: lstm.init_state(groups[name].numel()) for name, lstm in rules.items()}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grad = torch.randn(7, dtype=torch.float64, generator=generator)
+        update, state = rule(grad, state)
+        for name, lstm in rules.items():
+            expected, alone[name] = lstm(grad[groups[name].long()], alone[name])
+            torch.testing.assert_close(update[groups[name].long()], expected, rtol=0, atol=0)
+
+
 def test_per_group_rule_refuses_groups_that_do_not_partition_the_coordinates():
     rule = PerGroupRule({"a": CoordinateWiseLSTM(seed=1), "b": CoordinateWiseLSTM(seed=2)})
     overlapping = {"a": torch.tensor([0, 1]), "b": torch.tensor([1, 2])}  # right total, coordinate 3 never updated
@@ -135,6 +151,10 @@ def test_per_group_rule_refuses_groups_that_do_not_partition_the_coordinates():
     with pytest.raises(ValueError, match="the groups cover 3 coordinates"):
         rule.init_state(4, groups={"a": torch.tensor([0, 1]), "b": torch.tensor([2])})
     rule.init_state(4, groups={"a": torch.tensor([3, 0]), "b": torch.tensor([1, 2])})  # any order is a partition
+    with pytest.raises(ValueError, match=r"group 'a': indices must be a 1-D integer tensor, got shape \(1, 2\) and torch.int64"):
+        rule.init_state(4, groups={"a": torch.tensor([[3, 0]]), "b": torch.tensor([1, 2])})  # failed at the first step
+    with pytest.raises(ValueError, match=r"got shape \(2,\) and torch.float32"):
+        rule.init_state(4, groups={"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([1, 2])})
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,28 @@ def test_matches_formula_on_both_branches(p):
         assert row == pytest.approx(formula(g, p), rel=1e-12, abs=1e-12), g
 
 
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("p", [10.0, 5.0, 80.0])
+def test_threshold_subnormal_and_extreme_gradients_follow_the_formula_in_each_dtype(dtype, p, rel):
+    info = torch.finfo(dtype)
+    threshold = torch.tensor(math.exp(-p), dtype=dtype)  # rounded: the formula is continuous there
+    below = threshold.nextafter(torch.zeros((), dtype=dtype))
+    values = torch.stack([threshold, -threshold, below, -below, threshold.nextafter(threshold + 1),
+                          torch.tensor(info.smallest_normal, dtype=dtype), torch.tensor(-info.tiny / 8, dtype=dtype),
+                          torch.tensor(info.max, dtype=dtype), torch.tensor(-info.max, dtype=dtype)])
+    out = log_and_sign(values, p)
+    assert out.dtype == dtype
+    for row, g in zip(out.t().tolist(), values.tolist()):
+        assert row == pytest.approx(formula(g, p), rel=rel, abs=1e-300), g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_infinite_and_nan_gradients_are_not_hidden(dtype):
+    out = log_and_sign(torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype))
+    assert out[:, :2].t().tolist() == [[math.inf, 1.0], [math.inf, -1.0]]  # the formula: (log|g| / p, sign g)
+    assert math.isnan(out[1, 2])  # NaN reaches the rule as NaN (the drop-in skips such steps), not as a plausible number
+
+
 def test_zero_gradient_is_minus_one_zero():
     assert log_and_sign(torch.zeros(3)).t().tolist() == [[-1.0, 0.0]] * 3
 
@@ -45,8 +67,11 @@ def test_second_derivative_is_finite_at_zero():
 def test_identity_and_names():
     g = torch.randn(5)
     assert torch.equal(preprocess(g, "none"), g[None, :])
+    assert torch.equal(preprocess(g * 1e-5, "log_sign"), log_and_sign(g * 1e-5, 10.0))  # the paper's p = 10 by default
     assert input_size("log_sign") == 2 and input_size("none") == 1
     with pytest.raises(ValueError, match="unknown preprocessing 'log'"):
         preprocess(g, "log")
     with pytest.raises(ValueError, match=r"Invalid preprocess_p: 0.0 \(must be a number in \(0, 80\]"):
         log_and_sign(g, 0.0)
+    with pytest.raises(ValueError, match="Invalid preprocess_p: True"):
+        log_and_sign(g, True)

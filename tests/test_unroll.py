@@ -34,6 +34,17 @@ def test_truncations_compose_into_one_long_unroll(lstm, quadratics):
     torch.testing.assert_close(torch.cat([whole[:1], *parts]), whole)
 
 
+def test_a_truncation_hands_on_a_carry_cut_from_the_graph(lstm, quadratics):
+    """Truncated BPTT: the next truncation's meta-gradient must not reach back through this one's state."""
+    losses, carry = unroll(lstm, quadratics, start(lstm, quadratics), 3)
+    assert losses.requires_grad
+    detached = detach_carry(carry)
+    assert type(detached.opt_state) is type(carry.opt_state)
+    for tensor in (detached.params, *detached.opt_state):
+        assert not tensor.requires_grad and tensor.grad_fn is None
+    assert carry.opt_state.h.requires_grad  # what was cut
+
+
 def test_value_and_grad_matches_closed_form(quadratics):
     params = torch.randn(8, 10)
     loss, grad = value_and_grad(quadratics, params)

@@ -60,10 +60,18 @@ class PerGroupRule(nn.Module):
                 f"PerGroupRule needs the coordinates of groups {', '.join(self.group_names)}; got "
                 f"{', '.join(groups) if groups else 'none'} (tasks give them with task.coordinate_groups(...))"
             )
+        for name in self.group_names:
+            given = groups[name]
+            if given.dim() != 1 or given.dtype.is_floating_point or given.dtype.is_complex or given.dtype == torch.bool:
+                # Caught here, not at the first step (index_copy takes only int64, a [1, N_g] index
+                # hands the rule a [1, N_g] gradient), and never cast from floats or masks.
+                raise ValueError(
+                    f"group {name!r}: indices must be a 1-D integer tensor, got shape {tuple(given.shape)} and {given.dtype}"
+                )
         sizes = {name: int(groups[name].numel()) for name in self.group_names}
         if sum(sizes.values()) != num_coords:
             raise ValueError(f"the groups cover {sum(sizes.values())} coordinates ({sizes}), but there are {num_coords}")
-        index = tuple(groups[name].to(device) for name in self.group_names)
+        index = tuple(groups[name].to(device=device, dtype=torch.long) for name in self.group_names)
         # Once per trajectory, not per step: overlapping groups would leave some coordinates
         # frozen and write others twice, with no error anywhere else.
         covered = torch.cat([i.reshape(-1) for i in index]).sort().values
