@@ -141,3 +141,37 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(saved, monkeypatch):
 def test_shipped_quadratic_checkpoint_loads():
     rule = load_optimizer("quadratic")
     assert isinstance(rule, CoordinateWiseLSTM)
+
+
+def test_another_format_version_is_refused(tmp_path, lstm):
+    path = _damaged(tmp_path, lstm, lambda payload: payload.update(format_version=2))
+    with pytest.raises(CheckpointError, match="has format version 2; this l2l reads version 1"):
+        load_optimizer(path)
+
+
+def test_checkpoints_are_readable_by_others(saved):
+    assert saved.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("epoch", [True, 1.0, -1])
+def test_a_resume_checkpoint_with_an_epoch_that_is_not_a_count_is_refused(tmp_path, epoch):
+    from l2l.checkpoint import RESUME_KEYS, save_resume_checkpoint
+
+    payload = {key: {} for key in RESUME_KEYS}
+    payload.update(epoch=epoch, progress={"history": []})
+    path = save_resume_checkpoint(tmp_path / "resume.pt", payload)
+    with pytest.raises(CheckpointError, match=f"epoch is {epoch!r}, not a non-negative integer"):
+        load_resume_checkpoint(path)
+    payload["epoch"] = 3
+    assert load_resume_checkpoint(save_resume_checkpoint(path, payload))["epoch"] == 3
+
+
+def test_an_incomplete_resume_checkpoint_names_what_is_missing(tmp_path):
+    from l2l.checkpoint import RESUME_KEYS, save_resume_checkpoint
+
+    path = save_resume_checkpoint(tmp_path / "resume.pt", {key: {} for key in RESUME_KEYS} | {"epoch": 0})
+    payload = torch.load(path, weights_only=True)
+    del payload["rng"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="is incomplete: missing rng"):
+        load_resume_checkpoint(path)

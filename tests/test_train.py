@@ -1,5 +1,6 @@
 """Truncated-BPTT meta-training: it learns, resumes exactly, and guards against non-finite steps."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -354,3 +355,168 @@ def test_a_list_given_in_python_equals_the_config_read_back_from_json():
 def test_malformed_devices_are_refused_in_the_config(device):
     with pytest.raises(ConfigError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         TrainConfig(device=device)
+
+
+# -- exact behaviour of an epoch, against hand-written references --------------------------------
+TINY = dict(instances=3, val_problems=2, device="cpu", task_options={"dim": 3})
+
+
+def _record_truncations(monkeypatch, trainer):
+    """Per truncation: (weights before it, length, meta-loss, applied meta-gradient); and the epoch's tasks."""
+    seen, tasks_seen = [], []
+    original = trainer._eager_truncation
+
+    def recording(tasks):
+        tasks_seen.append(tasks[0])
+        truncate = original(tasks)
+
+        def wrapped(carries, length):
+            before = {key: value.clone() for key, value in trainer.rule.state_dict().items()}
+            result, carries = truncate(carries, length)
+            seen.append((before, length, result.meta_loss.item(), [p.grad.clone() for p in trainer.rule.parameters()]))
+            return result, carries
+
+        return wrapped
+
+    monkeypatch.setattr(trainer, "_eager_truncation", recording)
+    return seen, tasks_seen
+
+
+def test_an_epoch_computes_the_meta_loss_and_gradient_of_a_hand_written_reference(monkeypatch):
+    from l2l.optimizers.base import detach_state
+
+    # 7 steps unrolled 3 at a time: truncations of 3, 3 and 1 steps, the linear weights laid over each one's length.
+    config = TrainConfig(epochs=1, optimizee_steps=7, unroll=3, loss_weights="linear", clip_grad_norm=1e9, **TINY)
+    trainer = MetaTrainer(config)
+    seen, tasks_seen = _record_truncations(monkeypatch, trainer)
+    epoch_loss = trainer.train_epoch().item()
+    assert [length for _, length, _, _ in seen] == [3, 3, 1]
+    hand_weights = {3: [1 / 3, 2 / 3, 1.0], 1: [1.0]}
+    task, rule = tasks_seen[0], copy.deepcopy(trainer.rule)
+    params = task.init_params()
+    start_params = params.clone().requires_grad_(True)
+    grad = torch.autograd.grad(task.loss(start_params).sum(), start_params)[0]
+    state = rule.init_state(params.numel())
+    references = []
+    for before, length, meta_loss, applied in seen:
+        rule.load_state_dict(before)  # the weights this truncation ran with (Adam stepped after the previous one)
+        reference = torch.zeros(())
+        for weight in hand_weights[length]:
+            update, state = rule(grad.reshape(-1), state)
+            params = params + update.view(params.shape)
+            loss = task.loss(params)
+            grad = torch.autograd.grad(loss.sum(), params, retain_graph=True)[0].detach()  # first order
+            reference = reference + weight * loss.mean()
+        expected = torch.autograd.grad(reference, list(rule.parameters()))
+        assert meta_loss == pytest.approx(reference.item(), rel=1e-5)
+        for got, want in zip(applied, expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        references.append(reference.item())
+        params, state = params.detach(), detach_state(state)  # the truncation
+    assert epoch_loss == pytest.approx(sum(references) / len(references), rel=1e-5)
+
+
+def _poison_clipping(monkeypatch, poisoned_calls):
+    """Makes the meta-gradient infinite (the meta-loss stays finite) at the given 1-based clip calls."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(len(calls) + 1)
+        if calls[-1] in poisoned_calls:
+            parameters[0].grad.view(-1)[0] = math.inf
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return calls
+
+
+def test_a_non_finite_meta_gradient_with_a_finite_meta_loss_is_skipped(monkeypatch):
+    trainer = MetaTrainer(TrainConfig(epochs=1, optimizee_steps=4, unroll=2, **TINY))
+    before = {key: value.clone() for key, value in trainer.rule.state_dict().items()}
+    _poison_clipping(monkeypatch, {1})
+    assert math.isnan(trainer.train_epoch().item())  # the first step skipped, the epoch abandoned
+    assert (trainer.skipped, trainer.consecutive_skipped) == (1, 1)
+    for name, value in trainer.rule.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_max_nonfinite_counts_skipped_steps_in_a_row_only(monkeypatch):
+    # Every epoch steps once, then skips its second truncation: 3 skips, never 2 in a row.
+    trainer = MetaTrainer(TrainConfig(epochs=3, optimizee_steps=4, unroll=2, max_nonfinite=2, val_every=10, **TINY))
+    calls = _poison_clipping(monkeypatch, {2, 4, 6})
+    trainer.run(progress=False)
+    assert len(calls) == 6 and (trainer.skipped, trainer.consecutive_skipped) == (3, 1)
+
+
+def test_validation_scores_the_mean_loss_over_the_last_tenth_of_the_steps():
+    from l2l.meta.unroll import run
+
+    trainer = MetaTrainer(TrainConfig(epochs=1, optimizee_steps=20, unroll=5, **TINY))
+    losses, _ = run(trainer.rule, trainer.validation_task, 20)  # [21, K], the initial loss first
+    assert losses.shape[0] == 21
+    assert trainer.validate() == pytest.approx(losses[-2:].double().mean().item(), rel=1e-6)  # steps 19 and 20
+
+
+def test_the_cosine_schedule_sets_each_epochs_meta_learning_rate(monkeypatch):
+    trainer = MetaTrainer(TrainConfig(epochs=3, optimizee_steps=2, unroll=2, meta_lr=1e-2, meta_lr_schedule="cosine",
+                                      val_every=10, **TINY))
+    rates = []
+    step = trainer.meta_optimizer.step
+
+    def recording_step(*args, **kwargs):
+        rates.append(trainer.meta_optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.meta_optimizer, "step", recording_step)
+    trainer.run(progress=False)
+    # 1e-2 * (0.1 + 0.45 * (1 + cos(pi * e / 2))) for epochs e = 0, 1, 2
+    assert rates == pytest.approx([1e-2, 5.5e-3, 1e-3], rel=1e-12)
+
+
+def test_the_history_is_replaced_atomically(tmp_path, monkeypatch):
+    import pathlib
+
+    trainer = MetaTrainer(TrainConfig(epochs=1, optimizee_steps=2, unroll=2, **TINY), tmp_path)
+    trainer.history.append({"epoch": 1, "meta_loss": 1.0})
+    trainer.save()
+    written = (tmp_path / "history.json").read_text()
+    trainer.history.append({"epoch": 2, "meta_loss": 2.0})
+    real = pathlib.Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert (tmp_path / "history.json").read_text() == written
+
+
+@pytest.mark.parametrize("change", [
+    {"seed": 1}, {"loss_weights": "final"}, {"clip_grad_norm": 2.0}, {"meta_lr_schedule": "cosine"}, {"instances": 16},
+    {"unroll": 2}, {"val_every": 3}, {"val_problems": 8}, {"second_order": True}, {"hidden_size": 8}, {"task_options": {"dim": 4}},
+])
+def test_resume_refuses_every_setting_that_changes_what_is_computed(change):
+    from l2l.meta.train import check_resumable
+
+    saved = TrainConfig(epochs=2, **SMALL)
+    with pytest.raises(CheckpointError, match=f"{next(iter(change))}: checkpoint"):
+        check_resumable(saved, dataclasses.replace(saved, **change))
+    check_resumable(saved, dataclasses.replace(saved, epochs=9, max_nonfinite=3, checkpoint_every=7, kernel="reference",
+                                               cuda_graphs="off", accumulate=2))
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: TrainConfig.from_dict({"task": "quadratic", "unrol": 5}), r"unknown TrainConfig field\(s\): unrol"),
+    (lambda: TrainConfig(loss_weights=(1.0, 2.0), unroll=3, optimizee_steps=6), "loss_weights has 2 entries but the unroll has 3 steps"),
+    (lambda: TrainConfig(loss_weights=(1.0, math.inf)), "loss_weights must be non-negative finite numbers"),
+    (lambda: TrainConfig(clip_grad_norm=0.0), "clip_grad_norm must be a positive finite number, got 0.0"),
+    (lambda: TrainConfig(unroll=6, optimizee_steps=5), r"unroll \(6\) must not exceed optimizee_steps \(5\)"),
+])
+def test_invalid_training_settings_are_config_errors(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+    assert TrainConfig(unroll=5, optimizee_steps=5).unroll == 5  # one truncation of the whole horizon

@@ -30,8 +30,10 @@ def test_truncations_compose_into_one_long_unroll(lstm, quadratics):
         for _ in range(3):
             losses, carry = unroll(lstm, quadratics, carry, 4)
             parts.append(losses)
+            assert torch.equal(carry.loss, losses[-1])  # the loss at the carried params
             carry = detach_carry(carry)
     torch.testing.assert_close(torch.cat([whole[:1], *parts]), whole)
+    assert carry.step == 12
 
 
 def test_a_truncation_hands_on_a_carry_cut_from_the_graph(lstm, quadratics):
