@@ -62,6 +62,8 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def _read(path: Path, expected_format: str) -> dict[str, Any]:
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file in it (for example {path / 'resume.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -235,6 +237,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     shipped = shipped_checkpoints()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the use checkpoint in it (for example {path / 'optimizer.pt'})")
     raise CheckpointError(
         f"no checkpoint file {str(name_or_path)!r}, and no shipped checkpoint of that name "
         f"(shipped: {', '.join(shipped) or 'none'})"

@@ -21,7 +21,7 @@ from l2l.tasks.registry import get_task, list_tasks
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
+    parser.add_argument("--data-dir", type=path_arg, help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
     parser.add_argument("--download", action="store_true", help="fetch missing dataset files (checksummed; needs internet)")
 
 
@@ -59,6 +59,13 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def path_arg(text: str) -> Path:
+    """argparse type: a path; an empty one (an unset shell variable, say) is a usage error, not the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
 
 
 def _read_config_file(path: Path | None) -> dict[str, Any]:
@@ -122,7 +129,8 @@ _TRAIN_FLAGS = [
     ("--val-problems", "val_problems", int, "held-out validation instances"),
     ("--max-nonfinite", "max_nonfinite", int, "stop after this many non-finite meta-steps in a row"),
     ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs"),
-    ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc"),
+    ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc "
+     "(default: one LSTM for every parameter)"),
     ("--init-from", "init_from", str, "start from the weights of a use checkpoint (path or shipped name) instead of a fresh initialisation"),
     ("--seed", "seed", int, "seed of every random stream of the run"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
@@ -143,14 +151,14 @@ def _add_train(subparsers) -> None:
     )
     for flag, name, kind, text in _TRAIN_FLAGS:
         default = getattr(defaults, name)
-        shown = "" if "(default:" in text else f" (default: {default})"  # None defaults explain themselves
+        shown = "" if "(default:" in text or default is None else f" (default: {default})"  # None: the text says
         parser.add_argument(flag, dest=name, type=kind, default=None, help=text + shown)
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
     parser.add_argument("--second-order", dest="second_order", action="store_const", const=True, default=None,
                         help="differentiate through the optimizee gradients (default: off, as in the paper)")
-    parser.add_argument("--config", type=Path, help="TrainConfig JSON file; flags given here override it")
-    parser.add_argument("--out", type=Path, help="output directory (default: runs/TASK)")
-    parser.add_argument("--resume", type=Path, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
+    parser.add_argument("--config", type=path_arg, help="TrainConfig JSON file; flags given here override it")
+    parser.add_argument("--out", type=path_arg, help="output directory (default: runs/TASK)")
+    parser.add_argument("--resume", type=path_arg, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints of another run in --out (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
@@ -177,6 +185,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig.from_dict({**base, **given})
         out = args.out or Path("runs") / config.task
+    family = get_task(config.task, **config.task_options)  # a bad task or option fails before OUT is created
     # Under torchrun every process trains its shards; rank 0 alone reports, writes and benchmarks.
     with process_group_from_environment(resolve_device(config.device)):
         layout = current_layout(config.accumulate)
@@ -202,7 +211,6 @@ def _train(args: argparse.Namespace) -> int:
     print(f"use checkpoint: {result.use_checkpoint}\nresume checkpoint: {result.resume_checkpoint}")
     if args.no_bench:
         return 0
-    family = get_task(config.task, **config.task_options)
     bench = BenchConfig(
         task=config.task, task_options=config.task_options, optimizers=(str(result.use_checkpoint),),
         steps=config.optimizee_steps, problems=args.bench_problems, seed=args.bench_seed, device=config.device,
@@ -248,8 +256,8 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--kernel", default=defaults.kernel,
                         help="LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="write the full report as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
+    parser.add_argument("--json", type=path_arg, metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--plot", type=path_arg, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     _add_data_flags(parser)
     parser.set_defaults(handler=_bench)
@@ -262,6 +270,8 @@ def _bench(args: argparse.Namespace) -> int:
         baselines=args.baselines, steps=args.steps, problems=args.problems, tune_problems=args.tune_problems,
         lr_grid=args.lr_grid, seed=args.seed, device=args.device, kernel=args.kernel,
     )
+    if not config.optimizers and not config.baselines:
+        raise ConfigError("nothing to compare: no --optimizer and --baselines ''; give --optimizer PATH or some baselines")
     family = get_task(config.task, **config.task_options)
     # Before the (long) benchmark: where its results go must be writable, and plots need matplotlib.
     for flag, path in (("--json", args.json), ("--plot", args.plot)):

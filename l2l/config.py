@@ -225,6 +225,7 @@ class BenchConfig(_JSONConfig):
             _require(isinstance(name, str) and name, f"every optimizer must be a checkpoint path or shipped name, got {name!r}")
         for name in self.baselines:
             _require(name in BASELINE_NAMES, f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")
+        _require(len(set(self.baselines)) == len(self.baselines), f"baselines lists one more than once: {','.join(self.baselines)}")
         if self.steps is not None:
             _positive_int("steps", self.steps)
         _positive_int("problems", self.problems)

@@ -174,3 +174,44 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_point_at_a_missing_file(tmp
     (tmp_path / "run" / "resume.pt").write_bytes(b"")
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet", "--no-bench"]) == 130
     assert f"continue with: l2l train --resume {tmp_path / 'run' / 'resume.pt'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--baselines", ""], "nothing to compare: no --optimizer and --baselines ''"),
+        (["bench", "--baselines", "sgd,sgd"], "baselines lists one more than once: sgd,sgd"),
+        (["bench", "--task-option", "foo=1"], "unexpected keyword argument 'foo'; its options are dim (see `l2l tasks --json`)"),
+    ],
+)
+def test_more_bad_bench_input_gives_one_clear_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_directory_for_a_checkpoint_is_named_as_one(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--quiet", "--no-bench"]) == 2
+    assert f"checkpoint {tmp_path} is a directory; give the checkpoint file in it" in capsys.readouterr().err
+    assert main(["bench", "--optimizer", str(tmp_path)]) == 2
+    assert f"give the use checkpoint in it (for example {tmp_path / 'optimizer.pt'})" in capsys.readouterr().err
+
+
+def test_a_bad_task_fails_before_the_output_directory_is_created(tmp_path, capsys):
+    for extra in (["--task", "nope"], ["--task-option", "dim=0"]):
+        assert main(["train", *extra, "--out", str(tmp_path / "run"), "--quiet", "--no-bench"]) == 2
+        assert "error" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--config", "--resume", "--data-dir"])
+def test_an_empty_path_is_a_usage_error_not_the_current_directory(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", flag, ""])
+    assert exit_.value.code == 2 and f"argument {flag}: expected a path, got an empty string" in capsys.readouterr().err
+
+
+def test_train_help_shows_no_python_none(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert "None" not in text and "one LSTM for every parameter" in text

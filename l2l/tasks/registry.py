@@ -31,7 +31,8 @@ def get_task(name: str, **options) -> TaskFamily:
     try:
         return _REGISTRY[name](**options)
     except TypeError as error:
-        raise ValueError(f"bad options for task {name!r}: {error}") from None
+        known = ", ".join(_REGISTRY[name]().config()) or "none"
+        raise ValueError(f"bad options for task {name!r}: {error}; its options are {known} (see `l2l tasks --json`)") from None
 
 
 def list_tasks() -> dict[str, TaskFamily]:
