@@ -203,6 +203,16 @@ def test_a_bad_task_fails_before_the_output_directory_is_created(tmp_path, capsy
         assert not (tmp_path / "run").exists()
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directories_it_created(tmp_path, capsys):
+    flags = ["--kernel", "fused", "--device", "cpu", "--epochs", "1", "--quiet", "--no-bench"]  # fails at the first step
+    assert main(["train", *flags, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert "kernel='fused' cannot run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a directory the user made is theirs, even empty
+    assert main(["train", *flags, "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir()
+
+
 @pytest.mark.parametrize("flag", ["--out", "--config", "--resume", "--data-dir"])
 def test_an_empty_path_is_a_usage_error_not_the_current_directory(flag, capsys):
     with pytest.raises(SystemExit) as exit_:

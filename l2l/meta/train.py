@@ -609,17 +609,27 @@ def meta_train(
     # another does not would wait forever in a collective the other never calls.
     collectives.check_same("choice of writing an output directory and of resuming",
                            json.dumps([out_dir is None, resume is None]))
+    created: list[Path] = []  # the directories this call creates, deepest first
     if out_dir is not None:
         # Before any work: a run that cannot write, or would replace another run, fails now, not at
         # its first checkpoint, and on every process.
         with collectives.together("checking the output directory (on process 0)"):
             if collectives.layout.is_main:
                 in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
+                created = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()]
                 prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
-    trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
-    if resume is not None:
-        trainer.restore(resume)
-    return trainer.run(progress=progress)
+    try:
+        trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
+        if resume is not None:
+            trainer.restore(resume)
+        return trainer.run(progress=progress)
+    except BaseException:
+        # A run that failed before its first checkpoint leaves no empty directories behind.
+        for directory in created:
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
+        raise
 
 
 def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
