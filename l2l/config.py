@@ -54,6 +54,17 @@ def lr_key(lr: float) -> str:
     return f"{lr:.6g}"
 
 
+def check_lr_grid(lr_grid: Any) -> None:
+    """Raises ConfigError unless ``lr_grid`` is a non-empty sequence of distinct positive finite learning rates."""
+    _check_sequence("lr_grid", lr_grid, "(1e-3, 1e-2, 1e-1)")
+    _require(len(lr_grid) > 0, "lr_grid must not be empty")
+    for lr in lr_grid:
+        _positive_float("every learning rate in lr_grid", lr)
+    keys = [lr_key(float(lr)) for lr in lr_grid]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    _require(not repeated, f"lr_grid lists {', '.join(repeated)} more than once (to 6 significant digits)")
+
+
 def _check_device(value: str) -> None:
     _require(
         isinstance(value, str) and (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None),
@@ -230,13 +241,7 @@ class BenchConfig(_JSONConfig):
             _positive_int("steps", self.steps)
         _positive_int("problems", self.problems)
         _positive_int("tune_problems", self.tune_problems)
-        _check_sequence("lr_grid", self.lr_grid, "(1e-3, 1e-2, 1e-1)")
-        _require(len(self.lr_grid) > 0, "lr_grid must not be empty")
-        for lr in self.lr_grid:
-            _positive_float("every learning rate in lr_grid", lr)
-        keys = [lr_key(float(lr)) for lr in self.lr_grid]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        _require(not repeated, f"lr_grid lists {', '.join(repeated)} more than once (to 6 significant digits)")
+        check_lr_grid(self.lr_grid)
         _check_seed(self.seed)
         _check_device(self.device)
         _check_kernel(self.kernel)

@@ -19,7 +19,7 @@ from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, 
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
-from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState
+from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState, check_state_dtype
 
 # Coordinates per LSTM call: on a CPU a chunk's ~1 KiB/coordinate of temporaries should stay
 # cache-sized (2**14 ran 1.6x faster than 2**18 and 3x faster than 2**20 at 1e6 parameters); an
@@ -160,12 +160,7 @@ def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = F
         raise ValueError(f"Invalid lr: {lr!r} (expected {expected}, the factor on the learned update)")
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']!r} (expected True or False)")
-    state_dtype = group["state_dtype"]
-    if state_dtype is not None and state_dtype not in STATE_DTYPES:
-        raise ValueError(
-            f"Invalid state_dtype: {state_dtype!r} (expected None or one of "
-            f"{', '.join(map(str, STATE_DTYPES))})"
-        )
+    check_state_dtype(group["state_dtype"])
     chunk_size = group["chunk_size"]
     if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected None or a positive int)")

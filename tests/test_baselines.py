@@ -134,8 +134,9 @@ def test_learning_rate_scores_keep_close_rates_apart():
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(lr_grid=()), r"lr_grid must list positive finite learning rates to tune the baselines over, got \(\)"),
-    (dict(lr_grid=(0.1, -1.0)), r"lr_grid must list positive finite learning rates .* got \(0.1, -1.0\)"),
+    (dict(lr_grid=()), "lr_grid must not be empty"),
+    (dict(lr_grid=(0.1, -1.0)), "every learning rate in lr_grid must be a positive finite number, got -1.0"),
+    (dict(lr_grid=(0.1, 0.1)), "lr_grid lists 0.1 more than once"),
     (dict(steps=0), "steps must be a positive integer, got 0"),
     (dict(problems=2.5), "problems must be a positive integer, got 2.5"),
     (dict(tune_problems=0), "tune_problems must be a positive integer, got 0"),

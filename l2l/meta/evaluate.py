@@ -9,7 +9,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from l2l.config import lr_key
+from l2l.config import check_lr_grid, lr_key
 from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
@@ -141,8 +141,7 @@ def benchmark(
     check_positive_int("problems", problems)
     if baselines:
         check_positive_int("tune_problems", tune_problems)
-        if not lr_grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in lr_grid):
-            raise ValueError(f"lr_grid must list positive finite learning rates to tune the baselines over, got {lr_grid!r}")
+        check_lr_grid(lr_grid)
     say = progress or (lambda message: None)
     eval_task = family.sample(problems, make_generator(seed, "bench"), device)
     tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device)

@@ -474,14 +474,10 @@ class MetaTrainer:
     def _state_digest(self) -> str:
         """A digest of the state every process must share (not the generators, which are per shard)."""
         digest = hashlib.sha256()
-        for state in (self.rule.state_dict(), self.best_state):
-            for name, tensor in state.items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
-        for tensors in self.meta_optimizer.state.values():
-            for name, value in tensors.items():
-                digest.update(name.encode())
-                digest.update(torch.as_tensor(value).detach().cpu().float().reshape(-1).view(torch.uint8).numpy())
+        adam = [item for state in self.meta_optimizer.state.values() for item in state.items()]
+        for name, value in [*self.rule.state_dict().items(), *self.best_state.items(), *adam]:
+            digest.update(name.encode())
+            digest.update(torch.as_tensor(value).detach().cpu().reshape(-1).view(torch.uint8).numpy())
         progress = [self.epoch, self.skipped, self.consecutive_skipped, self.best_score, self.best_epoch, self.history]
         digest.update(json.dumps(progress, default=str).encode())
         return digest.hexdigest()

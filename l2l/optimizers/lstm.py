@@ -27,6 +27,12 @@ class LSTMState(NamedTuple):
 STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_state_dtype(state_dtype: torch.dtype | None) -> None:
+    """Raises a ValueError unless ``state_dtype`` is None (the weights' dtype) or one of STATE_DTYPES."""
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None or one of {', '.join(map(str, STATE_DTYPES))})")
+
+
 class CoordinateWiseLSTM(nn.Module):
     """A stacked LSTM that reads one gradient coordinate and writes that coordinate's update.
 
@@ -68,8 +74,7 @@ class CoordinateWiseLSTM(nn.Module):
         if not (isinstance(num_layers, int) and num_layers > 0):
             raise ValueError(f"Invalid num_layers: {num_layers} (must be a positive integer)")
         preprocessing.check_p(preprocess_p)
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None or one of {', '.join(map(str, STATE_DTYPES))})")
+        check_state_dtype(state_dtype)
         if not (math.isfinite(output_scale) and output_scale > 0):
             raise ValueError(f"Invalid output_scale: {output_scale} (must be a positive finite number)")
         self.hidden_size = hidden_size

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, NamedTuple
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from l2l.seeding import generator_seed, seeded_random_layers
 from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params, check_positive_int
 
 # Module types whose parameters form each kind of parameter group (for per-group optimizers).
@@ -329,37 +329,6 @@ def _momenta(norms: list[nn.Module], momentum: float) -> Iterator[None]:
             m.momentum = value
 
 
-def generator_seed(generator: torch.Generator) -> int:
-    """A 63-bit seed determined by ``generator``'s current state (which stays on the host, even for CUDA)."""
-    digest = hashlib.sha256(generator.get_state().numpy()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def seeded_random_layers(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Runs the block with the global RNG of the CPU and of ``device`` seeded with ``seed``, then
-    restores both, so random layers in it are repeatable and leave the global RNG as it was.
-
-    ``seed=None``, or a device other than CPU and CUDA, leaves the global RNG alone.
-    """
-    if seed is None or device.type not in ("cpu", "cuda"):
-        yield
-        return
-    # Not torch.manual_seed, which would reseed every CUDA device, nor fork_rng, which costs as
-    # much again in Python overhead per optimizee step: one generator per device, saved and restored.
-    generators = [torch.default_generator]
-    if device.type == "cuda":
-        generators.append(torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()])
-    saved = [g.get_state() for g in generators]
-    try:
-        for g in generators:
-            g.manual_seed(seed)
-        yield
-    finally:
-        for g, state in zip(generators, saved):
-            g.set_state(state)
-
-
 def init_instances(factory: Callable[[], nn.Module], num_instances: int, generator: torch.Generator) -> tuple[nn.Module, Tensor, dict[str, Tensor]]:
     """Builds ``num_instances`` independently initialised copies of ``factory()``'s module.
 
@@ -370,13 +339,10 @@ def init_instances(factory: Callable[[], nn.Module], num_instances: int, generat
         ``(template, params0 [K, n], buffers {name: [K, *shape]})`` on the CPU.
     """
     seeds = torch.randint(0, 2**62, (num_instances,), generator=generator).tolist()
-    # torch.manual_seed would also reseed every CUDA device, which fork_rng(devices=[]) does not
-    # restore; the initialisers draw from the CPU generator only.
     flats, buffers = [], []
     template = None
     for seed in seeds:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+        with seeded_random_layers(seed, torch.device("cpu")):  # the initialisers draw from the CPU generator
             module = factory()
         if template is None:
             template = module
