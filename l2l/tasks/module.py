@@ -167,7 +167,7 @@ class ModuleTask(Task):
         eval_examples: test examples used by :meth:`metrics` (None: the whole test split).
         vectorize: how the K instances are batched: ``"vmap"``, ``"loop"`` (one functional call
             per instance) or ``"auto"``: a loop for modules with convolutions on the CPU, where
-            vmap's grouped convolutions cost 1.7x a loop (benchmarks/RESULTS.md), vmap elsewhere.
+            vmap's grouped convolutions cost up to 1.9x a loop (benchmarks/RESULTS.md), vmap elsewhere.
             The optimizer still sees all ``K * n`` coordinates in one call either way.
     """
 
@@ -360,7 +360,8 @@ class ModuleFamily(TaskFamily):
 
     Args:
         factory: builds the module (called once per instance, under a seed from the generator).
-        data: returns the dataset on a device (called lazily, cached per device).
+        data: returns the dataset on a device; called by every :meth:`sample` (each meta-training
+            epoch), so it should cache what it loads or copies, as the built-in families do.
         batch_size: examples per minibatch.
         objective: the per-instance loss (see :class:`ModuleTask`).
         eval_examples: test examples for held-out metrics (None: all).
