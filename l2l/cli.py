@@ -322,17 +322,17 @@ def _add_tasks(subparsers) -> None:
 def _tasks(args: argparse.Namespace) -> int:
     families = list_tasks()
     rows = [
-        {"name": name, "steps": family.default_steps, "unroll": family.default_unroll, "options": family.config(),
-         "description": family.description}
+        {"name": name, "steps": family.default_steps, "unroll": family.default_unroll, "instances": family.default_instances,
+         "options": family.config(), "description": family.description}
         for name, family in families.items()
     ]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     width = max(len(row["name"]) for row in rows)
-    print(f"{'task'.ljust(width)}  steps  unroll  description")
+    print(f"{'task'.ljust(width)}  steps  unroll    K  description")
     for row in rows:
-        print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['description']}")
+        print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['instances']:>3}  {row['description']}")
     return 0
 
 

@@ -12,9 +12,13 @@ from l2l.cli import main
 NAMES = {"lstm", "sgd", "momentum", "nag", "rmsprop", "adam"}
 
 
-def test_tasks_lists_the_quadratic_family(capsys):
+def test_tasks_lists_each_family_with_its_default_steps_unroll_and_instances(capsys):
     assert main(["tasks"]) == 0
-    assert "quadratic" in capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["quadratic"] == ["100", "20", "128"] and rows["mnist"] == ["100", "20", "16"]  # K: what --instances defaults to
+    assert main(["tasks", "--json"]) == 0
+    cifar = next(row for row in json.loads(capsys.readouterr().out) if row["name"] == "cifar10")
+    assert (cifar["steps"], cifar["unroll"], cifar["instances"]) == (100, 20, 4)
 
 
 def test_train_then_bench_json_form(tmp_path, capsys):
