@@ -357,3 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:
         print(f"l2l {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`l2l tasks | head`): stop quietly as other Unix tools do. Stdout is
+        # pointed at devnull so that the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

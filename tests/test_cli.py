@@ -105,6 +105,16 @@ def test_resume_checks_a_config_file_like_flags(tmp_path, capsys):
     assert "trained 2 epochs" in capsys.readouterr().out
 
 
+def test_a_closed_pipe_ends_quietly():
+    # The reader closes its end before the interpreter has even started, so the first write fails.
+    process = subprocess.Popen([sys.executable, "-m", "l2l", "tasks", "--json"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait() == 1
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "l2l", "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--json OUT" in result.stdout
