@@ -311,6 +311,92 @@ def test_drop_in_fused_matches_reference(interpreter):
     assert optimizers[0].nonfinite_steps == optimizers[1].nonfinite_steps == 1
 
 
+def refused_step_inputs():
+    """``(name, call(rule), message)``: fused entry points given inputs that do not fit a 2 x 4 rule.
+
+    Each of these ran before it was checked: on a part of the state, on the wrong elements, or
+    through memory past the tensors' ends (where it corrupted the heap instead, not tested here).
+    """
+    def state(n, hidden=4):
+        return torch.zeros(2, hidden, n), torch.zeros(2, hidden, n)
+
+    nan_grad = torch.tensor([0.5, float("nan"), 1.0])
+    return [
+        ("2-d gradient", lambda rule: fused.forward(rule, torch.randn(2, 5), *state(2)), r"flat gradient of shape \[N\]"),
+        ("more state than coordinates", lambda rule: fused.forward(rule, torch.randn(10), *state(12)),
+         r"state has shape \(2, 4, 12\), expected \(2, 4, 10\)"),
+        ("wider state than the rule", lambda rule: fused.forward(rule, torch.randn(10), *state(10, hidden=5)),
+         r"expected \(2, 4, 10\)"),
+        ("complex gradient", lambda rule: fused.forward(rule, torch.randn(3, dtype=torch.complex64), *state(3)),
+         "real floating-point gradient.*view_as_real"),
+        ("in place, more state than coordinates", lambda rule: fused.lstm_step_(rule, torch.randn(10), *state(12)),
+         r"expected \(2, 4, 10\)"),
+        ("strided parameters", lambda rule: fused.lstm_step_(rule, torch.randn(10), *state(10),
+                                                             params=torch.zeros(10, 2)[:, 0]),
+         r"params must be a contiguous \[10\] tensor"),
+        ("a longer out", lambda rule: fused.lstm_step_(rule, torch.randn(10), *state(10), out=torch.zeros(12)),
+         r"out must be a contiguous \[10\] tensor"),
+        ("a bool flag", lambda rule: fused.lstm_step_(rule, nan_grad, *state(3), nonfinite_flag=torch.zeros(1, dtype=torch.bool)),
+         "nonfinite_flag must be a one-element int32 tensor.*got torch.bool"),
+        ("a float flag", lambda rule: fused.lstm_step_(rule, nan_grad, *state(3), nonfinite_flag=torch.zeros(1)),
+         "nonfinite_flag must be a one-element int32 tensor.*got torch.float32"),
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize("name, call, message", refused_step_inputs(), ids=[case[0] for case in refused_step_inputs()])
+def test_fused_entry_points_refuse_inputs_that_do_not_fit_the_rule(interpreter, name, call, message):
+    # The kernels index the tensors unchecked: a mismatch must stop before the launch.
+    with pytest.raises(ValueError, match=message):
+        call(CoordinateWiseLSTM(hidden_size=4, seed=0))
+
+
+@needs_triton
+def test_second_derivatives_through_the_fused_step_are_refused_not_dropped(interpreter):
+    """create_graph=True through the fused backward: the gradients it returns may not be differentiated again.
+
+    Its backward is one kernel, with no graph of its own; taking the penalty's gradient from it
+    returned the first-order term only (the penalty's share silently dropped) where the incoming
+    gradient did not itself require grad.
+    """
+    rule = CoordinateWiseLSTM(hidden_size=4, seed=1, kernel="fused").double()
+    grad = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    h, c = rule.init_state(20)
+    update, _ = rule(grad, LSTMState(h, c))
+    (d_grad,) = torch.autograd.grad(update.sum(), grad, create_graph=True)  # d_update = ones: needs no grad
+    with pytest.raises(RuntimeError, match="no second derivative.*kernel='reference'"):
+        torch.autograd.grad(d_grad.square().sum() + update.sum(), rule.weight_out)
+    update, _ = rule(grad, LSTMState(h, c))
+    (d_grad,) = torch.autograd.grad(update.square().sum(), grad, create_graph=True)  # d_update = 2 update
+    with pytest.raises(RuntimeError, match="no second derivative.*kernel='reference'"):
+        d_grad.sum().backward()
+    # A create_graph=True backward that is not differentiated again still gives the first derivative.
+    (first,) = torch.autograd.grad(fused.forward(rule, grad, h, c)[0].sum(), grad, create_graph=True)
+    rule.kernel = "reference"
+    (reference,) = torch.autograd.grad(rule(grad, LSTMState(h, c))[0].sum(), grad)
+    torch.testing.assert_close(first.detach(), reference, **TIGHT[torch.float64])
+
+
+@needs_triton
+def test_higher_unroll_on_the_fused_path_matches_reference(interpreter):
+    """higher takes every inner gradient with create_graph=True: the fused step's refusal of second derivatives must not fire there."""
+    higher = pytest.importorskip("higher")
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = []
+    for kernel in ("fused", "reference"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        rule = CoordinateWiseLSTM(hidden_size=5, seed=2, kernel=kernel).double()
+        with higher.innerloop_ctx(model, LearnedOptimizer(model.parameters(), rule, lr=0.5),
+                                  copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(fmodel(x).square().mean())
+            meta_loss = fmodel(x).square().mean()
+        results.append(torch.autograd.grad(meta_loss, list(rule.parameters()) + list(model.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TIGHT[torch.float64])
+
+
 # -- dispatch and the missing-Triton path (CPU) ------------------------------------------------------
 
 
