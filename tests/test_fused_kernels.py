@@ -430,6 +430,23 @@ def test_fused_config_rejects_bad_fields_with_exact_messages():
         fused.FusedConfig(warps=3)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(maxnreg=-3), r"FusedConfig.maxnreg must be None or a positive integer, got -3"),
+        (dict(backward_maxnreg=0.5), r"FusedConfig.backward_maxnreg must be None or a positive integer, got 0.5"),
+        (dict(maxnreg=True), r"FusedConfig.maxnreg must be None or a positive integer, got True"),
+        (dict(interpreter_programs=0), r"FusedConfig.interpreter_programs must be a positive integer, got 0"),
+        (dict(programs_per_sm=True), r"FusedConfig.programs_per_sm must be a positive integer, got True"),
+        (dict(warps=True), r"FusedConfig.warps must be 1, 2, 4, 8 or 16, got True"),
+    ],
+)
+def test_fused_config_rejects_the_fields_that_reach_only_triton(changes, message):
+    # Unchecked, these went through to the launch (a bool passing for 1), or silently to one program.
+    with pytest.raises(ValueError, match=message):
+        fused.FusedConfig(**changes)
+
+
 def test_set_kernel_reaches_every_lstm_and_kernel_is_not_config():
     rule = PerGroupRule({"conv": CoordinateWiseLSTM(), "fc": CoordinateWiseLSTM()})
     dispatch.set_kernel(rule, "reference")

@@ -52,6 +52,10 @@ class FusedUnavailableError(RuntimeError):
     """The fused kernel was asked for where it cannot run; the message says why."""
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
     """Launch settings of the fused kernels (tuned on the GPU; see benchmarks/GPU_NOTES.md).
@@ -92,10 +96,17 @@ class FusedConfig:
             if not (isinstance(value, int) and value >= 16 and value & (value - 1) == 0):
                 raise ValueError(f"FusedConfig.{name} must be a power of two >= 16, got {value!r}")
         for name in ("warps", "backward_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"FusedConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
-        if not (isinstance(self.programs_per_sm, int) and self.programs_per_sm > 0):
-            raise ValueError(f"FusedConfig.programs_per_sm must be a positive integer, got {self.programs_per_sm!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in (1, 2, 4, 8, 16):  # True == 1 would pass the test alone
+                raise ValueError(f"FusedConfig.{name} must be 1, 2, 4, 8 or 16, got {value!r}")
+        for name in ("programs_per_sm", "interpreter_programs"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ValueError(f"FusedConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("maxnreg", "backward_maxnreg"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"FusedConfig.{name} must be None or a positive integer, got {value!r}")
         if self.weight_grads not in WEIGHT_GRADS:
             raise ValueError(f"FusedConfig.weight_grads must be one of {', '.join(WEIGHT_GRADS)}, "
                              f"got {self.weight_grads!r}")
