@@ -639,6 +639,26 @@ def test_cached_launch_constants_that_a_cuda_graph_captured_are_never_evicted(mo
     torch.testing.assert_close(captured[4], torch.tensor(1.0, dtype=torch.float64))
 
 
+def test_a_new_learning_rate_costs_no_host_copy_of_the_launch_constants(monkeypatch):
+    # torch.tensor(..., device="cuda") copies from pageable host memory, which synchronises with
+    # the device: under an lr schedule the drop-in made one such copy (a host sync) every step.
+    spec = fused._spec(CoordinateWiseLSTM(seed=0))
+    device = torch.device("cpu")
+    monkeypatch.setattr(fused, "_constants", {})
+    monkeypatch.setattr(fused, "_constant_bases", {})
+    base = fused._constants_tensor(spec, 1.0, device)
+    made = []
+    original = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(args) or original(*args, **kwargs))
+    scheduled = [fused._constants_tensor(spec, lr, device) for lr in (0.5, 1 / 3, 1e-300)]
+    monkeypatch.setattr(torch, "tensor", original)
+    assert made == []
+    for lr, constants in zip((0.5, 1 / 3, 1e-300), scheduled):
+        assert constants.dtype == torch.float64 and constants.data_ptr() != base.data_ptr()
+        assert constants.tolist() == [*base.tolist()[:4], lr, 0.0]  # exact in float64
+    assert base.tolist()[4] == 1.0
+
+
 def test_auto_takes_the_fused_path_only_for_the_tile_widths_it_was_built_and_tested_for(monkeypatch):
     monkeypatch.setattr(fused, "unavailable_reason", lambda device, rule=None, dtype=None: None)  # as on a GPU
     cuda = torch.device("cuda")

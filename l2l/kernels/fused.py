@@ -119,6 +119,8 @@ _interpreter_enabled = os.environ.get("L2L_TRITON_INTERPRET", "") == "1"
 _lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
 _constants: dict[tuple, Tensor] = {}
+_constant_bases: dict[tuple, Tensor] = {}  # each spec's constants with lr_scale 1, copied from the host once
+C_LR_SCALE = 4  # lr_scale's index in the constants (triton_lstm.C_LR_SCALE)
 _pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles
 _pack_zeros: dict[tuple, Tensor] = {}  # the zero the padding of the packed tiles gathers
 # Keys read while a CUDA graph was being captured: the graph replays their tensors' addresses,
@@ -351,16 +353,30 @@ def _constants_tensor(spec: _Spec, lr_scale: float, device: torch.device) -> Ten
     """``[p, exp(-p), exp(p), output_scale, lr_scale, 0]`` in float64 on ``device``, cached.
 
     Passed as a tensor, not as scalar arguments (which Triton makes float32), so float64 runs
-    see exact constants; cached so that a CUDA-graph capture never copies from the host.
+    see exact constants; cached so that a CUDA-graph capture never copies from the host. Only
+    the first of a spec's vectors on a device is copied from the host (a copy from pageable
+    memory synchronises with the device); one for another ``lr_scale`` (a drop-in under an lr
+    schedule: a new one every step) is that one's copy with the factor filled in on the device.
     """
     p = spec.p
+    lr_scale = float(lr_scale)
 
-    def make() -> Tensor:
+    def host_copy(factor: float) -> Tensor:
         exp_p = math.exp(p) if p < 709 else math.inf
-        values = [p, math.exp(-p), exp_p, spec.output_scale, float(lr_scale), 0.0]
+        values = [p, math.exp(-p), exp_p, spec.output_scale, factor, 0.0]
         return torch.tensor(values, dtype=torch.float64, device=device)
 
-    return _cached(_constants, ("constants", device, p, spec.output_scale, float(lr_scale)), 256, device, make)
+    def make() -> Tensor:
+        if _capturing(device):  # a clone and fill would only be recorded: an eager launch could read it unfilled
+            return host_copy(lr_scale)
+        first = _cached(_constant_bases, ("constants", device, p, spec.output_scale), 64, device, lambda: host_copy(1.0))
+        if lr_scale == 1.0:
+            return first
+        constants = first.clone()
+        constants[C_LR_SCALE].fill_(lr_scale)
+        return constants
+
+    return _cached(_constants, ("constants", device, p, spec.output_scale, lr_scale), 256, device, make)
 
 
 def _weights(rule: Any, spec: _Spec) -> list[Tensor]:
