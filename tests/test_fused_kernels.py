@@ -311,6 +311,92 @@ def test_drop_in_fused_matches_reference(interpreter):
     assert optimizers[0].nonfinite_steps == optimizers[1].nonfinite_steps == 1
 
 
+def refused_step_inputs():
+    """``(name, call(rule), message)``: fused entry points given inputs that do not fit a 2 x 4 rule.
+
+    Each of these ran before it was checked: on a part of the state, on the wrong elements, or
+    through memory past the tensors' ends (where it corrupted the heap instead, not tested here).
+    """
+    def state(n, hidden=4):
+        return torch.zeros(2, hidden, n), torch.zeros(2, hidden, n)
+
+    nan_grad = torch.tensor([0.5, float("nan"), 1.0])
+    return [
+        ("2-d gradient", lambda rule: fused.forward(rule, torch.randn(2, 5), *state(2)), r"flat gradient of shape \[N\]"),
+        ("more state than coordinates", lambda rule: fused.forward(rule, torch.randn(10), *state(12)),
+         r"state has shape \(2, 4, 12\), expected \(2, 4, 10\)"),
+        ("wider state than the rule", lambda rule: fused.forward(rule, torch.randn(10), *state(10, hidden=5)),
+         r"expected \(2, 4, 10\)"),
+        ("complex gradient", lambda rule: fused.forward(rule, torch.randn(3, dtype=torch.complex64), *state(3)),
+         "real floating-point gradient.*view_as_real"),
+        ("in place, more state than coordinates", lambda rule: fused.lstm_step_(rule, torch.randn(10), *state(12)),
+         r"expected \(2, 4, 10\)"),
+        ("strided parameters", lambda rule: fused.lstm_step_(rule, torch.randn(10), *state(10),
+                                                             params=torch.zeros(10, 2)[:, 0]),
+         r"params must be a contiguous \[10\] tensor"),
+        ("a longer out", lambda rule: fused.lstm_step_(rule, torch.randn(10), *state(10), out=torch.zeros(12)),
+         r"out must be a contiguous \[10\] tensor"),
+        ("a bool flag", lambda rule: fused.lstm_step_(rule, nan_grad, *state(3), nonfinite_flag=torch.zeros(1, dtype=torch.bool)),
+         "nonfinite_flag must be a one-element int32 tensor.*got torch.bool"),
+        ("a float flag", lambda rule: fused.lstm_step_(rule, nan_grad, *state(3), nonfinite_flag=torch.zeros(1)),
+         "nonfinite_flag must be a one-element int32 tensor.*got torch.float32"),
+    ]
+
+
+@needs_triton
+@pytest.mark.parametrize("name, call, message", refused_step_inputs(), ids=[case[0] for case in refused_step_inputs()])
+def test_fused_entry_points_refuse_inputs_that_do_not_fit_the_rule(interpreter, name, call, message):
+    # The kernels index the tensors unchecked: a mismatch must stop before the launch.
+    with pytest.raises(ValueError, match=message):
+        call(CoordinateWiseLSTM(hidden_size=4, seed=0))
+
+
+@needs_triton
+def test_second_derivatives_through_the_fused_step_are_refused_not_dropped(interpreter):
+    """create_graph=True through the fused backward: the gradients it returns may not be differentiated again.
+
+    Its backward is one kernel, with no graph of its own; taking the penalty's gradient from it
+    returned the first-order term only (the penalty's share silently dropped) where the incoming
+    gradient did not itself require grad.
+    """
+    rule = CoordinateWiseLSTM(hidden_size=4, seed=1, kernel="fused").double()
+    grad = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    h, c = rule.init_state(20)
+    update, _ = rule(grad, LSTMState(h, c))
+    (d_grad,) = torch.autograd.grad(update.sum(), grad, create_graph=True)  # d_update = ones: needs no grad
+    with pytest.raises(RuntimeError, match="no second derivative.*kernel='reference'"):
+        torch.autograd.grad(d_grad.square().sum() + update.sum(), rule.weight_out)
+    update, _ = rule(grad, LSTMState(h, c))
+    (d_grad,) = torch.autograd.grad(update.square().sum(), grad, create_graph=True)  # d_update = 2 update
+    with pytest.raises(RuntimeError, match="no second derivative.*kernel='reference'"):
+        d_grad.sum().backward()
+    # A create_graph=True backward that is not differentiated again still gives the first derivative.
+    (first,) = torch.autograd.grad(fused.forward(rule, grad, h, c)[0].sum(), grad, create_graph=True)
+    rule.kernel = "reference"
+    (reference,) = torch.autograd.grad(rule(grad, LSTMState(h, c))[0].sum(), grad)
+    torch.testing.assert_close(first.detach(), reference, **TIGHT[torch.float64])
+
+
+@needs_triton
+def test_higher_unroll_on_the_fused_path_matches_reference(interpreter):
+    """higher takes every inner gradient with create_graph=True: the fused step's refusal of second derivatives must not fire there."""
+    higher = pytest.importorskip("higher")
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    results = []
+    for kernel in ("fused", "reference"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        rule = CoordinateWiseLSTM(hidden_size=5, seed=2, kernel=kernel).double()
+        with higher.innerloop_ctx(model, LearnedOptimizer(model.parameters(), rule, lr=0.5),
+                                  copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(fmodel(x).square().mean())
+            meta_loss = fmodel(x).square().mean()
+        results.append(torch.autograd.grad(meta_loss, list(rule.parameters()) + list(model.parameters())))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TIGHT[torch.float64])
+
+
 # -- dispatch and the missing-Triton path (CPU) ------------------------------------------------------
 
 
@@ -342,6 +428,23 @@ def test_fused_config_rejects_bad_fields_with_exact_messages():
         fused.FusedConfig(backward_block=24)
     with pytest.raises(ValueError, match=r"FusedConfig.warps must be 1, 2, 4, 8 or 16, got 3"):
         fused.FusedConfig(warps=3)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(maxnreg=-3), r"FusedConfig.maxnreg must be None or a positive integer, got -3"),
+        (dict(backward_maxnreg=0.5), r"FusedConfig.backward_maxnreg must be None or a positive integer, got 0.5"),
+        (dict(maxnreg=True), r"FusedConfig.maxnreg must be None or a positive integer, got True"),
+        (dict(interpreter_programs=0), r"FusedConfig.interpreter_programs must be a positive integer, got 0"),
+        (dict(programs_per_sm=True), r"FusedConfig.programs_per_sm must be a positive integer, got True"),
+        (dict(warps=True), r"FusedConfig.warps must be 1, 2, 4, 8 or 16, got True"),
+    ],
+)
+def test_fused_config_rejects_the_fields_that_reach_only_triton(changes, message):
+    # Unchecked, these went through to the launch (a bool passing for 1), or silently to one program.
+    with pytest.raises(ValueError, match=message):
+        fused.FusedConfig(**changes)
 
 
 def test_set_kernel_reaches_every_lstm_and_kernel_is_not_config():
@@ -534,6 +637,26 @@ def test_cached_launch_constants_that_a_cuda_graph_captured_are_never_evicted(mo
     assert fused._constants_tensor(spec, 1.0, device) is captured
     assert fused._constants_tensor(spec, 0.5, device) is not first_eager  # uncaptured entries do go
     torch.testing.assert_close(captured[4], torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_a_new_learning_rate_costs_no_host_copy_of_the_launch_constants(monkeypatch):
+    # torch.tensor(..., device="cuda") copies from pageable host memory, which synchronises with
+    # the device: under an lr schedule the drop-in made one such copy (a host sync) every step.
+    spec = fused._spec(CoordinateWiseLSTM(seed=0))
+    device = torch.device("cpu")
+    monkeypatch.setattr(fused, "_constants", {})
+    monkeypatch.setattr(fused, "_constant_bases", {})
+    base = fused._constants_tensor(spec, 1.0, device)
+    made = []
+    original = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(args) or original(*args, **kwargs))
+    scheduled = [fused._constants_tensor(spec, lr, device) for lr in (0.5, 1 / 3, 1e-300)]
+    monkeypatch.setattr(torch, "tensor", original)
+    assert made == []
+    for lr, constants in zip((0.5, 1 / 3, 1e-300), scheduled):
+        assert constants.dtype == torch.float64 and constants.data_ptr() != base.data_ptr()
+        assert constants.tolist() == [*base.tolist()[:4], lr, 0.0]  # exact in float64
+    assert base.tolist()[4] == 1.0
 
 
 def test_auto_takes_the_fused_path_only_for_the_tile_widths_it_was_built_and_tested_for(monkeypatch):

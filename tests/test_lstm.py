@@ -169,6 +169,31 @@ def test_zero_coordinates_give_an_empty_update():
     assert update.shape == (0,) and state.h.shape == (2, 20, 0)
 
 
+def test_zero_coordinates_keep_the_update_in_the_graph():
+    # As the fused path: an empty update still depends on every weight (with zero gradients), so
+    # differentiating a meta-loss through an empty parameter group does not fail.
+    rule = CoordinateWiseLSTM()
+    update, _ = rule(torch.zeros(0), rule.init_state(0))
+    grads = torch.autograd.grad(update.sum(), list(rule.parameters()))
+    assert all(torch.equal(grad, torch.zeros_like(grad)) for grad in grads)
+
+
+@pytest.mark.parametrize(
+    "grad_dtype, state_dtype, message",
+    [
+        (torch.complex64, torch.float32, r"real floating-point gradient, got torch.complex64.*view_as_real"),
+        (torch.int64, torch.float32, "real floating-point gradient, got torch.int64"),
+        (torch.float32, torch.int32, "floating-point state, got torch.int32"),
+        (torch.float32, torch.complex64, "floating-point state, got torch.complex64"),
+    ],
+)
+def test_non_floating_inputs_are_refused(lstm, grad_dtype, state_dtype, message):
+    # Not cast silently: an integer state would be truncated at every step, a complex gradient lose its imaginary part.
+    state = lstm.init_state(3, dtype=state_dtype)
+    with pytest.raises(ValueError, match=message):
+        lstm(torch.ones(3, dtype=grad_dtype), state)
+
+
 def test_from_config_refuses_an_unknown_state_dtype():
     config = {**CoordinateWiseLSTM().config(), "state_dtype": "int64"}
     with pytest.raises(ValueError, match="Invalid state_dtype: torch.int64"):

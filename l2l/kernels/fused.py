@@ -1,8 +1,9 @@
 """Fused coordinatewise LSTM step on CUDA (Triton): one kernel per step forward, a recomputing backward, an autograd Function.
 
-:func:`lstm_step` is a drop-in for the reference step inside ``CoordinateWiseLSTM.forward``
+:func:`forward` is a drop-in for the reference step inside ``CoordinateWiseLSTM.forward``
 (preprocessing, every layer, read-out and output scale in one kernel; differentiable with
-respect to the gradient input, the states and every weight). :func:`lstm_step_` is the
+respect to the gradient input, the states and every weight, to first order: its gradients refuse to be
+differentiated again). :func:`lstm_step_` is the
 in-place, no-grad variant behind the ``torch.optim`` drop-in and inference (state updated in
 place, optional parameter update, non-finite masking).
 
@@ -33,6 +34,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from l2l.kernels.reference import check_step_inputs
+
 PRECISIONS = ("tf32x3", "tf32", "ieee")
 WEIGHT_GRADS = ("scratch", "registers")
 MAX_LAYERS = 2
@@ -47,6 +50,10 @@ COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 class FusedUnavailableError(RuntimeError):
     """The fused kernel was asked for where it cannot run; the message says why."""
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +96,17 @@ class FusedConfig:
             if not (isinstance(value, int) and value >= 16 and value & (value - 1) == 0):
                 raise ValueError(f"FusedConfig.{name} must be a power of two >= 16, got {value!r}")
         for name in ("warps", "backward_warps"):
-            if getattr(self, name) not in (1, 2, 4, 8, 16):
-                raise ValueError(f"FusedConfig.{name} must be 1, 2, 4, 8 or 16, got {getattr(self, name)!r}")
-        if not (isinstance(self.programs_per_sm, int) and self.programs_per_sm > 0):
-            raise ValueError(f"FusedConfig.programs_per_sm must be a positive integer, got {self.programs_per_sm!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in (1, 2, 4, 8, 16):  # True == 1 would pass the test alone
+                raise ValueError(f"FusedConfig.{name} must be 1, 2, 4, 8 or 16, got {value!r}")
+        for name in ("programs_per_sm", "interpreter_programs"):
+            value = getattr(self, name)
+            if not _positive_int(value):
+                raise ValueError(f"FusedConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("maxnreg", "backward_maxnreg"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"FusedConfig.{name} must be None or a positive integer, got {value!r}")
         if self.weight_grads not in WEIGHT_GRADS:
             raise ValueError(f"FusedConfig.weight_grads must be one of {', '.join(WEIGHT_GRADS)}, "
                              f"got {self.weight_grads!r}")
@@ -105,6 +119,8 @@ _interpreter_enabled = os.environ.get("L2L_TRITON_INTERPRET", "") == "1"
 _lock = threading.Lock()
 _modules: dict[bool, ModuleType] = {}
 _constants: dict[tuple, Tensor] = {}
+_constant_bases: dict[tuple, Tensor] = {}  # each spec's constants with lr_scale 1, copied from the host once
+C_LR_SCALE = 4  # lr_scale's index in the constants (triton_lstm.C_LR_SCALE)
 _pack_indices: dict[tuple, Tensor] = {}  # gather indices of the packed weight tiles
 _pack_zeros: dict[tuple, Tensor] = {}  # the zero the padding of the packed tiles gathers
 # Keys read while a CUDA graph was being captured: the graph replays their tensors' addresses,
@@ -337,16 +353,30 @@ def _constants_tensor(spec: _Spec, lr_scale: float, device: torch.device) -> Ten
     """``[p, exp(-p), exp(p), output_scale, lr_scale, 0]`` in float64 on ``device``, cached.
 
     Passed as a tensor, not as scalar arguments (which Triton makes float32), so float64 runs
-    see exact constants; cached so that a CUDA-graph capture never copies from the host.
+    see exact constants; cached so that a CUDA-graph capture never copies from the host. Only
+    the first of a spec's vectors on a device is copied from the host (a copy from pageable
+    memory synchronises with the device); one for another ``lr_scale`` (a drop-in under an lr
+    schedule: a new one every step) is that one's copy with the factor filled in on the device.
     """
     p = spec.p
+    lr_scale = float(lr_scale)
 
-    def make() -> Tensor:
+    def host_copy(factor: float) -> Tensor:
         exp_p = math.exp(p) if p < 709 else math.inf
-        values = [p, math.exp(-p), exp_p, spec.output_scale, float(lr_scale), 0.0]
+        values = [p, math.exp(-p), exp_p, spec.output_scale, factor, 0.0]
         return torch.tensor(values, dtype=torch.float64, device=device)
 
-    return _cached(_constants, ("constants", device, p, spec.output_scale, float(lr_scale)), 256, device, make)
+    def make() -> Tensor:
+        if _capturing(device):  # a clone and fill would only be recorded: an eager launch could read it unfilled
+            return host_copy(lr_scale)
+        first = _cached(_constant_bases, ("constants", device, p, spec.output_scale), 64, device, lambda: host_copy(1.0))
+        if lr_scale == 1.0:
+            return first
+        constants = first.clone()
+        constants[C_LR_SCALE].fill_(lr_scale)
+        return constants
+
+    return _cached(_constants, ("constants", device, p, spec.output_scale, lr_scale), 256, device, make)
 
 
 def _weights(rule: Any, spec: _Spec) -> list[Tensor]:
@@ -485,14 +515,30 @@ def backward_programs(num_coords: int, device: torch.device) -> int:
     return max(1, min(blocks, cap))
 
 
+def _check_inputs(rule: Any, spec: _Spec, grad: Tensor, h: Tensor, c: Tensor, name: str) -> None:
+    """Raises a ValueError unless the step's tensors fit ``rule`` and lie with its weights (the kernels index them unchecked)."""
+    check_step_inputs(grad, h, c, spec.layers, spec.hidden, name)
+    if rule.weight_out.device != grad.device:
+        raise ValueError(f"{name}: the rule's weights are on {rule.weight_out.device}, the gradient on {grad.device}; "
+                         f"move the rule there (rule.to({str(grad.device)!r}))")
+
+
 def forward(rule: Any, grad: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One fused step, out of place: ``(update [N], h_new, c_new [L, H, N])``; differentiable.
 
     Same contract as the reference path of ``CoordinateWiseLSTM.forward``: the update is in
     ``grad``'s dtype, the new states in the states' dtype (for example bfloat16).
+
+    Raises:
+        ValueError: the tensors do not fit the rule (see :func:`~l2l.kernels.reference.check_step_inputs`)
+            or are not on its weights' device.
     """
     spec = _spec(rule)
-    return FusedLSTMFunction.apply(grad, h, c, spec, *_weights(rule, spec))
+    _check_inputs(rule, spec, grad, h, c, "fused.forward")
+    # Laid out here rather than inside the Function: a copy is then part of the graph, and what the
+    # Function saves stays connected to the caller's tensors (see _refuse_second_derivatives).
+    h, c = _state_layout(h, c)
+    return FusedLSTMFunction.apply(grad.contiguous(), h, c, spec, *_weights(rule, spec))
 
 
 def lstm_step_(
@@ -521,10 +567,26 @@ def lstm_step_(
 
     Returns:
         The update ``[N]`` (``out``).
+
+    Raises:
+        ValueError: the tensors do not fit the rule, lie elsewhere than its weights, or have
+            another layout or dtype than the above.
     """
+    spec = _spec(rule)
+    _check_inputs(rule, spec, grad, h, c, "lstm_step_")
     if h.stride(-1) != 1 or c.stride(-1) != 1 or h.stride() != c.stride() or not grad.is_contiguous():
         raise ValueError("lstm_step_ needs a contiguous gradient and states with unit stride along N and equal strides")
-    spec = _spec(rule)
+    for label, tensor in (("out", out), ("params", params)):
+        # Written by linear index: a strided or longer tensor would get the update in the wrong elements.
+        if tensor is not None and not (tensor.shape == grad.shape and tensor.is_contiguous()
+                                       and tensor.is_floating_point() and tensor.device == grad.device):
+            raise ValueError(f"lstm_step_: {label} must be a contiguous [{grad.shape[0]}] tensor of a floating dtype on "
+                             f"{grad.device}, like the gradient; got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+                             f"{'' if tensor.is_contiguous() else ', strided'}")
+    flag = nonfinite_flag
+    if flag is not None and not (flag.dtype == torch.int32 and flag.numel() == 1 and flag.device == grad.device):
+        raise ValueError(f"lstm_step_: nonfinite_flag must be a one-element int32 tensor on {grad.device}, got {flag.dtype} "
+                         f"of shape {tuple(flag.shape)} on {flag.device}")
     out = torch.empty_like(grad) if out is None else out
     with torch.no_grad():
         _launch_forward(spec, _weights(rule, spec), grad, h, c, h, c, out,
@@ -532,13 +594,45 @@ def lstm_step_(
     return out
 
 
+SECOND_DERIVATIVE_ERROR = (
+    "the fused LSTM step has no second derivative (its backward is one Triton kernel): differentiating its "
+    "gradients again (a double backward, through create_graph=True) needs kernel='reference'"
+)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Copies of its first ``count`` inputs, computed from all of them; its backward raises :data:`SECOND_DERIVATIVE_ERROR`."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(tensor.clone() for tensor in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        raise RuntimeError(SECOND_DERIVATIVE_ERROR)
+
+
+def _refuse_second_derivatives(grads: tuple, anchors: list[Tensor]) -> tuple:
+    """``grads`` (tensors or None) as tensors whose derivative with respect to any of ``anchors`` raises.
+
+    ``anchors`` are what the gradients truly depend on (the saved inputs and weights, incoming
+    gradients that require grad): a node between them and the gradients makes every later
+    derivative through the gradients reach it, even one taken with respect to a weight only.
+    """
+    present = [k for k, grad in enumerate(grads) if grad is not None]
+    wrapped = _NoSecondDerivative.apply(len(present), *(grads[k] for k in present), *anchors)
+    out = list(grads)
+    for k, grad in zip(present, wrapped):
+        out[k] = grad
+    return tuple(out)
+
+
 class FusedLSTMFunction(torch.autograd.Function):
     """Autograd Function of the fused step: saves the inputs only, recomputes the gates in backward."""
 
     @staticmethod
     def forward(ctx, grad: Tensor, h: Tensor, c: Tensor, spec: _Spec, *weights: Tensor):
-        grad = grad if grad.is_contiguous() else grad.contiguous()
-        h, c = _state_layout(h, c)
+        # Laid out by forward() (the module function): grad contiguous, h and c as _state_layout leaves them.
         shape = h.shape
         update = torch.empty_like(grad)
         h_new = torch.empty(shape, dtype=h.dtype, device=h.device)
@@ -550,8 +644,21 @@ class FusedLSTMFunction(torch.autograd.Function):
         return update, h_new, c_new
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_update: Tensor | None, d_h: Tensor | None, d_c: Tensor | None):
+        with torch.no_grad():
+            grads = FusedLSTMFunction._gradients(ctx, d_update, d_h, d_c)
+        # Under create_graph=True the kernel's gradients have no graph of their own, yet they depend
+        # on the saved inputs and weights; left as plain tensors, a later derivative through them
+        # would silently miss that share (once_differentiable refuses it only when an incoming
+        # gradient requires grad). So they come back requiring grad, and differentiating them raises.
+        if not torch.is_grad_enabled():
+            return grads
+        anchors = [t for t in (*ctx.saved_tensors, d_update, d_h, d_c) if t is not None and t.requires_grad]
+        return _refuse_second_derivatives(grads, anchors)
+
+    @staticmethod
+    def _gradients(ctx, d_update: Tensor | None, d_h: Tensor | None, d_c: Tensor | None) -> tuple:
+        """:meth:`backward`'s gradients, one per input of :meth:`forward`, from the backward kernel."""
         spec: _Spec = ctx.spec
         grad, h, c, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -28,6 +28,30 @@ class LSTMWeights(NamedTuple):
     b_out: Tensor  # []
 
 
+def check_step_inputs(grad: Tensor, h: Tensor, c: Tensor, layers: int, hidden: int, name: str = "CoordinateWiseLSTM") -> None:
+    """Raises a ValueError unless ``grad [N]`` and ``h, c [layers, hidden, N]`` are real floating-point tensors on one device.
+
+    Shared by both paths: the fused kernels index these tensors unchecked, and the reference
+    would cast an integer or complex input silently. ``name`` is who reports the problem.
+    """
+    if grad.dim() != 1:
+        raise ValueError(f"{name} expects a flat gradient of shape [N], got {tuple(grad.shape)}")
+    if not grad.is_floating_point():
+        raise ValueError(f"{name} takes a real floating-point gradient, got {grad.dtype}"
+                         + ("; view complex gradients as real pairs with torch.view_as_real" if grad.is_complex() else ""))
+    expected = (layers, hidden, grad.shape[0])
+    if tuple(h.shape) != expected or tuple(c.shape) != expected:
+        raise ValueError(
+            f"{name} state has shape {tuple(h.shape)}, expected {expected} for {grad.shape[0]} coordinates; "
+            f"build it with init_state({grad.shape[0]})"
+        )
+    for state in (h, c):
+        if not state.is_floating_point():
+            raise ValueError(f"{name} takes a floating-point state, got {state.dtype}")
+        if state.device != grad.device:
+            raise ValueError(f"{name} state is on {state.device}, the gradient on {grad.device}: put both on one device")
+
+
 def coordinatewise_lstm(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -> tuple[Tensor, Tensor, Tensor]:
     """One step of a stacked LSTM applied independently to every coordinate.
 
@@ -57,6 +81,7 @@ def coordinatewise_lstm(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -
         cs.append(c_new)
         layer_input = h_new
     if layer_input.shape[1] == 0:  # addmv would broadcast the 0-d bias to a scalar, not to [0]
-        return layer_input.new_zeros(0), torch.stack(hs), torch.stack(cs)
+        # Still computed from the weights: an empty update stays in the graph (zero gradients), as the fused path's.
+        return torch.mv(layer_input.t(), weights.w_out) + weights.b_out, torch.stack(hs), torch.stack(cs)
     out = torch.addmv(weights.b_out, layer_input.t(), weights.w_out)
     return out, torch.stack(hs), torch.stack(cs)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from l2l.kernels import dispatch, fused
-from l2l.kernels.reference import LSTMWeights, coordinatewise_lstm
+from l2l.kernels.reference import LSTMWeights, check_step_inputs, coordinatewise_lstm
 from l2l.optimizers import preprocess as preprocessing
 
 
@@ -155,15 +155,12 @@ class CoordinateWiseLSTM(nn.Module):
 
         Returns:
             ``(update, state)``: the update ``[N]`` in ``grad``'s dtype and the new state.
+
+        Raises:
+            ValueError: ``grad`` is not a real floating-point ``[N]`` tensor, or the state is not
+                floating-point ``[layers, hidden, N]`` on ``grad``'s device.
         """
-        if grad.dim() != 1:
-            raise ValueError(f"CoordinateWiseLSTM expects a flat gradient of shape [N], got {tuple(grad.shape)}")
-        expected = (self.num_layers, self.hidden_size, grad.shape[0])
-        if tuple(state.h.shape) != expected or tuple(state.c.shape) != expected:
-            raise ValueError(
-                f"CoordinateWiseLSTM state has shape {tuple(state.h.shape)}, expected {expected} for "
-                f"{grad.shape[0]} coordinates; build it with init_state({grad.shape[0]})"
-            )
+        check_step_inputs(grad, state.h, state.c, self.num_layers, self.hidden_size)
         if dispatch.select_kernel(self.kernel, self, grad.device) == "fused":
             update, h, c = fused.forward(self, grad, state.h, state.c)
             return update, LSTMState(h, c)
