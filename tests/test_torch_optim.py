@@ -657,3 +657,20 @@ def test_a_compiled_training_step_runs_the_step_eagerly(checkpoint):
 
     with pytest.raises(torch._dynamo.exc.Unsupported, match="LearnedOptimizer.step runs eagerly"):
         torch.compile(step_only, backend="eager", fullgraph=True)(optimizers[0])
+
+
+def test_a_state_saved_in_float32_continues_on_the_model_moved_to_float64(checkpoint):
+    # model.double() between saving and loading: the float32 LSTM state is loaded as saved and
+    # widened to the parameters' dtype at the next step (where torch.optim casts at loading).
+    x, y = batch()
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    train(model, optimizer, x, y, 2)
+    widened = copy.deepcopy(model).double()
+    resumed = LearnedOptimizer(widened.parameters(), sensitive_rule(seed=9))
+    resumed.load_state_dict(optimizer.state_dict())
+    train(model, optimizer, x, y, 1)
+    train(widened, resumed, x.double(), y.double(), 1)
+    for p, q in zip(model.parameters(), widened.parameters()):
+        assert q.dtype == resumed.state[q]["h"].dtype == torch.float64
+        torch.testing.assert_close(q.float(), p.detach(), rtol=1e-5, atol=1e-6)
