@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import os
 import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,44 @@ ACCELERATOR_CHUNK_SIZE = 2**20
 
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]  # (torch.optim's own alias is newer than torch 2.1)
 RuleFn = Callable[[Tensor, LSTMState], "tuple[Tensor, LSTMState]"]
+
+# Options of torch.optim's hand-designed optimizers that the learned rule has no counterpart for,
+# with the value that asks for nothing (None: there is none). Kept in a param group by code that
+# swapped Adam for the drop-in, they would be silently ignored and the model trained without them.
+FOREIGN_OPTIONS: dict[str, Any] = {
+    "weight_decay": 0, "momentum": 0, "dampening": 0, "nesterov": False, "amsgrad": False, "centered": False,
+    "betas": None, "eps": None,
+    "differentiable": False,  # torch.optim's __setstate__ puts differentiable=False into the defaults
+}
+FOREIGN_HINTS = {
+    "weight_decay": "; for weight decay, add the penalty to the loss",
+    "differentiable": "; to differentiate through the steps, unroll them with higher.innerloop_ctx",
+}
+
+COMPILE_REASON = (
+    "LearnedOptimizer.step runs eagerly (its chunk loop and non-finite checks read values on the host): "
+    "compile the forward and backward without fullgraph=True, or call optimizer.step() outside the compiled function"
+)
+
+
+def eager_under_compile(step: Callable) -> Callable:
+    """``step``, run eagerly when ``torch.compile`` meets it: a graph break, an error under ``fullgraph=True``.
+
+    Dynamo is imported at the first call rather than with l2l (it takes over a second).
+    """
+    disabled = None
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            try:
+                disabled = torch.compiler.disable(step, reason=COMPILE_REASON)
+            except TypeError:  # torch before 2.7 takes no reason
+                disabled = torch.compiler.disable(step)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 def learned_step(
@@ -142,6 +182,9 @@ def check_grad(grad: Tensor) -> None:
 def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = False) -> None:
     """Raises ``ValueError`` naming the first invalid option of a param group (``lr``, ``maximize``, ...).
 
+    Options of torch.optim's hand-designed optimizers that the rule lacks (``weight_decay``,
+    ``betas``, ...) are refused unless they ask for nothing (``weight_decay=0``, ``nesterov=False``).
+
     Args:
         rule: the optimizer's learned rule, which the group's ``rule_group`` must fit.
         group: the param group's options.
@@ -164,6 +207,13 @@ def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = F
     chunk_size = group["chunk_size"]
     if chunk_size is not None and not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"Invalid chunk_size: {chunk_size!r} (expected None or a positive int)")
+    for key, off in FOREIGN_OPTIONS.items():
+        value = group.get(key, off)
+        if key in group and not (off is not None and isinstance(value, (bool, int, float)) and value == off):
+            raise ValueError(
+                f"LearnedOptimizer has no {key} option (got {key}={value!r}): the learned rule replaces the "
+                f"update of torch.optim's hand-designed optimizers, so it would be ignored; remove it{FOREIGN_HINTS.get(key, '')}"
+            )
     group_rule(rule, group)
 
 
@@ -194,6 +244,9 @@ class LearnedOptimizer(Optimizer):
     ``torch.no_grad()`` (on each device in the rule's dtype) and adds ``lr`` times its output to
     the parameters in place. Parameters without a gradient are skipped. ``lr`` is a plain
     param-group option, so ``torch.optim.lr_scheduler`` schedulers scale the learned update.
+    Options of torch.optim's hand-designed optimizers that the rule lacks (``weight_decay``,
+    ``betas``, ...) are refused in param groups rather than ignored. Under ``torch.compile``,
+    ``step`` runs eagerly (a graph break).
 
     Memory: the recurrent state is ``2 (h, c) x layers x hidden`` numbers per parameter, 320 bytes
     in float32 for the paper's 2 x 20 LSTM (Adam: 8 bytes), 160 bytes with
@@ -326,6 +379,7 @@ class LearnedOptimizer(Optimizer):
         self._buckets[(index, *key)] = bucket
         return bucket
 
+    @eager_under_compile
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Performs one optimization step.
@@ -415,18 +469,41 @@ class LearnedOptimizer(Optimizer):
                 self._nonfinite_device = torch.zeros((), dtype=torch.int64, device=flag.device)
             self._nonfinite_device += flag.to(self._nonfinite_device.device, non_blocking=True)
 
+    @contextlib.contextmanager
+    def _hooks_held(self, *names: str) -> Iterator[OrderedDict]:
+        """Hands out torch.optim's hook dicts ``names``, empty inside, so the caller runs them itself.
+
+        torch.optim's ``state_dict`` and ``load_state_dict`` run their hooks around their own
+        work; ours adds work after it (the rule's weights, the LSTM state), which the post-hooks
+        must see and pre-hooks must precede.
+        """
+        held = [getattr(self, name) for name in names]
+        for name in names:
+            setattr(self, name, OrderedDict())
+        try:
+            yield held
+        finally:
+            for name, hooks in zip(names, held):
+                setattr(self, name, hooks)
+
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict (per parameter: ``h``, ``c`` of ``[layers, hidden, numel]``).
 
-        Also holds the learned rule (class, config and weights) and the non-finite step count.
+        Also holds the learned rule (class, config and weights) and the non-finite step count;
+        state-dict post-hooks run on the whole of it, as in torch.optim.
         """
-        state_dict = super().state_dict()
+        with self._hooks_held("_optimizer_state_dict_post_hooks") as (post_hooks,):
+            state_dict = super().state_dict()
         state_dict["learned_rule"] = {
             **rule_spec(self.rule),
             "state_dict": {key: value.detach().cpu().clone() for key, value in self.rule.state_dict().items()},
             "metadata": copy.deepcopy(self.metadata),
         }
         state_dict["nonfinite_steps"] = self._nonfinite_count()
+        for post_hook in post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -485,12 +562,8 @@ class LearnedOptimizer(Optimizer):
         if problem:
             raise ValueError(f"this state_dict's learned rule is corrupt: {problem}")
         # The pre-hooks ran above; the post-hooks run once the LSTM state and weights are in place.
-        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
-        try:
+        with self._hooks_held("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict(state_dict)
-        finally:
-            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         # torch.optim casts floating state to each parameter's dtype; the LSTM state keeps its own.
         for saved_id, p, _ in pairs:
             saved = state_dict["state"].get(saved_id)

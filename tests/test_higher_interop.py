@@ -238,6 +238,16 @@ def test_rule_group_override_to_an_lstm_of_another_shape_is_refused():
         assert [group["rule_group"] for group in diffopt.param_groups] == ["a", "b"]
 
 
+def test_a_torch_optim_option_the_rule_lacks_is_refused_as_an_override():
+    model = mlp()
+    with pytest.raises(ValueError) as refused:
+        LearnedOptimizer([{"params": list(model.parameters()), "weight_decay": 0.1}], sensitive_rule(dtype=F64))
+    optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64))
+    with pytest.raises(ValueError, match=re.escape(str(refused.value))):
+        with higher.innerloop_ctx(model, optimizer, override={"weight_decay": [0.1]}):
+            pass
+
+
 def test_sparse_gradients_get_the_drop_ins_message():
     torch.manual_seed(0)
     embedding = nn.Embedding(5, 3, sparse=True).double()

@@ -479,3 +479,198 @@ def test_load_state_dict_checks_group_options_runs_hooks_and_restores_metadata(c
     # The weights are the source's, and so is their description.
     assert optimizer.metadata["task"] == "other"
     assert torch.equal(optimizer.rule.weight_out, source.rule.weight_out)
+
+
+def test_state_dict_post_hooks_see_and_may_replace_the_whole_state_dict(checkpoint):
+    # torch.optim runs them last, on the finished state dict: a hook that converts or wraps it
+    # for saving must see the learned rule too, and what it returns is what state_dict returns.
+    p = nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    optimizer = LearnedOptimizer([p], checkpoint)
+    optimizer.step()
+    seen = []
+    optimizer.register_state_dict_post_hook(lambda opt, state_dict: seen.append(sorted(state_dict)))
+    optimizer.register_state_dict_post_hook(lambda opt, state_dict: {"wrapped": state_dict})
+    state_dict = optimizer.state_dict()
+    assert seen == [["learned_rule", "nonfinite_steps", "param_groups", "state"]]
+    assert list(state_dict) == ["wrapped"]
+    optimizer.register_load_state_dict_pre_hook(lambda opt, state_dict: state_dict["wrapped"])
+    optimizer.load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("weight_decay", 0.01), ("momentum", 0.9), ("dampening", 0.1), ("nesterov", True), ("amsgrad", True),
+     ("centered", True), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("differentiable", True)],
+)
+def test_torch_optim_options_the_rule_lacks_are_refused_not_ignored(checkpoint, option, value):
+    # Code that swaps Adam for the drop-in may keep per-group options such as weight decay; left in,
+    # they would be silently ignored and the model would train without them.
+    p, q = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"LearnedOptimizer has no {option} option \(got {option}="):
+        LearnedOptimizer([{"params": [p], option: value}], checkpoint)
+    optimizer = LearnedOptimizer([p], checkpoint)
+    with pytest.raises(ValueError, match=rf"has no {option} option"):
+        optimizer.add_param_group({"params": [q], option: value})
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument '{option}'"):
+        LearnedOptimizer([q], checkpoint, **{option: value})
+
+
+def test_torch_optim_options_at_their_off_value_are_accepted(checkpoint):
+    # Weight-decay groups built for AdamW put weight_decay=0 on biases; that asks for nothing we lack.
+    p, q = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    groups = [{"params": [p], "weight_decay": 0.0, "momentum": 0, "nesterov": False, "differentiable": False}, {"params": [q]}]
+    optimizer = LearnedOptimizer(groups, checkpoint)
+    optimizer.load_state_dict(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("option", ["foreach", "fused", "capturable"])
+def test_torch_optims_implementation_flags_name_themselves_in_a_type_error(checkpoint, option):
+    with pytest.raises(TypeError, match=rf"unexpected keyword argument '{option}'"):
+        LearnedOptimizer([nn.Parameter(torch.zeros(2))], checkpoint, **{option: True})
+
+
+def test_one_cycle_and_cyclic_lr_scale_the_update_without_momentum_cycling(checkpoint):
+    # The learned rule has no momentum or betas to cycle: torch's own error (as for Adagrad) unless
+    # cycle_momentum=False, and then the schedule's lr scales the update as any lr does.
+    p, base = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))
+    optimizer = LearnedOptimizer([p], checkpoint)
+    with pytest.raises(ValueError, match="optimizer must support momentum or beta1 with `cycle_momentum`"):
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.4, total_steps=10)
+    with pytest.raises(ValueError, match="optimizer must support momentum or beta1 with `cycle_momentum`"):
+        torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0.1, max_lr=0.4)
+    torch.optim.lr_scheduler.CyclicLR(LearnedOptimizer([base], checkpoint), base_lr=0.1, max_lr=0.4, cycle_momentum=False)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.4, total_steps=10, cycle_momentum=False)
+    lr = optimizer.param_groups[0]["lr"]
+    assert lr == pytest.approx(0.4 / 25)  # max_lr / div_factor
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    p.grad, base.grad = grad.clone(), grad.clone()
+    optimizer.step()
+    scheduler.step()
+    LearnedOptimizer([base], checkpoint).step()
+    torch.testing.assert_close(p.detach(), lr * base.detach(), rtol=1e-5, atol=1e-8)
+    assert optimizer.param_groups[0]["lr"] > lr
+
+
+def test_scheduler_and_optimizer_state_dicts_resume_together_from_a_weights_only_file(checkpoint):
+    x, y = batch()
+
+    def setup(seed):
+        model = mlp(seed=seed)
+        optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=3)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=5)
+        return model, optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[3])
+
+    def run(model, optimizer, scheduler, steps):
+        losses = []
+        for _ in range(steps):
+            losses.append(train(model, optimizer, x, y, 1)[0])
+            scheduler.step()
+        return torch.stack(losses)
+
+    model, optimizer, scheduler = setup(0)
+    run(model, optimizer, scheduler, 4)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    expected = run(model, optimizer, scheduler, 3)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model, optimizer, scheduler = setup(1)
+    model.load_state_dict(saved["model"])
+    scheduler.load_state_dict(saved["scheduler"])
+    optimizer.load_state_dict(saved["optimizer"])  # after the scheduler, as torch.optim asks
+    assert torch.equal(run(model, optimizer, scheduler, 3), expected)
+
+
+def test_grad_scaler_unscales_clips_and_skips_steps_with_inf_gradients(checkpoint):
+    x, y = batch()
+    model, reference = mlp(), mlp()
+    optimizer, reference_optimizer = LearnedOptimizer(model.parameters(), checkpoint), LearnedOptimizer(reference.parameters(), checkpoint)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    optimizer.zero_grad()
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    scaler.step(optimizer)
+    scaler.update()
+    nn.functional.mse_loss(reference(x), y).backward()
+    nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    reference_optimizer.step()
+    # Scaling by a power of two is exact, so the scaled step is the plain one.
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    before = [p.detach().clone() for p in model.parameters()]
+    h = optimizer.state[model[0].weight]["h"].clone()
+    optimizer.zero_grad()
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    # The scaler skipped the step: nothing moved, and the optimizer never saw a non-finite gradient.
+    assert all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), before))
+    assert torch.equal(optimizer.state[model[0].weight]["h"], h)
+    assert optimizer.nonfinite_steps == 0 and scaler.get_scale() == 2.0**9
+
+
+def test_named_parameters_give_param_names_as_in_torch_optim(checkpoint):
+    model = mlp()
+    optimizer = LearnedOptimizer(model.named_parameters(), checkpoint)
+    train(model, optimizer, *batch(), 1)
+    adam = torch.optim.Adam(model.named_parameters())
+    state_dict = optimizer.state_dict()
+    assert state_dict["param_groups"][0]["param_names"] == adam.state_dict()["param_groups"][0]["param_names"]
+    assert state_dict["param_groups"][0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    resumed = LearnedOptimizer(mlp().named_parameters(), checkpoint)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.param_groups[0]["param_names"] == state_dict["param_groups"][0]["param_names"]
+
+
+def test_a_compiled_training_step_runs_the_step_eagerly(checkpoint):
+    # torch.compile graph-breaks at step (its chunk loop and non-finite checks read values on the
+    # host), so a compiled training step is the eager one; fullgraph=True says why it cannot be.
+    x, y = batch()
+    models = mlp(), mlp()
+    optimizers = [LearnedOptimizer(model.parameters(), checkpoint) for model in models]
+
+    def training_step(model, optimizer, nan):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if nan:
+            model[0].bias.grad[1] = float("nan")
+        optimizer.step()
+
+    compiled = torch.compile(training_step, backend="eager")
+    with pytest.warns(RuntimeWarning, match="non-finite gradients") as record:
+        for step in range(3):
+            compiled(models[0], optimizers[0], step == 1)
+            training_step(models[1], optimizers[1], step == 1)
+    # Dynamo traced nothing of step, so it did not warn about the builtins step calls.
+    assert [warning.category for warning in record] == [RuntimeWarning, RuntimeWarning]
+    assert all(torch.equal(p, q) for p, q in zip(*(model.parameters() for model in models)))
+    assert optimizers[0].nonfinite_steps == 1
+    # (A function of its own: dynamo would reuse training_step's graph-broken code for fullgraph too.)
+    def step_only(optimizer):
+        optimizer.step()
+
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="LearnedOptimizer.step runs eagerly"):
+        torch.compile(step_only, backend="eager", fullgraph=True)(optimizers[0])
+
+
+def test_a_state_saved_in_float32_continues_on_the_model_moved_to_float64(checkpoint):
+    # model.double() between saving and loading: the float32 LSTM state is loaded as saved and
+    # widened to the parameters' dtype at the next step (where torch.optim casts at loading).
+    x, y = batch()
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    train(model, optimizer, x, y, 2)
+    widened = copy.deepcopy(model).double()
+    resumed = LearnedOptimizer(widened.parameters(), sensitive_rule(seed=9))
+    resumed.load_state_dict(optimizer.state_dict())
+    train(model, optimizer, x, y, 1)
+    train(widened, resumed, x.double(), y.double(), 1)
+    for p, q in zip(model.parameters(), widened.parameters()):
+        assert q.dtype == resumed.state[q]["h"].dtype == torch.float64
+        torch.testing.assert_close(q.float(), p.detach(), rtol=1e-5, atol=1e-6)
