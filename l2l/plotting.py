@@ -20,6 +20,7 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'l2l[plot]'") from None
     import numpy as np
@@ -36,6 +37,7 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
         # it over decades and squash every curve; its lower edge stops at a tenth of the mean.
         axes.fill_between(steps, np.maximum(mean - sem, mean / 10), mean + sem, color=line.get_color(), alpha=0.2)
     axes.set_yscale("log")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 2.5
     axes.set_xlabel("optimizee step")
     axes.set_ylabel("mean loss")
     axes.set_title(title or f"{report['task']}: {report['problems']} held-out instances")

@@ -1,0 +1,46 @@
+"""Loss-curve figures of `l2l bench --plot`: written in the suffix's format, steps on whole ticks, a clear error without matplotlib."""
+
+import sys
+
+import pytest
+
+from l2l.plotting import plot_curves
+
+pytest.importorskip("matplotlib")
+
+
+def report(steps=20):
+    curve = [10.0 / (1 + t) for t in range(steps + 1)]
+    return {
+        "task": "quadratic", "problems": 4,
+        "results": {
+            "adam": {"lr": 0.1, "curve_mean": curve, "curve_sem": [0.5 * v for v in curve]},
+            # A diverged run's non-finite means reach the JSON as None; the figure must still draw.
+            "lstm": {"lr": None, "curve_mean": curve[:-2] + [None, None], "curve_sem": [0.0] * (steps + 1)},
+        },
+    }
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_writes_the_figure_in_the_format_of_its_suffix(tmp_path, suffix, magic):
+    path = plot_curves(report(), tmp_path / "new" / f"curves{suffix}")
+    assert path.read_bytes().startswith(magic)
+
+
+def test_curves_are_labelled_and_steps_are_whole_ticks(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: saved.setdefault("figure", figure))
+    plot_curves(report(steps=20), tmp_path / "curves.png")
+    axes = saved["figure"].axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["lstm", "adam (lr 0.1)"]
+    assert axes.get_yscale() == "log"
+    ticks = [tick for tick in axes.get_xticks() if 0 <= tick <= 20]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
+
+
+def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RuntimeError, match=r"pip install 'l2l\[plot\]'"):
+        plot_curves(report(), tmp_path / "curves.png")
