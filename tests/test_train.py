@@ -334,7 +334,13 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     (lambda p: p["progress"].update(history={"a": 1}), "progress.history is not a list"),
     (lambda p: p["train_config"].update(meta_lr="fast"), "holds an invalid train_config"),
     (lambda p: p["rule"]["config"].update(hidden_size=8), "holds a rule .* that is not the one its train_config builds"),
-], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule"])
+    (lambda p: p.update(rng=None), "rng is a NoneType, not a dict"),
+    (lambda p: p["rng"].update(batches=torch.zeros(3, dtype=torch.uint8)), r"has a damaged rng entry \(RuntimeError"),
+    (lambda p: p["meta_optimizer"]["param_groups"][0].update(params=[0]), "has a damaged meta_optimizer entry"),
+    (lambda p: p["progress"].update(best_score="low"), r"has a damaged progress.best_score entry \(ValueError"),
+    (lambda p: p["progress"].pop("skipped"), r"has a damaged progress.skipped entry \(missing 'skipped'\)"),
+], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule", "rng", "rng-state", "adam-groups",
+        "best-score", "skipped"])
 def test_a_damaged_resume_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
     meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
     payload = torch.load(tmp_path / "resume.pt", weights_only=True)
@@ -475,24 +481,28 @@ def test_the_cosine_schedule_sets_each_epochs_meta_learning_rate(monkeypatch):
     assert rates == pytest.approx([1e-2, 5.5e-3, 1e-3], rel=1e-12)
 
 
-def test_the_history_is_replaced_atomically(tmp_path, monkeypatch):
-    import pathlib
+def test_the_history_is_synced_and_replaced_atomically(tmp_path, monkeypatch):
+    import os
 
     trainer = MetaTrainer(TrainConfig(epochs=1, optimizee_steps=2, unroll=2, **TINY), tmp_path)
     trainer.history.append({"epoch": 1, "meta_loss": 1.0})
     trainer.save()
     written = (tmp_path / "history.json").read_text()
     trainer.history.append({"epoch": 2, "meta_loss": 2.0})
-    real = pathlib.Path.write_text
+    real_fsync, synced = os.fsync, []
 
-    def cut_short(self, text, *args, **kwargs):
-        real(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError("disk full")
+    def cut_short_at_the_history(descriptor):  # optimizer.pt, history.json and resume.pt are written in that order
+        synced.append(descriptor)
+        if len(synced) == 2:
+            os.ftruncate(descriptor, os.fstat(descriptor).st_size // 2)
+            raise OSError("disk full")
+        real_fsync(descriptor)
 
-    monkeypatch.setattr(pathlib.Path, "write_text", cut_short)
+    monkeypatch.setattr(os, "fsync", cut_short_at_the_history)
     with pytest.raises(OSError, match="disk full"):
         trainer.save()
     assert (tmp_path / "history.json").read_text() == written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["history.json", "optimizer.pt", "resume.pt"]  # no temporary
 
 
 @pytest.mark.parametrize("change", [
