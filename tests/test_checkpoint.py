@@ -207,3 +207,17 @@ def test_weights_missing_a_tensor_are_refused_naming_it(tmp_path, lstm):
     path = _damaged(tmp_path, lstm, lambda payload: payload["state_dict"].pop("weight_ih_l0"))
     with pytest.raises(CheckpointError, match=r"weights do not match its optimizer config .*Missing key\(s\).*weight_ih_l0"):
         load_optimizer(path)
+
+
+def test_a_resume_payload_without_every_field_is_never_written(tmp_path):
+    from l2l.checkpoint import RESUME_KEYS, save_resume_checkpoint
+
+    with pytest.raises(ValueError, match="resume payload lacks rng"):
+        save_resume_checkpoint(tmp_path / "resume.pt", {key: {} for key in RESUME_KEYS if key != "rng"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_given_by_path_wins_over_a_shipped_checkpoint_of_that_name(tmp_path, monkeypatch, lstm):
+    monkeypatch.chdir(tmp_path)
+    save_use_checkpoint(tmp_path / "quadratic", lstm, {"task": "mine"})
+    assert load_use_checkpoint("quadratic").metadata["task"] == "mine"
