@@ -15,7 +15,7 @@ import os
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -40,17 +40,19 @@ class UseCheckpoint(NamedTuple):
     metadata: dict[str, Any]
 
 
-def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Writes ``payload`` with ``torch.save`` to a temporary file, then renames it over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Calls ``write`` on a temporary file beside ``path``, syncs it to disk, then renames it over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file: the
+    data are on disk before the rename publishes them, and the temporary is in the same
+    directory, so the rename is atomic. A failed write removes the temporary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared.
@@ -59,6 +61,11 @@ def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes ``payload`` with ``torch.save`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def _read(path: Path, expected_format: str) -> dict[str, Any]:
@@ -126,9 +133,15 @@ def build_rule(spec: dict[str, Any], state_dict: dict[str, torch.Tensor] | None 
             rule.load_state_dict(state_dict)
         except RuntimeError as error:
             raise CheckpointError(
-                f"{source}'s weights do not match its optimizer config {spec['config']!r}: {str(error).splitlines()[0]}"
+                f"{source}'s weights do not match its optimizer config {spec['config']!r}: {_state_dict_problems(error)}"
             ) from None
     return rule
+
+
+def _state_dict_problems(error: RuntimeError) -> str:
+    """What ``load_state_dict`` found wrong: its first line only names the module, the next ones the keys."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[1:]) or (lines[0] if lines else "no details")
 
 
 def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:

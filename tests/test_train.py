@@ -276,9 +276,12 @@ def test_a_warm_start_is_validated_first_so_fine_tuning_never_returns_worse_weig
     assert history[0]["epoch"] == 0 and history[0]["validation"] is not None
     assert result.best_epoch == 0
     assert all(record["validation"] > history[0]["validation"] for record in history[1:] if "validation" in record)
-    kept = torch.load(tmp_path / "ruined" / "optimizer.pt", weights_only=True)["state_dict"]
+    kept = torch.load(tmp_path / "ruined" / "optimizer.pt", weights_only=True)
     for name, value in torch.load(init, weights_only=True)["state_dict"].items():
-        assert torch.equal(kept[name], value), name
+        assert torch.equal(kept["state_dict"][name], value), name
+    metadata = kept["metadata"]
+    assert (metadata["best_epoch"], metadata["epochs_trained"]) == (0, 2)
+    assert metadata["validation_score"] == history[0]["validation"] == result.best_score
 
 
 def test_a_save_interrupted_midway_leaves_files_a_resume_completes(tmp_path, monkeypatch):
@@ -334,7 +337,13 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     (lambda p: p["progress"].update(history={"a": 1}), "progress.history is not a list"),
     (lambda p: p["train_config"].update(meta_lr="fast"), "holds an invalid train_config"),
     (lambda p: p["rule"]["config"].update(hidden_size=8), "holds a rule .* that is not the one its train_config builds"),
-], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule"])
+    (lambda p: p.update(rng=None), "rng is a NoneType, not a dict"),
+    (lambda p: p["rng"].update(batches=torch.zeros(3, dtype=torch.uint8)), r"has a damaged rng entry \(RuntimeError"),
+    (lambda p: p["meta_optimizer"]["param_groups"][0].update(params=[0]), "has a damaged meta_optimizer entry"),
+    (lambda p: p["progress"].update(best_score="low"), r"has a damaged progress.best_score entry \(ValueError"),
+    (lambda p: p["progress"].pop("skipped"), r"has a damaged progress.skipped entry \(missing 'skipped'\)"),
+], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule", "rng", "rng-state", "adam-groups",
+        "best-score", "skipped"])
 def test_a_damaged_resume_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
     meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
     payload = torch.load(tmp_path / "resume.pt", weights_only=True)
@@ -459,9 +468,8 @@ def test_validation_scores_the_mean_loss_over_the_last_tenth_of_the_steps():
     assert trainer.validate() == pytest.approx(losses[-2:].double().mean().item(), rel=1e-6)  # steps 19 and 20
 
 
-def test_the_cosine_schedule_sets_each_epochs_meta_learning_rate(monkeypatch):
-    trainer = MetaTrainer(TrainConfig(epochs=3, optimizee_steps=2, unroll=2, meta_lr=1e-2, meta_lr_schedule="cosine",
-                                      val_every=10, **TINY))
+def _record_meta_learning_rates(monkeypatch, trainer):
+    """The learning rate of every meta-step ``trainer`` takes from now on."""
     rates = []
     step = trainer.meta_optimizer.step
 
@@ -470,29 +478,61 @@ def test_the_cosine_schedule_sets_each_epochs_meta_learning_rate(monkeypatch):
         return step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.meta_optimizer, "step", recording_step)
+    return rates
+
+
+@pytest.mark.parametrize("warm_start", [False, True], ids=["fresh", "warm-start"])
+def test_the_cosine_schedule_sets_each_epochs_meta_learning_rate(monkeypatch, tmp_path, warm_start):
+    from l2l.checkpoint import save_use_checkpoint
+    from l2l.meta.train import build_learned_rule
+
+    # A warm start's validation adds an epoch-0 record to the history; the schedule follows the epochs trained.
+    init = str(save_use_checkpoint(tmp_path / "init.pt", build_learned_rule(TrainConfig(seed=3)), {})) if warm_start else None
+    trainer = MetaTrainer(TrainConfig(epochs=3, optimizee_steps=2, unroll=2, meta_lr=1e-2, meta_lr_schedule="cosine",
+                                      val_every=10, init_from=init, **TINY))
+    rates = _record_meta_learning_rates(monkeypatch, trainer)
     trainer.run(progress=False)
     # 1e-2 * (0.1 + 0.45 * (1 + cos(pi * e / 2))) for epochs e = 0, 1, 2
     assert rates == pytest.approx([1e-2, 5.5e-3, 1e-3], rel=1e-12)
 
 
-def test_the_history_is_replaced_atomically(tmp_path, monkeypatch):
-    import pathlib
+def test_a_resume_with_more_epochs_re_times_the_rest_of_the_cosine_decay(monkeypatch, tmp_path):
+    from l2l.meta.train import meta_learning_rate
+
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, meta_lr=1e-2, meta_lr_schedule="cosine", val_every=10,
+                         checkpoint_every=2, **TINY)
+    MetaTrainer(config, tmp_path).run(progress=False)
+    longer = dataclasses.replace(config, epochs=5)
+    resumed = MetaTrainer(longer, tmp_path, warm_start=False)
+    resumed.restore(tmp_path / "resume.pt")
+    rates = _record_meta_learning_rates(monkeypatch, resumed)
+    resumed.run(progress=False)
+    assert rates == pytest.approx([meta_learning_rate(longer, epoch) for epoch in (3, 4)], rel=1e-12)
+    assert rates[-1] == pytest.approx(1e-3, rel=1e-12)  # a tenth of meta_lr at the new last epoch
+
+
+def test_the_history_is_synced_and_replaced_atomically(tmp_path, monkeypatch):
+    import os
 
     trainer = MetaTrainer(TrainConfig(epochs=1, optimizee_steps=2, unroll=2, **TINY), tmp_path)
     trainer.history.append({"epoch": 1, "meta_loss": 1.0})
     trainer.save()
     written = (tmp_path / "history.json").read_text()
     trainer.history.append({"epoch": 2, "meta_loss": 2.0})
-    real = pathlib.Path.write_text
+    real_fsync, synced = os.fsync, []
 
-    def cut_short(self, text, *args, **kwargs):
-        real(self, text[: len(text) // 2], *args, **kwargs)
-        raise OSError("disk full")
+    def cut_short_at_the_history(descriptor):  # optimizer.pt, history.json and resume.pt are written in that order
+        synced.append(descriptor)
+        if len(synced) == 2:
+            os.ftruncate(descriptor, os.fstat(descriptor).st_size // 2)
+            raise OSError("disk full")
+        real_fsync(descriptor)
 
-    monkeypatch.setattr(pathlib.Path, "write_text", cut_short)
+    monkeypatch.setattr(os, "fsync", cut_short_at_the_history)
     with pytest.raises(OSError, match="disk full"):
         trainer.save()
     assert (tmp_path / "history.json").read_text() == written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["history.json", "optimizer.pt", "resume.pt"]  # no temporary
 
 
 @pytest.mark.parametrize("change", [
@@ -520,3 +560,42 @@ def test_invalid_training_settings_are_config_errors(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
     assert TrainConfig(unroll=5, optimizee_steps=5).unroll == 5  # one truncation of the whole horizon
+
+
+def test_checkpoints_and_validations_follow_their_cadence_and_the_last_epoch(monkeypatch):
+    trainer = MetaTrainer(TrainConfig(epochs=5, checkpoint_every=2, val_every=3, optimizee_steps=2, unroll=2, **TINY))
+    saved = []
+    monkeypatch.setattr(trainer, "save", lambda: saved.append(trainer.epoch))
+    trainer.run(progress=False)
+    assert saved == [2, 4, 5]
+    assert [record["epoch"] for record in trainer.history if "validation" in record] == [3, 5]
+
+
+def _refuse_non_finite_json(text):
+    def refuse(constant):
+        raise ValueError(f"history.json holds {constant}, which is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_rule_that_never_validates_finite_has_no_best_epoch_and_writes_strict_json(tmp_path):
+    from l2l.checkpoint import load_use_checkpoint
+
+    # Every update makes these losses NaN, so every validation score is infinite: none is an improvement.
+    config = TrainConfig(task="test-nan-after", epochs=2, max_nonfinite=100, **{**SMALL, "val_every": 1})
+    result = meta_train(config, tmp_path, progress=False)
+    history = _refuse_non_finite_json((tmp_path / "history.json").read_text())
+    assert [(record["epoch"], record["validation"]) for record in history] == [(1, None), (2, None)]
+    assert (result.best_epoch, result.best_score) == (-1, math.inf)
+    metadata = load_use_checkpoint(tmp_path / "optimizer.pt").metadata
+    assert (metadata["best_epoch"], metadata["validation_score"]) == (-1, None)
+
+
+def test_validation_instances_are_none_of_the_training_instances():
+    # As many validation as training instances: drawn from one stream, the two sets would be equal.
+    trainer = MetaTrainer(TrainConfig(epochs=1, optimizee_steps=2, unroll=2, instances=4, val_problems=4, device="cpu"))
+    generator = torch.Generator()
+    generator.set_state(trainer.instance_generator.get_state())
+    first_epoch = trainer.family.sample(trainer.instances, generator)
+    held_out = [*trainer.validation_task.W, *trainer.validation_task.y]
+    assert not any(torch.equal(a, b) for a in held_out for b in [*first_epoch.W, *first_epoch.y])

@@ -11,6 +11,7 @@ of a torch.distributed group (``l2l.meta.distributed``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -19,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from l2l.checkpoint import (
     CheckpointError,
+    atomic_write,
     build_rule,
     load_resume_checkpoint,
     load_use_checkpoint,
@@ -415,9 +417,8 @@ class MetaTrainer:
         # checkpoint and history already hold, and writes all three again.
         best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
         save_use_checkpoint(self.out_dir / USE_CHECKPOINT, best, self._metadata())
-        temporary = self.out_dir / f".{HISTORY_FILE}.tmp"
-        temporary.write_text(json.dumps(self.history, indent=1))
-        os.replace(temporary, self.out_dir / HISTORY_FILE)
+        history = json.dumps(self.history, indent=1).encode()
+        atomic_write(self.out_dir / HISTORY_FILE, lambda handle: handle.write(history))
         save_resume_checkpoint(
             self.out_dir / RESUME_CHECKPOINT,
             {
@@ -494,21 +495,19 @@ class MetaTrainer:
         self.rule.load_state_dict(build_rule(payload["rule"], payload["state_dict"], source=source).state_dict())
         self.best_state = build_rule(payload["rule"], payload["best_state_dict"], source=source).state_dict()
         self.best_state = {key: value.to(self.device) for key, value in self.best_state.items()}
-        try:
+        with _damaged_entry(source, "meta_optimizer"):
             self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
             self._align_meta_optimizer()
+        with _damaged_entry(source, "rng"):
             self._load_rng_states(payload["rng"], source)
-            progress = payload["progress"]
-            self.epoch = int(payload["epoch"])
-            self.skipped = int(progress["skipped"])
-            self.consecutive_skipped = int(progress["consecutive_skipped"])
-            self.best_score = float(progress["best_score"])
-            self.best_epoch = int(progress["best_epoch"])
-            self.history = list(progress["history"])
-        except CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-            raise CheckpointError(f"{source} has damaged training state: {error}") from None
+        progress, read = payload["progress"], {}
+        for name, kind in (("skipped", int), ("consecutive_skipped", int), ("best_score", float), ("best_epoch", int)):
+            with _damaged_entry(source, f"progress.{name}"):
+                read[name] = kind(progress[name])
+        self.skipped, self.consecutive_skipped = read["skipped"], read["consecutive_skipped"]
+        self.best_score, self.best_epoch = read["best_score"], read["best_epoch"]
+        # load_resume_checkpoint checked that the epoch is a count and the history a list.
+        self.epoch, self.history = payload["epoch"], list(progress["history"])
 
     # -- the loop ----------------------------------------------------------------------------
     def _consider(self, score: float, record: dict[str, Any]) -> None:
@@ -662,6 +661,18 @@ def saved_train_config(payload: dict[str, Any], path: str | os.PathLike) -> Trai
         return TrainConfig.from_dict(payload["train_config"])
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"resume checkpoint {path} holds an invalid train_config: {error}") from None
+
+
+@contextlib.contextmanager
+def _damaged_entry(source: str, entry: str) -> Iterator[None]:
+    """Turns a failure to read ``entry`` of a resume checkpoint into a CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        detail = f"missing {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise CheckpointError(f"{source} has a damaged {entry} entry ({detail})") from None
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
