@@ -45,7 +45,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
 
     A crash at any moment leaves either the old file or the new one, never a partial file: the
     data are on disk before the rename publishes them, and the temporary is in the same
-    directory, so the rename is atomic. A failed write removes the temporary.
+    directory, so the rename is atomic; the directory is synced after it, so that the new file
+    is still there after a power cut. A failed write removes the temporary.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
     return path
+
+
+def _sync_directory(directory: Path) -> None:
+    """Syncs ``directory``'s entries, so that a rename into it survives a power cut (POSIX only)."""
+    if os.name != "posix":  # Windows cannot open a directory; its renames are journaled by NTFS
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def atomic_save(payload: dict[str, Any], path: str | os.PathLike) -> Path:
