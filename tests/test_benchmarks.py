@@ -126,6 +126,26 @@ def test_meta_iteration_smoke(monkeypatch, tmp_path, capsys):
     assert "batched path" in printed and "per-parameter loop" in printed and f"{report['ratio']:9.1f}x" in printed
 
 
+def test_compare_trees_worker_times_one_unit_per_request(monkeypatch, capsys):
+    import argparse
+    import io
+
+    module = script("compare_trees")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("go\ngo\n"))
+    module.worker(argparse.Namespace(unit="truncation", instances=2, dim=2, threads=torch.get_num_threads()))
+    info, *seconds = capsys.readouterr().out.splitlines()
+    module.check_imported_from(BENCHMARKS.parent, json.loads(info))  # this tree's l2l
+    assert len(seconds) == 2 and all(float(value) > 0 for value in seconds)
+
+
+def test_compare_trees_summary_and_refusal():
+    module = script("compare_trees")
+    figures = module.summarize([2.0, 3.0, 8.0], [1.0, 2.0, 2.0])  # paired ratios 2, 1.5, 4
+    assert figures["median_paired_ratio"] == 2.0 and figures["ratio_of_medians"] == 1.5
+    with pytest.raises(SystemExit, match="imported l2l from /elsewhere/l2l/__init__.py"):
+        module.check_imported_from(BENCHMARKS.parent, {"l2l": "/elsewhere/l2l/__init__.py"})
+
+
 def test_optimizer_step_smoke(monkeypatch, tmp_path, capsys):
     out = tmp_path / "step.json"
     run_main(script("optimizer_step"), monkeypatch, "--sizes", "1e3", "--repeats", "1", "--threads", "1", "--json", str(out))

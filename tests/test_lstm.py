@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from l2l.optimizers import CoordinateWiseLSTM
 
@@ -198,3 +199,29 @@ def test_from_config_refuses_an_unknown_state_dtype():
     config = {**CoordinateWiseLSTM().config(), "state_dtype": "int64"}
     with pytest.raises(ValueError, match="Invalid state_dtype: torch.int64"):
         CoordinateWiseLSTM.from_config(config)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_backward_of_a_step_never_zero_fills_a_whole_state():
+    # On the CPU a step is bound by its op count. Indexing a layer of the [L, H, N] state (or
+    # slicing the gates) has a backward that zero-fills a tensor of the whole state's size for
+    # every index, whose gradients are then added; unbind's and split's backward are one stack / cat.
+    rule = CoordinateWiseLSTM()
+    state = rule.init_state(6)
+    state = type(state)(*(t.requires_grad_() for t in state))
+    update, new_state = rule(torch.randn(6), state)
+    for _ in range(2):
+        update, new_state = rule(torch.randn(6), new_state)
+    with _RecordOps() as recorded:
+        (update.sum() + new_state.h.sum() + new_state.c.sum()).backward()
+    assert state.h.grad is not None and state.c.grad is not None
+    assert not {"select_backward.default", "slice_backward.default"} & set(recorded.ops), sorted(set(recorded.ops))

@@ -8,6 +8,8 @@ from l2l.optimizers import Adam, CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily, QuadraticTask
 from l2l.tasks.base import Task
 
+from gpu import CUDA, needs_cuda
+
 
 def test_k_instances_equal_k_separate_unrolls():
     lstm = CoordinateWiseLSTM(seed=1).double()
@@ -53,6 +55,67 @@ def test_value_and_grad_matches_closed_form(quadratics):
     residual = torch.bmm(quadratics.W, params[..., None]).squeeze(-1) - quadratics.y
     torch.testing.assert_close(loss, residual.pow(2).sum(-1))
     torch.testing.assert_close(grad, 2 * torch.bmm(quadratics.W.transpose(1, 2), residual[..., None]).squeeze(-1))
+
+
+class AutogradQuadratic(QuadraticTask):
+    """The same quadratic without a closed-form gradient: autograd differentiates its loss."""
+
+    def loss(self, params, batch=None):
+        return super().loss(params, batch)
+
+
+def _check_closed_form_is_autograds(k, d, dtype, device="cpu"):
+    # The unroll takes the closed form instead of an autograd pass per step: it must not change a bit.
+    task = QuadraticFamily(dim=d).sample(k, torch.Generator().manual_seed(d), device)
+    task = QuadraticTask(task.W.to(dtype), task.y.to(dtype))
+    params = torch.randn(k, d, dtype=dtype, generator=torch.Generator().manual_seed(k)) * 3
+    params[0, 0] = -0.0
+    leaf = params.to(device).requires_grad_()
+    loss, grad = task.loss_and_grad(leaf)
+    expected_loss = AutogradQuadratic(task.W, task.y).loss(leaf)
+    (expected_grad,) = torch.autograd.grad(expected_loss.sum(), leaf)
+    assert torch.equal(loss, expected_loss) and torch.equal(grad, expected_grad)
+    assert not grad.requires_grad and loss.requires_grad  # the loss stays in the meta-graph, the gradient does not
+    assert AutogradQuadratic(task.W, task.y).loss_and_grad(leaf) is None  # a changed loss is differentiated by autograd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,d", [(128, 10), (7, 3), (1, 1), (5, 33)])
+def test_the_quadratics_closed_form_gradient_is_autograds_bit_for_bit(dtype, k, d):
+    _check_closed_form_is_autograds(k, d, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_quadratics_closed_form_gradient_is_autograds_bit_for_bit_on_cuda(dtype):
+    for k, d in ((128, 10), (5, 33)):
+        _check_closed_form_is_autograds(k, d, dtype, CUDA)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_order_training_is_the_same_with_or_without_the_closed_form(dtype):
+    task = QuadraticFamily().sample(6, torch.Generator().manual_seed(0))
+    tasks = [cls(task.W.to(dtype), task.y.to(dtype)) for cls in (QuadraticTask, AutogradQuadratic)]
+    results = []
+    for task in tasks:
+        lstm = CoordinateWiseLSTM(seed=2).to(dtype)
+        losses, carry = unroll(lstm, task, start(lstm, task), 8)
+        losses.sum(0).mean().backward()
+        results.append([losses, carry.params, carry.grad, *carry.opt_state, *(p.grad for p in lstm.parameters())])
+    for closed_form, autograd in zip(*results):
+        assert torch.equal(closed_form, autograd)
+
+
+def test_a_subclass_that_changes_the_loss_gets_the_gradient_of_its_own_loss(quadratics):
+    class Scaled(QuadraticTask):
+        def loss(self, params, batch=None):
+            return 3 * super().loss(params, batch)
+
+    params = torch.randn(8, 10)
+    _, grad = value_and_grad(Scaled(quadratics.W, quadratics.y), params)
+    _, unscaled = value_and_grad(quadratics, params)
+    torch.testing.assert_close(grad, 3 * unscaled)
 
 
 def _meta_loss(lstm, task, steps, second_order):

@@ -35,7 +35,8 @@ def value_and_grad(task: Task, params: Tensor, batch: Any = None, *, create_grap
     If ``params`` is part of an autograd graph (it depends on a learned optimizer's weights
     during meta-training), the returned loss stays in that graph so the meta-loss can be
     differentiated through it. The gradient is an input to the optimizer: it is detached
-    unless ``create_graph`` asks for second derivatives.
+    unless ``create_graph`` asks for second derivatives. Without ``create_graph`` a task's
+    closed form (:meth:`~l2l.tasks.base.Task.loss_and_grad`) replaces the autograd pass.
 
     Args:
         task: the optimizee instances.
@@ -48,15 +49,21 @@ def value_and_grad(task: Task, params: Tensor, batch: Any = None, *, create_grap
     """
     with torch.enable_grad():
         in_graph = params.requires_grad
-        if not in_graph:
-            params = params.detach().requires_grad_(True)
-        loss = task.loss(params, batch)
+        # A closed form, where the task has one, gives autograd's gradient without an autograd pass.
+        closed_form = None if create_graph else task.loss_and_grad(params, batch)
+        if closed_form is not None:
+            loss, grad = closed_form
+        else:
+            if not in_graph:
+                params = params.detach().requires_grad_(True)
+            loss = task.loss(params, batch)
         if loss.shape != (task.num_instances,):
             raise ValueError(
                 f"{type(task).__name__}.loss must return one loss per instance, shape [{task.num_instances}], "
                 f"got {list(loss.shape)}"
             )
-        (grad,) = torch.autograd.grad(loss.sum(), params, retain_graph=in_graph or create_graph, create_graph=create_graph)
+        if closed_form is None:
+            (grad,) = torch.autograd.grad(loss.sum(), params, retain_graph=in_graph or create_graph, create_graph=create_graph)
     if not in_graph:
         loss = loss.detach()
     if not create_graph:

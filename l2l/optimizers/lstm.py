@@ -33,6 +33,11 @@ def check_state_dtype(state_dtype: torch.dtype | None) -> None:
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected None or one of {', '.join(map(str, STATE_DTYPES))})")
 
 
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor.to(dtype)``, without the call where it is a no-op (six a step, ~3 us each on the CPU)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class CoordinateWiseLSTM(nn.Module):
     """A stacked LSTM that reads one gradient coordinate and writes that coordinate's update.
 
@@ -165,10 +170,10 @@ class CoordinateWiseLSTM(nn.Module):
             update, h, c = fused.forward(self, grad, state.h, state.c)
             return update, LSTMState(h, c)
         compute_dtype = self.weight_out.dtype
-        x = preprocessing.preprocess(grad.to(compute_dtype), self.preprocess, self.preprocess_p)
-        out, h, c = coordinatewise_lstm(x, state.h.to(compute_dtype), state.c.to(compute_dtype), self.weights())
-        update = (out * self.output_scale).to(grad.dtype)
-        return update, LSTMState(h.to(state.h.dtype), c.to(state.c.dtype))
+        x = preprocessing.preprocess(_cast(grad, compute_dtype), self.preprocess, self.preprocess_p)
+        out, h, c = coordinatewise_lstm(x, _cast(state.h, compute_dtype), _cast(state.c, compute_dtype), self.weights())
+        update = _cast(out * self.output_scale, grad.dtype)
+        return update, LSTMState(_cast(h, state.h.dtype), _cast(c, state.c.dtype))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value}" for key, value in self.config().items())

@@ -51,6 +51,23 @@ class Task(abc.ABC):
     def loss(self, params: Tensor, batch: Any = None) -> Tensor:
         """Loss of every instance: ``params [K, n]`` -> ``[K]``."""
 
+    def loss_and_grad(self, params: Tensor, batch: Any = None) -> tuple[Tensor, Tensor] | None:
+        """The loss and its gradient in closed form, or None (the default): autograd differentiates :meth:`loss`.
+
+        The unroll takes it for first-order steps, saving an autograd pass per step, so a task
+        overrides it only with a gradient that is bit for bit the one autograd computes.
+
+        Args:
+            params: ``[K, n]``, in the meta-graph or not.
+            batch: data from :meth:`sample_batch`.
+
+        Returns:
+            ``(loss [K], grad [K, n])``: the loss as :meth:`loss` computes it (differentiable
+            with respect to ``params``), the gradient detached; or None.
+        """
+        del params, batch  # Unused: no closed form.
+        return None
+
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
         """Extra held-out figures per instance (for example test accuracy), each ``[K]``."""
         del params  # Unused.
