@@ -1,6 +1,7 @@
 """The coordinatewise LSTM: shapes, coordinate independence, config round trip, clear errors."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -225,3 +226,20 @@ def test_the_backward_of_a_step_never_zero_fills_a_whole_state():
         (update.sum() + new_state.h.sum() + new_state.c.sum()).backward()
     assert state.h.grad is not None and state.c.grad is not None
     assert not {"select_backward.default", "slice_backward.default"} & set(recorded.ops), sorted(set(recorded.ops))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("preprocess_p", 100.0, "Invalid preprocess_p: 100.0"),
+    ("preprocess_p", float("inf"), "Invalid preprocess_p: inf"),
+    ("output_scale", 0.0, "Invalid output_scale: 0.0"),
+    ("output_scale", float("nan"), "Invalid output_scale: nan"),
+])
+def test_settings_changed_after_construction_are_checked_too(name, value, message):
+    # Both kernels read these at every step; the fused one unchecked (an out-of-range p gave NaN there).
+    rule = CoordinateWiseLSTM(seed=0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        setattr(rule, name, value)
+    assert getattr(rule, name) == {"preprocess_p": 10.0, "output_scale": 0.1}[name]  # unchanged
+    setattr(rule, name, 2)
+    assert getattr(rule, name) == 2.0 and isinstance(getattr(rule, name), float)
+    assert rule.config()[name] == 2.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import torch
@@ -78,15 +79,12 @@ class CoordinateWiseLSTM(nn.Module):
             raise ValueError(f"Invalid hidden_size: {hidden_size} (must be a positive integer)")
         if not (isinstance(num_layers, int) and num_layers > 0):
             raise ValueError(f"Invalid num_layers: {num_layers} (must be a positive integer)")
-        preprocessing.check_p(preprocess_p)
         check_state_dtype(state_dtype)
-        if not (math.isfinite(output_scale) and output_scale > 0):
-            raise ValueError(f"Invalid output_scale: {output_scale} (must be a positive finite number)")
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.preprocess = preprocessing.check_name(preprocess)
-        self.preprocess_p = float(preprocess_p)
-        self.output_scale = float(output_scale)
+        self.preprocess_p = preprocess_p  # checked by the properties below, here and when set later
+        self.output_scale = output_scale
         self.state_dtype = state_dtype
         self.seed = seed
         self.kernel = dispatch.check_kernel(kernel)
@@ -138,6 +136,28 @@ class CoordinateWiseLSTM(nn.Module):
             w_out=self.weight_out,
             b_out=self.bias_out,
         )
+
+    @property
+    def preprocess_p(self) -> float:
+        """The exponent ``p`` of the log/sign encoding, in (0, 80]; checked when set."""
+        return self._preprocess_p
+
+    @preprocess_p.setter
+    def preprocess_p(self, value: float) -> None:
+        # A property rather than a checked constructor argument: the fused kernel reads it at each
+        # step unchecked, and an out-of-range p set later would make it return NaN silently.
+        self._preprocess_p = float(preprocessing.check_p(value))
+
+    @property
+    def output_scale(self) -> float:
+        """The factor on the LSTM's read-out, positive and finite; checked when set."""
+        return self._output_scale
+
+    @output_scale.setter
+    def output_scale(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"Invalid output_scale: {value!r} (must be a positive finite number)")
+        self._output_scale = float(value)
 
     def init_state(self, num_coords: int, *, device=None, dtype: torch.dtype | None = None) -> LSTMState:
         """Zero recurrent state for ``num_coords`` coordinates, ``[layers, hidden, N]`` each.
