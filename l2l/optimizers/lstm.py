@@ -185,10 +185,10 @@ class CoordinateWiseLSTM(nn.Module):
             ValueError: ``grad`` is not a real floating-point ``[N]`` tensor, or the state is not
                 floating-point ``[layers, hidden, N]`` on ``grad``'s device.
         """
-        check_step_inputs(grad, state.h, state.c, self.num_layers, self.hidden_size)
         if dispatch.select_kernel(self.kernel, self, grad.device) == "fused":
-            update, h, c = fused.forward(self, grad, state.h, state.c)
+            update, h, c = fused.forward(self, grad, state.h, state.c)  # checks the same, and the weights' device
             return update, LSTMState(h, c)
+        check_step_inputs(grad, state.h, state.c, self.num_layers, self.hidden_size)
         compute_dtype = self.weight_out.dtype
         x = preprocessing.preprocess(_cast(grad, compute_dtype), self.preprocess, self.preprocess_p)
         out, h, c = coordinatewise_lstm(x, _cast(state.h, compute_dtype), _cast(state.c, compute_dtype), self.weights())
