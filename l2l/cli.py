@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +17,7 @@ from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
+from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory, meta_train
 from l2l.tasks.registry import get_task, list_tasks
 
@@ -193,14 +195,18 @@ def _train(args: argparse.Namespace) -> int:
             processes = f", {layout.world_size} processes" if layout.world_size > 1 else ""
             print(f"l2l train: task {config.task}, {config.epochs} epochs{processes}, output {out}", file=sys.stderr)
         try:
-            result = meta_train(config, out, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
+            # SIGTERM (a scheduler's notice before preemption) or a first Ctrl-C stops at the next
+            # epoch boundary with the checkpoints written there; a second Ctrl-C stops at once.
+            with stop_on_signals(announce=layout.is_main) as stop:
+                result = meta_train(config, out, resume=args.resume, progress=not args.quiet,
+                                    overwrite=args.overwrite, stop=stop)
+        except TrainingInterrupted as stopped:
+            if layout.is_main:
+                _report_interruption(out, config, stopped)
+            return 128 + (stopped.signal_number or signal.SIGINT)
         except KeyboardInterrupt:
             if layout.is_main:
-                if (out / RESUME_CHECKPOINT).is_file():
-                    print(f"\ninterrupted; continue with: l2l train --resume {out / RESUME_CHECKPOINT}", file=sys.stderr)
-                else:
-                    print(f"\ninterrupted before the first checkpoint (every {config.checkpoint_every} epochs): "
-                          "nothing was written; start again", file=sys.stderr)
+                _report_interruption(out, config)
             return 130
     if not layout.is_main:
         return 0
@@ -209,6 +215,11 @@ def _train(args: argparse.Namespace) -> int:
         f"{result.skipped_steps} non-finite meta-steps skipped"
     )
     print(f"use checkpoint: {result.use_checkpoint}\nresume checkpoint: {result.resume_checkpoint}")
+    if stop.requested:
+        # Asked to stop during the last epoch: training is complete, the comparison is left out.
+        print(f"{stop.reason}: the final comparison is left out; run it with: l2l bench --task {config.task} "
+              f"--optimizer {result.use_checkpoint}", file=sys.stderr)
+        return 128 + (stop.signal_number or signal.SIGINT)
     if args.no_bench:
         return 0
     bench = BenchConfig(
@@ -221,6 +232,19 @@ def _train(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"comparison written to {out / 'bench.json'}")
     return 0
+
+
+def _report_interruption(out: Path, config: TrainConfig, stopped: TrainingInterrupted | None = None) -> None:
+    """Says on stderr where an interrupted run stopped and how to continue it (``stopped``: a graceful stop)."""
+    resume = out / RESUME_CHECKPOINT
+    if stopped is not None and stopped.resume_checkpoint is not None:
+        print(f"\n{stopped.reason}: stopped after epoch {stopped.epoch} of {config.epochs} with the checkpoints "
+              f"written; continue with: l2l train --resume {stopped.resume_checkpoint}", file=sys.stderr)
+    elif stopped is None and resume.is_file():
+        print(f"\ninterrupted; continue with: l2l train --resume {resume}", file=sys.stderr)
+    else:
+        print(f"\n{stopped.reason if stopped else 'interrupted'} before the first checkpoint (every "
+              f"{config.checkpoint_every} epochs): nothing was written; start again", file=sys.stderr)
 
 
 def _run_bench(config: BenchConfig, family, learned: dict, *, quiet: bool) -> dict:

@@ -290,3 +290,34 @@ def test_an_explicit_gpu_under_torchrun_with_several_processes_per_node_is_refus
         local_device(torch.device("cuda", 0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per node: its GPU is the user's choice
     assert local_device(torch.device("cuda", 3)) == torch.device("cuda", 3)
+
+
+STOP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch.distributed as dist
+    from l2l.config import TrainConfig
+    from l2l.meta import StopRequest, TrainingInterrupted
+    from l2l.meta.train import MetaTrainer
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    stop = StopRequest()
+    trainer = MetaTrainer(TrainConfig(**{small}), sys.argv[1])
+    try:  # only rank 1 is asked to stop, after epoch 3
+        trainer.run(progress=False, stop=stop, on_epoch=lambda t: rank == 1 and t.epoch == 3 and stop.request("rank 1's"))
+    except TrainingInterrupted as stopped:
+        print(f"rank {{rank}} stopped after epoch {{stopped.epoch}}: {{stopped.reason}}")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_stop_asked_of_one_process_stops_every_process_at_the_same_epoch_with_the_checkpoints_written(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT.format(small=repr(dict(SMALL, epochs=6, checkpoint_every=50))))
+    finished = torchrun([str(script), str(tmp_path / "out")])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "rank 1 stopped after epoch 3: rank 1's" in finished.stdout
+    assert "rank 0 stopped after epoch 3: another process was asked to stop" in finished.stdout
+    assert load_resume_checkpoint(tmp_path / "out" / "resume.pt")["epoch"] == 3

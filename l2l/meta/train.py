@@ -41,6 +41,7 @@ from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import Collectives, ShardLayout, assign_grads, current_layout, flatten_grads, local_device
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason, truncation_weights
+from l2l.meta.stopping import StopRequest, TrainingInterrupted
 from l2l.meta.unroll import UnrollCarry, detach_carry, start, unroll
 from l2l.optimizers.grouped import PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM
@@ -518,8 +519,30 @@ class MetaTrainer:
             self.best_state = copy.deepcopy(self.rule.state_dict())
         self.history.append(record)
 
-    def run(self, *, progress: bool = True, on_epoch: Callable[["MetaTrainer"], None] | None = None) -> TrainResult:
-        """Trains until ``config.epochs`` epochs are done, validating and checkpointing periodically."""
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any process has been asked to stop (every process gets the same answer, so all stop together)."""
+        if self.collectives.active and self.collectives.any(stop.requested):
+            stop.request("another process was asked to stop")
+        return stop.requested
+
+    def run(
+        self,
+        *,
+        progress: bool = True,
+        on_epoch: Callable[["MetaTrainer"], None] | None = None,
+        stop: StopRequest | None = None,
+    ) -> TrainResult:
+        """Trains until ``config.epochs`` epochs are done, validating and checkpointing periodically.
+
+        Args:
+            progress: show a tqdm progress bar (rank 0 only).
+            on_epoch: called with the trainer after each epoch.
+            stop: a request that, once made (on any process of a group), stops training at the
+                next epoch boundary after writing the checkpoints there.
+
+        Raises:
+            TrainingInterrupted: ``stop`` was requested before the last epoch ended.
+        """
         config = self.config
         self.synchronise()
         bar = tqdm(
@@ -536,8 +559,17 @@ class MetaTrainer:
             if self.history and "validation" not in self.history[-1]:
                 self._consider(self.validate(), self.history.pop())
             self.save()
+        stop = stop if stop is not None else StopRequest()  # under torch.distributed another process may ask
+        saved_epoch = 0  # the last epoch this call wrote; a fresh run has nothing worth writing at epoch 0
         try:
             while self.epoch < config.epochs:
+                if self._stop_requested(stop):
+                    if self.epoch != saved_epoch:
+                        self.save()
+                    written = self.out_dir is not None and self.epoch > 0
+                    raise TrainingInterrupted(
+                        self.epoch, stop.reason, stop.signal_number, self.out_dir / RESUME_CHECKPOINT if written else None
+                    )
                 meta_loss = self.train_epoch().item()
                 self.epoch += 1
                 if math.isfinite(meta_loss):
@@ -550,6 +582,7 @@ class MetaTrainer:
                     self.history.append(record)
                 if self.epoch % config.checkpoint_every == 0 or last:
                     self.save()
+                    saved_epoch = self.epoch
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
                                 best_val=f"{self.best_score:.4g}", skipped=self.skipped)
@@ -577,6 +610,7 @@ def meta_train(
     resume: str | os.PathLike | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    stop: StopRequest | None = None,
 ) -> TrainResult:
     """Meta-trains a coordinatewise LSTM optimizer as ``config`` says.
 
@@ -594,10 +628,13 @@ def meta_train(
         overwrite: replace the checkpoints of another run already in ``out_dir`` (refused by
             default: nothing is lost). Resuming into the resume checkpoint's own directory never
             needs it.
+        stop: a request that stops training at the next epoch boundary once made, after writing
+            the checkpoints there (``l2l.meta.stop_on_signals`` makes one from SIGINT and SIGTERM).
 
     Raises:
         ConfigError: ``out_dir`` is not a writable directory, or holds another run and
             ``overwrite`` is False.
+        TrainingInterrupted: ``stop`` was requested before the last epoch.
     """
     collectives = Collectives(current_layout(config.accumulate))
     # Every process must take the same collective path: one that writes (or resumes) while
@@ -617,7 +654,7 @@ def meta_train(
         trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
         if resume is not None:
             trainer.restore(resume)
-        return trainer.run(progress=progress)
+        return trainer.run(progress=progress, stop=stop)
     except BaseException:
         # A run that failed before its first checkpoint leaves no empty directories behind.
         for directory in created:
