@@ -110,7 +110,8 @@ def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool 
         Path(temporary).unlink(missing_ok=True)
         # EOFError, zlib.error: a truncated or damaged .gz; HTTPException: a connection dropped
         # mid-transfer (IncompleteRead is not an OSError); ValueError: a malformed URL.
-        if isinstance(error, DataError) or not isinstance(error, (OSError, EOFError, zlib.error, http.client.HTTPException, ValueError)):
+        failures = (OSError, EOFError, zlib.error, http.client.HTTPException, ValueError)
+        if isinstance(error, DataError) or not isinstance(error, failures):
             raise
         raise DataError(f"could not download {url}: {type(error).__name__}: {error}") from None
     return destination

@@ -96,8 +96,8 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(
-                f"MNIST {split} files disagree: {_count(images)} images but {_count(labels)} labels (shapes {list(images.shape)}, "
-                f"{list(labels.shape)}) in {paths[f'{split}-images-idx3-ubyte']} and {paths[f'{split}-labels-idx1-ubyte']}: "
+                f"MNIST {split} files disagree: {_count(images)} images but {_count(labels)} labels "
+                f"(shapes {list(images.shape)}, {list(labels.shape)}) in {paths[f'{split}-images-idx3-ubyte']} and {paths[f'{split}-labels-idx1-ubyte']}: "
                 "not the official pair; delete them and fetch them again"
             )
         if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(images) == 0:
