@@ -392,3 +392,56 @@ def test_mnist_files_that_disagree_say_which_and_what_to_do(tmp_path):
     message = str(error.value)
     assert "MNIST train files disagree: 12 images but 11 labels" in message
     assert str(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz") in message and "delete them and fetch them again" in message
+
+
+def test_train_examples_beyond_the_dataset_is_refused_not_silently_cut(tmp_path, monkeypatch):
+    from l2l.tasks import get_task
+
+    fake_mnist(tmp_path / "mnist", n_train=12)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert get_task("mnist", train_examples=12).sample(1, torch.Generator()).data.x_train.shape[0] == 12
+    with pytest.raises(ValueError, match=rf"train_examples=13 is more than the 12 training images of MNIST in {tmp_path}: "
+                                         "use at most 12, or leave it out for all"):
+        get_task("mnist", train_examples=13).sample(1, torch.Generator())
+    arrays = fake_cifar_arrays(n_train=10)
+    arrays["y_train"][:] = np.arange(10) % 5  # 4 training images of classes 0 and 1
+    arrays["y_test"][:] = [0, 1, 2, 3]
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    assert get_task("cifar2", train_examples=4).sample(1, torch.Generator()).data.x_train.shape[0] == 4
+    with pytest.raises(ValueError, match=r"train_examples=5 is more than the 4 training images of classes 0..1 of CIFAR-10"):
+        get_task("cifar2", train_examples=5).sample(1, torch.Generator())
+
+
+def test_a_cifar_subset_with_no_test_images_is_a_data_error(tmp_path, monkeypatch):
+    from l2l.tasks import get_task
+
+    arrays = fake_cifar_arrays()
+    arrays["y_train"][:2], arrays["y_test"][:] = [0, 1], 7  # no test image of classes 0 and 1
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with pytest.raises(DataError, match=rf"CIFAR-10 in {tmp_path} has no test images of classes 0..1"):
+        get_task("cifar2").sample(1, torch.Generator())
+
+
+@pytest.mark.parametrize("split, message", [
+    (lambda x, y: (x[:0], y[:0], x, y), r"x_train has no examples"),
+    (lambda x, y: (x, y, x[:0], y[:0]), r"x_test has no examples"),
+    (lambda x, y: (x, y[:5], x, y), r"x_train has 8 examples but y_train has 5"),
+    (lambda x, y: (x, y, x[:3], y), r"x_test has 3 examples but y_test has 8"),
+], ids=["no-train", "no-test", "train-lengths", "test-lengths"])
+def test_a_module_family_refuses_data_it_cannot_sample(split, message):
+    from torch import nn
+
+    from l2l.tasks import ModuleFamily, SupervisedData
+
+    data = SupervisedData(*split(torch.randn(8, 3), torch.zeros(8, dtype=torch.long)))
+    family = ModuleFamily(lambda: nn.Linear(3, 2), lambda device: data, batch_size=4)
+    with pytest.raises(ValueError, match=f"{message}: the data function must return"):
+        family.sample(1, torch.Generator())
+
+
+def test_a_non_string_activation_is_named():
+    from l2l.tasks import get_task
+
+    with pytest.raises(ValueError, match=r"unknown activation \[1\]; choose from sigmoid, relu, tanh"):
+        get_task("mnist", activation=[1])
