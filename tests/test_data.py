@@ -226,3 +226,222 @@ def test_cuda_and_the_current_cuda_device_share_one_cached_copy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert device_key("cuda") == device_key("cuda:0") == "cuda:0"
     assert device_key(torch.device("cpu")) == "cpu" and device_key("cuda:1") == "cuda:1"
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def no_network(*args, **kwargs):
+    import urllib.error
+
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize("download_missing", [False, True])
+@pytest.mark.parametrize("loader", [load_mnist, load_cifar10], ids=["mnist", "cifar"])
+def test_a_data_directory_that_is_a_file_is_named_as_such(tmp_path, monkeypatch, loader, download_missing):
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    path = tmp_path / "data"
+    path.write_text("not a directory")
+    with pytest.raises(DataError, match=f"data directory {path} is a file, not a directory: point --data-dir"):
+        loader(path, download_missing=download_missing)
+
+
+@pytest.mark.parametrize("loader, placed", [
+    (load_mnist, "mnist/train-images-idx3-ubyte.gz"), (load_cifar10, "cifar10/cifar10.npz"),
+], ids=["mnist", "cifar"])
+def test_a_download_without_network_says_where_to_put_the_files_and_leaves_nothing(tmp_path, monkeypatch, loader, placed):
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    with pytest.raises(DataError) as error:
+        loader(tmp_path, download_missing=True)
+    message = str(error.value)
+    assert "Temporary failure in name resolution" in message
+    assert f"without internet access, put the files here:\n  {tmp_path / placed}" in message
+    assert files_under(tmp_path) == []
+
+
+class _DroppedConnection:
+    """A response that breaks off mid-transfer the way http.client does (not an OSError)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def read(self, size=-1):
+        raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_connection_dropped_mid_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    import http.client
+
+    from l2l.data.base import download
+
+    destination = tmp_path / "mnist" / "file.gz"
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: _DroppedConnection(http.client.IncompleteRead(b"abc", 100)))
+    with pytest.raises(DataError, match=r"could not download https://example.invalid/file.gz: IncompleteRead"):
+        download("https://example.invalid/file.gz", destination, "0" * 32)
+    assert files_under(tmp_path) == []
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: _DroppedConnection(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        download("https://example.invalid/file.gz", destination, "0" * 32)
+    assert files_under(tmp_path) == []
+
+
+def test_a_download_with_the_wrong_checksum_is_deleted_and_reported(tmp_path, monkeypatch):
+    import l2l.data.mnist as mnist
+
+    fake_mnist(tmp_path / "mirror")  # not the official bytes: every MD5 differs
+    monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "mirror").as_uri() + "/",))
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path / "data", download_missing=True)
+    message = str(error.value)
+    assert "expected 6bbc9ace898e44ae57da46a324031adb" in message and "deleted" in message
+    assert str(tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz") in message
+    assert files_under(tmp_path / "data") == []
+
+
+def test_an_incomplete_batches_folder_says_to_delete_it_even_with_download(tmp_path, monkeypatch):
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    folder = tmp_path / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path, download_missing=True)  # --download does not touch a folder that exists
+    assert f"delete the folder {folder} and pass --download" in str(error.value)
+
+
+def fake_cifar_tar(path, top="cifar-10-batches-py"):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            blob = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]})
+            info = tarfile.TarInfo(f"{top}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return file_md5(path)
+
+
+def test_a_cifar_download_is_unpacked_once_even_by_concurrent_loads(tmp_path, monkeypatch):
+    import threading
+
+    import l2l.data.cifar as cifar
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    monkeypatch.setattr(cifar, "TAR_MD5", fake_cifar_tar(archive))
+    monkeypatch.setattr(cifar, "URL", archive.as_uri())
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(load_cifar10(tmp_path / "data", download_missing=True))
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and [r.x_train.shape for r in results] == [(10, 32, 32, 3)] * 4
+    expected = [f"cifar10/cifar-10-batches-py/{n}" for n in sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])]
+    assert files_under(tmp_path / "data") == expected  # no archive, no scratch folders
+
+
+def test_an_archive_without_the_batches_leaves_nothing_behind(tmp_path, monkeypatch):
+    import l2l.data.cifar as cifar
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    monkeypatch.setattr(cifar, "TAR_MD5", fake_cifar_tar(archive, top="something-else"))
+    monkeypatch.setattr(cifar, "URL", archive.as_uri())
+    with pytest.raises(DataError, match="has no cifar-10-batches-py/ folder"):
+        load_cifar10(tmp_path / "data", download_missing=True)
+    assert files_under(tmp_path / "data") == []
+
+
+def test_an_empty_cifar_split_is_refused(tmp_path):
+    arrays = fake_cifar_arrays()
+    arrays["x_test"], arrays["y_test"] = arrays["x_test"][:0], arrays["y_test"][:0]
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match=r"CIFAR-10 test images must be uint8 \[N >= 1, 32, 32, 3\], got uint8 \[0, 32, 32, 3\]"):
+        load_cifar10(tmp_path)
+
+
+def test_a_cifar_npz_of_the_wrong_layout_names_the_file_and_the_layout(tmp_path):
+    arrays = fake_cifar_arrays()
+    arrays["x_train"] = arrays["x_train"].transpose(0, 3, 1, 2)  # NCHW, not the npz's NHWC
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path)
+    message = str(error.value)
+    assert str(tmp_path / "cifar10.npz") in message and "got uint8 [10, 3, 32, 32]" in message
+    assert "rebuild it" in message
+
+
+def test_mnist_files_that_disagree_say_which_and_what_to_do(tmp_path):
+    fake_mnist(tmp_path / "mnist")
+    write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", np.zeros(11), compress=True)
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path)
+    message = str(error.value)
+    assert "MNIST train files disagree: 12 images but 11 labels" in message
+    assert str(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz") in message and "delete them and fetch them again" in message
+
+
+def test_train_examples_beyond_the_dataset_is_refused_not_silently_cut(tmp_path, monkeypatch):
+    from l2l.tasks import get_task
+
+    fake_mnist(tmp_path / "mnist", n_train=12)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert get_task("mnist", train_examples=12).sample(1, torch.Generator()).data.x_train.shape[0] == 12
+    with pytest.raises(ValueError, match=rf"train_examples=13 is more than the 12 training images of MNIST in {tmp_path}: "
+                                         "use at most 12, or leave it out for all"):
+        get_task("mnist", train_examples=13).sample(1, torch.Generator())
+    arrays = fake_cifar_arrays(n_train=10)
+    arrays["y_train"][:] = np.arange(10) % 5  # 4 training images of classes 0 and 1
+    arrays["y_test"][:] = [0, 1, 2, 3]
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    assert get_task("cifar2", train_examples=4).sample(1, torch.Generator()).data.x_train.shape[0] == 4
+    with pytest.raises(ValueError, match=r"train_examples=5 is more than the 4 training images of classes 0..1 of CIFAR-10"):
+        get_task("cifar2", train_examples=5).sample(1, torch.Generator())
+
+
+def test_a_cifar_subset_with_no_test_images_is_a_data_error(tmp_path, monkeypatch):
+    from l2l.tasks import get_task
+
+    arrays = fake_cifar_arrays()
+    arrays["y_train"][:2], arrays["y_test"][:] = [0, 1], 7  # no test image of classes 0 and 1
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with pytest.raises(DataError, match=rf"CIFAR-10 in {tmp_path} has no test images of classes 0..1"):
+        get_task("cifar2").sample(1, torch.Generator())
+
+
+@pytest.mark.parametrize("split, message", [
+    (lambda x, y: (x[:0], y[:0], x, y), r"x_train has no examples"),
+    (lambda x, y: (x, y, x[:0], y[:0]), r"x_test has no examples"),
+    (lambda x, y: (x, y[:5], x, y), r"x_train has 8 examples but y_train has 5"),
+    (lambda x, y: (x, y, x[:3], y), r"x_test has 3 examples but y_test has 8"),
+], ids=["no-train", "no-test", "train-lengths", "test-lengths"])
+def test_a_module_family_refuses_data_it_cannot_sample(split, message):
+    from torch import nn
+
+    from l2l.tasks import ModuleFamily, SupervisedData
+
+    data = SupervisedData(*split(torch.randn(8, 3), torch.zeros(8, dtype=torch.long)))
+    family = ModuleFamily(lambda: nn.Linear(3, 2), lambda device: data, batch_size=4)
+    with pytest.raises(ValueError, match=f"{message}: the data function must return"):
+        family.sample(1, torch.Generator())
+
+
+def test_a_non_string_activation_is_named():
+    from l2l.tasks import get_task
+
+    with pytest.raises(ValueError, match=r"unknown activation \[1\]; choose from sigmoid, relu, tanh"):
+        get_task("mnist", activation=[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -70,26 +71,49 @@ def file_md5(path: Path, *, decompress: bool = False) -> str:
     return digest.hexdigest()
 
 
+def check_root(root: Path) -> None:
+    """Raises a DataError if the data directory ``root`` exists but is not a directory."""
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"data directory {root} is a file, not a directory: point --data-dir / ${DATA_ENV} at a directory "
+            "(it is created if missing)"
+        )
+
+
+def make_directory(folder: Path) -> None:
+    """Creates ``folder`` (and its parents), raising a DataError that names it if it cannot."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create {folder} ({error}): point --data-dir / ${DATA_ENV} at a writable directory") from None
+
+
 def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool = False) -> Path:
     """Downloads ``url`` to ``destination`` atomically and checks its MD5.
 
     Raises:
         DataError: the download failed or the checksum does not match (nothing is left behind).
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(destination.parent)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, handle)
         found = file_md5(Path(temporary), decompress=decompress_for_md5)
         if found != md5:
-            raise DataError(f"download of {url} has MD5 {found}, expected {md5}: the file is damaged or not the official one")
+            raise DataError(
+                f"download of {url} has MD5 {found}, expected {md5}: the file is damaged or not the official one "
+                "(it was deleted)"
+            )
         os.replace(temporary, destination)
-    except (OSError, EOFError, zlib.error) as error:  # EOFError, zlib.error: a truncated or damaged .gz
+    except BaseException as error:  # an interrupt, too, must not leave a partial file behind
         Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, DataError):
+        # EOFError, zlib.error: a truncated or damaged .gz; HTTPException: a connection dropped
+        # mid-transfer (IncompleteRead is not an OSError); ValueError: a malformed URL.
+        failures = (OSError, EOFError, zlib.error, http.client.HTTPException, ValueError)
+        if isinstance(error, DataError) or not isinstance(error, failures):
             raise
-        raise DataError(f"could not download {url}: {error}") from None
+        raise DataError(f"could not download {url}: {type(error).__name__}: {error}") from None
     return destination
 
 
@@ -103,11 +127,20 @@ def check_labels(dataset: str, labels: np.ndarray, classes: int) -> None:
         )
 
 
+def placement(directory: Path, files: list[str]) -> str:
+    """The lines that say where a dataset's files go: ``"  DIR/NAME"`` for each of ``files``."""
+    return "\n".join(f"  {directory / name}" for name in files)
+
+
 def missing(dataset: str, directory: Path, files: list[str], flag_hint: str) -> DataError:
     """The error for a dataset whose files are not in ``directory``."""
-    listing = "\n".join(f"  {directory / name}" for name in files)
     return DataError(
-        f"{dataset} not found. Put its files here:\n{listing}\n"
+        f"{dataset} not found. Put its files here:\n{placement(directory, files)}\n"
         f"or point --data-dir / ${DATA_ENV} at a directory that has them, or pass {flag_hint} to fetch the "
         f"official files (needs internet access)."
     )
+
+
+def download_failed(error: DataError, directory: Path, files: list[str]) -> DataError:
+    """``error`` (a failed download) with where to put the files by hand."""
+    return DataError(f"{error}\nwithout internet access, put the files here:\n{placement(directory, files)}")

@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2l.data.base import ArrayDataset, DataError, check_labels, data_dir, download, download_allowed, missing
+from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
+from l2l.data.base import download_failed, make_directory, missing, placement
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -64,10 +66,16 @@ BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 def _from_batches(folder: Path) -> ArrayDataset:
     absent = [name for name in BATCH_FILES if not (folder / name).is_file()]
     if absent:
-        raise missing("CIFAR-10 (the folder cifar-10-batches-py/ is incomplete)", folder, absent, "--download")
+        # --download alone does not help: it fetches only when no folder is there.
+        raise DataError(
+            "CIFAR-10: the folder cifar-10-batches-py/ is incomplete, these files are missing:\n"
+            f"{placement(folder, absent)}\n"
+            f"put them there, or delete the folder {folder} and pass --download to fetch it whole (needs internet access)"
+        )
     train = [_read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = _read_batch(folder / "test_batch")
-    return _dataset(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test)
+    arrays = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test
+    return _dataset(*arrays, source=f"{folder}", fix="delete the folder and fetch it again")
 
 
 def _from_npz(path: Path) -> ArrayDataset:
@@ -82,15 +90,20 @@ def _from_npz(path: Path) -> ArrayDataset:
     absent = [key for key in NPZ_KEYS if key not in arrays]
     if absent:
         raise DataError(f"{path} lacks {', '.join(absent)}: a CIFAR-10 npz needs {', '.join(NPZ_KEYS)}")
-    return _dataset(*(arrays[key] for key in NPZ_KEYS))
+    fix = "rebuild it in that layout, or delete it and pass --download for the official batches"
+    return _dataset(*(arrays[key] for key in NPZ_KEYS), source=f"{path}", fix=fix)
 
 
-def _dataset(x_train, y_train, x_test, y_test) -> ArrayDataset:
+def _dataset(x_train, y_train, x_test, y_test, *, source: str, fix: str) -> ArrayDataset:
+    """The arrays as a dataset, once their layout is checked (errors name ``source`` and say ``fix``)."""
     for name, images, labels in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
-            raise DataError(f"CIFAR-10 {name} images must be uint8 [N, 32, 32, 3], got {images.dtype} {list(images.shape)}")
+        if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8 or len(images) == 0:
+            raise DataError(
+                f"CIFAR-10 {name} images must be uint8 [N >= 1, 32, 32, 3], got {images.dtype} {list(images.shape)} "
+                f"in {source}: {fix}"
+            )
         if labels.shape != (len(images),):
-            raise DataError(f"CIFAR-10 {name} labels must be [{len(images)}], got {list(labels.shape)}")
+            raise DataError(f"CIFAR-10 {name} labels must be [{len(images)}], got {list(labels.shape)} in {source}: {fix}")
         check_labels(f"CIFAR-10 {name}", labels, len(CLASSES))
     return ArrayDataset(
         x_train=torch.from_numpy(np.ascontiguousarray(x_train)),
@@ -115,16 +128,45 @@ def load_cifar10(directory: str | os.PathLike | None = None, *, download_missing
         DataError: nothing found (the message says where to put it) or the files are damaged.
     """
     root = data_dir(directory)
+    check_root(root)
     download_missing = download_allowed(download_missing)
     for folder in (root / "cifar10", root):
         if (folder / "cifar10.npz").is_file():
             return _from_npz(folder / "cifar10.npz")
         if (folder / "cifar-10-batches-py").is_dir():
             return _from_batches(folder / "cifar-10-batches-py")
+    expected = ["cifar10.npz  (or the folder cifar-10-batches-py/)"]
     if download_missing:
-        archive = download(URL, root / "cifar10" / "cifar-10-python.tar.gz", TAR_MD5)
-        with tarfile.open(archive) as tar:
-            tar.extractall(root / "cifar10", filter="data")
-        archive.unlink()
-        return _from_batches(root / "cifar10" / "cifar-10-batches-py")
-    raise missing("CIFAR-10", root / "cifar10", ["cifar10.npz  (or the folder cifar-10-batches-py/)"], "--download")
+        try:
+            folder = _download_batches(root / "cifar10")
+        except DataError as error:
+            raise download_failed(error, root / "cifar10", expected) from None
+        return _from_batches(folder)
+    raise missing("CIFAR-10", root / "cifar10", expected, "--download")
+
+
+def _download_batches(folder: Path) -> Path:
+    """Fetches and unpacks the official archive into ``folder/cifar-10-batches-py/``; returns that folder.
+
+    Everything happens in a scratch folder beside it, renamed into place at the end: a failed or
+    interrupted download leaves nothing behind, and concurrent loads never read a half-written
+    batch (the first rename wins; the others find the folder there and use it).
+    """
+    target = folder / "cifar-10-batches-py"
+    make_directory(folder)
+    with tempfile.TemporaryDirectory(prefix=".cifar-10-download.", dir=folder) as scratch:
+        archive = download(URL, Path(scratch) / "cifar-10-python.tar.gz", TAR_MD5)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(Path(scratch) / "unpacked", filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+            raise DataError(f"could not unpack {URL}: {type(error).__name__}: {error}") from None
+        unpacked = Path(scratch) / "unpacked" / "cifar-10-batches-py"
+        if not unpacked.is_dir():
+            raise DataError(f"the archive {URL} has no cifar-10-batches-py/ folder: not the official archive")
+        try:
+            os.rename(unpacked, target)
+        except OSError as error:
+            if not target.is_dir():  # not a concurrent load that got there first
+                raise DataError(f"could not move the unpacked batches to {target} ({error})") from None
+    return target

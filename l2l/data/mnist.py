@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from l2l.data.base import ArrayDataset, DataError, check_labels, data_dir, download, download_allowed, missing
+from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
+from l2l.data.base import download_failed, missing
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 # MD5 of the decompressed official files: it holds for the official .gz and for any re-compression.
@@ -76,20 +77,29 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         DataError: files missing (the message lists where to put them) or damaged.
     """
     root = data_dir(directory)
+    check_root(root)
     download_missing = download_allowed(download_missing)
+    names = [f"{stem}.gz" for stem in FILES]
     paths = {}
     for stem, md5 in FILES.items():
         path = _find(root, stem)
         if path is None and download_missing:
-            path = _download(root / "mnist" / f"{stem}.gz", md5)
+            try:
+                path = _download(root / "mnist" / f"{stem}.gz", md5)
+            except DataError as error:
+                raise download_failed(error, root / "mnist", names) from None
         if path is None:
-            raise missing("MNIST", root / "mnist", [f"{stem}.gz" for stem in FILES], "--download")
+            raise missing("MNIST", root / "mnist", names, "--download")
         paths[stem] = path
     arrays = {stem: read_idx(path) for stem, path in paths.items()}
     for split in ("train", "t10k"):
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"MNIST {split} files disagree: images {images.shape}, labels {labels.shape}")
+            raise DataError(
+                f"MNIST {split} files disagree: {_count(images)} images but {_count(labels)} labels "
+                f"(shapes {list(images.shape)}, {list(labels.shape)}) in {paths[f'{split}-images-idx3-ubyte']} and {paths[f'{split}-labels-idx1-ubyte']}: "
+                "not the official pair; delete them and fetch them again"
+            )
         if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(images) == 0:
             raise DataError(
                 f"MNIST {split} images must be uint8 [N >= 1, 28, 28], found {images.dtype} {list(images.shape)} "
@@ -103,6 +113,10 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         y_test=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
         classes=tuple(str(digit) for digit in range(10)),
     )
+
+
+def _count(array: np.ndarray) -> int:
+    return array.shape[0] if array.ndim else 0  # a 0-d IDX array holds no examples
 
 
 def _download(destination: Path, md5: str) -> Path:

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2l.data.base import data_dir, device_key
+from l2l.data.base import DataError, data_dir, device_key
 from l2l.data.cifar import load_cifar10
 from l2l.tasks.base import check_positive_int
-from l2l.tasks.module import ModuleFamily, SupervisedData, fixed_shuffle
+from l2l.tasks.module import ModuleFamily, SupervisedData, first_examples, fixed_shuffle
 
 
 @functools.lru_cache(maxsize=4)
@@ -19,14 +19,19 @@ def cifar_tensors(directory: str, device: str, classes: int, train_examples: int
     """CIFAR-10 images ``[N, 3, 32, 32]`` standardised per channel (training statistics), labels < ``classes``."""
     raw = load_cifar10(directory)
 
-    def subset(x, y):
+    def subset(x, y, split):
         keep = y < classes
+        if not keep.any():
+            raise DataError(
+                f"CIFAR-10 in {directory} has no {split} images of classes 0..{classes - 1}: "
+                "use a dataset that has them (the official one has all ten classes in both splits)"
+            )
         return x[keep], y[keep]
 
-    x_train, y_train = fixed_shuffle(*subset(raw.x_train, raw.y_train))
-    x_test, y_test = fixed_shuffle(*subset(raw.x_test, raw.y_test))
-    if train_examples is not None:
-        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+    x_train, y_train = fixed_shuffle(*subset(raw.x_train, raw.y_train, "training"))
+    x_test, y_test = fixed_shuffle(*subset(raw.x_test, raw.y_test, "test"))
+    what = f"classes 0..{classes - 1} of CIFAR-10 in {directory}"
+    x_train, y_train = first_examples(x_train, y_train, train_examples, what)
     train = x_train.permute(0, 3, 1, 2).to(torch.float32) / 255.0
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True)
@@ -64,8 +69,9 @@ class CIFAR10Family(ModuleFamily):
         channels: channels of every conv layer.
         hidden: units of the fully connected layer (paper: 32).
         batch_size: examples per minibatch (paper: 128).
-        train_examples: use only the first N training images (after the class subset).
-        eval_examples: test images for test loss/accuracy (None: all).
+        train_examples: use only the first N training images (after the class subset; more than
+            it has is a ValueError at ``sample``).
+        eval_examples: at most this many test images for test loss/accuracy (None: all).
     """
 
     name = "cifar10"

@@ -11,7 +11,7 @@ from torch import nn
 from l2l.data.base import data_dir, device_key
 from l2l.data.mnist import load_mnist
 from l2l.tasks.base import check_positive_int
-from l2l.tasks.module import ModuleFamily, SupervisedData, fixed_shuffle
+from l2l.tasks.module import ModuleFamily, SupervisedData, first_examples, fixed_shuffle
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -22,8 +22,7 @@ def mnist_tensors(directory: str, device: str, train_examples: int | None) -> Su
     raw = load_mnist(directory)
     x_train, y_train = fixed_shuffle(raw.x_train, raw.y_train)
     x_test, y_test = fixed_shuffle(raw.x_test, raw.y_test)
-    if train_examples is not None:
-        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+    x_train, y_train = first_examples(x_train, y_train, train_examples, f"MNIST in {directory}")
 
     def images(x):
         return (x.to(torch.float32) / 255.0).unsqueeze(1).to(device)
@@ -50,8 +49,9 @@ class MNISTFamily(ModuleFamily):
         layers: hidden layers (paper: 1).
         activation: ``sigmoid`` (paper), ``relu`` or ``tanh``.
         batch_size: examples per minibatch (paper: 128).
-        train_examples: use only the first N training images (small, fast runs); None for all.
-        eval_examples: test images used for test loss/accuracy (None: all 10,000).
+        train_examples: use only the first N training images (small, fast runs; more than the
+            dataset has is a ValueError at ``sample``); None for all.
+        eval_examples: at most this many test images for test loss/accuracy (None: all 10,000).
     """
 
     name = "mnist"
@@ -69,7 +69,7 @@ class MNISTFamily(ModuleFamily):
         train_examples: int | None = None,
         eval_examples: int | None = None,
     ):
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {', '.join(ACTIVATIONS)}")
         check_positive_int("hidden", hidden)
         check_positive_int("layers", layers)

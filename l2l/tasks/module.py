@@ -121,6 +121,38 @@ def fixed_shuffle(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return x[order], y[order]
 
 
+def first_examples(x: Tensor, y: Tensor, count: int | None, what: str) -> tuple[Tensor, Tensor]:
+    """The first ``count`` examples (all for None) of a training split.
+
+    Raises:
+        ValueError: there are fewer than ``count`` (``what`` names the dataset): a silent cut
+            would run on fewer examples than the recorded ``train_examples`` says.
+    """
+    if count is None:
+        return x, y
+    if count > len(y):
+        raise ValueError(
+            f"train_examples={count} is more than the {len(y)} training images of {what}: "
+            f"use at most {len(y)}, or leave it out for all"
+        )
+    return x[:count], y[:count]
+
+
+def check_data(data: SupervisedData) -> None:
+    """Raises a ValueError unless both splits have examples and one label per input."""
+    fix = (
+        "the data function must return SupervisedData(x_train, y_train, x_test, y_test), "
+        "inputs [N, ...] and labels [N, ...] with N >= 1"
+    )
+    for split in ("train", "test"):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        count = x.shape[0] if x.dim() else 0
+        if count == 0:
+            raise ValueError(f"x_{split} has no examples: {fix}")
+        if y.dim() == 0 or y.shape[0] != count:
+            raise ValueError(f"x_{split} has {count} examples but y_{split} has {y.shape[0] if y.dim() else 0}: {fix}")
+
+
 Forward = Callable[[Tensor], Tensor]
 Objective = Callable[[Forward, Tensor, Tensor], Tensor]
 
@@ -188,6 +220,7 @@ class ModuleTask(Task):
         self.layout = ParamLayout.of(module)
         if params0.dim() != 2 or params0.shape[1] != self.layout.size:
             raise ValueError(f"params0 must be [K, {self.layout.size}] for this module, got {list(params0.shape)}")
+        check_data(data)  # shapes only: sample_batch would index past y_train, metrics divide by 0
         self.params0 = params0
         self.buffers = buffers
         self.data = data
