@@ -161,6 +161,18 @@ def test_data_dir_precedence(tmp_path, monkeypatch):
     assert data_dir().name == "data"
 
 
+def test_a_relative_data_directory_means_the_one_under_the_working_directory_of_each_load(tmp_path, monkeypatch):
+    from l2l.tasks import get_task
+
+    fake_mnist(tmp_path / "a" / "data" / "mnist", n_train=12)
+    fake_mnist(tmp_path / "b" / "data" / "mnist", n_train=7)
+    monkeypatch.setenv(DATA_ENV, "data")
+    for folder, examples in (("a", 12), ("b", 7)):  # the task cache must not hand back a's images in b
+        monkeypatch.chdir(tmp_path / folder)
+        assert data_dir() == tmp_path / folder / "data"
+        assert get_task("mnist").sample(1, torch.Generator()).data.x_train.shape[0] == examples
+
+
 def test_a_damaged_gzip_is_a_data_error(tmp_path):
     fake_mnist(tmp_path / "mnist")
     path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"

@@ -40,11 +40,15 @@ class ArrayDataset(NamedTuple):
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The data directory: ``explicit`` if given, else ``$L2L_DATA``, else ``~/.cache/l2l/data``."""
+    """The data directory, absolute: ``explicit`` if given, else ``$L2L_DATA``, else ``~/.cache/l2l/data``.
+
+    Absolute because the tasks cache what they load by this path: a relative one would name
+    another directory after a change of working directory.
+    """
     if explicit is not None:
-        return Path(explicit).expanduser()
+        return Path(explicit).expanduser().absolute()
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser()
+        return Path(os.environ[DATA_ENV]).expanduser().absolute()
     return Path.home() / ".cache" / "l2l" / "data"
 
 
