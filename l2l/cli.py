@@ -130,7 +130,7 @@ _TRAIN_FLAGS = [
     ("--val-every", "val_every", int, "validate every N epochs"),
     ("--val-problems", "val_problems", int, "held-out validation instances"),
     ("--max-nonfinite", "max_nonfinite", int, "stop after this many non-finite meta-steps in a row"),
-    ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs"),
+    ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs (and at the epoch where SIGTERM or a first Ctrl-C stops the run)"),
     ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc "
      "(default: one LSTM for every parameter)"),
     ("--init-from", "init_from", str, "start from the weights of a use checkpoint (path or shipped name) instead of a fresh initialisation"),
