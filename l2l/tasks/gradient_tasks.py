@@ -78,9 +78,7 @@ class InputGradientPenaltyTask(ModuleTask):
         metrics = super().metrics(params)
         objective: InputGradientPenaltyObjective = self.objective
         buffers = self._estimate_buffers(params)
-        x_test, y_test = self.data.x_test, self.data.y_test
-        if self.eval_examples is not None:
-            x_test, y_test = x_test[: self.eval_examples], y_test[: self.eval_examples]
+        x_test, y_test = self.test_split()
 
         def correct_under_attack(instance_params, instance_buffers, inputs, labels):
             def forward(x: Tensor) -> Tensor:

@@ -308,15 +308,30 @@ class ModuleTask(Task):
         with _momenta(self._cumulative_norms, 0.1), seeded_random_layers(seed, self.device):
             return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
 
+    def test_split(self) -> tuple[Tensor, Tensor]:
+        """The held-out examples :meth:`metrics` scores: the first ``eval_examples`` of the test split (all for None).
+
+        Raises:
+            ValueError: the test split has fewer than ``eval_examples``: a silent cut would report
+                metrics over fewer examples than the recorded ``eval_examples`` says.
+        """
+        x_test, y_test = self.data.x_test, self.data.y_test
+        if self.eval_examples is None:
+            return x_test, y_test
+        if self.eval_examples > len(y_test):
+            raise ValueError(
+                f"eval_examples={self.eval_examples} is more than the {len(y_test)} test examples of this task: "
+                f"use at most {len(y_test)}, or leave it out for all"
+            )
+        return x_test[: self.eval_examples], y_test[: self.eval_examples]
+
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
         """Test loss and accuracy of every instance, ``[K]`` each, in eval mode."""
         buffers = self._estimate_buffers(params)
         self.module.eval()
         try:
-            x_test, y_test = self.data.x_test, self.data.y_test
-            if self.eval_examples is not None:
-                x_test, y_test = x_test[: self.eval_examples], y_test[: self.eval_examples]
+            x_test, y_test = self.test_split()
             losses, correct = [], []
             for start in range(0, x_test.shape[0], 1000):  # Bounds activation memory for conv nets.
                 logits = self.outputs(params, x_test[start : start + 1000], shared_inputs=True, buffers=buffers)
