@@ -1,7 +1,9 @@
 """Dataset loaders: IDX and npz made in the test, corrupt files rejected, missing data explained."""
 
 import gzip
+import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -270,7 +272,10 @@ def test_a_download_without_network_says_where_to_put_the_files_and_leaves_nothi
     message = str(error.value)
     assert "Temporary failure in name resolution" in message
     assert f"without internet access, put the files here:\n  {tmp_path / placed}" in message
-    assert files_under(tmp_path) == []
+    assert list(tmp_path.rglob("*")) == []  # no files, and not the empty folder made for them either
+    with pytest.raises(DataError):
+        loader(tmp_path / "new" / "data", download_missing=True)
+    assert list(tmp_path.rglob("*")) == []  # nor the data directory, when the download made it
 
 
 class _DroppedConnection:
@@ -364,6 +369,41 @@ def test_a_cifar_download_is_unpacked_once_even_by_concurrent_loads(tmp_path, mo
     assert errors == [] and [r.x_train.shape for r in results] == [(10, 32, 32, 3)] * 4
     expected = [f"cifar10/cifar-10-batches-py/{n}" for n in sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])]
     assert files_under(tmp_path / "data") == expected  # no archive, no scratch folders
+
+
+def age(path, seconds):
+    for entry in [path, *path.rglob("*")]:
+        os.utime(entry, (time.time() - seconds, time.time() - seconds))
+
+
+def test_a_download_sweeps_scratch_left_by_a_killed_one_but_not_a_live_ones(tmp_path, monkeypatch):
+    import l2l.data.cifar as cifar
+    import l2l.data.mnist as mnist
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    monkeypatch.setattr(cifar, "TAR_MD5", fake_cifar_tar(archive))
+    monkeypatch.setattr(cifar, "URL", archive.as_uri())
+    folder = tmp_path / "data" / "cifar10"
+    killed, live = folder / ".cifar-10-download.killed", folder / ".cifar-10-download.live"
+    for scratch in (killed, live):
+        (scratch / "cifar-10-python.tar.gz").parent.mkdir(parents=True)
+        (scratch / "cifar-10-python.tar.gz").write_bytes(b"partial")
+    age(killed, 2 * 3600)
+    age(live, 2 * 3600)
+    (live / "cifar-10-python.tar.gz").write_bytes(b"partial, and still growing")
+    load_cifar10(tmp_path / "data", download_missing=True)
+    assert not killed.exists() and live.is_dir()
+
+    fake_mnist(tmp_path / "mirror")
+    monkeypatch.setattr(mnist, "FILES", {stem: file_md5(tmp_path / "mirror" / f"{stem}.gz", decompress=True) for stem in mnist.FILES})
+    monkeypatch.setattr(mnist, "MIRRORS", ((tmp_path / "mirror").as_uri() + "/",))
+    (tmp_path / "data" / "mnist").mkdir()
+    stale, fresh = tmp_path / "data" / "mnist" / ".train-images-idx3-ubyte.gz.x1", tmp_path / "data" / "mnist" / ".train-images-idx3-ubyte.gz.x2"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"partial")
+    age(stale, 2 * 3600)
+    load_mnist(tmp_path / "data", download_missing=True)
+    assert not stale.exists() and fresh.exists()
 
 
 def test_an_archive_without_the_batches_leaves_nothing_behind(tmp_path, monkeypatch):

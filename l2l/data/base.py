@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import gzip
 import hashlib
 import http.client
 import os
 import shutil
 import tempfile
+import time
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -92,6 +95,49 @@ def make_directory(folder: Path) -> None:
         raise DataError(f"cannot create {folder} ({error}): point --data-dir / ${DATA_ENV} at a writable directory") from None
 
 
+@contextlib.contextmanager
+def directory_for_download(folder: Path) -> Iterator[None]:
+    """Creates ``folder`` for a download; if the download fails, removes again what it created and is still empty.
+
+    So a failed download leaves the data directory as it found it, not with an empty ``mnist/``.
+    """
+    created = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    make_directory(folder)
+    try:
+        yield
+    except BaseException:
+        for parent in created:  # deepest first
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (another file arrived) or already gone
+                break
+        raise
+
+
+STALE_SCRATCH_S = 3600.0  # a live download writes its scratch file continuously
+
+
+def remove_stale_scratch(folder: Path, prefix: str) -> None:
+    """Deletes scratch files and folders named ``prefix*`` in ``folder`` that nothing wrote to for an hour.
+
+    A download killed outright (SIGKILL, a power cut) cannot clean up after itself; the next
+    download of the same file does it. A scratch entry written to within the hour may belong to a
+    concurrent download and is left alone.
+    """
+    cutoff = time.time() - STALE_SCRATCH_S
+    for entry in folder.glob(f"{glob.escape(prefix)}*"):
+        try:
+            paths = [entry, *entry.rglob("*")] if entry.is_dir() else [entry]
+            if max(path.lstat().st_mtime for path in paths) >= cutoff:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:  # removed meanwhile by another process, or not ours to remove
+            continue
+
+
 def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool = False) -> Path:
     """Downloads ``url`` to ``destination`` atomically and checks its MD5.
 
@@ -99,6 +145,7 @@ def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool 
         DataError: the download failed or the checksum does not match (nothing is left behind).
     """
     make_directory(destination.parent)
+    remove_stale_scratch(destination.parent, f".{destination.name}.")
     descriptor, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle, urllib.request.urlopen(url, timeout=60) as response:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
-from l2l.data.base import download_failed, make_directory, missing, placement
+from l2l.data.base import directory_for_download, download_failed, missing, placement, remove_stale_scratch
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+SCRATCH_PREFIX = ".cifar-10-download."
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -153,20 +154,21 @@ def _download_batches(folder: Path) -> Path:
     batch (the first rename wins; the others find the folder there and use it).
     """
     target = folder / "cifar-10-batches-py"
-    make_directory(folder)
-    with tempfile.TemporaryDirectory(prefix=".cifar-10-download.", dir=folder) as scratch:
-        archive = download(URL, Path(scratch) / "cifar-10-python.tar.gz", TAR_MD5)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(Path(scratch) / "unpacked", filter="data")
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
-            raise DataError(f"could not unpack {URL}: {type(error).__name__}: {error}") from None
-        unpacked = Path(scratch) / "unpacked" / "cifar-10-batches-py"
-        if not unpacked.is_dir():
-            raise DataError(f"the archive {URL} has no cifar-10-batches-py/ folder: not the official archive")
-        try:
-            os.rename(unpacked, target)
-        except OSError as error:
-            if not target.is_dir():  # not a concurrent load that got there first
-                raise DataError(f"could not move the unpacked batches to {target} ({error})") from None
+    with directory_for_download(folder):
+        remove_stale_scratch(folder, SCRATCH_PREFIX)
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=folder) as scratch:
+            archive = download(URL, Path(scratch) / "cifar-10-python.tar.gz", TAR_MD5)
+            try:
+                with tarfile.open(archive) as tar:
+                    tar.extractall(Path(scratch) / "unpacked", filter="data")
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+                raise DataError(f"could not unpack {URL}: {type(error).__name__}: {error}") from None
+            unpacked = Path(scratch) / "unpacked" / "cifar-10-batches-py"
+            if not unpacked.is_dir():
+                raise DataError(f"the archive {URL} has no cifar-10-batches-py/ folder: not the official archive")
+            try:
+                os.rename(unpacked, target)
+            except OSError as error:
+                if not target.is_dir():  # not a concurrent load that got there first
+                    raise DataError(f"could not move the unpacked batches to {target} ({error})") from None
     return target

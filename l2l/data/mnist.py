@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
-from l2l.data.base import download_failed, missing
+from l2l.data.base import directory_for_download, download_failed, missing
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 # MD5 of the decompressed official files: it holds for the official .gz and for any re-compression.
@@ -85,7 +85,8 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         path = _find(root, stem)
         if path is None and download_missing:
             try:
-                path = _download(root / "mnist" / f"{stem}.gz", md5)
+                with directory_for_download(root / "mnist"):
+                    path = _download(root / "mnist" / f"{stem}.gz", md5)
             except DataError as error:
                 raise download_failed(error, root / "mnist", names) from None
         if path is None:
