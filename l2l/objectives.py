@@ -222,14 +222,19 @@ def _dual_norm(gradients: Tensor, norm: str) -> Tensor:
 
 
 def _unit_rows(flat: Tensor) -> Tensor:
-    """Each row of ``[B, n]`` divided by its L2 norm, 0 for zero rows.
+    """Each row of ``[B, n]`` divided by its L2 norm; zero rows give 0, with zero gradient.
 
     Rows are first divided by their largest magnitude, so tiny gradients (saturated units: norms
-    that square to below the dtype's smallest normal number) keep their direction.
+    that square to below the dtype's smallest normal number) keep their direction. That scale
+    is detached: the result does not depend on it, so its derivative is unchanged. A zero row
+    (a dead ReLU net's input gradient) has no direction and no derivative; clamped denominators
+    there would backpropagate ``1 / tiny**2 = inf`` and, through the zero Jacobian behind it, NaN.
     """
-    tiny = torch.finfo(flat.dtype).tiny
-    scaled = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
-    return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(tiny)
+    largest = flat.detach().abs().amax(dim=1, keepdim=True)
+    nonzero = largest > 0
+    scaled = flat / torch.where(nonzero, largest, 1.0)
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # >= 1 on nonzero rows
+    return torch.where(nonzero, scaled / torch.where(nonzero, norm, 1.0), 0.0)
 
 
 def _steepest_direction(gradients: Tensor, norm: str) -> Tensor:
@@ -488,7 +493,8 @@ def gradient_supervision_loss(
     logit of ``x_cf_i``'s ground-truth class grows fastest at ``x_i`` should point along it
     (Teney, Abbasnejad & van den Hengel, ECCV 2020, eq. 3: ``g_i = ∇ₓ f(x_i) · y_j``). The
     cosine is taken per pair over all input features, never over the whole batch. 0 when
-    aligned, 2 when opposite; add it (weighted) to the task loss. Use both directions of a
+    aligned, 2 when opposite, 1 (with zero gradient) when ``g_i`` or ``x_cf_i - x_i`` is zero;
+    add it (weighted) to the task loss. Use both directions of a
     pair by also passing ``(x_cf, x)`` with ``x``'s labels.
 
     Args:

@@ -437,3 +437,23 @@ def test_per_instance_parameter_penalty_needs_one_row_per_instance_in_every_leaf
     params = {"rows": torch.randn(3, 2), "shared": torch.randn(1, 2)}
     with pytest.raises(ValueError, match=r"3 per-instance losses, so every parameter leaf must be \[3, \.\.\.\].*\[1, 2\]"):
         parameter_gradient_penalty(lambda p: (p["rows"] * p["shared"]).sum(1), params, lr=0.1)
+
+
+def test_gradient_supervision_of_a_zero_input_gradient_is_one_and_trains_the_other_pairs():
+    # Example 0 switches every ReLU off, so its logit gradient is exactly zero: no direction to
+    # align. Its pair scores 1 and must not turn the other pairs' parameter gradient into NaN.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2))
+        net[0].bias.zero_()
+    x = torch.tensor([[-1.0, -2.0], [1.0, 0.5], [0.3, 2.0]], dtype=torch.float64)
+    counterfactuals = x + torch.randn(3, 2, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 0])
+    per_pair = gradient_supervision_loss(net, x, counterfactuals, labels, reduction="none")
+    assert per_pair[0] == 1.0
+    params = list(net.parameters())
+    ours = torch.autograd.grad(per_pair.sum(), params, materialize_grads=True)
+    live = gradient_supervision_loss(net, x[1:], counterfactuals[1:], labels[1:], reduction="sum")
+    for a, b in zip(ours, torch.autograd.grad(live, params, materialize_grads=True)):
+        torch.testing.assert_close(a, b)
