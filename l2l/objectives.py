@@ -107,7 +107,8 @@ class _GradReverse(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_tangent: Tensor, coeff_tangent: Any) -> Tensor:
         # Forward mode sees the forward function, the identity; only reverse mode is reversed.
-        return x_tangent
+        # A view, as the forward's output is one (dual tensors of torch.autograd.forward_ad insist).
+        return x_tangent.view_as(x_tangent)
 
 
 def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
@@ -115,8 +116,8 @@ def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
 
     Placed between a feature extractor and an adversarial head, the head minimises its loss
     while the features receive the negated gradient, so they maximise it (domain-adversarial
-    training). ``coeff`` gets no gradient. Forward-mode derivatives (``torch.func.jvp``) are
-    those of the identity.
+    training). ``coeff`` gets no gradient. Forward-mode derivatives (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) are those of the identity.
 
     A gradient computed through the layer is not the gradient of any function, so it has no
     correct derivative: differentiating it again (``create_graph=True``, second-order

@@ -457,3 +457,14 @@ def test_gradient_supervision_of_a_zero_input_gradient_is_one_and_trains_the_oth
     live = gradient_supervision_loss(net, x[1:], counterfactuals[1:], labels[1:], reduction="sum")
     for a, b in zip(ours, torch.autograd.grad(live, params, materialize_grads=True)):
         torch.testing.assert_close(a, b)
+
+
+def test_grad_reverse_forward_mode_is_the_identity_in_torch_func_and_dual_tensors():
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = torch.randn(3, 4), torch.randn(3, 4)
+    _, ours = torch.func.jvp(lambda v: grad_reverse(v, 0.5), (x,), (tangent,))
+    assert torch.equal(ours, tangent)
+    with fwAD.dual_level():
+        dual = grad_reverse(fwAD.make_dual(x, tangent), torch.tensor(0.5))
+        assert torch.equal(fwAD.unpack_dual(dual).tangent, tangent)
