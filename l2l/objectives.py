@@ -20,6 +20,7 @@ training mode, no attention across the batch). Tensor shapes: ``B`` examples, ``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -60,7 +61,11 @@ def _check_nonnegative(name: str, value: Any) -> None:
         if _is_plain_tensor(value):
             _check_nonnegative(name, float(value.detach()))
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number >= 0, got {type(value).__name__})")
+    if math.isinf(value) and value > 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
+    if not value >= 0:
         raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
 
 
@@ -165,7 +170,9 @@ def reversal_coefficient(progress: float, gamma: float = 10.0) -> float:
         progress: the fraction of training done, in [0, 1].
         gamma: the steepness (paper: 10).
     """
-    if not (isinstance(progress, (int, float)) and 0.0 <= progress <= 1.0):
+    if isinstance(progress, bool) or not isinstance(progress, numbers.Real):
+        raise ValueError(f"Invalid progress: {progress!r} (must be a number in [0, 1], got {type(progress).__name__})")
+    if not 0.0 <= progress <= 1.0:
         raise ValueError(f"Invalid progress: {progress!r} (must be in [0, 1])")
     _check_nonnegative("gamma", gamma)
     return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0

@@ -468,3 +468,18 @@ def test_grad_reverse_forward_mode_is_the_identity_in_torch_func_and_dual_tensor
     with fwAD.dual_level():
         dual = grad_reverse(fwAD.make_dual(x, tangent), torch.tensor(0.5))
         assert torch.equal(fwAD.unpack_dual(dual).tangent, tangent)
+
+
+def test_hyperparameters_of_the_wrong_type_are_named_as_such_and_numpy_scalars_are_numbers():
+    import numpy as np
+
+    model, (x, y) = tanh_net(), batch()
+    for value, kind in (("0.5", "str"), (True, "bool"), ([1.0], "list")):
+        with pytest.raises(ValueError, match=rf"^Invalid eps: .* \(must be a number >= 0, got {kind}\)$"):
+            input_gradient_penalty(model, x, y, value)
+    with pytest.raises(ValueError, match=r"^Invalid coeff: inf \(must be finite\)$"):
+        GradReverse(math.inf)
+    torch.testing.assert_close(input_gradient_penalty(model, x, y, np.float32(0.5)), input_gradient_penalty(model, x, y, 0.5))
+    assert reversal_coefficient(np.float32(0.5)) == pytest.approx(reversal_coefficient(0.5))
+    with pytest.raises(ValueError, match=r"^Invalid progress: '0.5' \(must be a number in \[0, 1\], got str\)$"):
+        reversal_coefficient("0.5")
