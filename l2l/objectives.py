@@ -239,7 +239,7 @@ def _unit_rows(flat: Tensor) -> Tensor:
     there would backpropagate ``1 / tiny**2 = inf`` and, through the zero Jacobian behind it, NaN.
     """
     largest = flat.detach().abs().amax(dim=1, keepdim=True)
-    nonzero = largest > 0
+    nonzero = largest != 0  # NaN rows stay NaN
     scaled = flat / torch.where(nonzero, largest, 1.0)
     norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # >= 1 on nonzero rows
     return torch.where(nonzero, scaled / torch.where(nonzero, norm, 1.0), 0.0)

@@ -483,3 +483,19 @@ def test_hyperparameters_of_the_wrong_type_are_named_as_such_and_numpy_scalars_a
     assert reversal_coefficient(np.float32(0.5)) == pytest.approx(reversal_coefficient(0.5))
     with pytest.raises(ValueError, match=r"^Invalid progress: '0.5' \(must be a number in \[0, 1\], got str\)$"):
         reversal_coefficient("0.5")
+
+
+def test_gradient_supervision_does_not_hide_non_finite_inputs():
+    linear = nn.Linear(4, 3).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    counterfactuals = x + 1
+    counterfactuals[1, 2] = float("nan")
+    counterfactuals[2, 0] = float("inf")
+    per_pair = gradient_supervision_loss(linear, x, counterfactuals, torch.tensor([0, 1, 2]), reduction="none")
+    assert torch.isfinite(per_pair[0]) and per_pair[1:].isnan().all()
+    # The input-gradient side goes through the same normalisation: NaN rows stay NaN, zero rows 0.
+    from l2l.objectives import _unit_rows
+
+    rows = _unit_rows(torch.tensor([[float("nan"), 1.0], [0.0, 0.0], [3.0, 4.0], [float("inf"), 1.0]]))
+    assert rows[0].isnan().all() and rows[3].isnan().all()
+    torch.testing.assert_close(rows[1:3], torch.tensor([[0.0, 0.0], [0.6, 0.8]]))
