@@ -404,6 +404,11 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         ``(outputs [B, ...], derivatives)``: ``derivatives`` is ``J_f(x_i) t_i`` for every
         example, ``[B, ...out]`` or ``[T, B, ...out]`` like ``tangents``.
     """
+    if tangents.dtype != inputs.dtype or tangents.device != inputs.device:
+        raise ValueError(
+            f"tangents must have the inputs' dtype {inputs.dtype} and device {inputs.device}, "
+            f"got {tangents.dtype} on {tangents.device}: convert them with tangents.to(inputs)"
+        )
     if tangents.shape == inputs.shape:
         return _transform(jvp)(forward, (inputs,), (tangents,))
     if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
@@ -461,6 +466,12 @@ def image_tangents(images: Tensor, kinds: tuple[str, ...] = _IMAGE_TANGENTS, *, 
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point, got {images.dtype}: convert them first (images.float() / 255 for bytes)")
+    if isinstance(kinds, str):
+        raise ValueError(f"kinds must be a sequence of tangent names, got the string {kinds!r}: use ({kinds!r},)")
+    if len(kinds) == 0:
+        raise ValueError(f"kinds must name at least one tangent of {', '.join(map(repr, _IMAGE_TANGENTS))}")
     for kind in kinds:
         _check_choice("tangent kind", kind, _IMAGE_TANGENTS)
     _check_nonnegative("sigma", sigma)
@@ -518,14 +529,22 @@ def gradient_supervision_loss(
     _check_choice("reduction", reduction, REDUCTIONS)
     if counterfactuals.shape != inputs.shape:
         raise ValueError(f"counterfactuals {list(counterfactuals.shape)} must be shaped like inputs {list(inputs.shape)}")
-    if counterfactual_labels.shape != inputs.shape[:1] or counterfactual_labels.is_floating_point() or counterfactual_labels.is_complex():
+    if (
+        counterfactual_labels.shape != inputs.shape[:1]
+        or counterfactual_labels.is_floating_point()
+        or counterfactual_labels.is_complex()
+        or counterfactual_labels.dtype == torch.bool
+    ):
         raise ValueError(
             f"counterfactual_labels must be integer classes, one per pair, shape [{inputs.shape[0]}]; "
             f"got {counterfactual_labels.dtype} of shape {list(counterfactual_labels.shape)}"
         )
 
     def target_logits(x: Tensor) -> Tensor:
-        return forward(x).gather(1, counterfactual_labels.unsqueeze(1)).sum()
+        logits = forward(x)
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"forward must return logits [B, C] = [{x.shape[0]}, C], got shape {list(logits.shape)}")
+        return logits.gather(1, counterfactual_labels.unsqueeze(1)).sum()
 
     gradients = _transform(grad(target_logits))(inputs)
     batch = inputs.shape[0]

@@ -499,3 +499,22 @@ def test_gradient_supervision_does_not_hide_non_finite_inputs():
     rows = _unit_rows(torch.tensor([[float("nan"), 1.0], [0.0, 0.0], [3.0, 4.0], [float("inf"), 1.0]]))
     assert rows[0].isnan().all() and rows[3].isnan().all()
     torch.testing.assert_close(rows[1:3], torch.tensor([[0.0, 0.0], [0.6, 0.8]]))
+
+
+def test_mismatched_tangents_images_and_logits_get_errors_naming_the_problem():
+    model, (x, y) = tanh_net(), batch()
+    with pytest.raises(ValueError, match=r"tangents must have the inputs' dtype torch.float64 and device cpu, got torch.float32 on cpu: convert them with tangents.to\(inputs\)"):
+        tangent_penalty(model, x, torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"tangents must have the inputs' dtype torch.float64 and device cpu, got torch.float32 on cpu: convert them with tangents.to\(inputs\)"):
+        directional_derivatives(model, x, torch.randn(2, 6, 5))
+    images = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"kinds must be a sequence of tangent names, got the string 'rotate': use \('rotate',\)"):
+        image_tangents(images, "rotate")
+    with pytest.raises(ValueError, match=r"kinds must name at least one tangent"):
+        image_tangents(images, ())
+    with pytest.raises(ValueError, match=r"images must be floating point, got torch.uint8"):
+        image_tangents((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"counterfactual_labels must be integer classes.*got torch.bool"):
+        gradient_supervision_loss(model, x, x + 1, torch.ones(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"forward must return logits \[B, C\] = \[6, C\], got shape \[6\]"):
+        gradient_supervision_loss(lambda v: model(v).sum(1), x, x + 1, y)
