@@ -51,7 +51,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def _is_plain_tensor(value: Tensor) -> bool:
     """A tensor whose value can be read: not traced or batched by torch.func, nor on an accelerator (a sync)."""
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return value.device.type == "cpu" and value.numel() == 1 and not (wrapped is not None and wrapped(value))
+    return value.device.type == "cpu" and not (wrapped is not None and wrapped(value))
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -59,7 +59,13 @@ def _check_nonnegative(name: str, value: Any) -> None:
         # A schedule's tensor is checked where reading it is free; a value traced or batched by
         # torch.func, or on an accelerator, cannot be read without a sync: its caller owns its range.
         if _is_plain_tensor(value):
-            _check_nonnegative(name, float(value.detach()))
+            values = value.detach().reshape(-1)
+            if values.numel() == 1:
+                _check_nonnegative(name, float(values[0]))
+            else:  # per-feature or per-example values: every one in range
+                bad = values[~(torch.isfinite(values) & (values >= 0))]
+                if bad.numel():
+                    raise ValueError(f"Invalid {name}: a tensor holding {float(bad[0])!r} (every element must be finite and >= 0)")
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
         raise ValueError(f"Invalid {name}: {value!r} (must be a number >= 0, got {type(value).__name__})")

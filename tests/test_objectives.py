@@ -518,3 +518,11 @@ def test_mismatched_tangents_images_and_logits_get_errors_naming_the_problem():
         gradient_supervision_loss(model, x, x + 1, torch.ones(6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"forward must return logits \[B, C\] = \[6, C\], got shape \[6\]"):
         gradient_supervision_loss(lambda v: model(v).sum(1), x, x + 1, y)
+
+
+def test_hyperparameter_tensors_of_several_elements_are_checked_elementwise():
+    model, (x, y) = tanh_net(), batch()
+    with pytest.raises(ValueError, match=r"^Invalid coeff: a tensor holding -1.0 \(every element must be finite and >= 0\)$"):
+        grad_reverse(torch.ones(3, 4), torch.tensor([0.5, -1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"^Invalid eps: a tensor holding nan"):
+        input_gradient_penalty(model, x, y, torch.tensor([0.1, 0.2, float("nan"), 0.1, 0.1, 0.1], dtype=torch.float64))
