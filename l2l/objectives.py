@@ -228,9 +228,14 @@ def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor
     return per_example, gradients
 
 
+def _rows(tensor: Tensor, leading: int = 1) -> Tensor:
+    """``tensor`` with its first ``leading`` dims kept and the rest flattened (``[B, ...] -> [B, n]``; ``B = 0`` too)."""
+    return tensor.reshape(*tensor.shape[:leading], math.prod(tensor.shape[leading:]))
+
+
 def _dual_norm(gradients: Tensor, norm: str) -> Tensor:
     """``max_{||δ|| <= 1} <g_i, δ>`` per example: ``[B, ...] -> [B]`` (the dual of ``norm``)."""
-    flat = gradients.reshape(gradients.shape[0], -1)
+    flat = _rows(gradients)
     dual_order = {"l1": math.inf, "l2": 2.0, "linf": 1.0}[norm]
     return torch.linalg.vector_norm(flat, ord=dual_order, dim=1)
 
@@ -253,7 +258,7 @@ def _unit_rows(flat: Tensor) -> Tensor:
 
 def _steepest_direction(gradients: Tensor, norm: str) -> Tensor:
     """The unit-``norm`` direction δ_i that attains the dual norm: ``<g_i, δ_i> = ||g_i||_*``."""
-    flat = gradients.reshape(gradients.shape[0], -1)
+    flat = _rows(gradients)
     if norm == "l2":
         direction = _unit_rows(flat)
     elif norm == "linf":
@@ -386,7 +391,7 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
                     f"loss_fn returned {value.shape[0]} per-instance losses, so every parameter leaf must be "
                     f"[{value.shape[0]}, ...] (one row per instance), got a leaf of shape {list(g.shape)}"
                 )
-        squared_norm = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in leaves)
+        squared_norm = sum(_rows(g.pow(2)).sum(1) for g in leaves)
     return value + (lr / 4) * squared_norm
 
 
@@ -445,7 +450,7 @@ def tangent_penalty(forward: Forward, inputs: Tensor, tangents: Tensor, *, reduc
     _, derivatives = directional_derivatives(forward, inputs, tangents)
     if tangents.shape == inputs.shape:
         derivatives = derivatives.unsqueeze(0)
-    per_example = derivatives.pow(2).reshape(*derivatives.shape[:2], -1).sum(2).sum(0)
+    per_example = _rows(derivatives.pow(2), 2).sum(2).sum(0)
     return _reduce(per_example, reduction)
 
 
@@ -553,7 +558,6 @@ def gradient_supervision_loss(
         return logits.gather(1, counterfactual_labels.unsqueeze(1)).sum()
 
     gradients = _transform(grad(target_logits))(inputs)
-    batch = inputs.shape[0]
     # Not F.cosine_similarity: its norm floor (1e-8) makes tiny aligned gradients score far from 0.
-    cosine = (_unit_rows(gradients.reshape(batch, -1)) * _unit_rows((counterfactuals - inputs).reshape(batch, -1))).sum(1)
+    cosine = (_unit_rows(_rows(gradients)) * _unit_rows(_rows(counterfactuals - inputs))).sum(1)
     return _reduce(1.0 - cosine, reduction)

@@ -526,3 +526,16 @@ def test_hyperparameter_tensors_of_several_elements_are_checked_elementwise():
         grad_reverse(torch.ones(3, 4), torch.tensor([0.5, -1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match=r"^Invalid eps: a tensor holding nan"):
         input_gradient_penalty(model, x, y, torch.tensor([0.1, 0.2, float("nan"), 0.1, 0.1, 0.1], dtype=torch.float64))
+
+
+def test_an_empty_batch_gives_empty_or_zero_penalties():
+    # E.g. a minibatch that happens to hold no counterfactual pairs: summed, it adds nothing.
+    model, (x, y) = tanh_net(), batch()
+    empty_x, empty_y = x[:0], y[:0]
+    total = gradient_supervision_loss(model, empty_x, empty_x + 1, empty_y, reduction="sum")
+    total = total + input_gradient_penalty(model, empty_x, empty_y, 0.5, reduction="sum")
+    total = total + tangent_penalty(model, empty_x, torch.ones(2, 0, 5, dtype=torch.float64), reduction="sum")
+    assert total == 0
+    total.backward()
+    assert gradient_supervision_loss(model, empty_x, empty_x, empty_y, reduction="none").shape == (0,)
+    assert adversarial_example(model, empty_x, empty_y, 0.5, "l1").shape == (0, 5)
