@@ -20,6 +20,7 @@ training mode, no attention across the batch). Tensor shapes: ``B`` examples, ``
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -50,7 +51,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def _is_plain_tensor(value: Tensor) -> bool:
     """A tensor whose value can be read: not traced or batched by torch.func, nor on an accelerator (a sync)."""
     wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return value.device.type == "cpu" and value.numel() == 1 and not (wrapped is not None and wrapped(value))
+    return value.device.type == "cpu" and not (wrapped is not None and wrapped(value))
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -58,9 +59,19 @@ def _check_nonnegative(name: str, value: Any) -> None:
         # A schedule's tensor is checked where reading it is free; a value traced or batched by
         # torch.func, or on an accelerator, cannot be read without a sync: its caller owns its range.
         if _is_plain_tensor(value):
-            _check_nonnegative(name, float(value.detach()))
+            values = value.detach().reshape(-1)
+            if values.numel() == 1:
+                _check_nonnegative(name, float(values[0]))
+            else:  # per-feature or per-example values: every one in range
+                bad = values[~(torch.isfinite(values) & (values >= 0))]
+                if bad.numel():
+                    raise ValueError(f"Invalid {name}: a tensor holding {float(bad[0])!r} (every element must be finite and >= 0)")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
+        raise ValueError(f"Invalid {name}: {value!r} (must be a number >= 0, got {type(value).__name__})")
+    if math.isinf(value) and value > 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite)")
+    if not value >= 0:
         raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
 
 
@@ -107,7 +118,8 @@ class _GradReverse(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_tangent: Tensor, coeff_tangent: Any) -> Tensor:
         # Forward mode sees the forward function, the identity; only reverse mode is reversed.
-        return x_tangent
+        # A view, as the forward's output is one (dual tensors of torch.autograd.forward_ad insist).
+        return x_tangent.view_as(x_tangent)
 
 
 def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
@@ -115,8 +127,8 @@ def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
 
     Placed between a feature extractor and an adversarial head, the head minimises its loss
     while the features receive the negated gradient, so they maximise it (domain-adversarial
-    training). ``coeff`` gets no gradient. Forward-mode derivatives (``torch.func.jvp``) are
-    those of the identity.
+    training). ``coeff`` gets no gradient. Forward-mode derivatives (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) are those of the identity.
 
     A gradient computed through the layer is not the gradient of any function, so it has no
     correct derivative: differentiating it again (``create_graph=True``, second-order
@@ -164,7 +176,9 @@ def reversal_coefficient(progress: float, gamma: float = 10.0) -> float:
         progress: the fraction of training done, in [0, 1].
         gamma: the steepness (paper: 10).
     """
-    if not (isinstance(progress, (int, float)) and 0.0 <= progress <= 1.0):
+    if isinstance(progress, bool) or not isinstance(progress, numbers.Real):
+        raise ValueError(f"Invalid progress: {progress!r} (must be a number in [0, 1], got {type(progress).__name__})")
+    if not 0.0 <= progress <= 1.0:
         raise ValueError(f"Invalid progress: {progress!r} (must be in [0, 1])")
     _check_nonnegative("gamma", gamma)
     return 2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0
@@ -214,27 +228,37 @@ def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor
     return per_example, gradients
 
 
+def _rows(tensor: Tensor, leading: int = 1) -> Tensor:
+    """``tensor`` with its first ``leading`` dims kept and the rest flattened (``[B, ...] -> [B, n]``; ``B = 0`` too)."""
+    return tensor.reshape(*tensor.shape[:leading], math.prod(tensor.shape[leading:]))
+
+
 def _dual_norm(gradients: Tensor, norm: str) -> Tensor:
     """``max_{||δ|| <= 1} <g_i, δ>`` per example: ``[B, ...] -> [B]`` (the dual of ``norm``)."""
-    flat = gradients.reshape(gradients.shape[0], -1)
+    flat = _rows(gradients)
     dual_order = {"l1": math.inf, "l2": 2.0, "linf": 1.0}[norm]
     return torch.linalg.vector_norm(flat, ord=dual_order, dim=1)
 
 
 def _unit_rows(flat: Tensor) -> Tensor:
-    """Each row of ``[B, n]`` divided by its L2 norm, 0 for zero rows.
+    """Each row of ``[B, n]`` divided by its L2 norm; zero rows give 0, with zero gradient.
 
     Rows are first divided by their largest magnitude, so tiny gradients (saturated units: norms
-    that square to below the dtype's smallest normal number) keep their direction.
+    that square to below the dtype's smallest normal number) keep their direction. That scale
+    is detached: the result does not depend on it, so its derivative is unchanged. A zero row
+    (a dead ReLU net's input gradient) has no direction and no derivative; clamped denominators
+    there would backpropagate ``1 / tiny**2 = inf`` and, through the zero Jacobian behind it, NaN.
     """
-    tiny = torch.finfo(flat.dtype).tiny
-    scaled = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(tiny)
-    return scaled / torch.linalg.vector_norm(scaled, dim=1, keepdim=True).clamp_min(tiny)
+    largest = flat.detach().abs().amax(dim=1, keepdim=True)
+    nonzero = largest != 0  # NaN rows stay NaN
+    scaled = flat / torch.where(nonzero, largest, 1.0)
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # >= 1 on nonzero rows
+    return torch.where(nonzero, scaled / torch.where(nonzero, norm, 1.0), 0.0)
 
 
 def _steepest_direction(gradients: Tensor, norm: str) -> Tensor:
     """The unit-``norm`` direction δ_i that attains the dual norm: ``<g_i, δ_i> = ||g_i||_*``."""
-    flat = gradients.reshape(gradients.shape[0], -1)
+    flat = _rows(gradients)
     if norm == "l2":
         direction = _unit_rows(flat)
     elif norm == "linf":
@@ -367,7 +391,7 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
                     f"loss_fn returned {value.shape[0]} per-instance losses, so every parameter leaf must be "
                     f"[{value.shape[0]}, ...] (one row per instance), got a leaf of shape {list(g.shape)}"
                 )
-        squared_norm = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in leaves)
+        squared_norm = sum(_rows(g.pow(2)).sum(1) for g in leaves)
     return value + (lr / 4) * squared_norm
 
 
@@ -391,6 +415,11 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         ``(outputs [B, ...], derivatives)``: ``derivatives`` is ``J_f(x_i) t_i`` for every
         example, ``[B, ...out]`` or ``[T, B, ...out]`` like ``tangents``.
     """
+    if tangents.dtype != inputs.dtype or tangents.device != inputs.device:
+        raise ValueError(
+            f"tangents must have the inputs' dtype {inputs.dtype} and device {inputs.device}, "
+            f"got {tangents.dtype} on {tangents.device}: convert them with tangents.to(inputs)"
+        )
     if tangents.shape == inputs.shape:
         return _transform(jvp)(forward, (inputs,), (tangents,))
     if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
@@ -421,7 +450,7 @@ def tangent_penalty(forward: Forward, inputs: Tensor, tangents: Tensor, *, reduc
     _, derivatives = directional_derivatives(forward, inputs, tangents)
     if tangents.shape == inputs.shape:
         derivatives = derivatives.unsqueeze(0)
-    per_example = derivatives.pow(2).reshape(*derivatives.shape[:2], -1).sum(2).sum(0)
+    per_example = _rows(derivatives.pow(2), 2).sum(2).sum(0)
     return _reduce(per_example, reduction)
 
 
@@ -448,6 +477,12 @@ def image_tangents(images: Tensor, kinds: tuple[str, ...] = _IMAGE_TANGENTS, *, 
     """
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {list(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point, got {images.dtype}: convert them first (images.float() / 255 for bytes)")
+    if isinstance(kinds, str):
+        raise ValueError(f"kinds must be a sequence of tangent names, got the string {kinds!r}: use ({kinds!r},)")
+    if len(kinds) == 0:
+        raise ValueError(f"kinds must name at least one tangent of {', '.join(map(repr, _IMAGE_TANGENTS))}")
     for kind in kinds:
         _check_choice("tangent kind", kind, _IMAGE_TANGENTS)
     _check_nonnegative("sigma", sigma)
@@ -488,7 +523,8 @@ def gradient_supervision_loss(
     logit of ``x_cf_i``'s ground-truth class grows fastest at ``x_i`` should point along it
     (Teney, Abbasnejad & van den Hengel, ECCV 2020, eq. 3: ``g_i = ∇ₓ f(x_i) · y_j``). The
     cosine is taken per pair over all input features, never over the whole batch. 0 when
-    aligned, 2 when opposite; add it (weighted) to the task loss. Use both directions of a
+    aligned, 2 when opposite, 1 (with zero gradient) when ``g_i`` or ``x_cf_i - x_i`` is zero;
+    add it (weighted) to the task loss. Use both directions of a
     pair by also passing ``(x_cf, x)`` with ``x``'s labels.
 
     Args:
@@ -504,17 +540,24 @@ def gradient_supervision_loss(
     _check_choice("reduction", reduction, REDUCTIONS)
     if counterfactuals.shape != inputs.shape:
         raise ValueError(f"counterfactuals {list(counterfactuals.shape)} must be shaped like inputs {list(inputs.shape)}")
-    if counterfactual_labels.shape != inputs.shape[:1] or counterfactual_labels.is_floating_point() or counterfactual_labels.is_complex():
+    if (
+        counterfactual_labels.shape != inputs.shape[:1]
+        or counterfactual_labels.is_floating_point()
+        or counterfactual_labels.is_complex()
+        or counterfactual_labels.dtype == torch.bool
+    ):
         raise ValueError(
             f"counterfactual_labels must be integer classes, one per pair, shape [{inputs.shape[0]}]; "
             f"got {counterfactual_labels.dtype} of shape {list(counterfactual_labels.shape)}"
         )
 
     def target_logits(x: Tensor) -> Tensor:
-        return forward(x).gather(1, counterfactual_labels.unsqueeze(1)).sum()
+        logits = forward(x)
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"forward must return logits [B, C] = [{x.shape[0]}, C], got shape {list(logits.shape)}")
+        return logits.gather(1, counterfactual_labels.unsqueeze(1)).sum()
 
     gradients = _transform(grad(target_logits))(inputs)
-    batch = inputs.shape[0]
     # Not F.cosine_similarity: its norm floor (1e-8) makes tiny aligned gradients score far from 0.
-    cosine = (_unit_rows(gradients.reshape(batch, -1)) * _unit_rows((counterfactuals - inputs).reshape(batch, -1))).sum(1)
+    cosine = (_unit_rows(_rows(gradients)) * _unit_rows(_rows(counterfactuals - inputs))).sum(1)
     return _reduce(1.0 - cosine, reduction)

@@ -437,3 +437,105 @@ def test_per_instance_parameter_penalty_needs_one_row_per_instance_in_every_leaf
     params = {"rows": torch.randn(3, 2), "shared": torch.randn(1, 2)}
     with pytest.raises(ValueError, match=r"3 per-instance losses, so every parameter leaf must be \[3, \.\.\.\].*\[1, 2\]"):
         parameter_gradient_penalty(lambda p: (p["rows"] * p["shared"]).sum(1), params, lr=0.1)
+
+
+def test_gradient_supervision_of_a_zero_input_gradient_is_one_and_trains_the_other_pairs():
+    # Example 0 switches every ReLU off, so its logit gradient is exactly zero: no direction to
+    # align. Its pair scores 1 and must not turn the other pairs' parameter gradient into NaN.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2))
+        net[0].bias.zero_()
+    x = torch.tensor([[-1.0, -2.0], [1.0, 0.5], [0.3, 2.0]], dtype=torch.float64)
+    counterfactuals = x + torch.randn(3, 2, dtype=torch.float64)
+    labels = torch.tensor([1, 2, 0])
+    per_pair = gradient_supervision_loss(net, x, counterfactuals, labels, reduction="none")
+    assert per_pair[0] == 1.0
+    params = list(net.parameters())
+    ours = torch.autograd.grad(per_pair.sum(), params, materialize_grads=True)
+    live = gradient_supervision_loss(net, x[1:], counterfactuals[1:], labels[1:], reduction="sum")
+    for a, b in zip(ours, torch.autograd.grad(live, params, materialize_grads=True)):
+        torch.testing.assert_close(a, b)
+
+
+def test_grad_reverse_forward_mode_is_the_identity_in_torch_func_and_dual_tensors():
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = torch.randn(3, 4), torch.randn(3, 4)
+    _, ours = torch.func.jvp(lambda v: grad_reverse(v, 0.5), (x,), (tangent,))
+    assert torch.equal(ours, tangent)
+    with fwAD.dual_level():
+        dual = grad_reverse(fwAD.make_dual(x, tangent), torch.tensor(0.5))
+        assert torch.equal(fwAD.unpack_dual(dual).tangent, tangent)
+
+
+def test_hyperparameters_of_the_wrong_type_are_named_as_such_and_numpy_scalars_are_numbers():
+    import numpy as np
+
+    model, (x, y) = tanh_net(), batch()
+    for value, kind in (("0.5", "str"), (True, "bool"), ([1.0], "list")):
+        with pytest.raises(ValueError, match=rf"^Invalid eps: .* \(must be a number >= 0, got {kind}\)$"):
+            input_gradient_penalty(model, x, y, value)
+    with pytest.raises(ValueError, match=r"^Invalid coeff: inf \(must be finite\)$"):
+        GradReverse(math.inf)
+    torch.testing.assert_close(input_gradient_penalty(model, x, y, np.float32(0.5)), input_gradient_penalty(model, x, y, 0.5))
+    assert reversal_coefficient(np.float32(0.5)) == pytest.approx(reversal_coefficient(0.5))
+    with pytest.raises(ValueError, match=r"^Invalid progress: '0.5' \(must be a number in \[0, 1\], got str\)$"):
+        reversal_coefficient("0.5")
+
+
+def test_gradient_supervision_does_not_hide_non_finite_inputs():
+    linear = nn.Linear(4, 3).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    counterfactuals = x + 1
+    counterfactuals[1, 2] = float("nan")
+    counterfactuals[2, 0] = float("inf")
+    per_pair = gradient_supervision_loss(linear, x, counterfactuals, torch.tensor([0, 1, 2]), reduction="none")
+    assert torch.isfinite(per_pair[0]) and per_pair[1:].isnan().all()
+    # The input-gradient side goes through the same normalisation: NaN rows stay NaN, zero rows 0.
+    from l2l.objectives import _unit_rows
+
+    rows = _unit_rows(torch.tensor([[float("nan"), 1.0], [0.0, 0.0], [3.0, 4.0], [float("inf"), 1.0]]))
+    assert rows[0].isnan().all() and rows[3].isnan().all()
+    torch.testing.assert_close(rows[1:3], torch.tensor([[0.0, 0.0], [0.6, 0.8]]))
+
+
+def test_mismatched_tangents_images_and_logits_get_errors_naming_the_problem():
+    model, (x, y) = tanh_net(), batch()
+    with pytest.raises(ValueError, match=r"tangents must have the inputs' dtype torch.float64 and device cpu, got torch.float32 on cpu: convert them with tangents.to\(inputs\)"):
+        tangent_penalty(model, x, torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"tangents must have the inputs' dtype torch.float64 and device cpu, got torch.float32 on cpu: convert them with tangents.to\(inputs\)"):
+        directional_derivatives(model, x, torch.randn(2, 6, 5))
+    images = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"kinds must be a sequence of tangent names, got the string 'rotate': use \('rotate',\)"):
+        image_tangents(images, "rotate")
+    with pytest.raises(ValueError, match=r"kinds must name at least one tangent"):
+        image_tangents(images, ())
+    with pytest.raises(ValueError, match=r"images must be floating point, got torch.uint8"):
+        image_tangents((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"counterfactual_labels must be integer classes.*got torch.bool"):
+        gradient_supervision_loss(model, x, x + 1, torch.ones(6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"forward must return logits \[B, C\] = \[6, C\], got shape \[6\]"):
+        gradient_supervision_loss(lambda v: model(v).sum(1), x, x + 1, y)
+
+
+def test_hyperparameter_tensors_of_several_elements_are_checked_elementwise():
+    model, (x, y) = tanh_net(), batch()
+    with pytest.raises(ValueError, match=r"^Invalid coeff: a tensor holding -1.0 \(every element must be finite and >= 0\)$"):
+        grad_reverse(torch.ones(3, 4), torch.tensor([0.5, -1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"^Invalid eps: a tensor holding nan"):
+        input_gradient_penalty(model, x, y, torch.tensor([0.1, 0.2, float("nan"), 0.1, 0.1, 0.1], dtype=torch.float64))
+
+
+def test_an_empty_batch_gives_empty_or_zero_penalties():
+    # E.g. a minibatch that happens to hold no counterfactual pairs: summed, it adds nothing.
+    model, (x, y) = tanh_net(), batch()
+    empty_x, empty_y = x[:0], y[:0]
+    total = gradient_supervision_loss(model, empty_x, empty_x + 1, empty_y, reduction="sum")
+    total = total + input_gradient_penalty(model, empty_x, empty_y, 0.5, reduction="sum")
+    total = total + tangent_penalty(model, empty_x, torch.ones(2, 0, 5, dtype=torch.float64), reduction="sum")
+    assert total == 0
+    total.backward()
+    assert gradient_supervision_loss(model, empty_x, empty_x, empty_y, reduction="none").shape == (0,)
+    assert adversarial_example(model, empty_x, empty_y, 0.5, "l1").shape == (0, 5)
