@@ -297,12 +297,20 @@ def _bench(args: argparse.Namespace) -> int:
     if not config.optimizers and not config.baselines:
         raise ConfigError("nothing to compare: no --optimizer and --baselines ''; give --optimizer PATH or some baselines")
     family = get_task(config.task, **config.task_options)
-    # Before the (long) benchmark: where its results go must be writable, and plots need matplotlib.
+    # Before the (long) benchmark: plots need matplotlib and a format it writes, and where the
+    # results go must be writable.
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError("--plot needs matplotlib: pip install 'l2l[plot]' (or leave out --plot)")
+        from l2l.plotting import figure_format
+
+        try:
+            figure_format(args.plot)
+        except ValueError as error:
+            raise ConfigError(f"--plot {error}") from None
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None:
             _check_output_file(flag, path)
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("--plot needs matplotlib: pip install 'l2l[plot]' (or leave out --plot)")
     learned = {}
     sources = {}
     for index, name_or_path in enumerate(config.optimizers):

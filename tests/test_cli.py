@@ -159,6 +159,21 @@ def test_bench_checks_its_output_paths_before_running(tmp_path, capsys):
     assert "lr_grid lists 0.1 more than once" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, message", [
+    ("curves", "has no suffix to name its format"),  # was written to curves.png while saying 'figure written to curves'
+    ("curves.xyz", "format 'xyz' is not supported"),  # was a failure after the whole benchmark
+])
+def test_bench_checks_the_figure_format_before_running(tmp_path, capsys, monkeypatch, name, message):
+    pytest.importorskip("matplotlib")
+    import l2l.cli
+
+    monkeypatch.setattr(l2l.cli, "benchmark", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    assert main(["bench", "--baselines", "adam", "--quiet", "--device", "cpu", "--plot", str(tmp_path / name)]) == 2
+    error = capsys.readouterr().err
+    assert f"--plot {tmp_path / name}" in error and message in error and ".png" in error
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_checkpoints_with_one_file_name_get_two_rows(tmp_path, capsys):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     train = ["train", "--epochs", "1", "--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4",
