@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from l2l.checkpoint import CheckpointError, load_use_checkpoint
+from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
 from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
@@ -228,8 +228,8 @@ def _train(args: argparse.Namespace) -> int:
         kernel=config.kernel,
     )
     report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
     print(format_table(report))
+    _write_report(out / "bench.json", report, "the comparison")
     print(f"comparison written to {out / 'bench.json'}")
     return 0
 
@@ -328,14 +328,26 @@ def _bench(args: argparse.Namespace) -> int:
     report["optimizer_labels"] = sources
     print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        _write_report(args.json, report, "--json")
         print(f"report written to {args.json}")
     if args.plot:
         from l2l.plotting import plot_curves
 
-        print(f"figure written to {plot_curves(report, args.plot)}")
+        try:
+            plot_curves(report, args.plot)
+        except OSError as error:
+            raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
+        print(f"figure written to {args.plot}")
     return 0
+
+
+def _write_report(path: Path, report: dict, what: str) -> None:
+    """Writes ``report`` as JSON to ``path`` atomically; a failed write is a ConfigError naming ``what`` and the cause."""
+    text = json.dumps(report, indent=1).encode()
+    try:
+        atomic_write(path, lambda handle: handle.write(text))
+    except OSError as error:
+        raise ConfigError(f"cannot write {what} {path}: {error.strerror or error}") from None
 
 
 def _check_output_file(flag: str, path: Path) -> None:

@@ -174,6 +174,24 @@ def test_bench_checks_the_figure_format_before_running(tmp_path, capsys, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_report_write_keeps_the_previous_report_and_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import os
+
+    path = tmp_path / "bench.json"
+    path.write_text('{"previous": true}')
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the data could not be put on disk
+    status = main(["bench", "--steps", "3", "--problems", "2", "--tune-problems", "2", "--lr-grid", "0.1", "--baselines",
+                   "adam", "--quiet", "--device", "cpu", "--json", str(path)])
+    captured = capsys.readouterr()
+    assert status == 2 and f"cannot write --json {path}: No space left on device" in captured.err
+    assert "adam" in captured.out  # the table was printed before
+    assert json.loads(path.read_text()) == {"previous": True} and list(tmp_path.iterdir()) == [path]
+
+
 def test_two_checkpoints_with_one_file_name_get_two_rows(tmp_path, capsys):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     train = ["train", "--epochs", "1", "--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4",
