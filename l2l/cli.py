@@ -298,7 +298,9 @@ def _bench(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to compare: no --optimizer and --baselines ''; give --optimizer PATH or some baselines")
     family = get_task(config.task, **config.task_options)
     # Before the (long) benchmark: plots need matplotlib and a format it writes, and where the
-    # results go must be writable.
+    # results go must be two writable files.
+    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
+        raise ConfigError(f"--json and --plot name one file, {args.json}; give two")
     if args.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             raise ConfigError("--plot needs matplotlib: pip install 'l2l[plot]' (or leave out --plot)")

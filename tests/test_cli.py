@@ -174,6 +174,16 @@ def test_bench_checks_the_figure_format_before_running(tmp_path, capsys, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_refuses_one_file_for_the_report_and_the_figure(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import l2l.cli
+
+    monkeypatch.setattr(l2l.cli, "benchmark", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    monkeypatch.chdir(tmp_path)  # the figure would have replaced the report just written
+    assert main(["bench", "--quiet", "--device", "cpu", "--json", "out/r.png", "--plot", str(tmp_path / "out" / "r.png")]) == 2
+    assert "--json and --plot name one file, out/r.png; give two" in capsys.readouterr().err
+
+
 def test_a_failed_report_write_keeps_the_previous_report_and_is_one_clear_line(tmp_path, capsys, monkeypatch):
     import os
 
