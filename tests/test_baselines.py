@@ -148,3 +148,17 @@ def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments,
     defaults = dict(baselines=("adam",), steps=5, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=message):
         benchmark(QuadraticFamily(), {}, **{**defaults, **arguments})
+
+
+def test_the_table_says_how_many_instances_diverged():
+    from l2l.meta.evaluate import RunResult, format_table, summarize
+
+    def row(final, lr):
+        losses = torch.tensor([[9.0, 9.0, 9.0, 9.0], final])
+        return {"lr": lr, **summarize(RunResult(losses=losses, metrics={}, seconds=0.0))}
+
+    report = {"task": "quadratic", "problems": 4, "steps": 1, "seed": 0, "tune_problems": 2,
+              "results": {"adam": row([1.0, 2.0, 3.0, 4.0], 0.1), "sgd": row([1.0, math.inf, 3.0, math.nan], 0.1)}}
+    assert report["results"]["sgd"]["diverged"] == 2
+    sgd = next(line for line in format_table(report).splitlines() if line.startswith("sgd"))
+    assert "diverged (2 of 4)" in sgd  # a bare 'diverged' read as every instance

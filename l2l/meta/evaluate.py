@@ -190,8 +190,11 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         final = r["final_loss"]
         ratio = None if (ref is None or final["mean"] is None or ref == 0) else final["mean"] / ref
         lr = "learned" if r["lr"] is None else f"{r['lr']:.3g}" + ("*" if r.get("lr_at_grid_edge") else "")
+        mean = fmt(final["mean"])
+        if final["mean"] is None and r.get("diverged"):  # one diverged instance makes the mean undefined
+            mean = f"diverged ({r['diverged']} of {report['problems']})"
         rows.append(
-            [name, lr, fmt(final["mean"]), "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
+            [name, lr, mean, "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
              fmt(final["median"]), fmt(r["summed_loss_mean"]),
              "-" if ratio is None else f"{ratio:.3f}x"]
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
