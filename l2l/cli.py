@@ -281,7 +281,7 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--kernel", default=defaults.kernel,
                         help="LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused")
     parser.add_argument("--json", type=path_arg, metavar="OUT", help="write the full report as JSON")
-    parser.add_argument("--plot", type=path_arg, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
+    parser.add_argument("--plot", type=path_arg, metavar="PNG", help="draw the mean loss curves; the suffix names the format: .png, .pdf, .svg, ... (needs l2l[plot])")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     _add_data_flags(parser)
     parser.set_defaults(handler=_bench)
@@ -297,8 +297,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not config.optimizers and not config.baselines:
         raise ConfigError("nothing to compare: no --optimizer and --baselines ''; give --optimizer PATH or some baselines")
     family = get_task(config.task, **config.task_options)
-    # Before the (long) benchmark: plots need matplotlib and a format it writes, and where the
-    # results go must be two writable files.
+    # Before the (long) benchmark: plots need matplotlib and a format it writes, the checkpoints
+    # must load, and where the results go must be two writable files.
     if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
         raise ConfigError(f"--json and --plot name one file, {args.json}; give two")
     if args.plot is not None:
@@ -310,9 +310,6 @@ def _bench(args: argparse.Namespace) -> int:
             figure_format(args.plot)
         except ValueError as error:
             raise ConfigError(f"--plot {error}") from None
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            _check_output_file(flag, path)
     learned = {}
     sources = {}
     for index, name_or_path in enumerate(config.optimizers):
@@ -325,6 +322,9 @@ def _bench(args: argparse.Namespace) -> int:
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"
         learned[label] = set_kernel(loaded.rule, config.kernel)
         sources[label] = str(name_or_path)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # last: it creates their directories
+        if path is not None:
+            _check_output_file(flag, path)
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
     report["optimizer_labels"] = sources

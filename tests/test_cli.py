@@ -184,6 +184,13 @@ def test_bench_refuses_one_file_for_the_report_and_the_figure(tmp_path, capsys, 
     assert "--json and --plot name one file, out/r.png; give two" in capsys.readouterr().err
 
 
+def test_a_bad_checkpoint_leaves_no_output_directory(tmp_path, capsys):
+    report = tmp_path / "new" / "bench.json"
+    assert main(["bench", "--optimizer", str(tmp_path / "missing.pt"), "--json", str(report), "--quiet"]) == 2
+    assert "no checkpoint file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the --json directory is created once every input is known good
+
+
 def test_a_failed_report_write_keeps_the_previous_report_and_is_one_clear_line(tmp_path, capsys, monkeypatch):
     import os
 
