@@ -140,6 +140,8 @@ def test_learning_rate_scores_keep_close_rates_apart():
     (dict(steps=0), "steps must be a positive integer, got 0"),
     (dict(problems=2.5), "problems must be a positive integer, got 2.5"),
     (dict(tune_problems=0), "tune_problems must be a positive integer, got 0"),
+    # The tuned baseline's row silently replaced the learned rule's.
+    (dict(learned={"adam": SGD(lr=0.1)}), "learned rule 'adam' has the name of a baseline; name it otherwise"),
 ])
 def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments, message):
     from l2l.meta.evaluate import benchmark
@@ -147,7 +149,7 @@ def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments,
 
     defaults = dict(baselines=("adam",), steps=5, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=message):
-        benchmark(QuadraticFamily(), {}, **{**defaults, **arguments})
+        benchmark(QuadraticFamily(), **{"learned": {}, **defaults, **arguments})
 
 
 def test_the_table_says_how_many_instances_diverged():

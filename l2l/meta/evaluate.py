@@ -142,6 +142,9 @@ def benchmark(
     if baselines:
         check_positive_int("tune_problems", tune_problems)
         check_lr_grid(lr_grid)
+    for name in learned:
+        if name in baselines:  # one row per name: the baseline's would replace the learned rule's
+            raise ValueError(f"learned rule {name!r} has the name of a baseline; name it otherwise")
     say = progress or (lambda message: None)
     eval_task = family.sample(problems, make_generator(seed, "bench"), device)
     tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device)
