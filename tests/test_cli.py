@@ -184,6 +184,19 @@ def test_bench_refuses_one_file_for_the_report_and_the_figure(tmp_path, capsys, 
     assert "--json and --plot name one file, out/r.png; give two" in capsys.readouterr().err
 
 
+def test_plot_without_matplotlib_is_refused_before_running(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import l2l.cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "matplotlib" else real(name, *rest))
+    monkeypatch.setattr(l2l.cli, "benchmark", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    assert main(["bench", "--quiet", "--device", "cpu", "--plot", str(tmp_path / "new" / "curves.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'l2l[plot]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bad_checkpoint_leaves_no_output_directory(tmp_path, capsys):
     report = tmp_path / "new" / "bench.json"
     assert main(["bench", "--optimizer", str(tmp_path / "missing.pt"), "--json", str(report), "--quiet"]) == 2

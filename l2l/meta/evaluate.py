@@ -136,6 +136,9 @@ def benchmark(
         ``{"task", "task_options", "steps", "problems", "seed", "device", "results": {name: summary}}``
         where a summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules)
         and, for baselines, ``"lr_scores"``.
+
+    Raises:
+        ValueError: a count or the grid is out of range, or a learned rule has a baseline's name.
     """
     check_positive_int("steps", steps)
     check_positive_int("problems", problems)
