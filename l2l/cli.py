@@ -228,6 +228,8 @@ def _train(args: argparse.Namespace) -> int:
         kernel=config.kernel,
     )
     report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
+    report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
+    report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
     print(format_table(report))
     _write_report(out / "bench.json", report, "the comparison")
     print(f"comparison written to {out / 'bench.json'}")

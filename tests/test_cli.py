@@ -31,6 +31,8 @@ def test_train_then_bench_json_form(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "vs adam" in printed and "lstm" in printed
     assert (out / "optimizer.pt").is_file() and (out / "resume.pt").is_file() and (out / "bench.json").is_file()
+    final = json.loads((out / "bench.json").read_text())  # of the form l2l bench writes, naming its checkpoint
+    assert final["optimizer_labels"] == {"lstm": str(out / "optimizer.pt")} and final["optimizers"] == [str(out / "optimizer.pt")]
 
     report_path = tmp_path / "bench.json"
     status = main([
