@@ -164,3 +164,14 @@ def test_the_table_says_how_many_instances_diverged():
     assert report["results"]["sgd"]["diverged"] == 2
     sgd = next(line for line in format_table(report).splitlines() if line.startswith("sgd"))
     assert "diverged (2 of 4)" in sgd  # a bare 'diverged' read as every instance
+
+
+def test_the_table_has_no_ratio_column_without_its_reference():
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.tasks import QuadraticFamily
+
+    report = benchmark(QuadraticFamily(), {}, baselines=("sgd",), steps=3, problems=2, tune_problems=2,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    table = format_table(report)
+    assert "vs adam" not in table and "-  \n" not in table + "\n"  # was a column of '-' with Adam not run
+    assert "vs sgd" in format_table(report, reference="sgd") and "1.000x" in format_table(report, reference="sgd")

@@ -180,7 +180,13 @@ def benchmark(
 
 
 def format_table(report: dict[str, Any], reference: str = "adam") -> str:
-    """A plain-text table of :func:`benchmark`'s report, one row per optimizer, best first."""
+    """A plain-text table of :func:`benchmark`'s report, one row per optimizer, best first.
+
+    Args:
+        report: :func:`benchmark`'s output.
+        reference: the optimizer whose mean final loss the ``vs`` column divides by (no column
+            where it was not run).
+    """
     results = report["results"]
     ref = results.get(reference, {}).get("final_loss", {}).get("mean")
 
@@ -188,7 +194,8 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         return "diverged" if value is None else format(value, spec)
 
     extra = sorted({key for r in results.values() for key in r if isinstance(r[key], dict) and "mean" in r[key] and key != "final_loss"})
-    header = ["optimizer", "lr", "final mean", "± sem", "median", "summed mean", f"vs {reference}"] + extra
+    ratios = reference in results  # no column of '-' where the reference was not run
+    header = ["optimizer", "lr", "final mean", "± sem", "median", "summed mean"] + [f"vs {reference}"] * ratios + extra
     rows = []
     order = sorted(results, key=lambda n: math.inf if results[n]["final_loss"]["mean"] is None else results[n]["final_loss"]["mean"])
     for name in order:
@@ -201,8 +208,8 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
             mean = f"diverged ({r['diverged']} of {report['problems']})"
         rows.append(
             [name, lr, mean, "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
-             fmt(final["median"]), fmt(r["summed_loss_mean"]),
-             "-" if ratio is None else f"{ratio:.3f}x"]
+             fmt(final["median"]), fmt(r["summed_loss_mean"])]
+            + ["-" if ratio is None else f"{ratio:.3f}x"] * ratios
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
         )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
