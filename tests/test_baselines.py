@@ -175,3 +175,17 @@ def test_the_table_has_no_ratio_column_without_its_reference():
     table = format_table(report)
     assert "vs adam" not in table and "-  \n" not in table + "\n"  # was a column of '-' with Adam not run
     assert "vs sgd" in format_table(report, reference="sgd") and "1.000x" in format_table(report, reference="sgd")
+
+
+def test_without_baselines_no_tuning_instances_are_drawn_or_mentioned(monkeypatch):
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.tasks import QuadraticFamily
+
+    family = QuadraticFamily()
+    drawn = []
+    sample = family.sample
+    monkeypatch.setattr(family, "sample", lambda count, *rest: drawn.append(count) or sample(count, *rest))
+    report = benchmark(family, {"lstm": SGD(lr=0.01)}, baselines=(), steps=3, problems=2, tune_problems=7,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    assert drawn == [2]  # not the 7 tuning instances as well
+    assert "tuned" not in format_table(report)

@@ -150,7 +150,7 @@ def benchmark(
             raise ValueError(f"learned rule {name!r} has the name of a baseline; name it otherwise")
     say = progress or (lambda message: None)
     eval_task = family.sample(problems, make_generator(seed, "bench"), device)
-    tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device)
+    tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device) if baselines else None
     results: dict[str, Any] = {}
     for name, rule in learned.items():
         say(f"evaluating {name}")
@@ -213,9 +213,10 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
         )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    tuned = any(r["lr"] is not None for r in results.values())
     lines = [
-        f"{report['task']}: {report['problems']} held-out instances, {report['steps']} steps, seed {report['seed']} "
-        f"(baseline lr tuned on {report['tune_problems']} separate instances)",
+        f"{report['task']}: {report['problems']} held-out instances, {report['steps']} steps, seed {report['seed']}"
+        + (f" (baseline lr tuned on {report['tune_problems']} separate instances)" if tuned else ""),
         "  ".join(cell.ljust(width) for cell, width in zip(header, widths)),
         "  ".join("-" * width for width in widths),
     ]
