@@ -154,7 +154,8 @@ def benchmark(
     results: dict[str, Any] = {}
     for name, rule in learned.items():
         say(f"evaluating {name}")
-        results[name] = {"lr": None, **summarize(evaluate(rule.to(device), eval_task, steps, seed=seed))}
+        rule = rule.to(device) if isinstance(rule, torch.nn.Module) else rule  # hand-designed rules hold no weights
+        results[name] = {"lr": None, **summarize(evaluate(rule, eval_task, steps, seed=seed))}
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")
         best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed + 1)
