@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from l2l.checkpoint import CheckpointError, load_use_checkpoint
+from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
 from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
@@ -228,8 +228,10 @@ def _train(args: argparse.Namespace) -> int:
         kernel=config.kernel,
     )
     report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
-    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
+    report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
     print(format_table(report))
+    _write_report(out / "bench.json", report, "the comparison")
     print(f"comparison written to {out / 'bench.json'}")
     return 0
 
@@ -281,7 +283,7 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--kernel", default=defaults.kernel,
                         help="LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused")
     parser.add_argument("--json", type=path_arg, metavar="OUT", help="write the full report as JSON")
-    parser.add_argument("--plot", type=path_arg, metavar="PNG", help="draw the mean loss curves (needs l2l[plot])")
+    parser.add_argument("--plot", type=path_arg, metavar="PNG", help="draw the mean loss curves; the suffix names the format: .png, .pdf, .svg, ... (needs l2l[plot])")
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     _add_data_flags(parser)
     parser.set_defaults(handler=_bench)
@@ -297,12 +299,19 @@ def _bench(args: argparse.Namespace) -> int:
     if not config.optimizers and not config.baselines:
         raise ConfigError("nothing to compare: no --optimizer and --baselines ''; give --optimizer PATH or some baselines")
     family = get_task(config.task, **config.task_options)
-    # Before the (long) benchmark: where its results go must be writable, and plots need matplotlib.
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None:
-            _check_output_file(flag, path)
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("--plot needs matplotlib: pip install 'l2l[plot]' (or leave out --plot)")
+    # Before the (long) benchmark: plots need matplotlib and a format it writes, the checkpoints
+    # must load, and where the results go must be two writable files.
+    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
+        raise ConfigError(f"--json and --plot name one file, {args.json}; give two")
+    if args.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ConfigError("--plot needs matplotlib: pip install 'l2l[plot]' (or leave out --plot)")
+        from l2l.plotting import figure_format
+
+        try:
+            figure_format(args.plot)
+        except ValueError as error:
+            raise ConfigError(f"--plot {error}") from None
     learned = {}
     sources = {}
     for index, name_or_path in enumerate(config.optimizers):
@@ -315,19 +324,34 @@ def _bench(args: argparse.Namespace) -> int:
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"
         learned[label] = set_kernel(loaded.rule, config.kernel)
         sources[label] = str(name_or_path)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # last: it creates their directories
+        if path is not None:
+            _check_output_file(flag, path)
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
     report["optimizer_labels"] = sources
     print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        _write_report(args.json, report, "--json")
         print(f"report written to {args.json}")
     if args.plot:
         from l2l.plotting import plot_curves
 
-        print(f"figure written to {plot_curves(report, args.plot)}")
+        try:
+            plot_curves(report, args.plot)
+        except OSError as error:
+            raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
+        print(f"figure written to {args.plot}")
     return 0
+
+
+def _write_report(path: Path, report: dict, what: str) -> None:
+    """Writes ``report`` as JSON to ``path`` atomically; a failed write is a ConfigError naming ``what`` and the cause."""
+    text = json.dumps(report, indent=1).encode()
+    try:
+        atomic_write(path, lambda handle: handle.write(text))
+    except OSError as error:
+        raise ConfigError(f"cannot write {what} {path}: {error.strerror or error}") from None
 
 
 def _check_output_file(flag: str, path: Path) -> None:

@@ -6,14 +6,39 @@ import os
 from pathlib import Path
 from typing import Any
 
+from l2l.checkpoint import atomic_write
+
+
+def figure_format(path: str | os.PathLike) -> str:
+    """The image format that ``path``'s suffix names, e.g. ``"png"``.
+
+    Raises:
+        ValueError: the path has no suffix, or matplotlib cannot write the format it names.
+        RuntimeError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'l2l[plot]'") from None
+    supported = ", ".join(f".{name}" for name in sorted(FigureCanvasBase.get_supported_filetypes()))
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        raise ValueError(f"{path} has no suffix to name its format; end it in one of {supported}")
+    if suffix[1:] not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"{path}: format {suffix[1:]!r} is not supported; end it in one of {supported}")
+    return suffix[1:]
+
 
 def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Mean loss per step on a log scale, with a band of one standard error, one line per optimizer.
 
     Args:
         report: the output of :func:`l2l.meta.evaluate.benchmark`.
-        path: the image file to write (PNG, PDF, SVG: by its suffix).
+        path: the image file to write (PNG, PDF, SVG: by its suffix), atomically.
         title: the figure title; defaults to the task and instance count.
+
+    Raises:
+        ValueError: ``path`` names no format matplotlib writes (see :func:`figure_format`).
     """
     try:
         import matplotlib
@@ -24,6 +49,8 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'l2l[plot]'") from None
     import numpy as np
+
+    image_format = figure_format(path)
 
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
     for name, result in sorted(report["results"].items(), key=lambda item: item[0] != "lstm"):
@@ -44,8 +71,8 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=130)
-    plt.close(figure)
-    return path
+    try:
+        # A temporary beside the file, renamed over it: an interrupted run leaves no half-written figure.
+        return atomic_write(path, lambda handle: figure.savefig(handle, format=image_format, dpi=130))
+    finally:
+        plt.close(figure)

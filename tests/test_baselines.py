@@ -140,6 +140,8 @@ def test_learning_rate_scores_keep_close_rates_apart():
     (dict(steps=0), "steps must be a positive integer, got 0"),
     (dict(problems=2.5), "problems must be a positive integer, got 2.5"),
     (dict(tune_problems=0), "tune_problems must be a positive integer, got 0"),
+    # The tuned baseline's row silently replaced the learned rule's.
+    (dict(learned={"adam": SGD(lr=0.1)}), "learned rule 'adam' has the name of a baseline; name it otherwise"),
 ])
 def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments, message):
     from l2l.meta.evaluate import benchmark
@@ -147,4 +149,43 @@ def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments,
 
     defaults = dict(baselines=("adam",), steps=5, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=message):
-        benchmark(QuadraticFamily(), {}, **{**defaults, **arguments})
+        benchmark(QuadraticFamily(), **{"learned": {}, **defaults, **arguments})
+
+
+def test_the_table_says_how_many_instances_diverged():
+    from l2l.meta.evaluate import RunResult, format_table, summarize
+
+    def row(final, lr):
+        losses = torch.tensor([[9.0, 9.0, 9.0, 9.0], final])
+        return {"lr": lr, **summarize(RunResult(losses=losses, metrics={}, seconds=0.0))}
+
+    report = {"task": "quadratic", "problems": 4, "steps": 1, "seed": 0, "tune_problems": 2,
+              "results": {"adam": row([1.0, 2.0, 3.0, 4.0], 0.1), "sgd": row([1.0, math.inf, 3.0, math.nan], 0.1)}}
+    assert report["results"]["sgd"]["diverged"] == 2
+    sgd = next(line for line in format_table(report).splitlines() if line.startswith("sgd"))
+    assert "diverged (2 of 4)" in sgd  # a bare 'diverged' read as every instance
+
+
+def test_the_table_has_no_ratio_column_without_its_reference():
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.tasks import QuadraticFamily
+
+    report = benchmark(QuadraticFamily(), {}, baselines=("sgd",), steps=3, problems=2, tune_problems=2,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    table = format_table(report)
+    assert "vs adam" not in table and "-  \n" not in table + "\n"  # was a column of '-' with Adam not run
+    assert "vs sgd" in format_table(report, reference="sgd") and "1.000x" in format_table(report, reference="sgd")
+
+
+def test_without_baselines_no_tuning_instances_are_drawn_or_mentioned(monkeypatch):
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.tasks import QuadraticFamily
+
+    family = QuadraticFamily()
+    drawn = []
+    sample = family.sample
+    monkeypatch.setattr(family, "sample", lambda count, *rest: drawn.append(count) or sample(count, *rest))
+    report = benchmark(family, {"lstm": SGD(lr=0.01)}, baselines=(), steps=3, problems=2, tune_problems=7,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    assert drawn == [2]  # not the 7 tuning instances as well
+    assert "tuned" not in format_table(report)

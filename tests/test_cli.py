@@ -31,6 +31,8 @@ def test_train_then_bench_json_form(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "vs adam" in printed and "lstm" in printed
     assert (out / "optimizer.pt").is_file() and (out / "resume.pt").is_file() and (out / "bench.json").is_file()
+    final = json.loads((out / "bench.json").read_text())  # of the form l2l bench writes, naming its checkpoint
+    assert final["optimizer_labels"] == {"lstm": str(out / "optimizer.pt")} and final["optimizers"] == [str(out / "optimizer.pt")]
 
     report_path = tmp_path / "bench.json"
     status = main([
@@ -157,6 +159,69 @@ def test_bench_checks_its_output_paths_before_running(tmp_path, capsys):
     assert f"cannot create the directory of --plot {tmp_path / 'afile' / 'curves.png'}" in capsys.readouterr().err
     assert main([*common, "--lr-grid", "0.1,0.1000001"]) == 2
     assert "lr_grid lists 0.1 more than once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, message", [
+    ("curves", "has no suffix to name its format"),  # was written to curves.png while saying 'figure written to curves'
+    ("curves.xyz", "format 'xyz' is not supported"),  # was a failure after the whole benchmark
+])
+def test_bench_checks_the_figure_format_before_running(tmp_path, capsys, monkeypatch, name, message):
+    pytest.importorskip("matplotlib")
+    import l2l.cli
+
+    monkeypatch.setattr(l2l.cli, "benchmark", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    assert main(["bench", "--baselines", "adam", "--quiet", "--device", "cpu", "--plot", str(tmp_path / name)]) == 2
+    error = capsys.readouterr().err
+    assert f"--plot {tmp_path / name}" in error and message in error and ".png" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_refuses_one_file_for_the_report_and_the_figure(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import l2l.cli
+
+    monkeypatch.setattr(l2l.cli, "benchmark", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    monkeypatch.chdir(tmp_path)  # the figure would have replaced the report just written
+    assert main(["bench", "--quiet", "--device", "cpu", "--json", "out/r.png", "--plot", str(tmp_path / "out" / "r.png")]) == 2
+    assert "--json and --plot name one file, out/r.png; give two" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_refused_before_running(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import l2l.cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "matplotlib" else real(name, *rest))
+    monkeypatch.setattr(l2l.cli, "benchmark", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    assert main(["bench", "--quiet", "--device", "cpu", "--plot", str(tmp_path / "new" / "curves.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'l2l[plot]'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_checkpoint_leaves_no_output_directory(tmp_path, capsys):
+    report = tmp_path / "new" / "bench.json"
+    assert main(["bench", "--optimizer", str(tmp_path / "missing.pt"), "--json", str(report), "--quiet"]) == 2
+    assert "no checkpoint file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # the --json directory is created once every input is known good
+
+
+def test_a_failed_report_write_keeps_the_previous_report_and_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import os
+
+    path = tmp_path / "bench.json"
+    path.write_text('{"previous": true}')
+
+    def disk_full(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the data could not be put on disk
+    status = main(["bench", "--steps", "3", "--problems", "2", "--tune-problems", "2", "--lr-grid", "0.1", "--baselines",
+                   "adam", "--quiet", "--device", "cpu", "--json", str(path)])
+    captured = capsys.readouterr()
+    assert status == 2 and f"cannot write --json {path}: No space left on device" in captured.err
+    assert "adam" in captured.out  # the table was printed before
+    assert json.loads(path.read_text()) == {"previous": True} and list(tmp_path.iterdir()) == [path]
 
 
 def test_two_checkpoints_with_one_file_name_get_two_rows(tmp_path, capsys):

@@ -44,3 +44,28 @@ def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(RuntimeError, match=r"pip install 'l2l\[plot\]'"):
         plot_curves(report(), tmp_path / "curves.png")
+
+
+def test_a_path_without_a_known_suffix_is_refused_and_nothing_is_written(tmp_path):
+    # matplotlib itself would write "curves" as curves.png, and plot_curves returned "curves".
+    with pytest.raises(ValueError, match="has no suffix to name its format; end it in one of .*\\.png"):
+        plot_curves(report(), tmp_path / "curves")
+    with pytest.raises(ValueError, match="format 'xyz' is not supported"):
+        plot_curves(report(), tmp_path / "curves.xyz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_previous_figure_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    path = tmp_path / "curves.png"
+    path.write_bytes(b"previous figure")
+
+    def fail_midway(figure, handle, **kwargs):
+        handle.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves(report(), path)
+    assert path.read_bytes() == b"previous figure" and list(tmp_path.iterdir()) == [path]

@@ -136,19 +136,26 @@ def benchmark(
         ``{"task", "task_options", "steps", "problems", "seed", "device", "results": {name: summary}}``
         where a summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules)
         and, for baselines, ``"lr_scores"``.
+
+    Raises:
+        ValueError: a count or the grid is out of range, or a learned rule has a baseline's name.
     """
     check_positive_int("steps", steps)
     check_positive_int("problems", problems)
     if baselines:
         check_positive_int("tune_problems", tune_problems)
         check_lr_grid(lr_grid)
+    for name in learned:
+        if name in baselines:  # one row per name: the baseline's would replace the learned rule's
+            raise ValueError(f"learned rule {name!r} has the name of a baseline; name it otherwise")
     say = progress or (lambda message: None)
     eval_task = family.sample(problems, make_generator(seed, "bench"), device)
-    tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device)
+    tune_task = family.sample(tune_problems, make_generator(seed, "tune"), device) if baselines else None
     results: dict[str, Any] = {}
     for name, rule in learned.items():
         say(f"evaluating {name}")
-        results[name] = {"lr": None, **summarize(evaluate(rule.to(device), eval_task, steps, seed=seed))}
+        rule = rule.to(device) if isinstance(rule, torch.nn.Module) else rule  # hand-designed rules hold no weights
+        results[name] = {"lr": None, **summarize(evaluate(rule, eval_task, steps, seed=seed))}
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")
         best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed + 1)
@@ -174,7 +181,13 @@ def benchmark(
 
 
 def format_table(report: dict[str, Any], reference: str = "adam") -> str:
-    """A plain-text table of :func:`benchmark`'s report, one row per optimizer, best first."""
+    """A plain-text table of :func:`benchmark`'s report, one row per optimizer, best first.
+
+    Args:
+        report: :func:`benchmark`'s output.
+        reference: the optimizer whose mean final loss the ``vs`` column divides by (no column
+            where it was not run).
+    """
     results = report["results"]
     ref = results.get(reference, {}).get("final_loss", {}).get("mean")
 
@@ -182,7 +195,8 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         return "diverged" if value is None else format(value, spec)
 
     extra = sorted({key for r in results.values() for key in r if isinstance(r[key], dict) and "mean" in r[key] and key != "final_loss"})
-    header = ["optimizer", "lr", "final mean", "± sem", "median", "summed mean", f"vs {reference}"] + extra
+    ratios = reference in results  # no column of '-' where the reference was not run
+    header = ["optimizer", "lr", "final mean", "± sem", "median", "summed mean"] + [f"vs {reference}"] * ratios + extra
     rows = []
     order = sorted(results, key=lambda n: math.inf if results[n]["final_loss"]["mean"] is None else results[n]["final_loss"]["mean"])
     for name in order:
@@ -190,16 +204,20 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         final = r["final_loss"]
         ratio = None if (ref is None or final["mean"] is None or ref == 0) else final["mean"] / ref
         lr = "learned" if r["lr"] is None else f"{r['lr']:.3g}" + ("*" if r.get("lr_at_grid_edge") else "")
+        mean = fmt(final["mean"])
+        if final["mean"] is None and r.get("diverged"):  # one diverged instance makes the mean undefined
+            mean = f"diverged ({r['diverged']} of {report['problems']})"
         rows.append(
-            [name, lr, fmt(final["mean"]), "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
-             fmt(final["median"]), fmt(r["summed_loss_mean"]),
-             "-" if ratio is None else f"{ratio:.3f}x"]
+            [name, lr, mean, "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
+             fmt(final["median"]), fmt(r["summed_loss_mean"])]
+            + ["-" if ratio is None else f"{ratio:.3f}x"] * ratios
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
         )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    tuned = any(r["lr"] is not None for r in results.values())
     lines = [
-        f"{report['task']}: {report['problems']} held-out instances, {report['steps']} steps, seed {report['seed']} "
-        f"(baseline lr tuned on {report['tune_problems']} separate instances)",
+        f"{report['task']}: {report['problems']} held-out instances, {report['steps']} steps, seed {report['seed']}"
+        + (f" (baseline lr tuned on {report['tune_problems']} separate instances)" if tuned else ""),
         "  ".join(cell.ljust(width) for cell, width in zip(header, widths)),
         "  ".join("-" * width for width in widths),
     ]
