@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple
@@ -87,7 +89,9 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged or unsafe files.
         raise CheckpointError(
             f"checkpoint {path} cannot be read: it is corrupt, truncated, or not an l2l checkpoint "
@@ -282,13 +286,25 @@ def _shipped_directories() -> list[Path]:
     return [directory for directory in directories if directory.is_dir()]
 
 
+# torch's own advice in its load errors: to load without weights_only or to allowlist a class,
+# that is, to run what the file says. Never repeated to a user whose checkpoint was refused.
+_UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|trust|allowlist|file an issue|documentation of torch\.load", re.I)
+
+
 def _reason(error: Exception) -> str:
-    """The informative line of a torch.load error (its first line is often generic advice)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "global" in line.lower() and "weights_only" not in line:
-            return f"refused to unpickle an object that is not plain data: {line}"
-    return lines[0] if lines else "no details"
+    """The informative part of a torch.load error, without torch's advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return (
+            f"refused to unpickle an object that is not plain data: it holds a {unsafe.group(1)}, which l2l "
+            "never writes, and unpickling it could run arbitrary code"
+        )
+    for line in text.splitlines():
+        line = re.sub(r"^\(\d\)\s*", "", line.strip()).removeprefix("WeightsUnpickler error:").strip()
+        if line and not _UNSAFE_ADVICE.search(line) and not line.startswith("Weights only load failed"):
+            return line
+    return "not a file torch.save wrote with plain data only"
 
 
 def _now() -> str:

@@ -40,6 +40,22 @@ def test_corrupt_file(tmp_path):
         load_optimizer(path)
 
 
+def test_a_refused_file_is_never_met_with_advice_to_load_it_unsafely(tmp_path, recwarn):
+    import pickle
+
+    plain_pickle, foreign_class = tmp_path / "plain.pt", tmp_path / "foreign.pt"
+    plain_pickle.write_bytes(pickle.dumps({"format": "l2l-use"}, protocol=4))
+    torch.save({"format": "l2l-use", "rule": Payload()}, foreign_class)  # a call of os.system
+    for path, reason in ((plain_pickle, "Unsupported operand"), (foreign_class, f"it holds a {os.system.__module__}.system, which l2l never writes")):
+        with pytest.raises(CheckpointError) as error:
+            load_optimizer(path)
+        message = str(error.value)
+        assert reason in message
+        for advice in ("weights_only", "safe_globals", "trust", "\x1b"):  # torch's advice (and its terminal bold)
+            assert advice not in message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_truncated_file(saved):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
