@@ -317,8 +317,8 @@ def _bench(args: argparse.Namespace) -> int:
     for index, name_or_path in enumerate(config.optimizers):
         loaded = load_use_checkpoint(name_or_path)
         trained_on = loaded.metadata.get("task")
-        if trained_on and trained_on != config.task and not args.quiet:
-            print(f"note: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
+        if trained_on and trained_on != config.task:  # a warning, so --quiet (progress only) keeps it
+            print(f"warning: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
         label = "lstm" if index == 0 else f"lstm[{Path(str(name_or_path)).stem}]"
         if label in learned:  # two checkpoints with one file name (runs/a/optimizer.pt, runs/b/optimizer.pt)
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"

@@ -148,6 +148,13 @@ def test_an_output_path_that_is_a_file_fails_before_training(tmp_path, capsys):
     assert f"cannot create the output directory {blocker / 'run'}" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_another_task_is_a_warning_even_when_quiet(capsys):
+    status = main(["bench", "--task", "quadratic", "--optimizer", "mnist", "--baselines", "", "--steps", "2",
+                   "--problems", "2", "--quiet", "--device", "cpu"])
+    assert status == 0
+    assert "warning: mnist was trained on 'mnist', evaluated here on 'quadratic'" in capsys.readouterr().err
+
+
 def test_bench_checks_its_output_paths_before_running(tmp_path, capsys):
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("")
