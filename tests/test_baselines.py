@@ -124,6 +124,21 @@ def test_when_every_rate_diverges_the_report_says_so(quadratics):
     assert "every learning rate on the grid diverged on the tuning instances" in format_table(all_diverged)
 
 
+def test_a_single_rate_is_used_as_given_not_flagged_as_the_edge_of_a_search():
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.tasks import QuadraticFamily
+
+    def run(grid):
+        return benchmark(QuadraticFamily(), {}, baselines=("adam",), steps=5, problems=2, tune_problems=2,
+                         lr_grid=grid, seed=0, device=torch.device("cpu"))
+
+    single = run((0.1,))
+    assert single["results"]["adam"]["lr"] == 0.1 and single["results"]["adam"]["lr_at_grid_edge"] is False
+    assert "edge of the grid" not in format_table(single)
+    searched = run((0.1, 0.01))
+    assert searched["results"]["adam"]["lr_at_grid_edge"] is True and "edge of the grid" in format_table(searched)
+
+
 def test_learning_rate_scores_keep_close_rates_apart():
     from l2l.meta.evaluate import benchmark
     from l2l.tasks import QuadraticFamily

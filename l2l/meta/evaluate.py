@@ -160,7 +160,7 @@ def benchmark(
         say(f"tuning {name} over {len(lr_grid)} learning rates")
         best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed + 1)
         summary = summarize(evaluate(get_baseline(name, best_lr), eval_task, steps, seed=seed))
-        edge = best_lr in (min(lr_grid), max(lr_grid))
+        edge = len(set(lr_grid)) > 1 and best_lr in (min(lr_grid), max(lr_grid))  # one rate is a choice, not a search
         results[name] = {
             "lr": best_lr,
             **summary,
