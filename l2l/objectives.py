@@ -376,6 +376,11 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
 
     def summed(p: Any) -> tuple[Tensor, Tensor]:
         value = loss_fn(p)
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"loss_fn must return a tensor computed from its parameters, got {type(value).__name__}: "
+                "return the loss tensor itself (not loss.item() or float(loss))"
+            )
         if value.dim() > 1:
             raise ValueError(f"loss_fn must return a scalar or one loss per instance [K], got shape {list(value.shape)}")
         return value.sum(), value

@@ -80,6 +80,8 @@ def test_reversal_coefficient_is_the_papers_schedule_and_arguments_are_validated
         adversarial_example(nn.Identity(), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 0.1, "l3")
     with pytest.raises(ValueError, match=r"^Invalid lr: nan \(must be >= 0\)$"):
         parameter_gradient_penalty(lambda p: p.sum(), torch.zeros(2), float("nan"))
+    with pytest.raises(ValueError, match=r"loss_fn must return a tensor computed from its parameters, got float"):
+        parameter_gradient_penalty(lambda p: 1.0, torch.zeros(2), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------
