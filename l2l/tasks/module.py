@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from l2l.objectives import GradReverse
 from l2l.seeding import generator_seed, seeded_random_layers
 from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params, check_positive_int
 
@@ -307,6 +308,19 @@ class ModuleTask(Task):
 
         with _momenta(self._cumulative_norms, 0.1), seeded_random_layers(seed, self.device):
             return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
+
+    @property
+    def second_order_problem(self) -> str | None:
+        """Why second-order meta-gradients would be wrong: set where the module has a :class:`~l2l.objectives.GradReverse`.
+
+        A ``grad_reverse`` call inside a module's own ``forward`` cannot be seen from here.
+        """
+        if any(isinstance(layer, GradReverse) for layer in self.module.modules()):
+            return (
+                "its module has a GradReverse layer: a gradient through it is not the gradient of any function, "
+                "so differentiating it again gives wrong derivatives; train it first-order (the default)"
+            )
+        return None
 
     def test_split(self) -> tuple[Tensor, Tensor]:
         """The held-out examples :meth:`metrics` scores: the first ``eval_examples`` of the test split (all for None).
