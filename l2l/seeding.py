@@ -30,7 +30,12 @@ def make_generator(seed: int, purpose: str, device: torch.device | str = "cpu") 
 
 def generator_seed(generator: torch.Generator) -> int:
     """A 63-bit seed determined by ``generator``'s current state (which stays on the host, even for CUDA)."""
-    return _seed_of(generator.get_state().numpy())
+    return state_seed(generator.get_state())
+
+
+def state_seed(state: torch.Tensor) -> int:
+    """A 63-bit seed determined by a generator state (``Generator.get_state()``'s uint8 tensor)."""
+    return _seed_of(state.numpy())
 
 
 @contextlib.contextmanager

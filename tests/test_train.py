@@ -602,3 +602,61 @@ def test_validation_instances_are_none_of_the_training_instances():
     first_epoch = trainer.family.sample(trainer.instances, generator)
     held_out = [*trainer.validation_task.W, *trainer.validation_task.y]
     assert not any(torch.equal(a, b) for a in held_out for b in [*first_epoch.W, *first_epoch.y])
+
+
+
+def _stop_at(epoch):
+    def stop(trainer):
+        if trainer.epoch == epoch:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+def test_a_run_written_on_cuda_resumes_on_the_cpu(tmp_path):
+    # A CUDA generator's state is 16 bytes (Philox seed and offset), the CPU's 5056: a run trained with
+    # --device auto on a GPU node and resumed on a CPU machine was refused as a "damaged rng entry".
+    from l2l.seeding import state_seed
+
+    config = TrainConfig(task=NoisyQuadraticFamily.name, epochs=3, checkpoint_every=1, **SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        MetaTrainer(config, tmp_path).run(progress=False, on_epoch=_stop_at(2))
+    payload = torch.load(tmp_path / "resume.pt", weights_only=True)
+    cuda_state = torch.arange(16, dtype=torch.uint8)  # the form of torch.cuda's Generator.get_state()
+    payload["rng"]["batches"] = cuda_state
+    torch.save(payload, tmp_path / "resume.pt")
+    resumed = MetaTrainer(config, tmp_path, warm_start=False)
+    resumed.restore(tmp_path / "resume.pt")
+    # The minibatch stream continues from a seed drawn from the saved state (the device types draw differently anyway).
+    assert torch.equal(resumed.batch_generator.get_state(), torch.Generator().manual_seed(state_seed(cuda_state)).get_state())
+    assert resumed.instance_generator.get_state().equal(payload["rng"]["instances"])  # the CPU stream continues exactly
+    resumed.run(progress=False)
+    assert resumed.epoch == 3
+
+
+def test_a_generator_of_another_device_type_is_seeded_from_the_saved_state():
+    from l2l.meta.train import continue_stream
+    from l2l.seeding import state_seed
+
+    class CudaLike:  # a CUDA generator's state size, on a machine without CUDA
+        def __init__(self):
+            self.seeded = None
+
+        def get_state(self):
+            return torch.zeros(16, dtype=torch.uint8)
+
+        def set_state(self, state):
+            raise RuntimeError("RNG state is wrong size")
+
+        def manual_seed(self, seed):
+            self.seeded = seed
+
+    cpu_state = torch.Generator().manual_seed(5).get_state()
+    generator = CudaLike()
+    continue_stream(generator, cpu_state)  # a CPU run resumed on CUDA
+    assert generator.seeded == state_seed(cpu_state)
+    same = torch.Generator()
+    continue_stream(same, cpu_state)  # the same device type continues bit for bit
+    assert torch.equal(same.get_state(), cpu_state)
+    with pytest.raises(RuntimeError):  # a state of neither size is damage, not another device
+        continue_stream(torch.Generator(), torch.zeros(3, dtype=torch.uint8))

@@ -45,7 +45,7 @@ from l2l.meta.stopping import StopRequest, TrainingInterrupted
 from l2l.meta.unroll import UnrollCarry, detach_carry, start, unroll
 from l2l.optimizers.grouped import PerGroupRule
 from l2l.optimizers.lstm import CoordinateWiseLSTM
-from l2l.seeding import derive_seed, make_generator
+from l2l.seeding import derive_seed, make_generator, state_seed
 from l2l.tasks.base import TaskFamily
 from l2l.tasks.registry import get_task
 
@@ -145,6 +145,28 @@ def shard_streams(seed: int, shard: int, shards: int, device: torch.device) -> t
         return make_generator(seed, "train"), make_generator(seed, "train-batches", device)
     name = f"shard {shard} of {shards}"
     return make_generator(seed, f"train:{name}"), make_generator(seed, f"train-batches:{name}", device)
+
+
+# Bytes of a generator's state by device type: the CPU's Mersenne Twister, CUDA's Philox seed and offset.
+GENERATOR_STATE_BYTES = {"cpu": torch.Generator().get_state().numel(), "cuda": 16}
+
+
+def continue_stream(generator: torch.Generator, state: Tensor) -> None:
+    """Continues a saved random stream in ``generator``, which may be of another device type than the saved one.
+
+    A state saved from a generator of the same type is set as it is (the stream continues bit for
+    bit). One of the other device type (a run trained on a GPU resumed on the CPU, or the reverse)
+    cannot be set, and the two types draw different numbers from any seed anyway: ``generator`` is
+    seeded from the saved state instead, so the continuation is still determined by the checkpoint.
+
+    Raises:
+        RuntimeError: ``state`` is of neither type's size (a damaged state).
+    """
+    size = state.numel()
+    if size != generator.get_state().numel() and size in GENERATOR_STATE_BYTES.values():
+        generator.manual_seed(state_seed(state))
+    else:
+        generator.set_state(state)
 
 
 def build_learned_rule(config: TrainConfig) -> nn.Module:
@@ -458,8 +480,8 @@ class MetaTrainer:
                 f"resume with processes x --accumulate = {len(saved)}, for example --accumulate {len(saved)} in one process"
             )
         for (instances, batches), shard in zip(self.streams, self.layout.local):
-            instances.set_state(saved[shard][0])
-            batches.set_state(saved[shard][1])
+            instances.set_state(saved[shard][0])  # instances are drawn on the CPU whatever the device
+            continue_stream(batches, saved[shard][1])  # minibatches on the task's device, which may have changed
 
     def restore(self, path: str | os.PathLike) -> None:
         """Loads a resume checkpoint written by :meth:`save` into this trainer.
