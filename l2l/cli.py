@@ -171,22 +171,36 @@ def _add_train(subparsers) -> None:
     parser.set_defaults(handler=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
-    _apply_data_flags(args)
+def train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    """The run ``l2l train`` was asked for and its output directory: flags over ``--config`` over the resumed run.
+
+    Each layer overrides the fields it names; ``task_options`` key by key, so one ``--task-option``
+    changes one option of the file's (or the resumed run's) and keeps the others.
+    """
     given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_FLAGS if getattr(args, name) is not None}
     if args.second_order is not None:
         given["second_order"] = True
     if args.task_option:
         given["task_options"] = _task_options(args.task_option)
-    base = _read_config_file(args.config)
+    layers = [_read_config_file(args.config), given]
     if args.resume is not None:
         # The file's fields go through the same check as flags: only the resumable ones may differ.
-        saved = config_from_resume(args.resume).to_dict()
-        config = TrainConfig.from_dict({**saved, **base, **given})
-        out = args.out or args.resume.parent
-    else:
-        config = TrainConfig.from_dict({**base, **given})
-        out = args.out or Path("runs") / config.task
+        layers.insert(0, config_from_resume(args.resume).to_dict())
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        options = layer.get("task_options")
+        if isinstance(options, dict) and isinstance(merged.get("task_options"), dict):
+            layer = {**layer, "task_options": {**merged["task_options"], **options}}
+        merged.update(layer)
+    config = TrainConfig.from_dict(merged)
+    if args.resume is not None:
+        return config, args.out or args.resume.parent
+    return config, args.out or Path("runs") / config.task
+
+
+def _train(args: argparse.Namespace) -> int:
+    _apply_data_flags(args)
+    config, out = train_config(args)
     family = get_task(config.task, **config.task_options)  # a bad task or option fails before OUT is created
     # Under torchrun every process trains its shards; rank 0 alone reports, writes and benchmarks.
     with process_group_from_environment(resolve_device(config.device)):

@@ -311,3 +311,24 @@ def test_train_help_shows_no_python_none(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
     assert "None" not in text and "one LSTM for every parameter" in text
+
+
+def test_a_task_option_flag_overrides_one_option_of_the_config_file(tmp_path, capsys):
+    from l2l.cli import build_parser, train_config
+
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"task": "tangent-1d", "task_options": {"hidden": 8, "weight": 0.5}}))
+    args = build_parser().parse_args(["train", "--config", str(config_file), "--task-option", "weight=2.0"])
+    config, _ = train_config(args)
+    assert config.task_options == {"hidden": 8, "weight": 2.0}  # hidden was dropped: the flag replaced the whole dict
+
+
+def test_resuming_with_one_unchanged_task_option_keeps_the_others(tmp_path, capsys, monkeypatch):
+    import l2l.cli as cli
+    from l2l.config import TrainConfig
+
+    saved = TrainConfig(task="tangent-1d", task_options={"hidden": 8, "weight": 0.5}, epochs=2)
+    monkeypatch.setattr(cli, "config_from_resume", lambda path: saved)
+    args = cli.build_parser().parse_args(["train", "--resume", str(tmp_path / "resume.pt"), "--task-option", "weight=0.5"])
+    config, out = cli.train_config(args)
+    assert config.task_options == saved.task_options and out == tmp_path  # was refused: "task_options: checkpoint ..."
