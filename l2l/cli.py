@@ -156,8 +156,9 @@ def _add_train(subparsers) -> None:
         shown = "" if "(default:" in text or default is None else f" (default: {default})"  # None: the text says
         parser.add_argument(flag, dest=name, type=kind, default=None, help=text + shown)
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
-    parser.add_argument("--second-order", dest="second_order", action="store_const", const=True, default=None,
-                        help="differentiate through the optimizee gradients (default: off, as in the paper)")
+    parser.add_argument("--second-order", dest="second_order", action=argparse.BooleanOptionalAction, default=None,
+                        help="differentiate through the optimizee gradients (default: off, as in the paper; "
+                        "--no-second-order overrides a --config file's true)")
     parser.add_argument("--config", type=path_arg, help="TrainConfig JSON file; flags given here override it")
     parser.add_argument("--out", type=path_arg, help="output directory (default: runs/TASK)")
     parser.add_argument("--resume", type=path_arg, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
@@ -179,7 +180,7 @@ def train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """
     given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_FLAGS if getattr(args, name) is not None}
     if args.second_order is not None:
-        given["second_order"] = True
+        given["second_order"] = args.second_order
     if args.task_option:
         given["task_options"] = _task_options(args.task_option)
     layers = [_read_config_file(args.config), given]

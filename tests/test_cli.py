@@ -332,3 +332,15 @@ def test_resuming_with_one_unchanged_task_option_keeps_the_others(tmp_path, caps
     args = cli.build_parser().parse_args(["train", "--resume", str(tmp_path / "resume.pt"), "--task-option", "weight=0.5"])
     config, out = cli.train_config(args)
     assert config.task_options == saved.task_options and out == tmp_path  # was refused: "task_options: checkpoint ..."
+
+
+def test_no_second_order_overrides_a_config_file_that_turns_it_on(tmp_path):
+    from l2l.cli import build_parser, train_config
+
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"second_order": True}))
+    parse = build_parser().parse_args
+    assert train_config(parse(["train", "--config", str(config_file)]))[0].second_order is True
+    assert train_config(parse(["train", "--config", str(config_file), "--no-second-order"]))[0].second_order is False
+    assert train_config(parse(["train", "--second-order"]))[0].second_order is True
+    assert train_config(parse(["train"]))[0].second_order is False
