@@ -101,7 +101,8 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not an l2l checkpoint (no 'format' entry)")
     found = payload["format"]
     if found != expected_format:
-        hint = " (pass the resume checkpoint to --resume, the use checkpoint to --optimizer)"
+        hint = (" (--resume takes a resume checkpoint, OUT/resume.pt; --init-from, --optimizer and load_optimizer "
+                "take a use checkpoint, OUT/optimizer.pt)")
         raise CheckpointError(f"checkpoint {path} is a {found!r} checkpoint, expected {expected_format!r}{hint}")
     if payload.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(

@@ -344,3 +344,16 @@ def test_no_second_order_overrides_a_config_file_that_turns_it_on(tmp_path):
     assert train_config(parse(["train", "--config", str(config_file), "--no-second-order"]))[0].second_order is False
     assert train_config(parse(["train", "--second-order"]))[0].second_order is True
     assert train_config(parse(["train"]))[0].second_order is False
+
+
+def test_a_checkpoint_of_the_wrong_kind_names_the_flags_that_take_each(tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = ["--instances", "4", "--optimizee-steps", "2", "--unroll", "2", "--val-problems", "2", "--quiet", "--no-bench",
+            "--device", "cpu"]
+    assert main(["train", "--epochs", "1", "--out", str(out), *tiny]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init-from", str(out / "resume.pt"), "--out", str(tmp_path / "b"), *tiny]) == 2
+    error = capsys.readouterr().err
+    assert "--init-from" in error and "optimizer.pt" in error  # said only --optimizer, a flag of l2l bench
+    assert main(["train", "--resume", str(out / "optimizer.pt")]) == 2
+    assert "--init-from" in capsys.readouterr().err  # the way to start a run from a use checkpoint's weights
