@@ -618,9 +618,9 @@ def test_a_run_written_on_cuda_resumes_on_the_cpu(tmp_path):
     # --device auto on a GPU node and resumed on a CPU machine was refused as a "damaged rng entry".
     from l2l.seeding import state_seed
 
-    config = TrainConfig(task=NoisyQuadraticFamily.name, epochs=3, checkpoint_every=1, **SMALL)
+    config = TrainConfig(task=NoisyQuadraticFamily.name, epochs=2, checkpoint_every=1, optimizee_steps=2, unroll=2, **TINY)
     with pytest.raises(KeyboardInterrupt):
-        MetaTrainer(config, tmp_path).run(progress=False, on_epoch=_stop_at(2))
+        MetaTrainer(config, tmp_path).run(progress=False, on_epoch=_stop_at(1))
     payload = torch.load(tmp_path / "resume.pt", weights_only=True)
     cuda_state = torch.arange(16, dtype=torch.uint8)  # the form of torch.cuda's Generator.get_state()
     payload["rng"]["batches"] = cuda_state
@@ -631,7 +631,7 @@ def test_a_run_written_on_cuda_resumes_on_the_cpu(tmp_path):
     assert torch.equal(resumed.batch_generator.get_state(), torch.Generator().manual_seed(state_seed(cuda_state)).get_state())
     assert resumed.instance_generator.get_state().equal(payload["rng"]["instances"])  # the CPU stream continues exactly
     resumed.run(progress=False)
-    assert resumed.epoch == 3
+    assert resumed.epoch == 2
 
 
 def test_a_generator_of_another_device_type_is_seeded_from_the_saved_state():
