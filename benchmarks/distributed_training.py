@@ -72,7 +72,10 @@ def launch(task: str, device: str, processes: int, accumulate: int, threads: int
         else:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                        os.path.abspath(__file__), *arguments]
-        subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            sys.exit(f"{task}, {processes} process(es) x accumulate {accumulate} failed (exit status {done.returncode}):\n"
+                     f"{done.stderr.strip()[-4000:]}")
         with open(out) as handle:
             records = [json.loads(line) for line in handle]
     assert len(records) == processes, records

@@ -227,7 +227,7 @@ def test_mnist_epoch_prints_the_memory_per_coordinate_step(monkeypatch, tmp_path
 
     def run(command, **kwargs):
         commands.append(command)
-        return types.SimpleNamespace(stdout="noise\n" + json.dumps(child) + "\n")
+        return types.SimpleNamespace(returncode=0, stdout="noise\n" + json.dumps(child) + "\n", stderr="")
 
     monkeypatch.setattr(module.subprocess, "run", run)
     out = tmp_path / "epoch.json"
@@ -236,3 +236,21 @@ def test_mnist_epoch_prints_the_memory_per_coordinate_step(monkeypatch, tmp_path
     assert json.loads(out.read_text()) == [child]
     printed = capsys.readouterr().out
     assert "(100 steps, unroll 20)" in printed and "520 MiB" in printed and "1.7 KB" in printed  # RESULTS.md's K = 1 row
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("distributed_training", ["--tasks", "mnist", "--accumulate", "", "--epochs", "1"]),
+    ("mnist_epoch", ["--instances", "1", "--epochs", "1"]),
+])
+def test_a_failing_child_process_shows_why(monkeypatch, name, argv):
+    # Each configuration runs in its own process: its error (here: the dataset missing) must reach
+    # the user, not only "returned non-zero exit status 1".
+    import subprocess
+
+    module = script(name)
+    real_run = subprocess.run
+    failing = [sys.executable, "-c", "import sys; sys.exit('l2l.data.base.DataError: MNIST not found in /nowhere/mnist')"]
+    monkeypatch.setattr(module.subprocess, "run", lambda command, **kwargs: real_run(failing, **kwargs))
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, *argv)
+    assert "DataError: MNIST not found in /nowhere/mnist" in str(stop.value.code)
