@@ -118,6 +118,9 @@ def main() -> None:
     args.add_argument("--weights", type=_weights, default="1,10", help="positive gradient-supervision weights, comma-separated (plain training is added)")
     args.add_argument("--seeds", type=positive_int, default=5, help="training runs per weight")
     options = setup(args, {"gradient_supervision": {}})
+    if options.epochs * options.biased_examples < options.batch_size:  # steps = epochs x biased examples // batch size
+        args.error(f"--epochs {options.epochs} x --biased-examples {options.biased_examples} is less than one --batch-size "
+                   f"{options.batch_size}: no training step; pass more examples or epochs or a smaller --batch-size")
     weights = (0.0, *(float(w) for w in options.weights.split(",") if w.strip()))
     data = mnist()
     training = Composer(data.x_train, data.y_train, torch.Generator().manual_seed(10))
