@@ -95,13 +95,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _weights(text: str) -> str:
-    """``text`` if it is comma-separated positive numbers (a 0 would repeat the plain run that is always added)."""
+    """``text`` if it is comma-separated positive numbers, at least one (a 0 would repeat the plain run that is always added)."""
     try:
-        for part in text.split(","):
-            if part.strip():
-                positive_float(part)
+        values = [positive_float(part) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
     return text
 
 

@@ -58,6 +58,7 @@ def flag(call, name):
     ("repro_tangent_prop.py", ["--weight", "0"], "--weight: expected a positive number, got '0'"),
     ("repro_gradient_reversal.py", ["--eval-every", "0"], "--eval-every: expected a positive integer, got '0'"),
     ("repro_gradient_supervision.py", ["--weights", "0,1"], "--weights: expected comma-separated positive numbers, got '0,1'"),
+    ("repro_gradient_supervision.py", ["--weights", ","], "--weights: expected comma-separated positive numbers, got ','"),
     ("repro_input_gradient_penalty.py", ["--pgd-steps", "-1"], "--pgd-steps: expected an integer >= 0, got '-1'"),
     # Minibatches are whole: fewer examples than one batch would train nothing at all.
     ("repro_input_gradient_penalty.py", ["--train-examples", "100"], "--batch-size 128 is more than --train-examples 100"),
