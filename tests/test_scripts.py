@@ -84,6 +84,8 @@ def test_help_shows_the_published_folders_as_defaults(run, capsys):
     assert f"(default: {REPO / 'benchmarks' / 'results'})" in usage_help(run, capsys, "paper_mnist.py")
     text = usage_help(run, capsys, "repro_gradient_reversal.py")
     assert f"(default: {REPO / 'benchmarks' / 'figures'})" in text and "(default: 50)" in text
+    text = usage_help(run, capsys, "repro_input_gradient_penalty.py")  # as typed, not a Python tuple
+    assert "(plain training is added) (default: 0.5,1,2,4)" in text and "(default: 0.5,1,2,3)" in text
 
 
 def test_the_published_recipe_writes_the_published_files(run):
