@@ -254,3 +254,15 @@ def test_a_failing_child_process_shows_why(monkeypatch, name, argv):
     with pytest.raises(SystemExit) as stop:
         run_main(module, monkeypatch, *argv)
     assert "DataError: MNIST not found in /nowhere/mnist" in str(stop.value.code)
+
+
+def test_kernel_variants_help_describes_it_and_measures_nothing(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports kernel_cache beside it
+    module = script("kernel_variants")
+    monkeypatch.setattr(module, "backward_variants", lambda sizes: pytest.fail("--help ran the count"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--help")
+    assert stop.value.code == 0 and "compiled variants of the fused backward kernel" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--sizes", "1000")
+    assert stop.value.code == 2 and "unrecognized arguments: --sizes 1000" in capsys.readouterr().err
