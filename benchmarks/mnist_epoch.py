@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from l2l.cli import positive_int
+
 
 def measure(device: str, instances: int, epochs: int) -> dict:
     import torch
@@ -60,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--instances", default="1,4,16")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 """benchmarks/: the issue-target verdicts unroll_throughput.py prints and records for the CUDA path, and the
-CPU path of the timing scripts at their smallest settings (what they print and write, ratios from the same run)."""
+CPU path of the timing scripts at their smallest settings (what they print and write, ratios from the same run), and their usage errors."""
 
 import importlib.util
 import json
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EXAMPLES = BENCHMARKS.parent / "examples"
 PATH = BENCHMARKS / "unroll_throughput.py"
 
 
 def script(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    folder = EXAMPLES if (EXAMPLES / f"{name}.py").exists() else BENCHMARKS
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -266,3 +268,24 @@ def test_kernel_variants_help_describes_it_and_measures_nothing(monkeypatch, cap
     with pytest.raises(SystemExit) as stop:
         run_main(module, monkeypatch, "--sizes", "1000")
     assert stop.value.code == 2 and "unrecognized arguments: --sizes 1000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, argv, named", [
+    ("meta_iteration", ["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    ("lstm_layout", ["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    ("module_vectorize", ["--repeats", "-1"], "--repeats: expected a positive integer, got '-1'"),
+    ("mnist_epoch", ["--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+    ("distributed_training", ["--processes", "0"], "--processes: expected a positive integer, got '0'"),
+    ("precision_error", ["--coordinates", "0"], "--coordinates: expected a positive integer, got '0'"),
+    ("unroll_throughput", ["--unroll", "0"], "--unroll: expected a positive integer, got '0'"),
+    ("optimizer_step", ["--threads", "0"], "--threads: expected a positive integer, got '0'"),
+    ("higher_meta_learning", ["--inner-steps", "0"], "--inner-steps: expected a positive integer, got '0'"),
+    ("optimizer_step", ["--repeats", "0"], "--repeats: expected positive integers, one or one per size, got '0'"),
+    # Three sizes, two counts: the third size was skipped without a word.
+    ("optimizer_step", ["--sizes", "1e3,1e4,1e5", "--repeats", "3,2"], "--repeats: 2 values for 3 --sizes"),
+])
+def test_bad_counts_are_usage_errors_naming_the_value(monkeypatch, capsys, name, argv, named):
+    module = script(name)
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, *argv)
+    assert stop.value.code == 2 and named in capsys.readouterr().err
