@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+from l2l.cli import positive_int
+
 
 def worker(task: str, device: str, accumulate: int, epochs: int, threads: int, out: str) -> None:
     """Times ``epochs`` epochs after one warm-up in this process (one rank when under torchrun); appends a JSON line."""
@@ -72,7 +74,10 @@ def launch(task: str, device: str, processes: int, accumulate: int, threads: int
         else:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                        os.path.abspath(__file__), *arguments]
-        subprocess.run(command, check=True, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            sys.exit(f"{task}, {processes} process(es) x accumulate {accumulate} failed (exit status {done.returncode}):\n"
+                     f"{done.stderr.strip()[-4000:]}")
         with open(out) as handle:
             records = [json.loads(line) for line in handle]
     assert len(records) == processes, records
@@ -94,10 +99,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="quadratic,mnist")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--processes", type=positive_int, default=2)
     parser.add_argument("--accumulate", default="2,4")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the one-process runs, shared by the P processes")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads of the one-process runs, shared by the P processes")
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
     layouts = [(1, 1), *((1, int(a)) for a in args.accumulate.split(",") if a), (args.processes, 1)]

@@ -11,6 +11,7 @@ nothing run), and counts the distinct specialisations: as the kernel is declared
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from typing import Iterator
@@ -71,6 +72,7 @@ def backward_variants(sizes: list[int]) -> int:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(f"Triton {fused.triton_version()}, backward kernel, default FusedConfig, sm_90")
     for name, sizes in SIZE_SETS.items():
         declared = backward_variants(sizes)

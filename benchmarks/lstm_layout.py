@@ -18,6 +18,7 @@ import torch
 from l2l.kernels.reference import coordinatewise_lstm
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.optimizers.preprocess import log_and_sign
+from l2l.cli import positive_int
 
 
 def coordinate_major_step(x, states, cells):
@@ -43,8 +44,8 @@ def median_seconds(fn, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="16000,256000")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -22,6 +22,7 @@ import torch
 from l2l.meta.unroll import start, unroll
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily
+from l2l.cli import positive_int
 
 
 def batched_iteration(lstm, meta_optimizer, task, steps):
@@ -82,10 +83,10 @@ def time_it(fn, repeats, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--instances", type=int, default=128)
-    parser.add_argument("--dim", type=int, default=10)
-    parser.add_argument("--unroll", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--instances", type=positive_int, default=128)
+    parser.add_argument("--dim", type=positive_int, default=10)
+    parser.add_argument("--unroll", type=positive_int, default=20)
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     device = torch.device(args.device)

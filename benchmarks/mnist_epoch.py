@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from l2l.cli import positive_int
+
 
 def measure(device: str, instances: int, epochs: int) -> dict:
     import torch
@@ -60,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--instances", default="1,4,16")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -69,11 +71,13 @@ def main() -> None:
         return
     rows = []
     for instances in (int(k) for k in args.instances.split(",")):
-        output = subprocess.run(
+        done = subprocess.run(
             [sys.executable, __file__, "--child", "--device", args.device, "--instances", str(instances), "--epochs", str(args.epochs)],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        rows.append(json.loads(output.strip().splitlines()[-1]))
+            capture_output=True, text=True,
+        )
+        if done.returncode:
+            sys.exit(f"K = {instances} failed (exit status {done.returncode}):\n{done.stderr.strip()[-4000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     memory_key = "peak_bytes" if args.device.startswith("cuda") else "peak_rss_bytes"
     print(f"MNIST meta-training epoch ({rows[0]['optimizee_steps']} steps, unroll {rows[0]['unroll']}) on {rows[0]['machine']}")
     growth_key = "peak_bytes" if args.device.startswith("cuda") else "peak_rss_growth_bytes"

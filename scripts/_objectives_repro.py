@@ -55,6 +55,14 @@ def setup(args: argparse.ArgumentParser, recipes: Mapping[str, Mapping[str, Any]
     return options
 
 
+def check_batches(args: argparse.ArgumentParser, options: argparse.Namespace, examples: str) -> None:
+    """A usage error if ``--batch-size`` is more than the ``examples`` flag's count: whole minibatches only, so nothing would train."""
+    count = getattr(options, examples.replace("-", "_"))
+    if options.batch_size > count:
+        args.error(f"--batch-size {options.batch_size} is more than --{examples} {count}: no whole minibatch, nothing would "
+                   f"be trained; pass a --batch-size of at most {count}")
+
+
 def mnist(train_examples: int | None = None) -> SupervisedData:
     """MNIST as float images ``[N, 1, 28, 28]`` in [0, 1], in the library's fixed shuffled order."""
     return mnist_tensors(str(data_dir()), "cpu", train_examples)

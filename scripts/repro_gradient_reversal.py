@@ -21,7 +21,7 @@ import sys
 
 import torch
 from _common import nonnegative_int, positive_float, positive_int
-from _objectives_repro import minibatches, parser, setup, table, write
+from _objectives_repro import check_batches, minibatches, parser, setup, table, write
 from torch import nn
 
 from l2l.data.base import data_dir
@@ -98,6 +98,7 @@ def main() -> None:
     args.add_argument("--probe-steps", type=positive_int, default=1500, help="Adam steps of the post-hoc probe")
     args.add_argument("--seeds", type=positive_int, default=3, help="training runs per setting")
     options = setup(args, {"gradient_reversal": {}})
+    check_batches(args, options, "train-examples")
     data = zero_composite_tensors(str(data_dir()), "cpu", options.train_examples, options.test_examples)
     runs = []
     for name, reverse in SETTINGS.items():

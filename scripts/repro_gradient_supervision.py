@@ -95,13 +95,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _weights(text: str) -> str:
-    """``text`` if it is comma-separated positive numbers (a 0 would repeat the plain run that is always added)."""
+    """``text`` if it is comma-separated positive numbers, at least one (a 0 would repeat the plain run that is always added)."""
     try:
-        for part in text.split(","):
-            if part.strip():
-                positive_float(part)
+        values = [positive_float(part) for part in text.split(",") if part.strip()]
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
     return text
 
 
@@ -118,6 +118,9 @@ def main() -> None:
     args.add_argument("--weights", type=_weights, default="1,10", help="positive gradient-supervision weights, comma-separated (plain training is added)")
     args.add_argument("--seeds", type=positive_int, default=5, help="training runs per weight")
     options = setup(args, {"gradient_supervision": {}})
+    if options.epochs * options.biased_examples < options.batch_size:  # steps = epochs x biased examples // batch size
+        args.error(f"--epochs {options.epochs} x --biased-examples {options.biased_examples} is less than one --batch-size "
+                   f"{options.batch_size}: no training step; pass more examples or epochs or a smaller --batch-size")
     weights = (0.0, *(float(w) for w in options.weights.split(",") if w.strip()))
     data = mnist()
     training = Composer(data.x_train, data.y_train, torch.Generator().manual_seed(10))

@@ -16,7 +16,7 @@ import time
 
 import torch
 from _common import nonnegative_int, positive_float, positive_int
-from _objectives_repro import minibatches, mnist, parser, setup, table, write
+from _objectives_repro import check_batches, minibatches, mnist, parser, setup, table, write
 from torch import nn
 
 from l2l.objectives import adversarial_example, input_gradient_penalty
@@ -90,10 +90,11 @@ def main() -> None:
     args.add_argument("--batch-size", type=positive_int, default=128, help="images per minibatch")
     args.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
     args.add_argument("--norm", default="l2", choices=("l2", "linf"), help="norm of the perturbation ball (penalty and attacks)")
-    args.add_argument("--train-eps", type=_floats, default=(0.5, 1.0, 2.0, 4.0), help="penalty eps values (plain training is added)")
-    args.add_argument("--eval-eps", type=_floats, default=(0.5, 1.0, 2.0, 3.0), help="attack radii")
+    args.add_argument("--train-eps", type=_floats, default="0.5,1,2,4", help="penalty eps values, comma-separated (plain training is added)")
+    args.add_argument("--eval-eps", type=_floats, default="0.5,1,2,3", help="attack radii, comma-separated")
     args.add_argument("--pgd-steps", type=nonnegative_int, default=10, help="steps of the projected check attack (0: skip)")
     options = setup(args, {"input_gradient_penalty": {}})
+    check_batches(args, options, "train-examples")
     data = mnist()
     x_test, y_test = data.x_test, data.y_test
     models = []

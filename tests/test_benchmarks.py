@@ -1,5 +1,5 @@
 """benchmarks/: the issue-target verdicts unroll_throughput.py prints and records for the CUDA path, and the
-CPU path of the timing scripts at their smallest settings (what they print and write, ratios from the same run)."""
+CPU path of the timing scripts at their smallest settings (what they print and write, ratios from the same run), and their usage errors."""
 
 import importlib.util
 import json
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EXAMPLES = BENCHMARKS.parent / "examples"
 PATH = BENCHMARKS / "unroll_throughput.py"
 
 
 def script(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    folder = EXAMPLES if (EXAMPLES / f"{name}.py").exists() else BENCHMARKS
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -227,7 +229,7 @@ def test_mnist_epoch_prints_the_memory_per_coordinate_step(monkeypatch, tmp_path
 
     def run(command, **kwargs):
         commands.append(command)
-        return types.SimpleNamespace(stdout="noise\n" + json.dumps(child) + "\n")
+        return types.SimpleNamespace(returncode=0, stdout="noise\n" + json.dumps(child) + "\n", stderr="")
 
     monkeypatch.setattr(module.subprocess, "run", run)
     out = tmp_path / "epoch.json"
@@ -236,3 +238,54 @@ def test_mnist_epoch_prints_the_memory_per_coordinate_step(monkeypatch, tmp_path
     assert json.loads(out.read_text()) == [child]
     printed = capsys.readouterr().out
     assert "(100 steps, unroll 20)" in printed and "520 MiB" in printed and "1.7 KB" in printed  # RESULTS.md's K = 1 row
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("distributed_training", ["--tasks", "mnist", "--accumulate", "", "--epochs", "1"]),
+    ("mnist_epoch", ["--instances", "1", "--epochs", "1"]),
+])
+def test_a_failing_child_process_shows_why(monkeypatch, name, argv):
+    # Each configuration runs in its own process: its error (here: the dataset missing) must reach
+    # the user, not only "returned non-zero exit status 1".
+    import subprocess
+
+    module = script(name)
+    real_run = subprocess.run
+    failing = [sys.executable, "-c", "import sys; sys.exit('l2l.data.base.DataError: MNIST not found in /nowhere/mnist')"]
+    monkeypatch.setattr(module.subprocess, "run", lambda command, **kwargs: real_run(failing, **kwargs))
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, *argv)
+    assert "DataError: MNIST not found in /nowhere/mnist" in str(stop.value.code)
+
+
+def test_kernel_variants_help_describes_it_and_measures_nothing(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports kernel_cache beside it
+    module = script("kernel_variants")
+    monkeypatch.setattr(module, "backward_variants", lambda sizes: pytest.fail("--help ran the count"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--help")
+    assert stop.value.code == 0 and "compiled variants of the fused backward kernel" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--sizes", "1000")
+    assert stop.value.code == 2 and "unrecognized arguments: --sizes 1000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, argv, named", [
+    ("meta_iteration", ["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    ("lstm_layout", ["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    ("module_vectorize", ["--repeats", "-1"], "--repeats: expected a positive integer, got '-1'"),
+    ("mnist_epoch", ["--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+    ("distributed_training", ["--processes", "0"], "--processes: expected a positive integer, got '0'"),
+    ("precision_error", ["--coordinates", "0"], "--coordinates: expected a positive integer, got '0'"),
+    ("unroll_throughput", ["--unroll", "0"], "--unroll: expected a positive integer, got '0'"),
+    ("optimizer_step", ["--threads", "0"], "--threads: expected a positive integer, got '0'"),
+    ("higher_meta_learning", ["--inner-steps", "0"], "--inner-steps: expected a positive integer, got '0'"),
+    ("optimizer_step", ["--repeats", "0"], "--repeats: expected positive integers, one or one per size, got '0'"),
+    # Three sizes, two counts: the third size was skipped without a word.
+    ("optimizer_step", ["--sizes", "1e3,1e4,1e5", "--repeats", "3,2"], "--repeats: 2 values for 3 --sizes"),
+])
+def test_bad_counts_are_usage_errors_naming_the_value(monkeypatch, capsys, name, argv, named):
+    module = script(name)
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, *argv)
+    assert stop.value.code == 2 and named in capsys.readouterr().err

@@ -1,12 +1,15 @@
-"""The documentation is executable: README.md's and docs/objectives.md's code runs and their API and CLI claims hold."""
+"""The documentation is executable: README.md's and docs/objectives.md's code runs, their API and CLI claims hold, and every documented command parses."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import inspect
 import re
+import runpy
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,7 +356,66 @@ def _commands(doc: str) -> list[tuple[str, list[str]]]:
     return commands
 
 
+def _indented_commands(doc: str) -> list[tuple[str, list[str]]]:
+    """``(where, argv)`` of every command in ``doc``'s indented code blocks (benchmarks/RESULTS.md's style).
+
+    ``argv`` starts with ``l2l`` or a script path; environment assignments, ``# ...`` comments and the
+    brackets of optional flags (``[--train]``) are dropped.
+    """
+    commands, pending = [], ""
+    for number, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
+        if not line.startswith("    ") or (not pending and line.lstrip().startswith(("|", "#", "- ", "* "))):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        tokens = shlex.split(re.sub(r"\[(--[^\]]*)\]", r"\1", line), comments=True)
+        while tokens and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", tokens[0]):
+            tokens.pop(0)
+        if tokens[:1] == ["l2l"] or (tokens[:1] == ["python"] and tokens[1:2] and tokens[1].endswith(".py")):
+            commands.append((f"{doc} (line {number})", tokens[1:]))
+    return commands
+
+
+RESULTS_COMMANDS = _indented_commands("benchmarks/RESULTS.md")
 COMMANDS = [(where, argv) for doc in COMMAND_DOCS for where, argv in _commands(doc)]
+COMMANDS += [(where, argv) for where, argv in RESULTS_COMMANDS if not argv[0].endswith(".py")]
+SCRIPT_COMMANDS = [(where, argv) for where, argv in RESULTS_COMMANDS if argv[0].endswith(".py")]
+
+
+class _Parsed(Exception):
+    """Raised in place of running a script once its command line has parsed."""
+
+
+@pytest.mark.parametrize("where, argv", SCRIPT_COMMANDS, ids=[f"{where}: {' '.join(argv)}"[:120] for where, argv in SCRIPT_COMMANDS])
+def test_documented_script_command_parses_with_exact_flags(where, argv, monkeypatch):
+    """Each ``python SCRIPT ...`` of benchmarks/RESULTS.md parses with the script's current flags, spelled out; nothing runs."""
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, args=None, namespace=None):
+        parsers.append(self)
+        parse_args(self, args, namespace)  # a usage error exits with 2 here
+        raise _Parsed
+
+    script = ROOT / argv[0]
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    monkeypatch.setattr(sys, "argv", [str(script), *argv[1:]])
+    monkeypatch.syspath_prepend(str(script.parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except _Parsed:
+        pass
+    except SystemExit as stop:
+        pytest.fail(f"{where}: `python {' '.join(argv)}` is refused by its parser (exit status {stop.code})")
+    assert parsers, f"{where}: {argv[0]} parses no command line"
+    options = set().union(*(parser._option_string_actions for parser in parsers))
+    for action in parsers[0]._actions:  # subcommands (kernel_cache.py build ...)
+        if isinstance(action, argparse._SubParsersAction):
+            options = options.union(*(sub._option_string_actions for sub in action.choices.values()))
+    unknown = [token for token in argv[1:] if token.startswith("--") and token.split("=")[0] not in options]
+    assert not unknown, f"{where}: {argv[0]} has no flag {', '.join(unknown)}"
 
 
 def test_the_documented_commands_are_found():

@@ -58,7 +58,13 @@ def flag(call, name):
     ("repro_tangent_prop.py", ["--weight", "0"], "--weight: expected a positive number, got '0'"),
     ("repro_gradient_reversal.py", ["--eval-every", "0"], "--eval-every: expected a positive integer, got '0'"),
     ("repro_gradient_supervision.py", ["--weights", "0,1"], "--weights: expected comma-separated positive numbers, got '0,1'"),
+    ("repro_gradient_supervision.py", ["--weights", ","], "--weights: expected comma-separated positive numbers, got ','"),
     ("repro_input_gradient_penalty.py", ["--pgd-steps", "-1"], "--pgd-steps: expected an integer >= 0, got '-1'"),
+    # Minibatches are whole: fewer examples than one batch would train nothing at all.
+    ("repro_input_gradient_penalty.py", ["--train-examples", "100"], "--batch-size 128 is more than --train-examples 100"),
+    ("repro_gradient_reversal.py", ["--train-examples", "64", "--batch-size", "100"], "--batch-size 100 is more than --train-examples 64"),
+    ("repro_gradient_supervision.py", ["--biased-examples", "10", "--epochs", "6"],
+     "--epochs 6 x --biased-examples 10 is less than one --batch-size 64: no training step"),
 ])
 def test_bad_arguments_are_usage_errors_naming_the_value(run, capsys, tmp_path, script, argv, named):
     assert named in usage_error(run, capsys, script, *argv, "--out", str(tmp_path))
@@ -78,6 +84,8 @@ def test_help_shows_the_published_folders_as_defaults(run, capsys):
     assert f"(default: {REPO / 'benchmarks' / 'results'})" in usage_help(run, capsys, "paper_mnist.py")
     text = usage_help(run, capsys, "repro_gradient_reversal.py")
     assert f"(default: {REPO / 'benchmarks' / 'figures'})" in text and "(default: 50)" in text
+    text = usage_help(run, capsys, "repro_input_gradient_penalty.py")  # as typed, not a Python tuple
+    assert "(plain training is added) (default: 0.5,1,2,4)" in text and "(default: 0.5,1,2,3)" in text
 
 
 def test_the_published_recipe_writes_the_published_files(run):
