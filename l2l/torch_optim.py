@@ -544,7 +544,7 @@ class LearnedOptimizer(Optimizer):
             ]
         for saved_id, p, group in pairs:
             saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            if not saved:  # None, or {} (reading optimizer.state[p], a defaultdict, leaves {} behind): no state
                 continue
             rule = group_rule(self.rule, group)
             expected = (rule.num_layers, rule.hidden_size, real_view(p).numel())
@@ -567,7 +567,7 @@ class LearnedOptimizer(Optimizer):
         # torch.optim casts floating state to each parameter's dtype; the LSTM state keeps its own.
         for saved_id, p, _ in pairs:
             saved = state_dict["state"].get(saved_id)
-            if saved is not None:
+            if saved:
                 self.state[p]["h"] = saved["h"].to(p.device, copy=True)
                 self.state[p]["c"] = saved["c"].to(p.device, copy=True)
         self.rule.load_state_dict(saved_rule["state_dict"])

@@ -674,3 +674,29 @@ def test_a_state_saved_in_float32_continues_on_the_model_moved_to_float64(checkp
     for p, q in zip(model.parameters(), widened.parameters()):
         assert q.dtype == resumed.state[q]["h"].dtype == torch.float64
         torch.testing.assert_close(q.float(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def stepped_mlp_optimizer(checkpoint):
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    train(model, optimizer, *batch(), 1)
+    return model, optimizer
+
+
+def test_a_state_entry_left_empty_by_reading_optimizer_state_loads_as_no_state(checkpoint):
+    # optimizer.state is a defaultdict (as in torch.optim): reading the state of a parameter that
+    # never had a gradient leaves {} behind, which state_dict saves and Adam loads as no state.
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    optimizer = LearnedOptimizer([a, b], checkpoint)
+    a.grad = torch.randn(3)
+    optimizer.step()
+    assert optimizer.state[b].get("h") is None
+    saved = optimizer.state_dict()
+    assert saved["state"][1] == {}
+    resumed = LearnedOptimizer([a, b], checkpoint)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.state[a]["h"], optimizer.state[a]["h"]) and "h" not in resumed.state[b]
+    b.grad = torch.randn(2)
+    resumed.step()
+    assert resumed.state[b]["h"].shape == (2, 20, 2)
+
