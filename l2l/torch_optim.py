@@ -558,7 +558,7 @@ class LearnedOptimizer(Optimizer):
             # loaded, it would turn its parameter into NaN with no non-finite step ever counted.
             if non_finite_keys({key: saved[key] for key in ("h", "c")}):
                 raise ValueError(f"saved LSTM state of parameter {saved_id} holds NaN or infinite values: the state_dict is corrupt")
-        problem = weights_problem(saved_rule.get("state_dict"))
+        problem = weights_problem(saved_rule.get("state_dict")) or weights_fit_problem(saved_rule["state_dict"], self.rule)
         if problem:
             raise ValueError(f"this state_dict's learned rule is corrupt: {problem}")
         # The pre-hooks ran above; the post-hooks run once the LSTM state and weights are in place.
@@ -594,6 +594,25 @@ class LearnedOptimizer(Optimizer):
             self._nonfinite_device = None
             self._buckets, self._device_rules = {}, {}
         super().__setstate__(state)
+
+
+def weights_fit_problem(weights: dict[str, Tensor], rule: nn.Module) -> str | None:
+    """What keeps ``weights`` from loading into ``rule`` (missing, unexpected, misshapen or non-float tensors), or None.
+
+    Checked before :meth:`LearnedOptimizer.load_state_dict` loads anything, where the module's
+    own check would raise only after the hidden states were in place.
+    """
+    expected = rule.state_dict()
+    problems = [f"missing {key}" for key in expected if key not in weights]
+    problems += [f"unexpected {key}" for key in weights if key not in expected]
+    for key, value in weights.items():
+        if key not in expected:
+            continue
+        if not value.is_floating_point():
+            problems.append(f"{key} is {value.dtype}, expected a floating-point tensor")
+        elif value.shape != expected[key].shape:
+            problems.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    return "weights " + "; ".join(problems) if problems else None
 
 
 def rule_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

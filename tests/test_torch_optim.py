@@ -700,3 +700,25 @@ def test_a_state_entry_left_empty_by_reading_optimizer_state_loads_as_no_state(c
     resumed.step()
     assert resumed.state[b]["h"].shape == (2, 20, 2)
 
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda rule: rule.update(weight_out=torch.zeros(5)), r"weight_out has shape \(5,\), expected \(20,\)"),
+        (lambda rule: rule.pop("weight_out"), r"missing weight_out"),
+        (lambda rule: rule.update(weight_extra=torch.zeros(2)), r"unexpected weight_extra"),
+        (lambda rule: rule.update(bias_out=torch.tensor(1)), r"bias_out is torch.int64"),
+    ],
+    ids=["wrong shape", "missing", "extra", "integer"],
+)
+def test_rule_weights_that_do_not_fit_raise_a_value_error_and_load_nothing(checkpoint, damage, message):
+    model, optimizer = stepped_mlp_optimizer(checkpoint)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved["learned_rule"]["state_dict"])
+    resumed = LearnedOptimizer(mlp(seed=1).parameters(), sensitive_rule(seed=9))
+    weights = copy.deepcopy(resumed.rule.state_dict())
+    with pytest.raises(ValueError, match=rf"learned rule is corrupt: .*{message}"):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0  # nothing half-loaded: no hidden states without their weights
+    assert all(torch.equal(value, weights[key]) for key, value in resumed.rule.state_dict().items())
