@@ -21,7 +21,7 @@ from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, 
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
-from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState, check_state_dtype
+from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState, check_state_dtype
 
 # Coordinates per LSTM call: on a CPU a chunk's ~1 KiB/coordinate of temporaries should stay
 # cache-sized (2**14 ran 1.6x faster than 2**18 and 3x faster than 2**20 at 1e6 parameters); an
@@ -542,10 +542,26 @@ class LearnedOptimizer(Optimizer):
                 for group, saved_group in zip(groups, saved_groups)
                 for saved_id, p in zip(saved_group["params"], group["params"])
             ]
+        # torch.optim carries state of parameters no group lists along as it is; here it is damage.
+        listed = {saved_id for saved_id, _, _ in pairs}
+        unlisted = [saved_id for saved_id in state_dict["state"] if saved_id not in listed]
+        if pairs and unlisted:
+            raise ValueError(
+                f"this state_dict holds state for parameter {unlisted[0]}, which no param group lists: "
+                "it is corrupt or was edited"
+            )
         for saved_id, p, group in pairs:
             saved = state_dict["state"].get(saved_id)
             if not saved:  # None, or {} (reading optimizer.state[p], a defaultdict, leaves {} behind): no state
                 continue
+            if not isinstance(saved, dict):
+                raise ValueError(f"saved state of parameter {saved_id} is a {type(saved).__name__}, expected a dict of h and c")
+            extra = [key for key in saved if key not in ("h", "c")]
+            if extra:
+                raise ValueError(
+                    f"saved state of parameter {saved_id} has unexpected entries {extra}: a LearnedOptimizer keeps "
+                    "only the LSTM state h and c (was it saved by another optimizer, or edited?)"
+                )
             rule = group_rule(self.rule, group)
             expected = (rule.num_layers, rule.hidden_size, real_view(p).numel())
             shapes = [tuple(saved[key].shape) if isinstance(saved.get(key), Tensor) else None for key in ("h", "c")]
@@ -554,6 +570,12 @@ class LearnedOptimizer(Optimizer):
                     f"saved LSTM state of parameter {saved_id} has shapes h {shapes[0]}, c {shapes[1]}; "
                     f"expected {expected} for a parameter of shape {tuple(p.shape)}"
                 )
+            for key in ("h", "c"):
+                if saved[key].dtype not in STATE_DTYPES:
+                    raise ValueError(
+                        f"saved LSTM state {key} of parameter {saved_id} is {saved[key].dtype}, expected a floating-point "
+                        f"dtype ({', '.join(map(str, STATE_DTYPES))}): the state_dict is corrupt"
+                    )
             # Non-finite gradients are kept out of the state, so a non-finite saved state is damage;
             # loaded, it would turn its parameter into NaN with no non-finite step ever counted.
             if non_finite_keys({key: saved[key] for key in ("h", "c")}):

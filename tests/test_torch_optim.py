@@ -722,3 +722,24 @@ def test_rule_weights_that_do_not_fit_raise_a_value_error_and_load_nothing(check
         resumed.load_state_dict(saved)
     assert len(resumed.state) == 0  # nothing half-loaded: no hidden states without their weights
     assert all(torch.equal(value, weights[key]) for key, value in resumed.rule.state_dict().items())
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda state: state[0].update(h=state[0]["h"].round().long()), r"saved LSTM state h of parameter 0 is torch.int64, expected a floating-point"),
+        (lambda state: state[0].update(c=state[0]["c"].to(torch.complex64)), r"saved LSTM state c of parameter 0 is torch.complex64"),
+        (lambda state: state.update({17: copy.deepcopy(state[0])}), r"parameter 17, which no param group lists"),
+        (lambda state: state[2].update(exp_avg=torch.zeros(4, 3)), r"parameter 2 has unexpected entries \['exp_avg'\]"),
+    ],
+    ids=["integer h", "complex c", "extra parameter", "extra entry"],
+)
+def test_hidden_states_of_another_kind_or_for_no_parameter_raise_a_value_error(checkpoint, damage, message):
+    # torch.optim would cast an integer state silently (and a complex one with a warning) and carry
+    # entries for parameters it does not have along forever.
+    model, optimizer = stepped_mlp_optimizer(checkpoint)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved["state"])
+    resumed = LearnedOptimizer(mlp(seed=1).parameters(), checkpoint)
+    with pytest.raises(ValueError, match=message):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0
