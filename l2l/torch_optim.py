@@ -32,6 +32,9 @@ ACCELERATOR_CHUNK_SIZE = 2**20
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]  # (torch.optim's own alias is newer than torch 2.1)
 RuleFn = Callable[[Tensor, LSTMState], "tuple[Tensor, LSTMState]"]
 
+# The param-group options of LearnedOptimizer (its constructor's keyword arguments after params and checkpoint).
+OPTIONS = ("lr", "maximize", "state_dtype", "chunk_size", "rule_group")
+
 # Options of torch.optim's hand-designed optimizers that the learned rule has no counterpart for,
 # with the value that asks for nothing (None: there is none). Kept in a param group by code that
 # swapped Adam for the drop-in, they would be silently ignored and the model trained without them.
@@ -532,7 +535,11 @@ class LearnedOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         pairs: list[tuple[Any, Tensor, dict[str, Any]]] = []
         if len(groups) == len(saved_groups) and all(len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)):
-            for group, saved_group in zip(groups, saved_groups):
+            for index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+                # torch.optim loads the saved group as it is, not merged over this one's options.
+                missing = [key for key in OPTIONS if key not in saved_group]
+                if missing:
+                    raise ValueError(f"this state_dict's param group {index} has no {missing[0]} option: the state_dict is corrupt")
                 try:
                     check_options(self.rule, {**group, **saved_group})
                 except ValueError as error:
@@ -580,6 +587,9 @@ class LearnedOptimizer(Optimizer):
             # loaded, it would turn its parameter into NaN with no non-finite step ever counted.
             if non_finite_keys({key: saved[key] for key in ("h", "c")}):
                 raise ValueError(f"saved LSTM state of parameter {saved_id} holds NaN or infinite values: the state_dict is corrupt")
+        count = state_dict.get("nonfinite_steps", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"this state_dict's nonfinite_steps is {count!r}, expected an int >= 0: the state_dict is corrupt")
         problem = weights_problem(saved_rule.get("state_dict")) or weights_fit_problem(saved_rule["state_dict"], self.rule)
         if problem:
             raise ValueError(f"this state_dict's learned rule is corrupt: {problem}")
@@ -593,7 +603,7 @@ class LearnedOptimizer(Optimizer):
                 self.state[p]["h"] = saved["h"].to(p.device, copy=True)
                 self.state[p]["c"] = saved["c"].to(p.device, copy=True)
         self.rule.load_state_dict(saved_rule["state_dict"])
-        self._nonfinite_host = int(state_dict.get("nonfinite_steps", 0))
+        self._nonfinite_host = count
         self._nonfinite_device = None
         self._warned_nonfinite = self._nonfinite_host > 0  # The saving run warned already.
         self._buckets = {}

@@ -743,3 +743,25 @@ def test_hidden_states_of_another_kind_or_for_no_parameter_raise_a_value_error(c
     with pytest.raises(ValueError, match=message):
         resumed.load_state_dict(saved)
     assert len(resumed.state) == 0
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda saved: saved["param_groups"][0].pop("lr"), r"param group 0 has no lr option"),
+        (lambda saved: saved["param_groups"][0].pop("state_dtype"), r"param group 0 has no state_dtype option"),
+        (lambda saved: saved.update(nonfinite_steps="3"), r"nonfinite_steps is '3', expected an int >= 0"),
+        (lambda saved: saved.update(nonfinite_steps=-1), r"nonfinite_steps is -1, expected an int >= 0"),
+    ],
+    ids=["no lr", "no state_dtype", "string count", "negative count"],
+)
+def test_a_state_dict_without_a_group_option_or_with_a_bad_count_raises_before_loading(checkpoint, damage, message):
+    # The options were checked merged over this optimizer's, but torch.optim loads the saved group
+    # alone: without lr, the next step was a KeyError.
+    model, optimizer = stepped_mlp_optimizer(checkpoint)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved)
+    resumed = LearnedOptimizer(mlp(seed=1).parameters(), checkpoint)
+    with pytest.raises(ValueError, match=message):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0 and resumed.param_groups[0]["lr"] == 1.0
