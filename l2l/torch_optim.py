@@ -157,6 +157,21 @@ def group_rule(rule: nn.Module, group: dict[str, Any]) -> CoordinateWiseLSTM:
     return rule
 
 
+def check_state_fits(index: int, group: dict[str, Any], rule: CoordinateWiseLSTM, state: Tensor) -> None:
+    """Raises a ValueError if a hidden state ``[layers, hidden, N]`` of param group ``index`` does not fit ``rule``.
+
+    The state carries over when a group's ``rule_group`` changes, so the LSTM it names must have
+    the same layers and hidden size.
+    """
+    found, expected = tuple(state.shape[:2]), (rule.num_layers, rule.hidden_size)
+    if found != expected:
+        raise ValueError(
+            f"param group {index}'s LSTM state is {found[0]} layers x {found[1]} units, but rule_group "
+            f"{group.get('rule_group')!r} is {expected[0]} x {expected[1]}: a new rule_group must name an LSTM "
+            "of the same shape (the hidden state carries over)"
+        )
+
+
 def state_dtype_of(group: dict[str, Any], rule: CoordinateWiseLSTM, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of a group's recurrent state: the group's option, else the rule's, else the parameters'."""
     return group["state_dtype"] or rule.state_dtype or param_dtype
@@ -361,7 +376,11 @@ class LearnedOptimizer(Optimizer):
             p is q and self.state.get(p, {}).get("h") is h and self.state[p].get("c") is c
             for p, q, h, c in zip(params, bucket.params, bucket.h_views, bucket.c_views)
         ):
+            check_state_fits(index, group, rule, bucket.h)  # group["rule_group"] may have changed
             return bucket
+        for p in params:
+            if "h" in self.state.get(p, {}):
+                check_state_fits(index, group, rule, self.state[p]["h"])
         sizes = tuple(real_view(p).numel() for p in params)
         h, c = zero_state(rule, sum(sizes), device, state_dtype)
         h_views, c_views = h.split(sizes, dim=2), c.split(sizes, dim=2)

@@ -765,3 +765,23 @@ def test_a_state_dict_without_a_group_option_or_with_a_bad_count_raises_before_l
     with pytest.raises(ValueError, match=message):
         resumed.load_state_dict(saved)
     assert len(resumed.state) == 0 and resumed.param_groups[0]["lr"] == 1.0
+
+
+def test_changing_rule_group_to_an_lstm_of_another_shape_names_the_problem():
+    # The hidden state carries over when group["rule_group"] changes (README), so the new LSTM must
+    # have its shape; the LSTM's own error advised "build it with init_state(4)", which a user of
+    # the drop-in cannot do, and a parameter rejoining its bucket got a broadcasting RuntimeError.
+    rule = PerGroupRule({"a": sensitive_rule(seed=0), "b": sensitive_rule(seed=1, hidden_size=5)})
+    p, q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([{"params": [p, q], "rule_group": "a"}], rule)
+    p.grad, q.grad = torch.randn(4), torch.randn(3)
+    optimizer.step()
+    optimizer.param_groups[0]["rule_group"] = "b"
+    expected = "param group 0's LSTM state is 2 layers x 20 units, but rule_group 'b' is 2 x 5"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()  # the cached bucket
+    q.grad = None
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()  # a bucket rebuilt from the parameters' states
+    optimizer.param_groups[0]["rule_group"] = "a"
+    optimizer.step()
