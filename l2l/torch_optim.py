@@ -41,6 +41,10 @@ OPTIONS = ("lr", "maximize", "state_dtype", "chunk_size", "rule_group")
 FOREIGN_OPTIONS: dict[str, Any] = {
     "weight_decay": 0, "momentum": 0, "dampening": 0, "nesterov": False, "amsgrad": False, "centered": False,
     "betas": None, "eps": None,
+    # Adagrad, RMSprop, Adadelta, NAdam, Rprop, ASGD, Adafactor, Adam(W):
+    "lr_decay": 0, "initial_accumulator_value": 0, "decoupled_weight_decay": False,
+    "alpha": None, "rho": None, "momentum_decay": None, "etas": None, "step_sizes": None, "lambd": None, "t0": None,
+    "beta2_decay": None,
     "differentiable": False,  # torch.optim's __setstate__ puts differentiable=False into the defaults
 }
 FOREIGN_HINTS = {

@@ -501,7 +501,11 @@ def test_state_dict_post_hooks_see_and_may_replace_the_whole_state_dict(checkpoi
 @pytest.mark.parametrize(
     "option, value",
     [("weight_decay", 0.01), ("momentum", 0.9), ("dampening", 0.1), ("nesterov", True), ("amsgrad", True),
-     ("centered", True), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("differentiable", True)],
+     ("centered", True), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("differentiable", True),
+     # The other hand-designed optimizers' (Adagrad, RMSprop, Adadelta, NAdam, Rprop, ASGD, Adafactor, Adam).
+     ("lr_decay", 0.01), ("initial_accumulator_value", 0.1), ("alpha", 0.9), ("rho", 0.9), ("momentum_decay", 0.004),
+     ("etas", (0.5, 1.2)), ("step_sizes", (1e-6, 50)), ("lambd", 1e-4), ("t0", 1e6), ("beta2_decay", -0.8),
+     ("decoupled_weight_decay", True)],
 )
 def test_torch_optim_options_the_rule_lacks_are_refused_not_ignored(checkpoint, option, value):
     # Code that swaps Adam for the drop-in may keep per-group options such as weight decay; left in,
