@@ -537,8 +537,11 @@ class LearnedOptimizer(Optimizer):
 
         Raises:
             ValueError: the state was saved with a learned rule of another class or config
-                (preprocessing, hidden size, layers, ...), its hidden states do not fit the
-                parameters, or its hidden states or rule weights hold NaN or infinite values.
+                (preprocessing, hidden size, layers, ...); its hidden states do not fit the
+                parameters (shape, dtype, entries other than ``h`` and ``c``, a parameter no group
+                lists); its rule weights do not fit the rule; a group lacks an option or has an
+                invalid one; or hidden states or weights hold NaN or infinite values. Nothing is
+                loaded then.
         """
         # torch.optim's pre-hooks may rewrite the state_dict: check and load what they return.
         state_dict = state_dict.copy()
