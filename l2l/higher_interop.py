@@ -27,6 +27,7 @@ from l2l.torch_optim import (
     bucket_key,
     check_grad,
     check_options,
+    check_state_fits,
     group_rule,
     learned_step,
     real_view,
@@ -77,15 +78,9 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
         """Raises if a group's hidden state does not fit the LSTM its (overridden) ``rule_group`` names."""
         for index, group in enumerate(self.param_groups):
             rule = group_rule(self._rule, group)
-            expected = (rule.num_layers, rule.hidden_size)
             for state in self.state[index].values():
-                found = tuple(state["h"].shape[:2]) if "h" in state else expected
-                if found != expected:
-                    raise ValueError(
-                        f"param group {index}'s LSTM state is {found[0]} layers x {found[1]} units, but "
-                        f"rule_group {group['rule_group']!r} is {expected[0]} x {expected[1]}: a rule_group "
-                        "override must name an LSTM of the same shape"
-                    )
+                if "h" in state:
+                    check_state_fits(index, group, rule, state["h"])  # the drop-in's check and message
 
     def _apply_override(self, override: dict[str, list[Any]]) -> None:
         options = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]

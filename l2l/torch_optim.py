@@ -21,7 +21,7 @@ from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, 
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
-from l2l.optimizers.lstm import CoordinateWiseLSTM, LSTMState, check_state_dtype
+from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState, check_state_dtype
 
 # Coordinates per LSTM call: on a CPU a chunk's ~1 KiB/coordinate of temporaries should stay
 # cache-sized (2**14 ran 1.6x faster than 2**18 and 3x faster than 2**20 at 1e6 parameters); an
@@ -32,12 +32,19 @@ ACCELERATOR_CHUNK_SIZE = 2**20
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]  # (torch.optim's own alias is newer than torch 2.1)
 RuleFn = Callable[[Tensor, LSTMState], "tuple[Tensor, LSTMState]"]
 
+# The param-group options of LearnedOptimizer (its constructor's keyword arguments after params and checkpoint).
+OPTIONS = ("lr", "maximize", "state_dtype", "chunk_size", "rule_group")
+
 # Options of torch.optim's hand-designed optimizers that the learned rule has no counterpart for,
 # with the value that asks for nothing (None: there is none). Kept in a param group by code that
 # swapped Adam for the drop-in, they would be silently ignored and the model trained without them.
 FOREIGN_OPTIONS: dict[str, Any] = {
     "weight_decay": 0, "momentum": 0, "dampening": 0, "nesterov": False, "amsgrad": False, "centered": False,
     "betas": None, "eps": None,
+    # Adagrad, RMSprop, Adadelta, NAdam, Rprop, ASGD, Adafactor, Adam(W):
+    "lr_decay": 0, "initial_accumulator_value": 0, "decoupled_weight_decay": False,
+    "alpha": None, "rho": None, "momentum_decay": None, "etas": None, "step_sizes": None, "lambd": None, "t0": None,
+    "beta2_decay": None,
     "differentiable": False,  # torch.optim's __setstate__ puts differentiable=False into the defaults
 }
 FOREIGN_HINTS = {
@@ -152,6 +159,21 @@ def group_rule(rule: nn.Module, group: dict[str, Any]) -> CoordinateWiseLSTM:
     if name is not None:
         raise ValueError(f"rule_group={name!r} given, but the checkpoint holds a single {type(rule).__name__}")
     return rule
+
+
+def check_state_fits(index: int, group: dict[str, Any], rule: CoordinateWiseLSTM, state: Tensor) -> None:
+    """Raises a ValueError if a hidden state ``[layers, hidden, N]`` of param group ``index`` does not fit ``rule``.
+
+    The state carries over when a group's ``rule_group`` changes, so the LSTM it names must have
+    the same layers and hidden size.
+    """
+    found, expected = tuple(state.shape[:2]), (rule.num_layers, rule.hidden_size)
+    if found != expected:
+        raise ValueError(
+            f"param group {index}'s LSTM state is {found[0]} layers x {found[1]} units, but rule_group "
+            f"{group.get('rule_group')!r} is {expected[0]} x {expected[1]}: a new rule_group must name an LSTM "
+            "of the same shape (the hidden state carries over)"
+        )
 
 
 def state_dtype_of(group: dict[str, Any], rule: CoordinateWiseLSTM, param_dtype: torch.dtype) -> torch.dtype:
@@ -358,7 +380,11 @@ class LearnedOptimizer(Optimizer):
             p is q and self.state.get(p, {}).get("h") is h and self.state[p].get("c") is c
             for p, q, h, c in zip(params, bucket.params, bucket.h_views, bucket.c_views)
         ):
+            check_state_fits(index, group, rule, bucket.h)  # group["rule_group"] may have changed
             return bucket
+        for p in params:
+            if "h" in self.state.get(p, {}):
+                check_state_fits(index, group, rule, self.state[p]["h"])
         sizes = tuple(real_view(p).numel() for p in params)
         h, c = zero_state(rule, sum(sizes), device, state_dtype)
         h_views, c_views = h.split(sizes, dim=2), c.split(sizes, dim=2)
@@ -511,8 +537,11 @@ class LearnedOptimizer(Optimizer):
 
         Raises:
             ValueError: the state was saved with a learned rule of another class or config
-                (preprocessing, hidden size, layers, ...), its hidden states do not fit the
-                parameters, or its hidden states or rule weights hold NaN or infinite values.
+                (preprocessing, hidden size, layers, ...); its hidden states do not fit the
+                parameters (shape, dtype, entries other than ``h`` and ``c``, a parameter no group
+                lists); its rule weights do not fit the rule; a group lacks an option or has an
+                invalid one; or hidden states or weights hold NaN or infinite values. Nothing is
+                loaded then.
         """
         # torch.optim's pre-hooks may rewrite the state_dict: check and load what they return.
         state_dict = state_dict.copy()
@@ -532,7 +561,11 @@ class LearnedOptimizer(Optimizer):
         saved_groups = state_dict["param_groups"]
         pairs: list[tuple[Any, Tensor, dict[str, Any]]] = []
         if len(groups) == len(saved_groups) and all(len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)):
-            for group, saved_group in zip(groups, saved_groups):
+            for index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
+                # torch.optim loads the saved group as it is, not merged over this one's options.
+                missing = [key for key in OPTIONS if key not in saved_group]
+                if missing:
+                    raise ValueError(f"this state_dict's param group {index} has no {missing[0]} option: the state_dict is corrupt")
                 try:
                     check_options(self.rule, {**group, **saved_group})
                 except ValueError as error:
@@ -542,10 +575,26 @@ class LearnedOptimizer(Optimizer):
                 for group, saved_group in zip(groups, saved_groups)
                 for saved_id, p in zip(saved_group["params"], group["params"])
             ]
+        # torch.optim carries state of parameters no group lists along as it is; here it is damage.
+        listed = {saved_id for saved_id, _, _ in pairs}
+        unlisted = [saved_id for saved_id in state_dict["state"] if saved_id not in listed]
+        if pairs and unlisted:
+            raise ValueError(
+                f"this state_dict holds state for parameter {unlisted[0]}, which no param group lists: "
+                "it is corrupt or was edited"
+            )
         for saved_id, p, group in pairs:
             saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            if not saved:  # None, or {} (reading optimizer.state[p], a defaultdict, leaves {} behind): no state
                 continue
+            if not isinstance(saved, dict):
+                raise ValueError(f"saved state of parameter {saved_id} is a {type(saved).__name__}, expected a dict of h and c")
+            extra = [key for key in saved if key not in ("h", "c")]
+            if extra:
+                raise ValueError(
+                    f"saved state of parameter {saved_id} has unexpected entries {extra}: a LearnedOptimizer keeps "
+                    "only the LSTM state h and c (was it saved by another optimizer, or edited?)"
+                )
             rule = group_rule(self.rule, group)
             expected = (rule.num_layers, rule.hidden_size, real_view(p).numel())
             shapes = [tuple(saved[key].shape) if isinstance(saved.get(key), Tensor) else None for key in ("h", "c")]
@@ -554,11 +603,20 @@ class LearnedOptimizer(Optimizer):
                     f"saved LSTM state of parameter {saved_id} has shapes h {shapes[0]}, c {shapes[1]}; "
                     f"expected {expected} for a parameter of shape {tuple(p.shape)}"
                 )
+            for key in ("h", "c"):
+                if saved[key].dtype not in STATE_DTYPES:
+                    raise ValueError(
+                        f"saved LSTM state {key} of parameter {saved_id} is {saved[key].dtype}, expected a floating-point "
+                        f"dtype ({', '.join(map(str, STATE_DTYPES))}): the state_dict is corrupt"
+                    )
             # Non-finite gradients are kept out of the state, so a non-finite saved state is damage;
             # loaded, it would turn its parameter into NaN with no non-finite step ever counted.
             if non_finite_keys({key: saved[key] for key in ("h", "c")}):
                 raise ValueError(f"saved LSTM state of parameter {saved_id} holds NaN or infinite values: the state_dict is corrupt")
-        problem = weights_problem(saved_rule.get("state_dict"))
+        count = state_dict.get("nonfinite_steps", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"this state_dict's nonfinite_steps is {count!r}, expected an int >= 0: the state_dict is corrupt")
+        problem = weights_problem(saved_rule.get("state_dict")) or weights_fit_problem(saved_rule["state_dict"], self.rule)
         if problem:
             raise ValueError(f"this state_dict's learned rule is corrupt: {problem}")
         # The pre-hooks ran above; the post-hooks run once the LSTM state and weights are in place.
@@ -567,11 +625,11 @@ class LearnedOptimizer(Optimizer):
         # torch.optim casts floating state to each parameter's dtype; the LSTM state keeps its own.
         for saved_id, p, _ in pairs:
             saved = state_dict["state"].get(saved_id)
-            if saved is not None:
+            if saved:
                 self.state[p]["h"] = saved["h"].to(p.device, copy=True)
                 self.state[p]["c"] = saved["c"].to(p.device, copy=True)
         self.rule.load_state_dict(saved_rule["state_dict"])
-        self._nonfinite_host = int(state_dict.get("nonfinite_steps", 0))
+        self._nonfinite_host = count
         self._nonfinite_device = None
         self._warned_nonfinite = self._nonfinite_host > 0  # The saving run warned already.
         self._buckets = {}
@@ -594,6 +652,25 @@ class LearnedOptimizer(Optimizer):
             self._nonfinite_device = None
             self._buckets, self._device_rules = {}, {}
         super().__setstate__(state)
+
+
+def weights_fit_problem(weights: dict[str, Tensor], rule: nn.Module) -> str | None:
+    """What keeps ``weights`` from loading into ``rule`` (missing, unexpected, misshapen or non-float tensors), or None.
+
+    Checked before :meth:`LearnedOptimizer.load_state_dict` loads anything, where the module's
+    own check would raise only after the hidden states were in place.
+    """
+    expected = rule.state_dict()
+    problems = [f"missing {key}" for key in expected if key not in weights]
+    problems += [f"unexpected {key}" for key in weights if key not in expected]
+    for key, value in weights.items():
+        if key not in expected:
+            continue
+        if not value.is_floating_point():
+            problems.append(f"{key} is {value.dtype}, expected a floating-point tensor")
+        elif value.shape != expected[key].shape:
+            problems.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    return "weights " + "; ".join(problems) if problems else None
 
 
 def rule_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

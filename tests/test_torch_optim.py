@@ -501,7 +501,11 @@ def test_state_dict_post_hooks_see_and_may_replace_the_whole_state_dict(checkpoi
 @pytest.mark.parametrize(
     "option, value",
     [("weight_decay", 0.01), ("momentum", 0.9), ("dampening", 0.1), ("nesterov", True), ("amsgrad", True),
-     ("centered", True), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("differentiable", True)],
+     ("centered", True), ("betas", (0.9, 0.999)), ("eps", 1e-8), ("differentiable", True),
+     # The other hand-designed optimizers' (Adagrad, RMSprop, Adadelta, NAdam, Rprop, ASGD, Adafactor, Adam).
+     ("lr_decay", 0.01), ("initial_accumulator_value", 0.1), ("alpha", 0.9), ("rho", 0.9), ("momentum_decay", 0.004),
+     ("etas", (0.5, 1.2)), ("step_sizes", (1e-6, 50)), ("lambd", 1e-4), ("t0", 1e6), ("beta2_decay", -0.8),
+     ("decoupled_weight_decay", True)],
 )
 def test_torch_optim_options_the_rule_lacks_are_refused_not_ignored(checkpoint, option, value):
     # Code that swaps Adam for the drop-in may keep per-group options such as weight decay; left in,
@@ -674,3 +678,114 @@ def test_a_state_saved_in_float32_continues_on_the_model_moved_to_float64(checkp
     for p, q in zip(model.parameters(), widened.parameters()):
         assert q.dtype == resumed.state[q]["h"].dtype == torch.float64
         torch.testing.assert_close(q.float(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def stepped_mlp_optimizer(checkpoint):
+    model = mlp()
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    train(model, optimizer, *batch(), 1)
+    return model, optimizer
+
+
+def test_a_state_entry_left_empty_by_reading_optimizer_state_loads_as_no_state(checkpoint):
+    # optimizer.state is a defaultdict (as in torch.optim): reading the state of a parameter that
+    # never had a gradient leaves {} behind, which state_dict saves and Adam loads as no state.
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    optimizer = LearnedOptimizer([a, b], checkpoint)
+    a.grad = torch.randn(3)
+    optimizer.step()
+    assert optimizer.state[b].get("h") is None
+    saved = optimizer.state_dict()
+    assert saved["state"][1] == {}
+    resumed = LearnedOptimizer([a, b], checkpoint)
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.state[a]["h"], optimizer.state[a]["h"]) and "h" not in resumed.state[b]
+    b.grad = torch.randn(2)
+    resumed.step()
+    assert resumed.state[b]["h"].shape == (2, 20, 2)
+
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda rule: rule.update(weight_out=torch.zeros(5)), r"weight_out has shape \(5,\), expected \(20,\)"),
+        (lambda rule: rule.pop("weight_out"), r"missing weight_out"),
+        (lambda rule: rule.update(weight_extra=torch.zeros(2)), r"unexpected weight_extra"),
+        (lambda rule: rule.update(bias_out=torch.tensor(1)), r"bias_out is torch.int64"),
+    ],
+    ids=["wrong shape", "missing", "extra", "integer"],
+)
+def test_rule_weights_that_do_not_fit_raise_a_value_error_and_load_nothing(checkpoint, damage, message):
+    model, optimizer = stepped_mlp_optimizer(checkpoint)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved["learned_rule"]["state_dict"])
+    resumed = LearnedOptimizer(mlp(seed=1).parameters(), sensitive_rule(seed=9))
+    weights = copy.deepcopy(resumed.rule.state_dict())
+    with pytest.raises(ValueError, match=rf"learned rule is corrupt: .*{message}"):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0  # nothing half-loaded: no hidden states without their weights
+    assert all(torch.equal(value, weights[key]) for key, value in resumed.rule.state_dict().items())
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda state: state[0].update(h=state[0]["h"].round().long()), r"saved LSTM state h of parameter 0 is torch.int64, expected a floating-point"),
+        (lambda state: state[0].update(c=state[0]["c"].to(torch.complex64)), r"saved LSTM state c of parameter 0 is torch.complex64"),
+        (lambda state: state.update({17: copy.deepcopy(state[0])}), r"parameter 17, which no param group lists"),
+        (lambda state: state[2].update(exp_avg=torch.zeros(4, 3)), r"parameter 2 has unexpected entries \['exp_avg'\]"),
+    ],
+    ids=["integer h", "complex c", "extra parameter", "extra entry"],
+)
+def test_hidden_states_of_another_kind_or_for_no_parameter_raise_a_value_error(checkpoint, damage, message):
+    # torch.optim would cast an integer state silently (and a complex one with a warning) and carry
+    # entries for parameters it does not have along forever.
+    model, optimizer = stepped_mlp_optimizer(checkpoint)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved["state"])
+    resumed = LearnedOptimizer(mlp(seed=1).parameters(), checkpoint)
+    with pytest.raises(ValueError, match=message):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda saved: saved["param_groups"][0].pop("lr"), r"param group 0 has no lr option"),
+        (lambda saved: saved["param_groups"][0].pop("state_dtype"), r"param group 0 has no state_dtype option"),
+        (lambda saved: saved.update(nonfinite_steps="3"), r"nonfinite_steps is '3', expected an int >= 0"),
+        (lambda saved: saved.update(nonfinite_steps=-1), r"nonfinite_steps is -1, expected an int >= 0"),
+    ],
+    ids=["no lr", "no state_dtype", "string count", "negative count"],
+)
+def test_a_state_dict_without_a_group_option_or_with_a_bad_count_raises_before_loading(checkpoint, damage, message):
+    # The options were checked merged over this optimizer's, but torch.optim loads the saved group
+    # alone: without lr, the next step was a KeyError.
+    model, optimizer = stepped_mlp_optimizer(checkpoint)
+    saved = copy.deepcopy(optimizer.state_dict())
+    damage(saved)
+    resumed = LearnedOptimizer(mlp(seed=1).parameters(), checkpoint)
+    with pytest.raises(ValueError, match=message):
+        resumed.load_state_dict(saved)
+    assert len(resumed.state) == 0 and resumed.param_groups[0]["lr"] == 1.0
+
+
+def test_changing_rule_group_to_an_lstm_of_another_shape_names_the_problem():
+    # The hidden state carries over when group["rule_group"] changes (README), so the new LSTM must
+    # have its shape; the LSTM's own error advised "build it with init_state(4)", which a user of
+    # the drop-in cannot do, and a parameter rejoining its bucket got a broadcasting RuntimeError.
+    rule = PerGroupRule({"a": sensitive_rule(seed=0), "b": sensitive_rule(seed=1, hidden_size=5)})
+    p, q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([{"params": [p, q], "rule_group": "a"}], rule)
+    p.grad, q.grad = torch.randn(4), torch.randn(3)
+    optimizer.step()
+    optimizer.param_groups[0]["rule_group"] = "b"
+    expected = "param group 0's LSTM state is 2 layers x 20 units, but rule_group 'b' is 2 x 5"
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()  # the cached bucket
+    q.grad = None
+    with pytest.raises(ValueError, match=expected):
+        optimizer.step()  # a bucket rebuilt from the parameters' states
+    optimizer.param_groups[0]["rule_group"] = "a"
+    optimizer.step()
