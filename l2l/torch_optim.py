@@ -32,9 +32,6 @@ ACCELERATOR_CHUNK_SIZE = 2**20
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]]]  # (torch.optim's own alias is newer than torch 2.1)
 RuleFn = Callable[[Tensor, LSTMState], "tuple[Tensor, LSTMState]"]
 
-# The param-group options of LearnedOptimizer (its constructor's keyword arguments after params and checkpoint).
-OPTIONS = ("lr", "maximize", "state_dtype", "chunk_size", "rule_group")
-
 # Options of torch.optim's hand-designed optimizers that the learned rule has no counterpart for,
 # with the value that asks for nothing (None: there is none). Kept in a param group by code that
 # swapped Adam for the drop-in, they would be silently ignored and the model trained without them.
@@ -563,7 +560,7 @@ class LearnedOptimizer(Optimizer):
         if len(groups) == len(saved_groups) and all(len(g["params"]) == len(s["params"]) for g, s in zip(groups, saved_groups)):
             for index, (group, saved_group) in enumerate(zip(groups, saved_groups)):
                 # torch.optim loads the saved group as it is, not merged over this one's options.
-                missing = [key for key in OPTIONS if key not in saved_group]
+                missing = [key for key in self.defaults if key not in FOREIGN_OPTIONS and key not in saved_group]
                 if missing:
                     raise ValueError(f"this state_dict's param group {index} has no {missing[0]} option: the state_dict is corrupt")
                 try:
