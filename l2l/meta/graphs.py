@@ -75,7 +75,7 @@ def graph_unsupported_reason(
 
 def batches_are_fixed(task: Task) -> bool:
     """Whether ``task.sample_batch`` returns the same data at every step (:attr:`~l2l.tasks.base.Task.fixed_batches`)."""
-    declared = type(task).fixed_batches
+    declared = getattr(type(task), "fixed_batches", None)  # a duck-typed task need not subclass Task
     return type(task).sample_batch is Task.sample_batch if declared is None else declared
 
 
