@@ -16,7 +16,7 @@ from l2l.kernels import fused
 from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason, task_tensors
 from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, map_tensors
-from l2l.tasks import ModuleFamily, QuadraticFamily, QuadraticTask, SupervisedData
+from l2l.tasks import ModuleFamily, QuadraticFamily, QuadraticTask, SupervisedData, get_task
 
 from gpu import CUDA, RECORDING, needs_cuda
 
@@ -157,23 +157,27 @@ def test_cuda_graph_replays_equal_eager_truncations(kernel):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_graph_new_task_new_length_and_lr_change():
-    family = QuadraticFamily()
+def graphs_match_eager_over_two_epochs(family, lengths, *, seed, new_lr=None):
+    """Two epochs of 16 instances of ``family`` (loaded into the runner), truncations of ``lengths``, graphed and eager.
+
+    ``new_lr`` is set as the second epoch's learning rate (a schedule step, which recaptures).
+    """
     tasks = [family.sample(16, torch.Generator().manual_seed(k), CUDA) for k in range(2)]
-    weights = torch.ones(20, device=CUDA)
+    weights = torch.ones(max(lengths), device=CUDA)
     outcomes = []
     for use_graph in (False, True):
-        rule = CoordinateWiseLSTM(seed=3).to(CUDA)
+        rule = CoordinateWiseLSTM(seed=seed).to(CUDA)
         optimizer = torch.optim.Adam(rule.parameters(), lr=1e-3, capturable=True)
         runner = GraphedTruncation(rule, optimizer, tasks[0], weights, 1.0, use_graph=use_graph)
+        assert runner.use_graph == use_graph or RECORDING
         losses = []
         for epoch, task in enumerate(tasks):
             if epoch:
                 runner.load_task(task)
                 for group in optimizer.param_groups:
-                    group["lr"] = 5e-4  # a schedule step: recaptured
+                    group["lr"] = new_lr if new_lr is not None else group["lr"]
             carry = start(rule, runner.task)
-            for steps in (20, 20, 7):  # a shorter last truncation: its own graph
+            for steps in lengths:
                 result = runner(carry, steps)
                 losses.append(result.meta_loss.clone())
                 carry = result.carry
@@ -181,6 +185,13 @@ def test_cuda_graph_new_task_new_length_and_lr_change():
     torch.testing.assert_close(outcomes[1][0], outcomes[0][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(outcomes[1][1], outcomes[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graph_new_task_new_length_and_lr_change():
+    # A shorter last truncation: its own graph.
+    graphs_match_eager_over_two_epochs(QuadraticFamily(), (20, 20, 7), seed=3, new_lr=5e-4)
 
 
 @pytest.mark.cuda
@@ -257,7 +268,7 @@ def test_graph_reasons_name_the_tasks_device_minibatches_and_a_fresh_optimizer_t
     assert graph_unsupported_reason(task, stepped, cuda) is None  # its state exists: the snapshot restores it
     minibatches = ModuleFamily(lambda: nn.Linear(3, 2), lambda device: SupervisedData(
         torch.randn(8, 3), torch.zeros(8, dtype=torch.long), torch.randn(8, 3), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    assert "ModuleTask overrides sample_batch" in graph_unsupported_reason(
+    assert "ModuleTask draws a new minibatch every step" in graph_unsupported_reason(
         minibatches.sample(1, torch.Generator().manual_seed(0)), None, cuda)
     # The runner asks about the task's device, not where the loss weights happen to be.
     with pytest.raises(ValueError, match="loss_weights are on meta, the task on cpu"):
@@ -330,3 +341,56 @@ def test_a_carry_that_does_not_fit_the_static_one_is_refused():
         runner._load_carry(start(rule, other))
     with pytest.raises(ValueError, match="carry tensor 0 has dtype torch.float64"):
         runner._load_carry(map_tensors(torch.Tensor.double, start(rule, task)))
+
+
+class RandomBatchQuadraticTask(QuadraticTask):
+    """Overrides sample_batch, declaring nothing: a noisy target each step."""
+
+    def sample_batch(self, generator):
+        return torch.randn(self.y.shape, generator=generator)
+
+
+class FixedBatchQuadraticTask(RandomBatchQuadraticTask):
+    """The same, declared to return one batch whatever the generator."""
+
+    fixed_batches = True
+
+
+def test_a_task_whose_batches_are_fixed_is_graphed_and_one_that_draws_minibatches_is_refused_saying_what_to_do(monkeypatch):
+    """tangent-1d overrides sample_batch to return its full batch: a graph replays every step's data there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks read devices, they launch nothing
+    cuda = torch.device("cuda", 0)
+    tangent = get_task("tangent-1d").sample(2, torch.Generator().manual_seed(0))
+    assert graph_unsupported_reason(tangent, None, cuda) is None
+    base = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    assert graph_unsupported_reason(FixedBatchQuadraticTask(base.W, base.y), None, cuda) is None
+    # An override that declares nothing is taken to draw minibatches; ModuleTask declares it.
+    mnist_like = ModuleFamily(lambda: nn.Linear(3, 2), lambda device: SupervisedData(
+        torch.randn(8, 3), torch.zeros(8, dtype=torch.long), torch.randn(8, 3), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    for task, name in ((RandomBatchQuadraticTask(base.W, base.y), "RandomBatchQuadraticTask"),
+                       (mnist_like.sample(1, torch.Generator().manual_seed(0)), "ModuleTask")):
+        reason = graph_unsupported_reason(task, None, cuda)
+        assert reason.startswith(f"{name} draws a new minibatch every step (its sample_batch) and a graph would replay "
+                                 "the captured one"), reason
+        assert "set fixed_batches = True on the class" in reason
+
+
+def test_tangent_1d_trains_through_the_graph_runner_as_eagerly():
+    """Off CUDA the runner falls back to eager truncations: what is checked is loading each epoch's instances."""
+    config = dict(task="tangent-1d", epochs=2, instances=2, optimizee_steps=6, unroll=4, val_every=2, val_problems=2)
+    eager = MetaTrainer(TrainConfig(device="cpu", **config))
+    graphed = MetaTrainer(TrainConfig(device="cpu", **config))
+    graphed.use_graphs = True  # what auto chooses on CUDA
+    eager.run(progress=False)
+    graphed.run(progress=False)
+    assert graphed.graphed is not None
+    assert [r["meta_loss"] for r in graphed.history] == pytest.approx([r["meta_loss"] for r in eager.history], rel=1e-6)
+    for name, value in eager.rule.state_dict().items():
+        torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_graph_replays_of_tangent_1d_equal_eager_truncations():
+    """A module task (vmap, jvp, autograd in the loss) captured: its full batch is rebuilt from the task's data."""
+    graphs_match_eager_over_two_epochs(get_task("tangent-1d"), (10, 10), seed=4)

@@ -190,6 +190,30 @@ def test_backward_with_only_the_update_used_float32(interpreter):
 
 
 @needs_triton
+@pytest.mark.parametrize("n", [0, 9])
+def test_the_read_out_weights_get_no_gradient_where_only_the_state_is_used_as_in_the_reference(interpreter, n):
+    """The update is all that reads ``w_out, b_out``: a loss of the new state alone leaves their gradients None.
+
+    Zeros instead would not be the same to a meta-optimizer (Adam steps a parameter with a zero
+    gradient, its moments carrying it on, and skips one whose gradient is None).
+    """
+    rule = CoordinateWiseLSTM(hidden_size=4, seed=8).double()
+    grad = edge_gradients(n) if n else torch.zeros(0, dtype=torch.float64)
+    h, c = random_state(rule, n)
+    results = []
+    for kernel in ("fused", "reference"):
+        rule.kernel = kernel
+        _, state = rule(grad, LSTMState(h, c))
+        results.append(torch.autograd.grad(state.h.sum() + state.c.sum(), list(rule.parameters()), allow_unused=True))
+    names = [name for name, _ in rule.named_parameters()]
+    assert [name for name, g in zip(names, results[1]) if g is None] == ["weight_out", "bias_out"]
+    for name, a, b in zip(names, *results):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, **TIGHT[torch.float64], msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_nonfinite_gradients_propagate_like_the_reference(interpreter, dtype):
     # float32 runs the dots as tf32x3 (emulated), whose small terms turn an infinity into NaN

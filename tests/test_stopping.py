@@ -82,6 +82,23 @@ def test_signals_ask_for_a_stop_a_late_second_ctrl_c_stops_at_once_and_the_old_h
     assert stop.reason == "SIGTERM"
 
 
+def test_a_ctrl_c_after_a_stop_asked_for_otherwise_is_the_first_one_not_an_error():
+    """Another process's stop (or a call) comes first under torchrun: this process's own Ctrl-C then joins it.
+
+    The handler read the time of a first signal that had never come (an IndexError, raised into
+    whatever the main thread was doing); a later Ctrl-C still stops at once.
+    """
+    with stop_on_signals(announce=False, repeat_after_s=0.2) as stop:
+        stop.request("another process was asked to stop")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs in the main thread at the next bytecode
+        assert stop.reason == "another process was asked to stop"
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+
+
 def test_outside_the_main_thread_the_request_is_made_by_calling_it():
     seen = []
 

@@ -673,7 +673,7 @@ class FusedLSTMFunction(torch.autograd.Function):
         weight_grads: list[Tensor | None] = [None] * len(weights)
         if n == 0 or nothing_flows or not (need_dg or need_dstate or need_dw):
             weight_grads = [torch.zeros_like(w) if needs[4 + k] else None for k, w in enumerate(weights)]
-            return (d_grad, d_h0, d_c0, None, *weight_grads)
+            return (d_grad, d_h0, d_c0, None, *_read_out_unused(weight_grads, d_update))
         d_update = None if d_update is None else d_update.contiguous()
         d_h = None if d_h is None else d_h.contiguous()
         d_c = None if d_c is None else d_c.contiguous()
@@ -711,4 +711,14 @@ class FusedLSTMFunction(torch.autograd.Function):
             weight_grads = [
                 part.view(w.shape) if needs[4 + k] else None for k, (part, w) in enumerate(zip(summed, weights))
             ]
-        return (d_grad, d_h0, d_c0, None, *weight_grads)
+        return (d_grad, d_h0, d_c0, None, *_read_out_unused(weight_grads, d_update))
+
+
+def _read_out_unused(weight_grads: list[Tensor | None], d_update: Tensor | None) -> list[Tensor | None]:
+    """``weight_grads`` with None for ``w_out, b_out`` (the last two) where the update was not used.
+
+    Only the update reads them, so the reference path leaves them out of the graph of a loss of
+    the new state alone: their gradients are None there, and must be here too, not zeros (Adam
+    steps a parameter with a zero gradient and skips one with None).
+    """
+    return weight_grads if d_update is not None else [*weight_grads[:-2], None, None]

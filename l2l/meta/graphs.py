@@ -4,8 +4,8 @@ A truncation of the paper's quadratic setting (128 x 10 coordinates, 20 steps) l
 1,500 small kernels forward and backward; replaying them as one CUDA graph removes the launch
 overhead that otherwise dominates. :class:`GraphedTruncation` computes exactly what one pass
 of ``MetaTrainer.train_epoch``'s loop computes and falls back to running it eagerly off CUDA,
-for tasks that draw minibatches (their generators are not captured), or for a meta-optimizer
-that is not ``capturable``.
+for tasks that draw minibatches (their generators are not captured; a task whose batch is the
+same every step declares ``fixed_batches = True``), or for a meta-optimizer that is not ``capturable``.
 
 Two graphs are captured per unroll length: (1) unroll + meta-loss + backward + gradient
 clipping + the finiteness test + copying the new carry into the static input carry, and (2)
@@ -53,8 +53,12 @@ def graph_unsupported_reason(
     """
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"CUDA graphs need a CUDA device (the task is on {device})"
-    if type(task).sample_batch is not Task.sample_batch:
-        return f"{type(task).__name__} overrides sample_batch (draws minibatches), and a graph would replay one minibatch"
+    if not batches_are_fixed(task):
+        return (
+            f"{type(task).__name__} draws a new minibatch every step (its sample_batch) and a graph would replay the "
+            "captured one; train it eagerly (cuda_graphs 'auto' or 'off'), or, if its sample_batch returns the same data "
+            "whatever the generator, set fixed_batches = True on the class"
+        )
     if meta_optimizer is None:
         return None
     for group in meta_optimizer.param_groups:
@@ -67,6 +71,12 @@ def graph_unsupported_reason(
             f"relies on; use one of {', '.join(t.__name__ for t in ZERO_INITIAL_STATE)}, or step it once first"
         )
     return None
+
+
+def batches_are_fixed(task: Task) -> bool:
+    """Whether ``task.sample_batch`` returns the same data at every step (:attr:`~l2l.tasks.base.Task.fixed_batches`)."""
+    declared = getattr(type(task), "fixed_batches", None)  # a duck-typed task need not subclass Task
+    return type(task).sample_batch is Task.sample_batch if declared is None else declared
 
 
 def task_tensors(task: Task) -> dict[str, Tensor]:

@@ -92,6 +92,11 @@ def stop_on_signals(
     def handle(number: int, frame: object) -> None:
         del frame  # Unused.
         name = signal.Signals(number).name
+        if stop.requested and not first_at and number == signal.SIGINT:
+            # Asked for otherwise (another process of the group, a call): this is the first Ctrl-C,
+            # and the stop is under way already; the next one, later, stops at once.
+            first_at.append(time.monotonic())
+            return
         if stop.requested:
             if number == signal.SIGINT and time.monotonic() - first_at[0] > repeat_after_s:
                 raise KeyboardInterrupt

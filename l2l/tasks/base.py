@@ -20,6 +20,11 @@ class Task(abc.ABC):
     # results, or None where it is correct.
     second_order_problem: str | None = None
 
+    # Whether sample_batch returns the same data whatever the generator (no minibatches, or a
+    # full batch), so that a CUDA graph, which replays the data of the step it captured, replays
+    # every step's. None: inferred, True unless the class overrides sample_batch.
+    fixed_batches: bool | None = None
+
     @property
     @abc.abstractmethod
     def num_instances(self) -> int:

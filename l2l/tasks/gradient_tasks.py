@@ -365,6 +365,8 @@ class TangentPropObjective:
 class Tangent1DTask(ModuleTask):
     """The five points as a full batch every step; metrics report the fit and the slopes."""
 
+    fixed_batches = True  # the same full batch every step: a CUDA graph may replay it
+
     def sample_batch(self, generator: torch.Generator | None) -> Minibatch:
         """The same full batch for every instance: inputs and targets ``[K, 5, 1]`` (no randomness)."""
         del generator  # Deterministic.

@@ -252,6 +252,8 @@ class ModuleTask(Task):
     def init_params(self) -> Tensor:
         return self.params0.clone()
 
+    fixed_batches = False  # a random minibatch per step (Tangent1DTask's full batch says otherwise)
+
     def sample_batch(self, generator: torch.Generator | None) -> Minibatch:
         """An independent minibatch per instance, and a seed for its random layers (see :class:`Minibatch`).
 
