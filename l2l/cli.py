@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
-from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
+from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, json_kind
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
@@ -82,7 +82,7 @@ def _read_config_file(path: Path | None) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise ConfigError(f"--config {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a JSON object of TrainConfig fields, found a {type(data).__name__}")
+        raise ConfigError(f"--config {path} must hold a JSON object of TrainConfig fields, found {json_kind(data)}")
     return data
 
 

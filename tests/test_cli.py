@@ -86,7 +86,7 @@ def test_config_file_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
     assert f"cannot read --config {tmp_path / 'nope.json'}: No such file or directory" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    for text, message in (("{", "is not valid JSON"), ("[1]", "must hold a JSON object of TrainConfig fields, found a list"),
+    for text, message in (("{", "is not valid JSON"), ("[1]", "must hold a JSON object of TrainConfig fields, found an array"),
                           ('{"device": 0}', "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 0")):
         bad.write_text(text)
         assert main(["train", "--config", str(bad)]) == 2

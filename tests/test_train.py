@@ -360,6 +360,15 @@ def test_a_list_given_in_python_equals_the_config_read_back_from_json():
     assert TrainConfig.from_json(config.to_json()) == config
 
 
+@pytest.mark.parametrize("text, found", [("[]", "an array"), ("3", "a number"), ('"task"', "a string"), ("null", "null")])
+def test_a_json_config_that_is_not_an_object_is_a_config_error_naming_what_it_holds(text, found):
+    for read in (TrainConfig.from_json, BenchConfig.from_json):
+        with pytest.raises(ConfigError, match=f"must be a JSON object of its fields, found {found}"):
+            read(text)
+    with pytest.raises(ConfigError, match=r"TrainConfig JSON is not valid JSON: Expecting"):
+        TrainConfig.from_json("{")
+
+
 @pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "gpu"])
 def test_malformed_devices_are_refused_in_the_config(device):
     with pytest.raises(ConfigError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
