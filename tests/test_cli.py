@@ -357,3 +357,15 @@ def test_a_checkpoint_of_the_wrong_kind_names_the_flags_that_take_each(tmp_path,
     assert "--init-from" in error and "optimizer.pt" in error  # said only --optimizer, a flag of l2l bench
     assert main(["train", "--resume", str(out / "optimizer.pt")]) == 2
     assert "--init-from" in capsys.readouterr().err  # the way to start a run from a use checkpoint's weights
+
+
+def test_resume_accepts_a_family_default_given_explicitly(tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = ["--optimizee-steps", "2", "--unroll", "2", "--val-problems", "2", "--quiet", "--no-bench", "--device", "cpu"]
+    assert main(["train", "--epochs", "1", "--out", str(out), "--task-option", "dim=3", *tiny]) == 0
+    # K, the dimension and the unroll left to the family (128, 10 and 20 for quadratics) at the start, spelled out here.
+    explicit = ["--instances", "128", "--task-option", "dim=3", "--unroll", "2"]
+    assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "2", *explicit, "--quiet", "--no-bench"]) == 0
+    assert "trained 2 epochs" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "3", "--instances", "64", "--quiet", "--no-bench"]) == 2
+    assert "instances: checkpoint 128, asked 64" in capsys.readouterr().err

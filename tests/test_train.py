@@ -561,6 +561,18 @@ def test_resume_refuses_every_setting_that_changes_what_is_computed(change):
                                                cuda_graphs="off", accumulate=2))
 
 
+@pytest.mark.parametrize("spelled", [{"instances": 128}, {"optimizee_steps": 100}, {"unroll": 20}, {"task_options": {"dim": 10}},
+                                     {"optimizee_steps": 100, "unroll": 20, "instances": 128, "task_options": {"dim": 10}}])
+def test_resume_compares_effective_values_so_a_family_default_spelled_out_is_no_change(spelled):
+    from l2l.meta.train import check_resumable
+
+    saved = TrainConfig(epochs=2, device="cpu")  # the quadratic family's defaults: dim 10, 100 steps, unroll 20, K 128
+    check_resumable(saved, dataclasses.replace(saved, **spelled))
+    check_resumable(dataclasses.replace(saved, **spelled), saved)
+    with pytest.raises(CheckpointError, match=r"instances: checkpoint 128, asked 64"):
+        check_resumable(saved, dataclasses.replace(saved, **{**spelled, "instances": 64}))
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: TrainConfig.from_dict({"task": "quadratic", "unrol": 5}), r"unknown TrainConfig field\(s\): unrol"),
     (lambda: TrainConfig(loss_weights=(1.0, 2.0), unroll=3, optimizee_steps=6), "loss_weights has 2 entries but the unroll has 3 steps"),

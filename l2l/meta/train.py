@@ -206,9 +206,30 @@ def initialise_from(rule: nn.Module, name_or_path: str) -> nn.Module:
     )
 
 
+def effective_values(config: TrainConfig) -> dict[str, Any]:
+    """``config.to_dict()`` with the task family's defaults filled in: what the run computes, not how it was spelled.
+
+    ``instances``, ``optimizee_steps`` and ``unroll`` left at None and task options left out
+    take the family's values, so ``--instances 128`` on a quadratic run is no change. A family
+    that cannot be built (an unregistered task, bad options) leaves the values as given.
+    """
+    values = config.to_dict()
+    try:
+        family = get_task(config.task, **config.task_options)
+        steps, length = horizon(config, family)
+    except (ValueError, TypeError):
+        return values
+    instances = config.instances or family.default_instances
+    return {**values, "task_options": family.config(), "instances": instances, "optimizee_steps": steps, "unroll": length}
+
+
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
-    """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot."""
-    saved_values, asked_values = saved.to_dict(), asked.to_dict()
+    """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot.
+
+    Effective values are compared (see :func:`effective_values`): a family default given
+    explicitly is the same run as one left to the family.
+    """
+    saved_values, asked_values = effective_values(saved), effective_values(asked)
     changed = [key for key in saved_values if key not in RESUMABLE_OVERRIDES and saved_values[key] != asked_values[key]]
     if changed:
         details = ", ".join(f"{key}: checkpoint {saved_values[key]!r}, asked {asked_values[key]!r}" for key in changed)
