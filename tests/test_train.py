@@ -330,6 +330,15 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     assert resumed.history == whole.history
 
 
+def test_resuming_with_fewer_epochs_than_the_checkpoint_finished_is_an_error_naming_both(tmp_path):
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, **TINY)
+    meta_train(config, tmp_path, progress=False)
+    written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=r"finished 3 epochs, but epochs asks for 2.*--epochs 3 or more"):
+        meta_train(dataclasses.replace(config, epochs=2), tmp_path, resume=tmp_path / "resume.pt", progress=False)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # nothing rewritten
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.update(train_config=None), "train_config is a NoneType, not a dict"),
     (lambda p: p.update(meta_optimizer=None), "meta_optimizer is a NoneType, not a dict"),

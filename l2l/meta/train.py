@@ -531,6 +531,13 @@ class MetaTrainer:
         payload = load_resume_checkpoint(path)
         check_resumable(saved_train_config(payload, path), self.config)
         source = f"resume checkpoint {path}"
+        if payload["epoch"] > self.config.epochs:
+            # Finished epochs cannot be undone: continuing would silently hand back a longer run than asked.
+            raise CheckpointError(
+                f"{source} has finished {payload['epoch']} epochs, but epochs asks for {self.config.epochs}; a resume "
+                f"cannot undo epochs: resume with --epochs {payload['epoch']} or more ({payload['epoch']} only "
+                f"completes and rewrites its files), or start a fresh run with --epochs {self.config.epochs}"
+            )
         if payload["rule"] != rule_spec(self.rule):
             raise CheckpointError(
                 f"{source} holds a rule ({payload['rule']}) that is not the one its train_config builds "
@@ -597,7 +604,7 @@ class MetaTrainer:
             # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
             self._consider(self.validate(), {"epoch": 0, "meta_loss": None})
         if self.epoch >= config.epochs:
-            # Resumed with no epoch left (--epochs not above the checkpoint's): the last epoch is
+            # Resumed with no epoch left (--epochs equal to the checkpoint's; restore refuses fewer): the last epoch is
             # validated as an uninterrupted run's would be, and the files are written (again).
             if self.history and "validation" not in self.history[-1]:
                 self._consider(self.validate(), self.history.pop())
@@ -666,7 +673,8 @@ def meta_train(
         out_dir: where ``optimizer.pt`` (use), ``resume.pt`` and ``history.json`` are written;
             None writes nothing.
         resume: a resume checkpoint to continue from; its configuration must equal ``config``
-            except for ``RESUMABLE_OVERRIDES``.
+            except for ``RESUMABLE_OVERRIDES``, and ``config.epochs`` must not be below the
+            epochs it has finished.
         progress: show a tqdm progress bar.
         overwrite: replace the checkpoints of another run already in ``out_dir`` (refused by
             default: nothing is lost). Resuming into the resume checkpoint's own directory never
@@ -677,6 +685,7 @@ def meta_train(
     Raises:
         ConfigError: ``out_dir`` is not a writable directory, or holds another run and
             ``overwrite`` is False.
+        CheckpointError: ``resume`` is unreadable or damaged, or does not fit ``config``.
         TrainingInterrupted: ``stop`` was requested before the last epoch.
     """
     collectives = Collectives(current_layout(config.accumulate))
