@@ -330,6 +330,44 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     assert resumed.history == whole.history
 
 
+def _shift_validation(monkeypatch, epoch, shift):
+    """Adds ``shift`` to the validation score of ``epoch`` (the others score as they are)."""
+    real_validate = MetaTrainer.validate
+    monkeypatch.setattr(MetaTrainer, "validate", lambda self: real_validate(self) + (shift if self.epoch == epoch else 0.0))
+
+
+@pytest.mark.parametrize("shift", [100.0, -100.0], ids=["last-epoch-validation-was-not-the-best", "it-was-the-best"])
+def test_a_finished_run_resumed_with_more_epochs_equals_a_run_started_with_them(tmp_path, monkeypatch, shift):
+    # Epoch 3 is off the validation cadence (every 2): the 3-epoch run validates it only because it is its last.
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, val_every=2, checkpoint_every=1, **TINY)
+    longer = dataclasses.replace(config, epochs=5)
+    _shift_validation(monkeypatch, 3, shift)
+    whole = meta_train(longer, tmp_path / "whole", progress=False)
+    short = meta_train(config, tmp_path / "run", progress=False)
+    assert short.history[-1]["epoch"] == 3 and "validation" in short.history[-1]
+    assert (short.best_epoch == 3) == (shift < 0)
+    resumed = meta_train(longer, tmp_path / "run", resume=tmp_path / "run" / "resume.pt", progress=False)
+    assert [record["epoch"] for record in resumed.history if "validation" in record] == [2, 4, 5]
+    assert resumed.history == whole.history
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == whole.history
+    assert (resumed.best_score, resumed.best_epoch) == (whole.best_score, whole.best_epoch)
+    for name, value in whole.rule.state_dict().items():
+        assert torch.equal(value, resumed.rule.state_dict()[name]), name
+
+
+def test_a_checkpoint_without_the_best_before_its_last_validation_keeps_that_validation_with_a_warning(tmp_path, monkeypatch):
+    # A resume checkpoint written before l2l kept the best weights from before the last epoch's extra validation.
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, val_every=2, **TINY)
+    _shift_validation(monkeypatch, 3, -100.0)
+    meta_train(config, tmp_path, progress=False)
+    payload = torch.load(tmp_path / "resume.pt", weights_only=True)
+    del payload["progress"]["before_final_validation"]
+    torch.save(payload, tmp_path / "resume.pt")
+    with pytest.warns(UserWarning, match="validated epoch 3 only because it was its last.*cannot be undone"):
+        resumed = meta_train(dataclasses.replace(config, epochs=4), tmp_path, resume=tmp_path / "resume.pt", progress=False)
+    assert resumed.best_epoch == 3 and "validation" in resumed.history[2]
+
+
 def test_resuming_with_fewer_epochs_than_the_checkpoint_finished_is_an_error_naming_both(tmp_path):
     config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, **TINY)
     meta_train(config, tmp_path, progress=False)
@@ -351,8 +389,11 @@ def test_resuming_with_fewer_epochs_than_the_checkpoint_finished_is_an_error_nam
     (lambda p: p["meta_optimizer"]["param_groups"][0].update(params=[0]), "has a damaged meta_optimizer entry"),
     (lambda p: p["progress"].update(best_score="low"), r"has a damaged progress.best_score entry \(ValueError"),
     (lambda p: p["progress"].pop("skipped"), r"has a damaged progress.skipped entry \(missing 'skipped'\)"),
+    (lambda p: p["progress"]["before_final_validation"].pop("best_state_dict"),
+     r"has a damaged progress.before_final_validation entry \(missing 'best_state_dict'\)"),
+    (lambda p: p["progress"]["before_final_validation"]["best_state_dict"].clear(), "weights do not match"),
 ], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule", "rng", "rng-state", "adam-groups",
-        "best-score", "skipped"])
+        "best-score", "skipped", "before-final", "before-final-weights"])
 def test_a_damaged_resume_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
     meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
     payload = torch.load(tmp_path / "resume.pt", weights_only=True)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -287,6 +288,10 @@ class MetaTrainer:
         self.best_score = math.inf
         self.best_epoch = -1
         self.best_state = copy.deepcopy(self.rule.state_dict())
+        # (best_score, best_epoch, best_state) from before the validation the last epoch had only for being the
+        # last (off the val_every cadence): a resume with more epochs undoes that validation, which a run started
+        # with them never makes. None once undone, or when no such validation was made.
+        self.before_final: tuple[float, int, dict[str, Tensor]] | None = None
         self.history: list[dict[str, Any]] = []
 
     # -- one epoch ---------------------------------------------------------------------------
@@ -479,6 +484,11 @@ class MetaTrainer:
                     "best_score": self.best_score,
                     "best_epoch": self.best_epoch,
                     "history": self.history,
+                    "before_final_validation": None if self.before_final is None else {
+                        "best_score": self.before_final[0],
+                        "best_epoch": self.before_final[1],
+                        "best_state_dict": _cpu(self.before_final[2]),
+                    },
                 },
             },
         )
@@ -523,7 +533,8 @@ class MetaTrainer:
         for name, value in [*self.rule.state_dict().items(), *self.best_state.items(), *adam]:
             digest.update(name.encode())
             digest.update(torch.as_tensor(value).detach().cpu().reshape(-1).view(torch.uint8).numpy())
-        progress = [self.epoch, self.skipped, self.consecutive_skipped, self.best_score, self.best_epoch, self.history]
+        before_final = None if self.before_final is None else self.before_final[:2]
+        progress = [self.epoch, self.skipped, self.consecutive_skipped, self.best_score, self.best_epoch, self.history, before_final]
         digest.update(json.dumps(progress, default=str).encode())
         return digest.hexdigest()
 
@@ -544,8 +555,7 @@ class MetaTrainer:
                 f"({rule_spec(self.rule)}): the checkpoint is damaged"
             )
         self.rule.load_state_dict(build_rule(payload["rule"], payload["state_dict"], source=source).state_dict())
-        self.best_state = build_rule(payload["rule"], payload["best_state_dict"], source=source).state_dict()
-        self.best_state = {key: value.to(self.device) for key, value in self.best_state.items()}
+        self.best_state = self._saved_weights(payload, payload["best_state_dict"], source)
         with _damaged_entry(source, "meta_optimizer"):
             self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
             self._align_meta_optimizer()
@@ -559,15 +569,51 @@ class MetaTrainer:
         self.best_score, self.best_epoch = read["best_score"], read["best_epoch"]
         # load_resume_checkpoint checked that the epoch is a count and the history a list.
         self.epoch, self.history = payload["epoch"], list(progress["history"])
+        before = progress.get("before_final_validation")  # absent from checkpoints of older l2l versions
+        with _damaged_entry(source, "progress.before_final_validation"):
+            self.before_final = None if before is None else (
+                float(before["best_score"]), int(before["best_epoch"]), self._saved_weights(payload, before["best_state_dict"], source)
+            )
+
+    def _saved_weights(self, payload: dict[str, Any], state_dict: Any, source: str) -> dict[str, Tensor]:
+        """Saved weights of the checkpoint's rule, checked (a CheckpointError if damaged), on this run's device."""
+        rule = build_rule(payload["rule"], state_dict, source=source)
+        return {key: value.to(self.device) for key, value in rule.state_dict().items()}
 
     # -- the loop ----------------------------------------------------------------------------
     def _consider(self, score: float, record: dict[str, Any]) -> None:
         """Records a validation score and keeps the current weights if they are the best so far."""
         record["validation"] = score if math.isfinite(score) else None
+        if record["epoch"] % self.config.val_every:
+            # Only for being the last epoch. _consider replaces best_state rather than changing it, so no copy.
+            self.before_final = (self.best_score, self.best_epoch, self.best_state)
         if score < self.best_score:
             self.best_score, self.best_epoch = score, self.epoch
             self.best_state = copy.deepcopy(self.rule.state_dict())
         self.history.append(record)
+
+    def _undo_final_validation(self) -> None:
+        """Forgets the validation a shorter run gave its last epoch for being the last, as a run started longer never made it.
+
+        A resume checkpoint written before l2l kept :attr:`before_final` lacks the best weights
+        from before that validation; if it made them the best it cannot be undone (a warning).
+        """
+        last = self.history[-1] if self.history else None
+        if last is None or "validation" not in last or last["epoch"] != self.epoch or self.epoch % self.config.val_every == 0:
+            return
+        if self.before_final is None and self.best_epoch == self.epoch:
+            warnings.warn(
+                f"the resumed run validated epoch {self.epoch} only because it was its last, and the best weights are "
+                f"that epoch's; this resume checkpoint predates the record of the best from before that validation, so "
+                f"it cannot be undone: the history keeps it, and the run can select other weights than one started "
+                f"with --epochs {self.config.epochs}",
+                stacklevel=3,
+            )
+            return
+        self.history[-1] = {key: value for key, value in last.items() if key != "validation"}
+        if self.before_final is not None:
+            self.best_score, self.best_epoch, self.best_state = self.before_final
+            self.before_final = None
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any process has been asked to stop (every process gets the same answer, so all stop together)."""
@@ -600,6 +646,8 @@ class MetaTrainer:
             disable=not (progress and self.layout.is_main), dynamic_ncols=True,
         )
         running = None
+        if self.epoch < config.epochs:
+            self._undo_final_validation()  # resumed with more epochs than the finished run had
         if config.init_from is not None and self.epoch == 0 and not self.history:
             # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
             self._consider(self.validate(), {"epoch": 0, "meta_loss": None})
