@@ -127,6 +127,21 @@ def test_training_stops_with_a_clear_message_when_non_finite_persists():
     assert trainer.skipped == 3
 
 
+def test_the_non_finite_advice_of_a_resumed_run_names_only_what_it_can_do(tmp_path):
+    config = TrainConfig(task="test-nan-after", epochs=1, max_nonfinite=100, **SMALL)
+    meta_train(config, tmp_path, progress=False)
+    resumed = dataclasses.replace(config, epochs=3, max_nonfinite=1)
+    with pytest.raises(NonFiniteError) as raised:
+        meta_train(resumed, tmp_path, resume=tmp_path / "resume.pt", progress=False)
+    message = str(raised.value)
+    assert "Lower --meta-lr" not in message  # neither may change on resume
+    assert "--meta-lr and --clip-grad-norm cannot change on resume: start a fresh run with lower ones" in message
+    assert f"--init-from {tmp_path / 'optimizer.pt'}" in message and "--max-nonfinite" in message
+    fresh = MetaTrainer(dataclasses.replace(config, max_nonfinite=1))
+    with pytest.raises(NonFiniteError, match="Lower --meta-lr or --clip-grad-norm, or check the task"):
+        fresh.run(progress=False)
+
+
 def test_non_finite_initial_loss_is_a_task_error():
     trainer = MetaTrainer(TrainConfig(task="test-nan-after", task_options={"threshold": -1.0}, epochs=1, **SMALL))
     with pytest.raises(NonFiniteError, match="non-finite loss at its initial parameters"):

@@ -293,6 +293,7 @@ class MetaTrainer:
         # with them never makes. None once undone, or when no such validation was made.
         self.before_final: tuple[float, int, dict[str, Tensor]] | None = None
         self.history: list[dict[str, Any]] = []
+        self.resumed_from: Path | None = None  # set by restore: a resumed run may change only RESUMABLE_OVERRIDES
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self) -> Tensor:
@@ -325,11 +326,23 @@ class MetaTrainer:
                 if self.consecutive_skipped >= config.max_nonfinite:
                     raise NonFiniteError(
                         f"{self.consecutive_skipped} meta-steps in a row had a non-finite meta-loss or meta-gradient "
-                        f"(epoch {self.epoch}); training stopped. Lower --meta-lr or --clip-grad-norm, or check the task."
+                        f"(epoch {self.epoch}); training stopped. {self._non_finite_advice()}"
                     )
                 break  # The trajectory diverged: the rest of this epoch would only repeat it.
             step += length
         return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+
+    def _non_finite_advice(self) -> str:
+        """What to do about persistent non-finite meta-steps, limited to what this run can change."""
+        if self.resumed_from is None:
+            return "Lower --meta-lr or --clip-grad-norm, or check the task."
+        # A resume cannot change them (RESUMABLE_OVERRIDES): only a fresh run can, from this run's best weights,
+        # written to out_dir or, before this run's first checkpoint there, beside the resume checkpoint.
+        written = [directory / USE_CHECKPOINT for directory in (self.out_dir, self.resumed_from.parent) if directory is not None]
+        best = next((path for path in written if path.is_file()), "this run's use checkpoint")
+        return ("--meta-lr and --clip-grad-norm cannot change on resume: start a fresh run with lower ones (--init-from "
+                f"{best} starts it from this run's best weights), allow more in a row with --max-nonfinite (a resume "
+                "may change it), or check the task.")
 
     def _eager_truncation(self, tasks: list) -> Truncate:
         """One truncation computed eagerly: unroll, meta-loss, backward (shard by shard), clip, and the step if all is finite."""
@@ -522,6 +535,7 @@ class MetaTrainer:
         """
         with self.collectives.together("loading the resume checkpoint"):
             self._restore(path)
+        self.resumed_from = Path(path)
         if self.collectives.active:
             self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
                                         "checkpoint", self._state_digest())
