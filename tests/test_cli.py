@@ -369,3 +369,16 @@ def test_resume_accepts_a_family_default_given_explicitly(tmp_path, capsys):
     assert "trained 2 epochs" in capsys.readouterr().out
     assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "3", "--instances", "64", "--quiet", "--no-bench"]) == 2
     assert "instances: checkpoint 128, asked 64" in capsys.readouterr().err
+
+
+def test_an_empty_split_or_init_from_clears_the_config_files(tmp_path):
+    from l2l.cli import build_parser, train_config
+
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"task": "cifar10", "split": ["conv", "fc"], "init_from": "mnist"}))
+    parse = build_parser().parse_args
+    kept = train_config(parse(["train", "--config", str(config_file)]))[0]
+    assert (kept.split, kept.init_from) == (("conv", "fc"), "mnist")
+    cleared = train_config(parse(["train", "--config", str(config_file), "--split", "", "--init-from", ""]))[0]
+    assert (cleared.split, cleared.init_from) == (None, None)
+    assert train_config(parse(["train", "--config", str(config_file), "--split", "fc"]))[0].split == ("fc",)
