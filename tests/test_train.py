@@ -638,6 +638,22 @@ def test_resume_compares_effective_values_so_a_family_default_spelled_out_is_no_
         check_resumable(saved, dataclasses.replace(saved, **{**spelled, "instances": 64}))
 
 
+def test_resume_takes_two_spellings_of_one_init_from_checkpoint_as_the_same(tmp_path, monkeypatch):
+    from l2l.checkpoint import shipped_checkpoints
+    from l2l.meta.train import check_resumable
+
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(epochs=2, device="cpu", init_from="first/optimizer.pt")  # the file may be gone by now
+    for spelling in ("./first/optimizer.pt", str(tmp_path / "first" / "optimizer.pt"), "first/../first/optimizer.pt"):
+        check_resumable(saved, dataclasses.replace(saved, init_from=spelling))
+    shipped = dataclasses.replace(saved, init_from="quadratic")
+    check_resumable(shipped, dataclasses.replace(saved, init_from=str(shipped_checkpoints()["quadratic"])))
+    with pytest.raises(CheckpointError, match="init_from: checkpoint"):
+        check_resumable(saved, dataclasses.replace(saved, init_from="second/optimizer.pt"))
+    with pytest.raises(CheckpointError, match="init_from: checkpoint"):
+        check_resumable(saved, dataclasses.replace(saved, init_from=None))
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: TrainConfig.from_dict({"task": "quadratic", "unrol": 5}), r"unknown TrainConfig field\(s\): unrol"),
     (lambda: TrainConfig(loss_weights=(1.0, 2.0), unroll=3, optimizee_steps=6), "loss_weights has 2 entries but the unroll has 3 steps"),

@@ -33,6 +33,7 @@ from l2l.checkpoint import (
     build_rule,
     load_resume_checkpoint,
     load_use_checkpoint,
+    resolve_checkpoint,
     rule_spec,
     save_resume_checkpoint,
     save_use_checkpoint,
@@ -213,8 +214,15 @@ def effective_values(config: TrainConfig) -> dict[str, Any]:
     ``instances``, ``optimizee_steps`` and ``unroll`` left at None and task options left out
     take the family's values, so ``--instances 128`` on a quadratic run is no change. A family
     that cannot be built (an unregistered task, bad options) leaves the values as given.
+    ``init_from`` becomes the absolute path of the checkpoint it names (a shipped name its file),
+    so ``./a/optimizer.pt`` is ``a/optimizer.pt``; the file need not exist any more.
     """
     values = config.to_dict()
+    if config.init_from is not None:
+        try:
+            values["init_from"] = str(resolve_checkpoint(config.init_from).resolve())
+        except CheckpointError:  # gone (a resume no longer needs it): the path as written, made absolute
+            values["init_from"] = os.path.abspath(config.init_from)
     try:
         family = get_task(config.task, **config.task_options)
         steps, length = horizon(config, family)
