@@ -343,6 +343,9 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     assert (resumed.best_score, resumed.best_epoch) == (whole.best_score, 3)
     assert (tmp_path / "cut" / "optimizer.pt").is_file()
     assert resumed.history == whole.history
+    # Resumed again to its first length, the run takes that validation back: it is the 6-epoch run it began as.
+    again = meta_train(longer, tmp_path / "cut", resume=tmp_path / "cut" / "resume.pt", progress=False)
+    assert again.history == MetaTrainer(longer).run(progress=False).history
 
 
 def _shift_validation(monkeypatch, epoch, shift):
