@@ -128,7 +128,8 @@ def test_training_stops_with_a_clear_message_when_non_finite_persists():
 
 
 def test_the_non_finite_advice_of_a_resumed_run_names_only_what_it_can_do(tmp_path):
-    config = TrainConfig(task="test-nan-after", epochs=1, max_nonfinite=100, **SMALL)
+    config = TrainConfig(task="test-nan-after", epochs=1, max_nonfinite=100, instances=3, optimizee_steps=2, unroll=1,
+                         val_problems=2, device="cpu")
     meta_train(config, tmp_path, progress=False)
     resumed = dataclasses.replace(config, epochs=3, max_nonfinite=1)
     with pytest.raises(NonFiniteError) as raised:
