@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
-from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig
+from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, json_kind
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
@@ -82,7 +82,7 @@ def _read_config_file(path: Path | None) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise ConfigError(f"--config {path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a JSON object of TrainConfig fields, found a {type(data).__name__}")
+        raise ConfigError(f"--config {path} must hold a JSON object of TrainConfig fields, found {json_kind(data)}")
     return data
 
 
@@ -92,6 +92,18 @@ def _loss_weights(text: str) -> str | tuple[float, ...]:
 
 def _name_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+# What an empty --split or --init-from parses to: "none", overriding a --config file's value (None means "not given").
+_CLEARED = object()
+
+
+def _split(text: str) -> tuple[str, ...] | object:
+    return _name_list(text) or _CLEARED
+
+
+def _init_from(text: str) -> str | object:
+    return text if text.strip() else _CLEARED
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -131,9 +143,10 @@ _TRAIN_FLAGS = [
     ("--val-problems", "val_problems", int, "held-out validation instances"),
     ("--max-nonfinite", "max_nonfinite", int, "stop after this many non-finite meta-steps in a row"),
     ("--checkpoint-every", "checkpoint_every", int, "write checkpoints every N epochs (and at the epoch where SIGTERM or a first Ctrl-C stops the run)"),
-    ("--split", "split", lambda text: _name_list(text) or None, "parameter kinds with their own LSTM, e.g. conv,fc "
-     "(default: one LSTM for every parameter)"),
-    ("--init-from", "init_from", str, "start from the weights of a use checkpoint (path or shipped name) instead of a fresh initialisation"),
+    ("--split", "split", _split, "parameter kinds with their own LSTM, e.g. conv,fc (default: one LSTM for every "
+     "parameter; '' for that, over a --config file's split)"),
+    ("--init-from", "init_from", _init_from, "start from the weights of a use checkpoint (path or shipped name) instead "
+     "of a fresh initialisation ('' for a fresh one, over a --config file's init_from)"),
     ("--seed", "seed", int, "seed of every random stream of the run"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--kernel", "kernel", str, "LSTM step: auto (fused Triton kernel on CUDA where available) | reference | fused"),
@@ -179,6 +192,7 @@ def train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     changes one option of the file's (or the resumed run's) and keeps the others.
     """
     given = {name: getattr(args, name) for _, name, _, _ in _TRAIN_FLAGS if getattr(args, name) is not None}
+    given.update({name: None for name, value in given.items() if value is _CLEARED})
     if args.second_order is not None:
         given["second_order"] = args.second_order
     if args.task_option:

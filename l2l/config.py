@@ -72,6 +72,12 @@ def _check_device(value: str) -> None:
     )
 
 
+def json_kind(value: Any) -> str:
+    """What kind of JSON value ``value`` (as ``json.loads`` returns it) is, for error messages: "an array", "null", ..."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), f"a {type(value).__name__}")
+
+
 class _JSONConfig:
     """to_dict/from_dict/JSON for the dataclasses below; unknown keys are errors, not silently dropped."""
 
@@ -89,6 +95,8 @@ class _JSONConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.__name__} must be a JSON object of its fields, found {json_kind(data)}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -97,7 +105,11 @@ class _JSONConfig:
 
     @classmethod
     def from_json(cls, text: str):
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{cls.__name__} JSON is not valid JSON: {error}") from None
+        return cls.from_dict(data)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def test_config_file_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
     assert f"cannot read --config {tmp_path / 'nope.json'}: No such file or directory" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    for text, message in (("{", "is not valid JSON"), ("[1]", "must hold a JSON object of TrainConfig fields, found a list"),
+    for text, message in (("{", "is not valid JSON"), ("[1]", "must hold a JSON object of TrainConfig fields, found an array"),
                           ('{"device": 0}', "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 0")):
         bad.write_text(text)
         assert main(["train", "--config", str(bad)]) == 2
@@ -357,3 +357,28 @@ def test_a_checkpoint_of_the_wrong_kind_names_the_flags_that_take_each(tmp_path,
     assert "--init-from" in error and "optimizer.pt" in error  # said only --optimizer, a flag of l2l bench
     assert main(["train", "--resume", str(out / "optimizer.pt")]) == 2
     assert "--init-from" in capsys.readouterr().err  # the way to start a run from a use checkpoint's weights
+
+
+def test_resume_accepts_a_family_default_given_explicitly(tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = ["--optimizee-steps", "2", "--unroll", "2", "--val-problems", "2", "--quiet", "--no-bench", "--device", "cpu"]
+    assert main(["train", "--epochs", "1", "--out", str(out), "--task-option", "dim=3", *tiny]) == 0
+    # K, the dimension and the unroll left to the family (128, 10 and 20 for quadratics) at the start, spelled out here.
+    explicit = ["--instances", "128", "--task-option", "dim=3", "--unroll", "2"]
+    assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "2", *explicit, "--quiet", "--no-bench"]) == 0
+    assert "trained 2 epochs" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out / "resume.pt"), "--epochs", "3", "--instances", "64", "--quiet", "--no-bench"]) == 2
+    assert "instances: checkpoint 128, asked 64" in capsys.readouterr().err
+
+
+def test_an_empty_split_or_init_from_clears_the_config_files(tmp_path):
+    from l2l.cli import build_parser, train_config
+
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"task": "cifar10", "split": ["conv", "fc"], "init_from": "mnist"}))
+    parse = build_parser().parse_args
+    kept = train_config(parse(["train", "--config", str(config_file)]))[0]
+    assert (kept.split, kept.init_from) == (("conv", "fc"), "mnist")
+    cleared = train_config(parse(["train", "--config", str(config_file), "--split", "", "--init-from", ""]))[0]
+    assert (cleared.split, cleared.init_from) == (None, None)
+    assert train_config(parse(["train", "--config", str(config_file), "--split", "fc"]))[0].split == ("fc",)

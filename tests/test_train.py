@@ -127,6 +127,22 @@ def test_training_stops_with_a_clear_message_when_non_finite_persists():
     assert trainer.skipped == 3
 
 
+def test_the_non_finite_advice_of_a_resumed_run_names_only_what_it_can_do(tmp_path):
+    config = TrainConfig(task="test-nan-after", epochs=1, max_nonfinite=100, instances=3, optimizee_steps=2, unroll=1,
+                         val_problems=2, device="cpu")
+    meta_train(config, tmp_path, progress=False)
+    resumed = dataclasses.replace(config, epochs=3, max_nonfinite=1)
+    with pytest.raises(NonFiniteError) as raised:
+        meta_train(resumed, tmp_path, resume=tmp_path / "resume.pt", progress=False)
+    message = str(raised.value)
+    assert "Lower --meta-lr" not in message  # neither may change on resume
+    assert "--meta-lr and --clip-grad-norm cannot change on resume: start a fresh run with lower ones" in message
+    assert f"--init-from {tmp_path / 'optimizer.pt'}" in message and "--max-nonfinite" in message
+    fresh = MetaTrainer(dataclasses.replace(config, max_nonfinite=1))
+    with pytest.raises(NonFiniteError, match="Lower --meta-lr or --clip-grad-norm, or check the task"):
+        fresh.run(progress=False)
+
+
 def test_non_finite_initial_loss_is_a_task_error():
     trainer = MetaTrainer(TrainConfig(task="test-nan-after", task_options={"threshold": -1.0}, epochs=1, **SMALL))
     with pytest.raises(NonFiniteError, match="non-finite loss at its initial parameters"):
@@ -328,6 +344,56 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     assert (resumed.best_score, resumed.best_epoch) == (whole.best_score, 3)
     assert (tmp_path / "cut" / "optimizer.pt").is_file()
     assert resumed.history == whole.history
+    # Resumed again to its first length, the run takes that validation back: it is the 6-epoch run it began as.
+    again = meta_train(longer, tmp_path / "cut", resume=tmp_path / "cut" / "resume.pt", progress=False)
+    assert again.history == MetaTrainer(longer).run(progress=False).history
+
+
+def _shift_validation(monkeypatch, epoch, shift):
+    """Adds ``shift`` to the validation score of ``epoch`` (the others score as they are)."""
+    real_validate = MetaTrainer.validate
+    monkeypatch.setattr(MetaTrainer, "validate", lambda self: real_validate(self) + (shift if self.epoch == epoch else 0.0))
+
+
+@pytest.mark.parametrize("shift", [100.0, -100.0], ids=["last-epoch-validation-was-not-the-best", "it-was-the-best"])
+def test_a_finished_run_resumed_with_more_epochs_equals_a_run_started_with_them(tmp_path, monkeypatch, shift):
+    # Epoch 3 is off the validation cadence (every 2): the 3-epoch run validates it only because it is its last.
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, val_every=2, checkpoint_every=1, **TINY)
+    longer = dataclasses.replace(config, epochs=5)
+    _shift_validation(monkeypatch, 3, shift)
+    whole = meta_train(longer, tmp_path / "whole", progress=False)
+    short = meta_train(config, tmp_path / "run", progress=False)
+    assert short.history[-1]["epoch"] == 3 and "validation" in short.history[-1]
+    assert (short.best_epoch == 3) == (shift < 0)
+    resumed = meta_train(longer, tmp_path / "run", resume=tmp_path / "run" / "resume.pt", progress=False)
+    assert [record["epoch"] for record in resumed.history if "validation" in record] == [2, 4, 5]
+    assert resumed.history == whole.history
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == whole.history
+    assert (resumed.best_score, resumed.best_epoch) == (whole.best_score, whole.best_epoch)
+    for name, value in whole.rule.state_dict().items():
+        assert torch.equal(value, resumed.rule.state_dict()[name]), name
+
+
+def test_a_checkpoint_without_the_best_before_its_last_validation_keeps_that_validation_with_a_warning(tmp_path, monkeypatch):
+    # A resume checkpoint written before l2l kept the best weights from before the last epoch's extra validation.
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, val_every=2, **TINY)
+    _shift_validation(monkeypatch, 3, -100.0)
+    meta_train(config, tmp_path, progress=False)
+    payload = torch.load(tmp_path / "resume.pt", weights_only=True)
+    del payload["progress"]["before_final_validation"]
+    torch.save(payload, tmp_path / "resume.pt")
+    with pytest.warns(UserWarning, match="validated epoch 3 only because it was its last.*cannot be undone"):
+        resumed = meta_train(dataclasses.replace(config, epochs=4), tmp_path, resume=tmp_path / "resume.pt", progress=False)
+    assert resumed.best_epoch == 3 and "validation" in resumed.history[2]
+
+
+def test_resuming_with_fewer_epochs_than_the_checkpoint_finished_is_an_error_naming_both(tmp_path):
+    config = TrainConfig(epochs=3, optimizee_steps=2, unroll=2, **TINY)
+    meta_train(config, tmp_path, progress=False)
+    written = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(CheckpointError, match=r"finished 3 epochs, but epochs asks for 2.*--epochs 3 or more"):
+        meta_train(dataclasses.replace(config, epochs=2), tmp_path, resume=tmp_path / "resume.pt", progress=False)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == written  # nothing rewritten
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -342,8 +408,11 @@ def test_resuming_with_no_epoch_left_validates_the_last_epoch_and_writes_the_fil
     (lambda p: p["meta_optimizer"]["param_groups"][0].update(params=[0]), "has a damaged meta_optimizer entry"),
     (lambda p: p["progress"].update(best_score="low"), r"has a damaged progress.best_score entry \(ValueError"),
     (lambda p: p["progress"].pop("skipped"), r"has a damaged progress.skipped entry \(missing 'skipped'\)"),
+    (lambda p: p["progress"]["before_final_validation"].pop("best_state_dict"),
+     r"has a damaged progress.before_final_validation entry \(missing 'best_state_dict'\)"),
+    (lambda p: p["progress"]["before_final_validation"]["best_state_dict"].clear(), "weights do not match"),
 ], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule", "rng", "rng-state", "adam-groups",
-        "best-score", "skipped"])
+        "best-score", "skipped", "before-final", "before-final-weights"])
 def test_a_damaged_resume_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
     meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
     payload = torch.load(tmp_path / "resume.pt", weights_only=True)
@@ -358,6 +427,15 @@ def test_a_list_given_in_python_equals_the_config_read_back_from_json():
     config = TrainConfig(loss_weights=[1.0, 2.0, 0.0, 1.0, 1.0], split=["conv", "fc"], **SMALL)
     assert config.loss_weights == (1.0, 2.0, 0.0, 1.0, 1.0) and config.split == ("conv", "fc")
     assert TrainConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("text, found", [("[]", "an array"), ("3", "a number"), ('"task"', "a string"), ("null", "null")])
+def test_a_json_config_that_is_not_an_object_is_a_config_error_naming_what_it_holds(text, found):
+    for read in (TrainConfig.from_json, BenchConfig.from_json):
+        with pytest.raises(ConfigError, match=f"must be a JSON object of its fields, found {found}"):
+            read(text)
+    with pytest.raises(ConfigError, match=r"TrainConfig JSON is not valid JSON: Expecting"):
+        TrainConfig.from_json("{")
 
 
 @pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "gpu"])
@@ -550,6 +628,34 @@ def test_resume_refuses_every_setting_that_changes_what_is_computed(change):
         check_resumable(saved, dataclasses.replace(saved, **change))
     check_resumable(saved, dataclasses.replace(saved, epochs=9, max_nonfinite=3, checkpoint_every=7, kernel="reference",
                                                cuda_graphs="off", accumulate=2))
+
+
+@pytest.mark.parametrize("spelled", [{"instances": 128}, {"optimizee_steps": 100}, {"unroll": 20}, {"task_options": {"dim": 10}},
+                                     {"optimizee_steps": 100, "unroll": 20, "instances": 128, "task_options": {"dim": 10}}])
+def test_resume_compares_effective_values_so_a_family_default_spelled_out_is_no_change(spelled):
+    from l2l.meta.train import check_resumable
+
+    saved = TrainConfig(epochs=2, device="cpu")  # the quadratic family's defaults: dim 10, 100 steps, unroll 20, K 128
+    check_resumable(saved, dataclasses.replace(saved, **spelled))
+    check_resumable(dataclasses.replace(saved, **spelled), saved)
+    with pytest.raises(CheckpointError, match=r"instances: checkpoint 128, asked 64"):
+        check_resumable(saved, dataclasses.replace(saved, **{**spelled, "instances": 64}))
+
+
+def test_resume_takes_two_spellings_of_one_init_from_checkpoint_as_the_same(tmp_path, monkeypatch):
+    from l2l.checkpoint import shipped_checkpoints
+    from l2l.meta.train import check_resumable
+
+    monkeypatch.chdir(tmp_path)
+    saved = TrainConfig(epochs=2, device="cpu", init_from="first/optimizer.pt")  # the file may be gone by now
+    for spelling in ("./first/optimizer.pt", str(tmp_path / "first" / "optimizer.pt"), "first/../first/optimizer.pt"):
+        check_resumable(saved, dataclasses.replace(saved, init_from=spelling))
+    shipped = dataclasses.replace(saved, init_from="quadratic")
+    check_resumable(shipped, dataclasses.replace(saved, init_from=str(shipped_checkpoints()["quadratic"])))
+    with pytest.raises(CheckpointError, match="init_from: checkpoint"):
+        check_resumable(saved, dataclasses.replace(saved, init_from="second/optimizer.pt"))
+    with pytest.raises(CheckpointError, match="init_from: checkpoint"):
+        check_resumable(saved, dataclasses.replace(saved, init_from=None))
 
 
 @pytest.mark.parametrize("build, message", [

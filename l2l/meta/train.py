@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +33,7 @@ from l2l.checkpoint import (
     build_rule,
     load_resume_checkpoint,
     load_use_checkpoint,
+    resolve_checkpoint,
     rule_spec,
     save_resume_checkpoint,
     save_use_checkpoint,
@@ -206,9 +208,37 @@ def initialise_from(rule: nn.Module, name_or_path: str) -> nn.Module:
     )
 
 
+def effective_values(config: TrainConfig) -> dict[str, Any]:
+    """``config.to_dict()`` with the task family's defaults filled in: what the run computes, not how it was spelled.
+
+    ``instances``, ``optimizee_steps`` and ``unroll`` left at None and task options left out
+    take the family's values, so ``--instances 128`` on a quadratic run is no change. A family
+    that cannot be built (an unregistered task, bad options) leaves the values as given.
+    ``init_from`` becomes the absolute path of the checkpoint it names (a shipped name its file),
+    so ``./a/optimizer.pt`` is ``a/optimizer.pt``; the file need not exist any more.
+    """
+    values = config.to_dict()
+    if config.init_from is not None:
+        try:
+            values["init_from"] = str(resolve_checkpoint(config.init_from).resolve())
+        except CheckpointError:  # gone (a resume no longer needs it): the path as written, made absolute
+            values["init_from"] = os.path.abspath(config.init_from)
+    try:
+        family = get_task(config.task, **config.task_options)
+        steps, length = horizon(config, family)
+    except (ValueError, TypeError):
+        return values
+    instances = config.instances or family.default_instances
+    return {**values, "task_options": family.config(), "instances": instances, "optimizee_steps": steps, "unroll": length}
+
+
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
-    """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot."""
-    saved_values, asked_values = saved.to_dict(), asked.to_dict()
+    """Raises CheckpointError if ``asked`` changes anything of ``saved`` that a resume cannot.
+
+    Effective values are compared (see :func:`effective_values`): a family default given
+    explicitly is the same run as one left to the family.
+    """
+    saved_values, asked_values = effective_values(saved), effective_values(asked)
     changed = [key for key in saved_values if key not in RESUMABLE_OVERRIDES and saved_values[key] != asked_values[key]]
     if changed:
         details = ", ".join(f"{key}: checkpoint {saved_values[key]!r}, asked {asked_values[key]!r}" for key in changed)
@@ -266,7 +296,12 @@ class MetaTrainer:
         self.best_score = math.inf
         self.best_epoch = -1
         self.best_state = copy.deepcopy(self.rule.state_dict())
+        # (best_score, best_epoch, best_state) from before the validation the last epoch had only for being the
+        # last (off the val_every cadence): a resume with more epochs undoes that validation, which a run started
+        # with them never makes. None once undone, or when no such validation was made.
+        self.before_final: tuple[float, int, dict[str, Tensor]] | None = None
         self.history: list[dict[str, Any]] = []
+        self.resumed_from: Path | None = None  # set by restore: a resumed run may change only RESUMABLE_OVERRIDES
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self) -> Tensor:
@@ -299,11 +334,23 @@ class MetaTrainer:
                 if self.consecutive_skipped >= config.max_nonfinite:
                     raise NonFiniteError(
                         f"{self.consecutive_skipped} meta-steps in a row had a non-finite meta-loss or meta-gradient "
-                        f"(epoch {self.epoch}); training stopped. Lower --meta-lr or --clip-grad-norm, or check the task."
+                        f"(epoch {self.epoch}); training stopped. {self._non_finite_advice()}"
                     )
                 break  # The trajectory diverged: the rest of this epoch would only repeat it.
             step += length
         return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+
+    def _non_finite_advice(self) -> str:
+        """What to do about persistent non-finite meta-steps, limited to what this run can change."""
+        if self.resumed_from is None:
+            return "Lower --meta-lr or --clip-grad-norm, or check the task."
+        # A resume cannot change them (RESUMABLE_OVERRIDES): only a fresh run can, from this run's best weights,
+        # written to out_dir or, before this run's first checkpoint there, beside the resume checkpoint.
+        written = [directory / USE_CHECKPOINT for directory in (self.out_dir, self.resumed_from.parent) if directory is not None]
+        best = next((path for path in written if path.is_file()), "this run's use checkpoint")
+        return ("--meta-lr and --clip-grad-norm cannot change on resume: start a fresh run with lower ones (--init-from "
+                f"{best} starts it from this run's best weights), allow more in a row with --max-nonfinite (a resume "
+                "may change it), or check the task.")
 
     def _eager_truncation(self, tasks: list) -> Truncate:
         """One truncation computed eagerly: unroll, meta-loss, backward (shard by shard), clip, and the step if all is finite."""
@@ -458,6 +505,11 @@ class MetaTrainer:
                     "best_score": self.best_score,
                     "best_epoch": self.best_epoch,
                     "history": self.history,
+                    "before_final_validation": None if self.before_final is None else {
+                        "best_score": self.before_final[0],
+                        "best_epoch": self.before_final[1],
+                        "best_state_dict": _cpu(self.before_final[2]),
+                    },
                 },
             },
         )
@@ -491,6 +543,7 @@ class MetaTrainer:
         """
         with self.collectives.together("loading the resume checkpoint"):
             self._restore(path)
+        self.resumed_from = Path(path)
         if self.collectives.active:
             self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
                                         "checkpoint", self._state_digest())
@@ -502,7 +555,8 @@ class MetaTrainer:
         for name, value in [*self.rule.state_dict().items(), *self.best_state.items(), *adam]:
             digest.update(name.encode())
             digest.update(torch.as_tensor(value).detach().cpu().reshape(-1).view(torch.uint8).numpy())
-        progress = [self.epoch, self.skipped, self.consecutive_skipped, self.best_score, self.best_epoch, self.history]
+        before_final = None if self.before_final is None else self.before_final[:2]
+        progress = [self.epoch, self.skipped, self.consecutive_skipped, self.best_score, self.best_epoch, self.history, before_final]
         digest.update(json.dumps(progress, default=str).encode())
         return digest.hexdigest()
 
@@ -510,14 +564,20 @@ class MetaTrainer:
         payload = load_resume_checkpoint(path)
         check_resumable(saved_train_config(payload, path), self.config)
         source = f"resume checkpoint {path}"
+        if payload["epoch"] > self.config.epochs:
+            # Finished epochs cannot be undone: continuing would silently hand back a longer run than asked.
+            raise CheckpointError(
+                f"{source} has finished {payload['epoch']} epochs, but epochs asks for {self.config.epochs}; a resume "
+                f"cannot undo epochs: resume with --epochs {payload['epoch']} or more ({payload['epoch']} only "
+                f"completes and rewrites its files), or start a fresh run with --epochs {self.config.epochs}"
+            )
         if payload["rule"] != rule_spec(self.rule):
             raise CheckpointError(
                 f"{source} holds a rule ({payload['rule']}) that is not the one its train_config builds "
                 f"({rule_spec(self.rule)}): the checkpoint is damaged"
             )
         self.rule.load_state_dict(build_rule(payload["rule"], payload["state_dict"], source=source).state_dict())
-        self.best_state = build_rule(payload["rule"], payload["best_state_dict"], source=source).state_dict()
-        self.best_state = {key: value.to(self.device) for key, value in self.best_state.items()}
+        self.best_state = self._saved_weights(payload, payload["best_state_dict"], source)
         with _damaged_entry(source, "meta_optimizer"):
             self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
             self._align_meta_optimizer()
@@ -531,15 +591,51 @@ class MetaTrainer:
         self.best_score, self.best_epoch = read["best_score"], read["best_epoch"]
         # load_resume_checkpoint checked that the epoch is a count and the history a list.
         self.epoch, self.history = payload["epoch"], list(progress["history"])
+        before = progress.get("before_final_validation")  # absent from checkpoints of older l2l versions
+        with _damaged_entry(source, "progress.before_final_validation"):
+            self.before_final = None if before is None else (
+                float(before["best_score"]), int(before["best_epoch"]), self._saved_weights(payload, before["best_state_dict"], source)
+            )
+
+    def _saved_weights(self, payload: dict[str, Any], state_dict: Any, source: str) -> dict[str, Tensor]:
+        """Saved weights of the checkpoint's rule, checked (a CheckpointError if damaged), on this run's device."""
+        rule = build_rule(payload["rule"], state_dict, source=source)
+        return {key: value.to(self.device) for key, value in rule.state_dict().items()}
 
     # -- the loop ----------------------------------------------------------------------------
     def _consider(self, score: float, record: dict[str, Any]) -> None:
         """Records a validation score and keeps the current weights if they are the best so far."""
         record["validation"] = score if math.isfinite(score) else None
+        if record["epoch"] % self.config.val_every:
+            # Only for being the last epoch. _consider replaces best_state rather than changing it, so no copy.
+            self.before_final = (self.best_score, self.best_epoch, self.best_state)
         if score < self.best_score:
             self.best_score, self.best_epoch = score, self.epoch
             self.best_state = copy.deepcopy(self.rule.state_dict())
         self.history.append(record)
+
+    def _undo_final_validation(self) -> None:
+        """Forgets the validation a shorter run gave its last epoch for being the last, as a run started longer never made it.
+
+        A resume checkpoint written before l2l kept :attr:`before_final` lacks the best weights
+        from before that validation; if it made them the best it cannot be undone (a warning).
+        """
+        last = self.history[-1] if self.history else None
+        if last is None or "validation" not in last or last["epoch"] != self.epoch or self.epoch % self.config.val_every == 0:
+            return
+        if self.before_final is None and self.best_epoch == self.epoch:
+            warnings.warn(
+                f"the resumed run validated epoch {self.epoch} only because it was its last, and the best weights are "
+                f"that epoch's; this resume checkpoint predates the record of the best from before that validation, so "
+                f"it cannot be undone: the history keeps it, and the run can select other weights than one started "
+                f"with --epochs {self.config.epochs}",
+                stacklevel=3,
+            )
+            return
+        self.history[-1] = {key: value for key, value in last.items() if key != "validation"}
+        if self.before_final is not None:
+            self.best_score, self.best_epoch, self.best_state = self.before_final
+            self.before_final = None
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any process has been asked to stop (every process gets the same answer, so all stop together)."""
@@ -572,11 +668,13 @@ class MetaTrainer:
             disable=not (progress and self.layout.is_main), dynamic_ncols=True,
         )
         running = None
+        if self.epoch < config.epochs:
+            self._undo_final_validation()  # resumed with more epochs than the finished run had
         if config.init_from is not None and self.epoch == 0 and not self.history:
             # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
             self._consider(self.validate(), {"epoch": 0, "meta_loss": None})
         if self.epoch >= config.epochs:
-            # Resumed with no epoch left (--epochs not above the checkpoint's): the last epoch is
+            # Resumed with no epoch left (--epochs equal to the checkpoint's; restore refuses fewer): the last epoch is
             # validated as an uninterrupted run's would be, and the files are written (again).
             if self.history and "validation" not in self.history[-1]:
                 self._consider(self.validate(), self.history.pop())
@@ -645,7 +743,8 @@ def meta_train(
         out_dir: where ``optimizer.pt`` (use), ``resume.pt`` and ``history.json`` are written;
             None writes nothing.
         resume: a resume checkpoint to continue from; its configuration must equal ``config``
-            except for ``RESUMABLE_OVERRIDES``.
+            except for ``RESUMABLE_OVERRIDES``, and ``config.epochs`` must not be below the
+            epochs it has finished.
         progress: show a tqdm progress bar.
         overwrite: replace the checkpoints of another run already in ``out_dir`` (refused by
             default: nothing is lost). Resuming into the resume checkpoint's own directory never
@@ -656,6 +755,7 @@ def meta_train(
     Raises:
         ConfigError: ``out_dir`` is not a writable directory, or holds another run and
             ``overwrite`` is False.
+        CheckpointError: ``resume`` is unreadable or damaged, or does not fit ``config``.
         TrainingInterrupted: ``stop`` was requested before the last epoch.
     """
     collectives = Collectives(current_layout(config.accumulate))
