@@ -18,7 +18,8 @@ from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
-from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory, meta_train
+from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
+                            meta_train)
 from l2l.tasks.registry import get_task, list_tasks
 
 
@@ -163,7 +164,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--out", type=path_arg, help="output directory (default: runs/TASK)")
     parser.add_argument("--resume", type=path_arg, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the checkpoints of another run in --out (refused otherwise)")
+                        help="replace the checkpoints of another run in --out, and remove its bench.json (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
     parser.add_argument("--bench-problems", type=positive_int, default=512, help="held-out instances of the final comparison (default: 512)")
     parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances (default: 1)")
@@ -246,8 +247,8 @@ def _train(args: argparse.Namespace) -> int:
     report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
     report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
     print(format_table(report))
-    _write_report(out / "bench.json", report, "the comparison")
-    print(f"comparison written to {out / 'bench.json'}")
+    _write_report(out / BENCH_REPORT, report, "the comparison")
+    print(f"comparison written to {out / BENCH_REPORT}")
     return 0
 
 

@@ -357,3 +357,16 @@ def test_a_checkpoint_of_the_wrong_kind_names_the_flags_that_take_each(tmp_path,
     assert "--init-from" in error and "optimizer.pt" in error  # said only --optimizer, a flag of l2l bench
     assert main(["train", "--resume", str(out / "optimizer.pt")]) == 2
     assert "--init-from" in capsys.readouterr().err  # the way to start a run from a use checkpoint's weights
+
+
+def test_overwrite_removes_the_previous_runs_comparison_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--epochs", "1", "--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4",
+              "--quiet", "--no-bench", "--device", "cpu"]
+    assert main(["train", *common, "--out", str(out)]) == 0
+    (out / "bench.json").write_text('{"results": "of the earlier run"}')  # as its final comparison wrote it
+    (out / "notes.txt").write_text("the user's")
+    assert main(["train", *common, "--seed", "5", "--overwrite", "--out", str(out)]) == 0
+    # The earlier run's comparison described checkpoints that are gone; this run wrote none.
+    assert sorted(path.name for path in out.iterdir()) == ["history.json", "notes.txt", "optimizer.pt", "resume.pt"]
+

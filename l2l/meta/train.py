@@ -55,6 +55,7 @@ Truncate = Callable[[list[UnrollCarry], int], tuple[TruncationResult, list[Unrol
 USE_CHECKPOINT = "optimizer.pt"
 RESUME_CHECKPOINT = "resume.pt"
 HISTORY_FILE = "history.json"
+BENCH_REPORT = "bench.json"  # l2l train's final comparison, beside the checkpoints it describes
 
 # What a resumed run may change without changing what it computes (the kernel only changes rounding).
 # accumulate may change as long as processes x accumulate (the shards of an epoch) stays the same.
@@ -648,7 +649,8 @@ def meta_train(
             except for ``RESUMABLE_OVERRIDES``.
         progress: show a tqdm progress bar.
         overwrite: replace the checkpoints of another run already in ``out_dir`` (refused by
-            default: nothing is lost). Resuming into the resume checkpoint's own directory never
+            default: nothing is lost), and remove that run's ``bench.json``, which describes
+            checkpoints that are gone. Resuming into the resume checkpoint's own directory never
             needs it.
         stop: a request that stops training at the next epoch boundary once made, after writing
             the checkpoints there (``l2l.meta.stop_on_signals`` makes one from SIGINT and SIGTERM).
@@ -672,6 +674,8 @@ def meta_train(
                 in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
                 created = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()]
                 prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
+                if overwrite and not in_place:
+                    remove_replaced_report(Path(out_dir))
     try:
         trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
         if resume is not None:
@@ -697,6 +701,23 @@ def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
             f"`l2l train --resume {out_dir / RESUME_CHECKPOINT}`, choose another --out, or pass --overwrite to replace it"
         )
     make_writable_directory(out_dir, f"the output directory {out_dir}", "choose another --out")
+
+
+def remove_replaced_report(out_dir: Path) -> None:
+    """Removes the ``bench.json`` a replaced run left in ``out_dir``; a ConfigError if it cannot be.
+
+    Only that report is removed: the checkpoints are replaced by the new run's, and anything
+    else in ``out_dir`` was not written by l2l. Left there, a run with ``--no-bench`` (or one
+    stopped before its comparison) would sit beside the earlier run's figures.
+    """
+    path = out_dir / BENCH_REPORT
+    if not path.is_file():
+        return
+    try:
+        path.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot remove the replaced run's comparison {path}: {error.strerror or error}; "
+                          "remove it yourself or choose another --out") from None
 
 
 def make_writable_directory(directory: Path, what: str, fix: str) -> None:
