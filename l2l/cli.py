@@ -19,7 +19,7 @@ from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
-                            meta_train)
+                            meta_train, missing_directories, remove_empty_directories)
 from l2l.tasks.registry import get_task, list_tasks
 
 
@@ -340,9 +340,21 @@ def _bench(args: argparse.Namespace) -> int:
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"
         learned[label] = set_kernel(loaded.rule, config.kernel)
         sources[label] = str(name_or_path)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # last: it creates their directories
-        if path is not None:
+    outputs = {flag: path for flag, path in (("--json", args.json), ("--plot", args.plot)) if path is not None}
+    created = missing_directories(*(path.parent for path in outputs.values()))
+    try:
+        for flag, path in outputs.items():  # last: it creates their directories
             _check_output_file(flag, path)
+        _bench_and_write(config, family, learned, sources, args)
+    except BaseException:
+        # A benchmark that failed (or was interrupted) before writing leaves no empty directories of its own.
+        remove_empty_directories(created)
+        raise
+    return 0
+
+
+def _bench_and_write(config: BenchConfig, family, learned: dict, sources: dict, args: argparse.Namespace) -> None:
+    """Runs the checked benchmark, prints its table and writes ``--json`` and ``--plot``."""
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
     report["optimizer_labels"] = sources
@@ -358,7 +370,6 @@ def _bench(args: argparse.Namespace) -> int:
         except OSError as error:
             raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
         print(f"figure written to {args.plot}")
-    return 0
 
 
 def _write_report(path: Path, report: dict, what: str) -> None:

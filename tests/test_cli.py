@@ -370,3 +370,14 @@ def test_overwrite_removes_the_previous_runs_comparison_and_nothing_else(tmp_pat
     # The earlier run's comparison described checkpoints that are gone; this run wrote none.
     assert sorted(path.name for path in out.iterdir()) == ["history.json", "notes.txt", "optimizer.pt", "resume.pt"]
 
+
+
+def test_a_bench_that_fails_leaves_no_directories_it_created(tmp_path, capsys):
+    common = ["bench", "--optimizer", "quadratic", "--kernel", "fused", "--steps", "2", "--problems", "2", "--baselines", "",
+              "--quiet", "--device", "cpu"]  # fails at the first step, after the output paths were checked
+    assert main([*common, "--json", str(tmp_path / "new" / "deeper" / "bench.json")]) == 2
+    assert "kernel='fused' cannot run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a directory the user made is theirs, even empty
+    assert main([*common, "--json", str(tmp_path / "mine" / "new" / "bench.json")]) == 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "mine"] and list((tmp_path / "mine").iterdir()) == []

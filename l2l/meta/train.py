@@ -672,7 +672,7 @@ def meta_train(
         with collectives.together("checking the output directory (on process 0)"):
             if collectives.layout.is_main:
                 in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
-                created = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()]
+                created = missing_directories(Path(out_dir))
                 prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
                 if overwrite and not in_place:
                     remove_replaced_report(Path(out_dir))
@@ -683,10 +683,7 @@ def meta_train(
         return trainer.run(progress=progress, stop=stop)
     except BaseException:
         # A run that failed before its first checkpoint leaves no empty directories behind.
-        for directory in created:
-            if any(directory.iterdir()):
-                break
-            directory.rmdir()
+        remove_empty_directories(created)
         raise
 
 
@@ -701,6 +698,23 @@ def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
             f"`l2l train --resume {out_dir / RESUME_CHECKPOINT}`, choose another --out, or pass --overwrite to replace it"
         )
     make_writable_directory(out_dir, f"the output directory {out_dir}", "choose another --out")
+
+
+def missing_directories(*directories: Path) -> list[Path]:
+    """The directories among ``directories`` and their parents that do not exist yet, deepest first.
+
+    What creating ``directories`` would create: after a failure, :func:`remove_empty_directories`
+    removes those of them left empty, and never one that was there before.
+    """
+    missing = {d for directory in directories for d in (directory, *directory.parents) if not d.exists()}
+    return sorted(missing, key=lambda d: len(d.absolute().parts), reverse=True)
+
+
+def remove_empty_directories(created: list[Path]) -> None:
+    """Removes the directories of ``created`` (deepest first, see :func:`missing_directories`) that are empty."""
+    for directory in created:
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def remove_replaced_report(out_dir: Path) -> None:
