@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from l2l.cli import positive_int
+from l2l.cli import positive_int, positive_int_list
 
 
 def measure(device: str, instances: int, epochs: int) -> dict:
@@ -61,16 +61,17 @@ def measure(device: str, instances: int, epochs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--instances", default="1,4,16")
+    parser.add_argument("--instances", type=positive_int_list, default="1,4,16", help="K, one process each, comma-separated")
     parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.device, int(args.instances), args.epochs)))
+        (instances,) = args.instances  # the parent passes one K
+        print(json.dumps(measure(args.device, instances, args.epochs)))
         return
     rows = []
-    for instances in (int(k) for k in args.instances.split(",")):
+    for instances in args.instances:
         done = subprocess.run(
             [sys.executable, __file__, "--child", "--device", args.device, "--instances", str(instances), "--epochs", str(args.epochs)],
             capture_output=True, text=True,

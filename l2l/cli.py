@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -62,6 +63,31 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def positive_int_list(text: str, *, empty: bool = False) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers, such as ``1,4,16`` or ``1e5,1e6``.
+
+    Whole numbers may be written in e-notation (sizes: ``1e7``); ``0``, ``-5``, ``1.5``, ``x``
+    and an empty item are usage errors naming the value and the form. ``empty=True`` (through
+    ``functools.partial``) lets a blank value stand for no items.
+    """
+    if empty and not text.strip():
+        return ()
+    values = []
+    for part in text.split(","):
+        try:
+            value = positive_int(part)
+        except argparse.ArgumentTypeError:
+            try:
+                number = float(part)
+            except ValueError:
+                number = 0.0
+            value = int(number) if math.isfinite(number) and number.is_integer() and number > 0 else 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (such as 1,4,16 or 1e5), got {text!r}")
+        values.append(value)
+    return tuple(values)
 
 
 def path_arg(text: str) -> Path:
