@@ -324,3 +324,16 @@ def test_list_flags_take_whole_numbers_in_e_notation():
     for text in ("1.5", "1e-3", "inf", "nan", "+", "2,", ""):
         with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated positive integers"):
             positive_int_list(text)
+
+
+def test_mnist_epoch_help_documents_its_thread_variable_and_a_bad_value_is_a_usage_error(monkeypatch, capsys):
+    module = script("mnist_epoch")
+    monkeypatch.setattr(module.subprocess, "run", lambda *args, **kwargs: pytest.fail("a measurement ran"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--help")
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert stop.value.code == 0 and "L2L_THREADS" in text and "(default: 2)" in text
+    monkeypatch.setenv("L2L_THREADS", "0")  # was a traceback in each child, after the dataset had loaded
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--instances", "1")
+    assert stop.value.code == 2 and "L2L_THREADS: expected a positive integer, got '0'" in capsys.readouterr().err
