@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from l2l.cli import positive_int
+from l2l.cli import positive_int, positive_int_list
 
 
 def worker(task: str, device: str, accumulate: int, epochs: int, threads: int, out: str) -> None:
@@ -100,12 +101,13 @@ def main() -> None:
     parser.add_argument("--tasks", default="quadratic,mnist")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", type=positive_int, default=2)
-    parser.add_argument("--accumulate", default="2,4")
+    parser.add_argument("--accumulate", type=functools.partial(positive_int_list, empty=True), default="2,4",
+                        help="shards of the one-process runs with accumulation, comma-separated ('' for none)")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads of the one-process runs, shared by the P processes")
     parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
-    layouts = [(1, 1), *((1, int(a)) for a in args.accumulate.split(",") if a), (args.processes, 1)]
+    layouts = [(1, 1), *((1, a) for a in args.accumulate), (args.processes, 1)]
     rows = []
     for task in args.tasks.split(","):
         for processes, accumulate in layouts:

@@ -18,7 +18,7 @@ import torch
 from l2l.kernels.reference import coordinatewise_lstm
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.optimizers.preprocess import log_and_sign
-from l2l.cli import positive_int
+from l2l.cli import positive_int, positive_int_list
 
 
 def coordinate_major_step(x, states, cells):
@@ -43,7 +43,7 @@ def median_seconds(fn, repeats):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="16000,256000")
+    parser.add_argument("--sizes", type=positive_int_list, default="16000,256000", help="coordinates, comma-separated")
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json")
@@ -53,7 +53,7 @@ def main() -> None:
     cells = [torch.nn.LSTMCell(2, 20), torch.nn.LSTMCell(20, 20)]
     rows = []
     with torch.no_grad():
-        for n in (int(s) for s in args.sizes.split(",")):
+        for n in args.sizes:
             grad = torch.randn(n)
             x = log_and_sign(grad)
             h, c = lstm.init_state(n)

@@ -2,7 +2,7 @@
 
 Each configuration runs in its own process so that peak memory is its own.
 
-    python benchmarks/mnist_epoch.py [--device cpu|cuda] [--instances 1,4,16] [--epochs 3] [--json OUT]
+    L2L_THREADS=2 python benchmarks/mnist_epoch.py [--device cpu|cuda] [--instances 1,4,16] [--epochs 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import subprocess
 import sys
 import time
 
-from l2l.cli import positive_int
+from l2l.cli import positive_int, positive_int_list
+
+THREADS_ENV = "L2L_THREADS"  # torch threads of each measuring process; an environment variable, as in RESULTS.md's command
+DEFAULT_THREADS = 2
 
 
 def measure(device: str, instances: int, epochs: int) -> dict:
@@ -26,7 +29,7 @@ def measure(device: str, instances: int, epochs: int) -> dict:
     from l2l.config import TrainConfig
     from l2l.meta.train import MetaTrainer
 
-    torch.set_num_threads(int(os.environ.get("L2L_THREADS", "2")))
+    torch.set_num_threads(positive_int(os.environ.get(THREADS_ENV, str(DEFAULT_THREADS))))
     trainer = MetaTrainer(TrainConfig(task="mnist", instances=instances, epochs=epochs + 1, val_problems=1, device=device))
     # Before the first epoch: the dataset is loaded, nothing of an epoch is allocated yet, so the
     # peak's growth from here is what meta-training itself needs.
@@ -59,18 +62,27 @@ def measure(device: str, instances: int, epochs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=f"environment: {THREADS_ENV}=N sets the torch threads of each measuring process (default: {DEFAULT_THREADS}); "
+        "the CPU figures in benchmarks/RESULTS.md were measured with 1",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--instances", default="1,4,16")
+    parser.add_argument("--instances", type=positive_int_list, default="1,4,16", help="K, one process each, comma-separated")
     parser.add_argument("--epochs", type=positive_int, default=3)
     parser.add_argument("--json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:  # checked here: each child would fail only after loading the dataset
+        positive_int(os.environ.get(THREADS_ENV, str(DEFAULT_THREADS)))
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"{THREADS_ENV}: {error}")
     if args.child:
-        print(json.dumps(measure(args.device, int(args.instances), args.epochs)))
+        (instances,) = args.instances  # the parent passes one K
+        print(json.dumps(measure(args.device, instances, args.epochs)))
         return
     rows = []
-    for instances in (int(k) for k in args.instances.split(",")):
+    for instances in args.instances:
         done = subprocess.run(
             [sys.executable, __file__, "--child", "--device", args.device, "--instances", str(instances), "--epochs", str(args.epochs)],
             capture_output=True, text=True,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from l2l import CoordinateWiseLSTM, LearnedOptimizer
-from l2l.cli import positive_int
+from l2l.cli import positive_int, positive_int_list
 
 
 def make_model(num_params: int, device: torch.device) -> nn.Module:
@@ -52,8 +52,8 @@ def median_step_seconds(optimizer: torch.optim.Optimizer, repeats: int, device: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--sizes", default="1e5,1e6,1e7", help="parameter counts, comma-separated")
-    parser.add_argument("--repeats", default="20,7,3", help="timed steps per size (one value or one per size)")
+    parser.add_argument("--sizes", type=positive_int_list, default="1e5,1e6,1e7", help="parameter counts, comma-separated")
+    parser.add_argument("--repeats", type=positive_int_list, default="20,7,3", help="timed steps per size (one value or one per size)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--chunk-size", type=positive_int, help="default: the optimizer's (2**14 on CPU, 2**20 on CUDA)")
     parser.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
@@ -61,10 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
-    repeats = [int(r) if r.strip().isdigit() else 0 for r in args.repeats.split(",")]
-    if min(repeats) <= 0:
-        parser.error(f"argument --repeats: expected positive integers, one or one per size, got {args.repeats!r}")
+    sizes, repeats = args.sizes, args.repeats
     if len(repeats) not in (1, len(sizes)):
         parser.error(f"argument --repeats: {len(repeats)} values for {len(sizes)} --sizes; give one, or one per size")
     repeats = repeats * len(sizes) if len(repeats) == 1 else repeats

@@ -49,7 +49,7 @@ from l2l.meta.unroll import start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, LSTMState
 from l2l.tasks import QuadraticFamily
 from l2l.tasks.base import Task
-from l2l.cli import positive_int
+from l2l.cli import positive_int, positive_int_list
 
 INFERENCE_BYTES = 4 + 2 * 160 + 2 * 160 + 8  # g; h, c read and written (2 x 20 float32 each); parameter r/w
 META_BYTES = (4 + 320 + 320 + 4) + (4 + 320 + 320 + 4 + 320)  # forward + backward (see the docstring)
@@ -359,7 +359,7 @@ def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--sizes", help="coordinates, comma-separated (default: cpu 1280,16000; cuda 1280,16000,1e6,1e7)")
+    parser.add_argument("--sizes", type=positive_int_list, help="coordinates, comma-separated (default: cpu 1280,16000; cuda 1280,16000,1e6,1e7)")
     parser.add_argument("--unroll", type=positive_int, default=20, help="steps of the meta-training unroll")
     parser.add_argument("--precision", default=fused.get_config().precision, choices=fused.PRECISIONS)
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads")
@@ -381,7 +381,7 @@ def main() -> None:
             with open(args.json, "w") as handle:
                 json.dump(rows, handle, indent=1)
         return
-    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
+    sizes = list(args.sizes) if args.sizes else (
         [1280, 16_000] if device.type == "cpu" else list(CUDA_SIZES))
     asked = [name.strip() for name in args.kernels.split(",") if name.strip()]
     unknown = sorted(set(asked) - {"reference", "fused"})

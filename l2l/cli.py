@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import signal
 import sys
@@ -18,7 +19,8 @@ from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
-from l2l.meta.train import NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory, meta_train
+from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
+                            meta_train, missing_directories, remove_empty_directories)
 from l2l.tasks.registry import get_task, list_tasks
 
 
@@ -61,6 +63,31 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def positive_int_list(text: str, *, empty: bool = False) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers, such as ``1,4,16`` or ``1e5,1e6``.
+
+    Whole numbers may be written in e-notation (sizes: ``1e7``); ``0``, ``-5``, ``1.5``, ``x``
+    and an empty item are usage errors naming the value and the form. ``empty=True`` (through
+    ``functools.partial``) lets a blank value stand for no items.
+    """
+    if empty and not text.strip():
+        return ()
+    values = []
+    for part in text.split(","):
+        try:
+            value = positive_int(part)
+        except argparse.ArgumentTypeError:
+            try:
+                number = float(part)
+            except ValueError:
+                number = 0.0
+            value = int(number) if math.isfinite(number) and number.is_integer() and number > 0 else 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (such as 1,4,16 or 1e5), got {text!r}")
+        values.append(value)
+    return tuple(values)
 
 
 def path_arg(text: str) -> Path:
@@ -176,7 +203,7 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--out", type=path_arg, help="output directory (default: runs/TASK)")
     parser.add_argument("--resume", type=path_arg, metavar="PATH", help="continue from a resume checkpoint (OUT/resume.pt)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the checkpoints of another run in --out (refused otherwise)")
+                        help="replace the checkpoints of another run in --out, and remove its bench.json (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
     parser.add_argument("--bench-problems", type=positive_int, default=512, help="held-out instances of the final comparison (default: 512)")
     parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances (default: 1)")
@@ -260,8 +287,8 @@ def _train(args: argparse.Namespace) -> int:
     report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
     report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
     print(format_table(report))
-    _write_report(out / "bench.json", report, "the comparison")
-    print(f"comparison written to {out / 'bench.json'}")
+    _write_report(out / BENCH_REPORT, report, "the comparison")
+    print(f"comparison written to {out / BENCH_REPORT}")
     return 0
 
 
@@ -353,9 +380,21 @@ def _bench(args: argparse.Namespace) -> int:
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"
         learned[label] = set_kernel(loaded.rule, config.kernel)
         sources[label] = str(name_or_path)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # last: it creates their directories
-        if path is not None:
+    outputs = {flag: path for flag, path in (("--json", args.json), ("--plot", args.plot)) if path is not None}
+    created = missing_directories(*(path.parent for path in outputs.values()))
+    try:
+        for flag, path in outputs.items():  # last: it creates their directories
             _check_output_file(flag, path)
+        _bench_and_write(config, family, learned, sources, args)
+    except BaseException:
+        # A benchmark that failed (or was interrupted) before writing leaves no empty directories of its own.
+        remove_empty_directories(created)
+        raise
+    return 0
+
+
+def _bench_and_write(config: BenchConfig, family, learned: dict, sources: dict, args: argparse.Namespace) -> None:
+    """Runs the checked benchmark, prints its table and writes ``--json`` and ``--plot``."""
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
     report["optimizer_labels"] = sources
@@ -371,7 +410,6 @@ def _bench(args: argparse.Namespace) -> int:
         except OSError as error:
             raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
         print(f"figure written to {args.plot}")
-    return 0
 
 
 def _write_report(path: Path, report: dict, what: str) -> None:

@@ -1,6 +1,7 @@
 """benchmarks/: the issue-target verdicts unroll_throughput.py prints and records for the CUDA path, and the
 CPU path of the timing scripts at their smallest settings (what they print and write, ratios from the same run), and their usage errors."""
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -280,7 +281,7 @@ def test_kernel_variants_help_describes_it_and_measures_nothing(monkeypatch, cap
     ("unroll_throughput", ["--unroll", "0"], "--unroll: expected a positive integer, got '0'"),
     ("optimizer_step", ["--threads", "0"], "--threads: expected a positive integer, got '0'"),
     ("higher_meta_learning", ["--inner-steps", "0"], "--inner-steps: expected a positive integer, got '0'"),
-    ("optimizer_step", ["--repeats", "0"], "--repeats: expected positive integers, one or one per size, got '0'"),
+    ("optimizer_step", ["--repeats", "0"], "--repeats: expected comma-separated positive integers (such as 1,4,16 or 1e5), got '0'"),
     # Three sizes, two counts: the third size was skipped without a word.
     ("optimizer_step", ["--sizes", "1e3,1e4,1e5", "--repeats", "3,2"], "--repeats: 2 values for 3 --sizes"),
 ])
@@ -289,3 +290,50 @@ def test_bad_counts_are_usage_errors_naming_the_value(monkeypatch, capsys, name,
     with pytest.raises(SystemExit) as stop:
         run_main(module, monkeypatch, *argv)
     assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+LIST = "expected comma-separated positive integers (such as 1,4,16 or 1e5), got"
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("lstm_layout", ["--sizes", "abc"]),  # each was a ValueError traceback, or ran with nonsense
+    ("lstm_layout", ["--sizes", "0", "--repeats", "1"]),
+    ("optimizer_step", ["--sizes", "1e3,-5", "--repeats", "1"]),
+    ("optimizer_step", ["--sizes", "abc"]),
+    ("mnist_epoch", ["--instances", "x"]),
+    ("mnist_epoch", ["--instances", "1,,4"]),
+    ("mnist_epoch", ["--instances", ""]),
+    ("distributed_training", ["--accumulate", "2,x"]),
+    ("distributed_training", ["--accumulate", "0"]),
+    ("unroll_throughput", ["--sizes", "1e3,x"]),
+    ("unroll_throughput", ["--sizes", "abc"]),
+])
+def test_bad_lists_are_usage_errors_naming_the_flag_and_the_form(monkeypatch, capsys, name, argv):
+    module = script(name)
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, *argv)
+    flag, value = argv[:2]
+    assert stop.value.code == 2 and f"argument {flag}: {LIST} {value!r}" in capsys.readouterr().err
+
+
+def test_list_flags_take_whole_numbers_in_e_notation():
+    from l2l.cli import positive_int_list
+
+    assert positive_int_list("1e3, 16000,2") == (1000, 16000, 2)
+    assert positive_int_list("", empty=True) == ()  # distributed_training.py --accumulate '': no accumulation rows
+    for text in ("1.5", "1e-3", "inf", "nan", "+", "2,", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected comma-separated positive integers"):
+            positive_int_list(text)
+
+
+def test_mnist_epoch_help_documents_its_thread_variable_and_a_bad_value_is_a_usage_error(monkeypatch, capsys):
+    module = script("mnist_epoch")
+    monkeypatch.setattr(module.subprocess, "run", lambda *args, **kwargs: pytest.fail("a measurement ran"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--help")
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert stop.value.code == 0 and "L2L_THREADS" in text and "(default: 2)" in text
+    monkeypatch.setenv("L2L_THREADS", "0")  # was a traceback in each child, after the dataset had loaded
+    with pytest.raises(SystemExit) as stop:
+        run_main(module, monkeypatch, "--instances", "1")
+    assert stop.value.code == 2 and "L2L_THREADS: expected a positive integer, got '0'" in capsys.readouterr().err

@@ -382,3 +382,51 @@ def test_an_empty_split_or_init_from_clears_the_config_files(tmp_path):
     cleared = train_config(parse(["train", "--config", str(config_file), "--split", "", "--init-from", ""]))[0]
     assert (cleared.split, cleared.init_from) == (None, None)
     assert train_config(parse(["train", "--config", str(config_file), "--split", "fc"]))[0].split == ("fc",)
+
+
+def test_overwrite_removes_the_previous_runs_comparison_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--epochs", "1", "--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4",
+              "--quiet", "--no-bench", "--device", "cpu"]
+    assert main(["train", *common, "--out", str(out)]) == 0
+    (out / "bench.json").write_text('{"results": "of the earlier run"}')  # as its final comparison wrote it
+    (out / "notes.txt").write_text("the user's")
+    assert main(["train", *common, "--seed", "5", "--overwrite", "--out", str(out)]) == 0
+    # The earlier run's comparison described checkpoints that are gone; this run wrote none.
+    assert sorted(path.name for path in out.iterdir()) == ["history.json", "notes.txt", "optimizer.pt", "resume.pt"]
+
+
+def test_a_bench_that_fails_leaves_no_directories_it_created(tmp_path, capsys):
+    common = ["bench", "--optimizer", "quadratic", "--kernel", "fused", "--steps", "2", "--problems", "2", "--baselines", "",
+              "--quiet", "--device", "cpu"]  # fails at the first step, after the output paths were checked
+    assert main([*common, "--json", str(tmp_path / "new" / "deeper" / "bench.json")]) == 2
+    assert "kernel='fused' cannot run" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a directory the user made is theirs, even empty
+    assert main([*common, "--json", str(tmp_path / "mine" / "new" / "bench.json")]) == 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "mine"] and list((tmp_path / "mine").iterdir()) == []
+
+
+def test_tuning_minibatches_are_no_seeds_evaluation_minibatches(capsys, monkeypatch):
+    # The tuning runs drew their minibatches from the evaluation stream of seed + 1: a baseline's
+    # learning rate for seed 3 was picked on the data every optimizer is evaluated on with seed 4.
+    import importlib
+
+    from l2l.seeding import make_generator
+
+    evaluate = importlib.import_module("l2l.meta.evaluate")  # the package's `evaluate` is the function
+
+    starts = []
+    real_run = evaluate.run
+
+    def run(rule, task, steps, *, generator=None):
+        starts.append(generator.get_state().clone())  # the state each run's minibatch stream starts from
+        return real_run(rule, task, steps, generator=generator)
+
+    monkeypatch.setattr(evaluate, "run", run)
+    assert main(["bench", "--baselines", "adam", "--lr-grid", "0.1,1", "--steps", "2", "--problems", "2",
+                 "--tune-problems", "2", "--seed", "3", "--quiet", "--device", "cpu"]) == 0
+    *tuning, evaluation = starts  # adam at both rates on the tuning instances, then on the evaluation instances
+    assert len(tuning) == 2 and evaluation.equal(make_generator(3, "evaluate-batches").get_state())
+    evaluation_streams = [make_generator(seed, "evaluate-batches").get_state() for seed in range(-5, 50)]
+    assert not any(start.equal(stream) for start in tuning for stream in evaluation_streams)

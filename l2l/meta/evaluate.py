@@ -35,13 +35,18 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0) -> RunResult:
+EVALUATION_BATCHES = "evaluate-batches"
+TUNING_BATCHES = "tune-batches"  # never an evaluation stream, whatever the seeds (see tune_learning_rate)
+
+
+def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0, batches: str = EVALUATION_BATCHES) -> RunResult:
     """Runs ``rule`` for ``steps`` steps from the task's initial parameters.
 
-    Minibatches (stochastic tasks) are drawn from a generator seeded by ``seed`` alone, so
-    every rule evaluated with the same seed sees the same data (common random numbers).
+    Minibatches (stochastic tasks) are drawn from a generator seeded by ``seed`` and the stream's
+    purpose ``batches`` alone, so every rule evaluated with the same seed sees the same data
+    (common random numbers); learning-rate tuning passes its own purpose.
     """
-    generator = make_generator(seed, "evaluate-batches", task.device)
+    generator = make_generator(seed, batches, task.device)
     if task.device.type == "cuda":
         torch.cuda.synchronize(task.device)  # the clock starts when earlier queued work (copies, training) is done
     begin = time.perf_counter()
@@ -97,7 +102,10 @@ def tune_learning_rate(
         task: tuning instances, separate from the evaluation instances.
         steps: optimizee steps per run.
         grid: candidate learning rates.
-        seed: seeds the minibatches (stochastic tasks).
+        seed: seeds the minibatches (stochastic tasks). They come from a stream of their own
+            purpose, so no seed's tuning data is any seed's evaluation data (tuning with the
+            evaluation stream of ``seed + 1``, as before, picked rates on the data of the
+            benchmark with the next seed).
 
     Returns:
         ``(best_lr, scores)`` with ``scores[lr]`` the mean final loss (``inf`` if diverged). Ties
@@ -106,7 +114,7 @@ def tune_learning_rate(
     """
     scores: dict[float, float] = {}
     for lr in grid:
-        final = evaluate(make_rule(lr), task, steps, seed=seed).losses[-1]
+        final = evaluate(make_rule(lr), task, steps, seed=seed, batches=TUNING_BATCHES).losses[-1]
         score = final.double().mean().item()
         scores[lr] = score if math.isfinite(score) else math.inf
     best = min(sorted(grid), key=lambda lr: scores[lr])
@@ -128,9 +136,10 @@ def benchmark(
 ) -> dict[str, Any]:
     """Compares learned rules with tuned baselines on the same held-out instances.
 
-    Baseline learning rates are tuned on ``tune_problems`` instances drawn from a stream
-    separate from the ``problems`` evaluation instances; every optimizer is then run on the
-    same evaluation instances with the same minibatches.
+    Baseline learning rates are tuned on ``tune_problems`` instances and minibatches drawn from
+    streams separate from the ``problems`` evaluation instances and their minibatches (of this
+    seed and of every other); every optimizer is then run on the same evaluation instances with
+    the same minibatches.
 
     Returns:
         ``{"task", "task_options", "steps", "problems", "seed", "device", "results": {name: summary}}``
@@ -158,7 +167,7 @@ def benchmark(
         results[name] = {"lr": None, **summarize(evaluate(rule, eval_task, steps, seed=seed))}
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")
-        best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed + 1)
+        best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed)
         summary = summarize(evaluate(get_baseline(name, best_lr), eval_task, steps, seed=seed))
         edge = len(set(lr_grid)) > 1 and best_lr in (min(lr_grid), max(lr_grid))  # one rate is a choice, not a search
         results[name] = {

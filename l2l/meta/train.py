@@ -57,6 +57,7 @@ Truncate = Callable[[list[UnrollCarry], int], tuple[TruncationResult, list[Unrol
 USE_CHECKPOINT = "optimizer.pt"
 RESUME_CHECKPOINT = "resume.pt"
 HISTORY_FILE = "history.json"
+BENCH_REPORT = "bench.json"  # l2l train's final comparison, beside the checkpoints it describes
 
 # What a resumed run may change without changing what it computes (the kernel only changes rounding).
 # accumulate may change as long as processes x accumulate (the shards of an epoch) stays the same.
@@ -747,7 +748,8 @@ def meta_train(
             epochs it has finished.
         progress: show a tqdm progress bar.
         overwrite: replace the checkpoints of another run already in ``out_dir`` (refused by
-            default: nothing is lost). Resuming into the resume checkpoint's own directory never
+            default: nothing is lost), and remove that run's ``bench.json``, which describes
+            checkpoints that are gone. Resuming into the resume checkpoint's own directory never
             needs it.
         stop: a request that stops training at the next epoch boundary once made, after writing
             the checkpoints there (``l2l.meta.stop_on_signals`` makes one from SIGINT and SIGTERM).
@@ -770,8 +772,10 @@ def meta_train(
         with collectives.together("checking the output directory (on process 0)"):
             if collectives.layout.is_main:
                 in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
-                created = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()]
+                created = missing_directories(Path(out_dir))
                 prepare_output_dir(Path(out_dir), overwrite=overwrite or in_place)
+                if overwrite and not in_place:
+                    remove_replaced_report(Path(out_dir))
     try:
         trainer = MetaTrainer(config, out_dir, warm_start=resume is None)
         if resume is not None:
@@ -779,10 +783,7 @@ def meta_train(
         return trainer.run(progress=progress, stop=stop)
     except BaseException:
         # A run that failed before its first checkpoint leaves no empty directories behind.
-        for directory in created:
-            if any(directory.iterdir()):
-                break
-            directory.rmdir()
+        remove_empty_directories(created)
         raise
 
 
@@ -797,6 +798,40 @@ def prepare_output_dir(out_dir: Path, *, overwrite: bool) -> None:
             f"`l2l train --resume {out_dir / RESUME_CHECKPOINT}`, choose another --out, or pass --overwrite to replace it"
         )
     make_writable_directory(out_dir, f"the output directory {out_dir}", "choose another --out")
+
+
+def missing_directories(*directories: Path) -> list[Path]:
+    """The directories among ``directories`` and their parents that do not exist yet, deepest first.
+
+    What creating ``directories`` would create: after a failure, :func:`remove_empty_directories`
+    removes those of them left empty, and never one that was there before.
+    """
+    missing = {d for directory in directories for d in (directory, *directory.parents) if not d.exists()}
+    return sorted(missing, key=lambda d: len(d.absolute().parts), reverse=True)
+
+
+def remove_empty_directories(created: list[Path]) -> None:
+    """Removes the directories of ``created`` (deepest first, see :func:`missing_directories`) that are empty."""
+    for directory in created:
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+def remove_replaced_report(out_dir: Path) -> None:
+    """Removes the ``bench.json`` a replaced run left in ``out_dir``; a ConfigError if it cannot be.
+
+    Only that report is removed: the checkpoints are replaced by the new run's, and anything
+    else in ``out_dir`` was not written by l2l. Left there, a run with ``--no-bench`` (or one
+    stopped before its comparison) would sit beside the earlier run's figures.
+    """
+    path = out_dir / BENCH_REPORT
+    if not path.is_file():
+        return
+    try:
+        path.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot remove the replaced run's comparison {path}: {error.strerror or error}; "
+                          "remove it yourself or choose another --out") from None
 
 
 def make_writable_directory(directory: Path, what: str, fix: str) -> None:
