@@ -228,6 +228,7 @@ class ModuleTask(Task):
         self.batch_size = batch_size
         self.objective = objective
         self.eval_examples = eval_examples
+        self.test_split()  # too many eval_examples fails here, not at the metrics after a whole run
         self.bn_examples = bn_examples
         self.vectorize = resolve_vectorize(vectorize, module, params0.device)
         norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
