@@ -35,16 +35,31 @@ def _apply_data_flags(args: argparse.Namespace) -> None:
         os.environ[DOWNLOAD_ENV] = "1"
 
 
+def _option_value(raw: str) -> Any:
+    """A ``--task-option`` value: JSON (``40``, ``true``, ``null``, ``[1, 2]``), else a number as
+    Python reads one (``.5``, ``5.``, ``+2``, ``inf``, which JSON lacks), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    for number in (int, float):
+        try:
+            return number(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+TASK_OPTION_HELP = "option of the task family, VALUE read as JSON or a number (repeatable; `l2l tasks --json` lists them)"
+
+
 def _task_options(pairs: Sequence[str] | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs or ():
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--task-option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+        options[key] = _option_value(raw)
     return options
 
 
@@ -155,7 +170,7 @@ def _add_train(subparsers) -> None:
         default = getattr(defaults, name)
         shown = "" if "(default:" in text or default is None else f" (default: {default})"  # None: the text says
         parser.add_argument(flag, dest=name, type=kind, default=None, help=text + shown)
-    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help=TASK_OPTION_HELP)
     parser.add_argument("--second-order", dest="second_order", action=argparse.BooleanOptionalAction, default=None,
                         help="differentiate through the optimizee gradients (default: off, as in the paper; "
                         "--no-second-order overrides a --config file's true)")
@@ -284,7 +299,7 @@ def _add_bench(subparsers) -> None:
         formatter_class=_DefaultsFormatter,
     )
     parser.add_argument("--task", default=defaults.task, help="task family (see `l2l tasks`)")
-    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help=TASK_OPTION_HELP)
     parser.add_argument("--optimizer", action="append", default=[], metavar="PATH",
                         help="use checkpoint or shipped name (repeatable); the first is reported as 'lstm'")
     parser.add_argument("--baselines", type=_name_list, default=defaults.baselines,

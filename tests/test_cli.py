@@ -267,7 +267,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_point_at_a_missing_file(tmp
     [
         (["bench", "--baselines", ""], "nothing to compare: no --optimizer and --baselines ''"),
         (["bench", "--baselines", "sgd,sgd"], "baselines lists one more than once: sgd,sgd"),
-        (["bench", "--task-option", "foo=1"], "unexpected keyword argument 'foo'; its options are dim (see `l2l tasks --json`)"),
+        (["bench", "--task-option", "foo=1"], "task 'quadratic' has no option 'foo'; its options are dim (see `l2l tasks --json`)"),
     ],
 )
 def test_more_bad_bench_input_gives_one_clear_line(argv, message, capsys):
