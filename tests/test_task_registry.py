@@ -95,3 +95,18 @@ def test_every_family_samples_the_same_instances_from_the_same_seed_and_leaves_t
         batch = first.sample_batch(torch.Generator().manual_seed(0))
         assert torch.equal(first.loss(first.init_params(), batch), again.loss(again.init_params(), batch)), name
         assert not torch.equal(first.loss(first.init_params(), batch), other.loss(other.init_params(), batch)), name
+
+
+@pytest.mark.parametrize("name", ["quadratic", "tangent-1d"])
+@pytest.mark.parametrize("generator", [None, 5], ids=["None", "int"])
+def test_sampling_without_a_cpu_generator_is_refused_rather_than_drawn_from_the_global_rng(name, generator):
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=r"^generator must be a CPU torch.Generator \(for example torch.Generator\(\).manual_seed\(0\)\)"):
+        get_task(name).sample(2, generator)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_tangent_metrics_check_the_shape_of_the_parameters():
+    task = get_task("tangent-1d").sample(2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"expects params of shape \[K, n\] = \[2, 61\], got \[3, 61\]"):
+        task.metrics(torch.zeros(3, task.num_params))
