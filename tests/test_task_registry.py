@@ -1,5 +1,7 @@
 """The task registry as a user meets it: unknown and misspelt names and options, option values from the command line."""
 
+import re
+
 import pytest
 import torch
 
@@ -110,3 +112,27 @@ def test_tangent_metrics_check_the_shape_of_the_parameters():
     task = get_task("tangent-1d").sample(2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"expects params of shape \[K, n\] = \[2, 61\], got \[3, 61\]"):
         task.metrics(torch.zeros(3, task.num_params))
+
+
+class NeedsDim(QuadraticFamily):
+    def __init__(self, dim):
+        super().__init__(dim)
+
+
+@pytest.mark.parametrize(
+    "name, factory, message",
+    [
+        ("", QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got ''"),
+        (3, QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got 3"),
+        ("my task", QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got 'my task'"),
+        ("runs/mine", QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got 'runs/mine'"),
+        ("test-not-callable", QuadraticFamily(), "the factory of task 'test-not-callable' must be callable"),
+        ("test-needs-dim", NeedsDim, "the factory of task 'test-needs-dim' must build the family without arguments "
+                                     "(list_tasks and `l2l tasks` build every family with its defaults): give dim a default"),
+    ],
+)
+def test_a_registration_that_would_break_l2l_tasks_is_refused(name, factory, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        register_task(name, factory)
+    assert name not in _REGISTRY
+    assert main(["tasks", "--json"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from typing import Callable
 
@@ -20,7 +21,28 @@ def register_task(name: str, factory: Callable[..., TaskFamily], *, replace: boo
 
     Constructing a family must be cheap (load data lazily, on ``sample``): ``list_tasks``
     builds every registered family with its default options.
+
+    Raises:
+        ValueError: ``name`` is taken (unless ``replace``), empty, not a string, or holds
+            whitespace or ``/`` (it is typed as ``--task NAME`` and names the default ``runs/NAME``);
+            ``factory`` is not callable or needs arguments (``l2l tasks`` could no longer list
+            any family).
     """
+    if not isinstance(name, str) or not name or "/" in name or any(char.isspace() for char in name):
+        raise ValueError(f"a task name must be a non-empty string without spaces or '/', got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"the factory of task {name!r} must be callable (a TaskFamily subclass, say), got {factory!r}")
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): trusted as documented
+        parameters = []
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p.name for p in parameters if p.default is p.empty and p.kind in named]
+    if required:
+        raise ValueError(
+            f"the factory of task {name!r} must build the family without arguments (list_tasks and `l2l tasks` "
+            f"build every family with its defaults): give {', '.join(required)} a default"
+        )
     if name in _REGISTRY and not replace:
         raise ValueError(f"a task named {name!r} is already registered (pass replace=True to replace it)")
     _REGISTRY[name] = factory
