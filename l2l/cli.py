@@ -319,6 +319,26 @@ def _add_bench(subparsers) -> None:
     parser.set_defaults(handler=_bench)
 
 
+def _option_text(options: dict[str, Any], keys: Sequence[str]) -> str:
+    """``k=v`` pairs as ``--task-option`` takes them (JSON values, strings bare)."""
+    return " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in
+                    ((key, options.get(key)) for key in keys))
+
+
+def _warn_other_options(name_or_path: Any, task: str, trained: Any, evaluated: dict[str, Any]) -> None:
+    """Warns when a checkpoint's task options (its metadata) differ from those it is benchmarked on."""
+    if not isinstance(trained, dict):
+        return  # a checkpoint that did not record them: nothing to compare
+    differing = [key for key in {**trained, **evaluated} if trained.get(key) != evaluated.get(key)]
+    if differing:
+        flags = " ".join(f"--task-option {_option_text(trained, [key])}" for key in differing)
+        print(
+            f"warning: {name_or_path} was trained on {task!r} with {_option_text(trained, differing)}, evaluated here "
+            f"with {_option_text(evaluated, differing)} (give {flags} to evaluate it on its own task)",
+            file=sys.stderr,
+        )
+
+
 def _bench(args: argparse.Namespace) -> int:
     _apply_data_flags(args)
     config = BenchConfig(
@@ -349,6 +369,8 @@ def _bench(args: argparse.Namespace) -> int:
         trained_on = loaded.metadata.get("task")
         if trained_on and trained_on != config.task:  # a warning, so --quiet (progress only) keeps it
             print(f"warning: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
+        elif trained_on:
+            _warn_other_options(name_or_path, trained_on, loaded.metadata.get("task_options"), family.config())
         label = "lstm" if index == 0 else f"lstm[{Path(str(name_or_path)).stem}]"
         if label in learned:  # two checkpoints with one file name (runs/a/optimizer.pt, runs/b/optimizer.pt)
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"
