@@ -37,16 +37,31 @@ def _apply_data_flags(args: argparse.Namespace) -> None:
         os.environ[DOWNLOAD_ENV] = "1"
 
 
+def _option_value(raw: str) -> Any:
+    """A ``--task-option`` value: JSON (``40``, ``true``, ``null``, ``[1, 2]``), else a number as
+    Python reads one (``.5``, ``5.``, ``+2``, ``inf``, which JSON lacks), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    for number in (int, float):
+        try:
+            return number(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+TASK_OPTION_HELP = "option of the task family, VALUE read as JSON or a number (repeatable; `l2l tasks --json` lists them)"
+
+
 def _task_options(pairs: Sequence[str] | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs or ():
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"--task-option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+        options[key] = _option_value(raw)
     return options
 
 
@@ -195,7 +210,7 @@ def _add_train(subparsers) -> None:
         default = getattr(defaults, name)
         shown = "" if "(default:" in text or default is None else f" (default: {default})"  # None: the text says
         parser.add_argument(flag, dest=name, type=kind, default=None, help=text + shown)
-    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help=TASK_OPTION_HELP)
     parser.add_argument("--second-order", dest="second_order", action=argparse.BooleanOptionalAction, default=None,
                         help="differentiate through the optimizee gradients (default: off, as in the paper; "
                         "--no-second-order overrides a --config file's true)")
@@ -325,7 +340,7 @@ def _add_bench(subparsers) -> None:
         formatter_class=_DefaultsFormatter,
     )
     parser.add_argument("--task", default=defaults.task, help="task family (see `l2l tasks`)")
-    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help="option of the task family (repeatable)")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE", help=TASK_OPTION_HELP)
     parser.add_argument("--optimizer", action="append", default=[], metavar="PATH",
                         help="use checkpoint or shipped name (repeatable); the first is reported as 'lstm'")
     parser.add_argument("--baselines", type=_name_list, default=defaults.baselines,
@@ -343,6 +358,26 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     _add_data_flags(parser)
     parser.set_defaults(handler=_bench)
+
+
+def _option_text(options: dict[str, Any], keys: Sequence[str]) -> str:
+    """``k=v`` pairs as ``--task-option`` takes them (JSON values, strings bare)."""
+    return " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in
+                    ((key, options.get(key)) for key in keys))
+
+
+def _warn_other_options(name_or_path: Any, task: str, trained: Any, evaluated: dict[str, Any]) -> None:
+    """Warns when a checkpoint's task options (its metadata) differ from those it is benchmarked on."""
+    if not isinstance(trained, dict):
+        return  # a checkpoint that did not record them: nothing to compare
+    differing = [key for key in {**trained, **evaluated} if trained.get(key) != evaluated.get(key)]
+    if differing:
+        flags = " ".join(f"--task-option {_option_text(trained, [key])}" for key in differing)
+        print(
+            f"warning: {name_or_path} was trained on {task!r} with {_option_text(trained, differing)}, evaluated here "
+            f"with {_option_text(evaluated, differing)} (give {flags} to evaluate it on its own task)",
+            file=sys.stderr,
+        )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -375,6 +410,8 @@ def _bench(args: argparse.Namespace) -> int:
         trained_on = loaded.metadata.get("task")
         if trained_on and trained_on != config.task:  # a warning, so --quiet (progress only) keeps it
             print(f"warning: {name_or_path} was trained on {trained_on!r}, evaluated here on {config.task!r}", file=sys.stderr)
+        elif trained_on:
+            _warn_other_options(name_or_path, trained_on, loaded.metadata.get("task_options"), family.config())
         label = "lstm" if index == 0 else f"lstm[{Path(str(name_or_path)).stem}]"
         if label in learned:  # two checkpoints with one file name (runs/a/optimizer.pt, runs/b/optimizer.pt)
             label = f"lstm[{Path(str(name_or_path)).stem} #{index + 1}]"

@@ -30,6 +30,7 @@ from l2l.torch_optim import (
     check_state_fits,
     group_rule,
     learned_step,
+    lr_factor,
     real_view,
     state_dtype_of,
     zero_state,
@@ -55,8 +56,8 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
     the drop-in but not counted (counting would synchronise with the device).
 
     Overrides (``innerloop_ctx(..., override=...)`` and ``step(..., override=...)``) are checked
-    as the drop-in checks its options, except that ``lr`` may also be a one-element
-    floating-point tensor; an invalid one raises and leaves the options as they were. A
+    as the drop-in checks its options (a tensor ``lr`` off the CPU is not read: that would
+    synchronise the device at every step); an invalid one raises and leaves the options as they were. A
     ``rule_group`` override is honoured from the next step on, as the drop-in honours a changed
     ``group["rule_group"]``; the group's hidden state is carried over, so the new LSTM must have
     the same layers and hidden size. ``chunk_size`` is checked but not used: autograd keeps
@@ -87,7 +88,7 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
         try:
             super()._apply_override(override)
             for group in self.param_groups:
-                check_options(self._rule, group, tensor_lr=True)
+                check_options(self._rule, group, read_device_lr=False)  # per step: no device sync
             self._check_states_fit()
         except ValueError:
             # A refused override must not stay behind for the next step (which has none to check).
@@ -130,10 +131,9 @@ class DifferentiableLearnedOptimizer(DifferentiableOptimizer):
         fresh_h, fresh_c = fresh.h.split(sizes, dim=2), fresh.c.split(sizes, dim=2)
         h = torch.cat([s["h"].to(fresh.h) if "h" in s else z for s, z in zip(states, fresh_h)], dim=2)
         c = torch.cat([s["c"].to(fresh.c) if "c" in s else z for s, z in zip(states, fresh_c)], dim=2)
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            lr = lr.reshape(())  # A [1] or [1, 1] lr would broadcast the update to another shape.
-        update, new_state = learned_step(rule_fn, grad, LSTMState(h, c), lr_scale=lr, finite=torch.isfinite(grad))
+        update, new_state = learned_step(
+            rule_fn, grad, LSTMState(h, c), lr_scale=lr_factor(group["lr"]), finite=torch.isfinite(grad)
+        )
         if not self._track_higher_grads:
             new_state = LSTMState(new_state.h.detach(), new_state.c.detach())
         for i, param, piece, h_piece, c_piece in zip(

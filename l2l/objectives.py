@@ -75,6 +75,23 @@ def _check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
 
 
+def _check_classes(name: str, labels: Tensor, classes: int) -> None:
+    """Raises a ValueError naming the first label of ``labels`` outside ``0 .. classes - 1`` and the valid range.
+
+    Only labels whose values can be read for free are checked (see :func:`_is_plain_tensor`):
+    inside vmap or on an accelerator an out-of-range label is left to torch's own index error.
+    """
+    if not _is_plain_tensor(labels):
+        return
+    bad = torch.nonzero((labels < 0) | (labels >= classes)).reshape(-1)
+    if bad.numel():
+        position = int(bad[0])
+        raise ValueError(
+            f"{name} holds class {int(labels[position])} (at pair {position}), but forward returns logits for "
+            f"{classes} classes: labels must be from 0 to {classes - 1}"
+        )
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
@@ -536,7 +553,9 @@ def gradient_supervision_loss(
         forward: the network, ``[B, ...] -> logits [B, C]``.
         inputs: ``x``, ``[B, ...]``.
         counterfactuals: ``x_cf``, ``[B, ...]``.
-        counterfactual_labels: int64 ``[B]``, the ground-truth classes of ``x_cf``.
+        counterfactual_labels: integer ``[B]`` (any integer dtype), the ground-truth classes of
+            ``x_cf``, each from 0 to C - 1 (a ValueError names one outside, where the labels can
+            be read without a device sync: on the CPU, outside vmap).
         reduction: ``"mean"`` (default) or ``"sum"`` over pairs, or ``"none"`` for ``[B]``.
 
     Returns:
@@ -555,12 +574,14 @@ def gradient_supervision_loss(
             f"counterfactual_labels must be integer classes, one per pair, shape [{inputs.shape[0]}]; "
             f"got {counterfactual_labels.dtype} of shape {list(counterfactual_labels.shape)}"
         )
+    labels = counterfactual_labels.long()  # gather takes int64 indices; labels read from files are often uint8
 
     def target_logits(x: Tensor) -> Tensor:
         logits = forward(x)
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"forward must return logits [B, C] = [{x.shape[0]}, C], got shape {list(logits.shape)}")
-        return logits.gather(1, counterfactual_labels.unsqueeze(1)).sum()
+        _check_classes("counterfactual_labels", labels, logits.shape[1])
+        return logits.gather(1, labels.unsqueeze(1)).sum()
 
     gradients = _transform(grad(target_logits))(inputs)
     # Not F.cosine_similarity: its norm floor (1e-8) makes tiny aligned gradients score far from 0.

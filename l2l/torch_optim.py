@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
@@ -198,7 +200,49 @@ def check_grad(grad: Tensor) -> None:
         )
 
 
-def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = False) -> None:
+LR_EXPECTED = "expected a finite number >= 0 or a one-element real tensor holding one: the factor on the learned update"
+
+
+def check_lr(lr: Any, *, read_device: bool = True) -> None:
+    """Raises ``ValueError`` unless ``lr`` is a learning rate torch.optim.Adam also takes, finite.
+
+    Accepted: real numbers (``float``, ``int``, numpy scalars and 0-d arrays) and one-element
+    integer or floating-point tensors, finite and >= 0. The messages start as torch.optim's
+    (``Invalid learning rate: -1.0``, ``Tensor lr must be 1-element``). Stricter than Adam: ``inf``
+    (it makes every updated parameter inf or nan) and booleans (a flag in the wrong place) are
+    refused.
+
+    Args:
+        lr: the learning rate.
+        read_device: read the value of a tensor off the CPU (a device sync); False leaves it
+            unread (the differentiable twin checks its overrides at every step).
+    """
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {list(lr.shape)} ({LR_EXPECTED})")
+        if lr.dtype == torch.bool or lr.is_complex():
+            raise ValueError(f"Invalid learning rate: {lr!r} ({LR_EXPECTED})")
+        if lr.device.type != "cpu" and (not read_device or lr.device.type == "meta"):
+            return  # unread: reading it would synchronise the device
+        value = lr.detach().item()
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
+        value = float(lr)
+    elif isinstance(lr, np.ndarray) and lr.shape == () and lr.dtype.kind in "iuf":
+        value = float(lr)
+    else:
+        raise ValueError(f"Invalid learning rate: {lr!r} ({LR_EXPECTED})")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"Invalid learning rate: {lr} ({LR_EXPECTED})")
+
+
+def lr_factor(lr: Any) -> float | Tensor:
+    """A checked ``lr`` as :func:`learned_step` takes it: a float, or a 0-d tensor (kept, so gradients reach it)."""
+    if isinstance(lr, Tensor):
+        return lr.reshape(())  # A [1] or [1, 1] lr would broadcast the update to another shape.
+    return float(lr)
+
+
+def check_options(rule: nn.Module, group: dict[str, Any], *, read_device_lr: bool = True) -> None:
     """Raises ``ValueError`` naming the first invalid option of a param group (``lr``, ``maximize``, ...).
 
     Options of torch.optim's hand-designed optimizers that the rule lacks (``weight_decay``,
@@ -207,19 +251,9 @@ def check_options(rule: nn.Module, group: dict[str, Any], *, tensor_lr: bool = F
     Args:
         rule: the optimizer's learned rule, which the group's ``rule_group`` must fit.
         group: the param group's options.
-        tensor_lr: also accept a one-element floating-point tensor ``lr`` holding a valid value
-            (the differentiable twin's meta-learned lr; the drop-in needs a number for schedulers
-            and the fused kernel). Its value is checked on the CPU only: reading a GPU tensor
-            would synchronise the device at every step.
+        read_device_lr: read a tensor ``lr`` off the CPU to check its value (see :func:`check_lr`).
     """
-    lr = value = group["lr"]
-    if tensor_lr and isinstance(lr, Tensor) and lr.numel() == 1 and lr.is_floating_point():
-        value = lr.detach().item() if lr.device.type == "cpu" else 0.0  # 0.0: a valid stand-in, unread
-    if isinstance(value, (Tensor, bool)) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        expected = "a finite number >= 0"
-        if tensor_lr and isinstance(lr, Tensor):
-            expected += " or a one-element floating-point tensor holding one"
-        raise ValueError(f"Invalid lr: {lr!r} (expected {expected}, the factor on the learned update)")
+    check_lr(group["lr"], read_device=read_device_lr)
     if not isinstance(group["maximize"], bool):
         raise ValueError(f"Invalid maximize: {group['maximize']!r} (expected True or False)")
     check_state_dtype(group["state_dtype"])
@@ -283,7 +317,9 @@ class LearnedOptimizer(Optimizer):
         checkpoint: a shipped checkpoint name (``"mnist"``), a path to a use checkpoint, a loaded
             :class:`~l2l.checkpoint.UseCheckpoint` or a learned rule (used as is, not copied).
         lr: factor on the learned update (1 reproduces meta-training); named ``lr`` so that
-            learning-rate schedulers can change it.
+            learning-rate schedulers can change it. As for torch.optim.Adam, a number (numpy
+            scalars too) or a one-element tensor, which schedulers then change in place (see
+            :func:`check_lr`); the fused CUDA step reads a tensor's value on the host every step.
         maximize: maximize the objective instead of minimizing it.
         state_dtype: dtype of the recurrent state (``torch.bfloat16`` halves it); None keeps the
             rule's ``state_dtype``, else the parameters' dtype.
@@ -449,6 +485,9 @@ class LearnedOptimizer(Optimizer):
         on_cpu = flat.device.type == "cpu"
         bad: bool | Tensor = False
         chunk = group["chunk_size"] or (CPU_CHUNK_SIZE if on_cpu else ACCELERATOR_CHUNK_SIZE)
+        lr = lr_factor(group["lr"])
+        if isinstance(lr, Tensor) and lr.device.type != "cpu" and lr.device != flat.device:
+            lr = lr.to(flat.device)  # a 0-d CPU tensor multiplies tensors anywhere; an accelerator's only its own
         starts = range(0, flat.numel(), chunk)
         if dispatch.select_kernel(rule.kernel, rule, flat.device) == "fused":
             # One fused kernel for the whole bucket (it needs no temporaries, so no chunks): the
@@ -471,7 +510,7 @@ class LearnedOptimizer(Optimizer):
             else:
                 flag = ~finite.all()
                 bad = flag if isinstance(bad, bool) else bad | flag
-            update, new_state = learned_step(rule, grad, LSTMState(h, c), lr_scale=group["lr"], finite=finite)
+            update, new_state = learned_step(rule, grad, LSTMState(h, c), lr_scale=lr, finite=finite)
             h.copy_(new_state.h)
             c.copy_(new_state.c)
             grad.copy_(update)

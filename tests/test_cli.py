@@ -155,6 +155,21 @@ def test_a_checkpoint_of_another_task_is_a_warning_even_when_quiet(capsys):
     assert "warning: mnist was trained on 'mnist', evaluated here on 'quadratic'" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_the_same_task_with_other_options_is_a_warning(tmp_path, capsys):
+    from helpers import sensitive_rule
+    from l2l.checkpoint import save_use_checkpoint
+
+    path = save_use_checkpoint(tmp_path / "dim3.pt", sensitive_rule(), {"task": "quadratic", "task_options": {"dim": 3}})
+    common = ["bench", "--task", "quadratic", "--optimizer", str(path), "--baselines", "", "--steps", "2", "--problems", "2",
+              "--quiet", "--device", "cpu"]
+    assert main(common) == 0
+    expected = (f"warning: {path} was trained on 'quadratic' with dim=3, evaluated here with dim=10 "
+                "(give --task-option dim=3 to evaluate it on its own task)")
+    assert expected in capsys.readouterr().err
+    assert main([*common, "--task-option", "dim=3"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_bench_checks_its_output_paths_before_running(tmp_path, capsys):
     (tmp_path / "adir").mkdir()
     (tmp_path / "afile").write_text("")
@@ -267,7 +282,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_point_at_a_missing_file(tmp
     [
         (["bench", "--baselines", ""], "nothing to compare: no --optimizer and --baselines ''"),
         (["bench", "--baselines", "sgd,sgd"], "baselines lists one more than once: sgd,sgd"),
-        (["bench", "--task-option", "foo=1"], "unexpected keyword argument 'foo'; its options are dim (see `l2l tasks --json`)"),
+        (["bench", "--task-option", "foo=1"], "task 'quadratic' has no option 'foo'; its options are dim (see `l2l tasks --json`)"),
     ],
 )
 def test_more_bad_bench_input_gives_one_clear_line(argv, message, capsys):

@@ -459,9 +459,10 @@ def test_train_examples_beyond_the_dataset_is_refused_not_silently_cut(tmp_path,
     arrays["y_train"][:] = np.arange(10) % 5  # 4 training images of classes 0 and 1
     arrays["y_test"][:] = [0, 1, 2, 3]
     np.savez(tmp_path / "cifar10.npz", **arrays)
-    assert get_task("cifar2", train_examples=4).sample(1, torch.Generator()).data.x_train.shape[0] == 4
+    # eval_examples=2: the fake test split has 2 images of classes 0 and 1, fewer than the default 2,000.
+    assert get_task("cifar2", train_examples=4, eval_examples=2).sample(1, torch.Generator()).data.x_train.shape[0] == 4
     with pytest.raises(ValueError, match=r"train_examples=5 is more than the 4 training images of classes 0..1 of CIFAR-10"):
-        get_task("cifar2", train_examples=5).sample(1, torch.Generator())
+        get_task("cifar2", train_examples=5, eval_examples=2).sample(1, torch.Generator())
 
 
 def test_a_cifar_subset_with_no_test_images_is_a_data_error(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import higher
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -176,40 +177,43 @@ def test_invalid_overrides_are_refused_with_the_drop_ins_message(key, value):
 
 
 @pytest.mark.parametrize(
-    "lr",
+    "lr, message",
     [
-        torch.tensor([0.1, 0.2], dtype=F64),
-        torch.tensor(-1.0, dtype=F64),
-        torch.tensor(float("nan")),
-        torch.tensor(1),
-        torch.tensor(1j),
+        (torch.tensor([0.1, 0.2], dtype=F64), "Tensor lr must be 1-element, got shape [2]"),
+        (torch.tensor(-1.0, dtype=F64), "Invalid learning rate: -1.0"),
+        (torch.tensor(float("nan")), "Invalid learning rate: nan"),
+        (torch.tensor(True), "Invalid learning rate: tensor(True)"),
+        (torch.tensor(1j), "Invalid learning rate: tensor(0.+1.j)"),
     ],
-    ids=["two elements", "negative", "nan", "integer", "complex"],
+    ids=["two elements", "negative", "nan", "bool", "complex"],
 )
-def test_invalid_tensor_lrs_are_refused(lr):
+def test_invalid_tensor_lrs_are_refused_with_the_drop_ins_message(lr, message):
     model = mlp()
     optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64))
-    expected = f"Invalid lr: {lr!r} (expected a finite number >= 0 or a one-element floating-point tensor holding one"
+    expected = f"{message} (expected a finite number >= 0 or a one-element real tensor holding one"
     with pytest.raises(ValueError, match=re.escape(expected)):
         with higher.innerloop_ctx(model, optimizer, override={"lr": [lr]}):
             pass
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64), lr=lr)
 
 
-def test_a_tensor_lr_off_the_cpu_is_not_read_by_the_check():
+def test_a_tensor_lr_off_the_cpu_is_not_read_by_the_twins_check():
     from l2l.torch_optim import check_options
 
     model = mlp()
     optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64))
     group = dict(optimizer.param_groups[0], lr=torch.tensor(-1.0, device="meta"))  # .item() on meta raises
-    check_options(optimizer.rule, group, tensor_lr=True)  # reading a CUDA lr would sync at every step
-    with pytest.raises(ValueError, match="Invalid lr"):
-        check_options(optimizer.rule, dict(group, lr=torch.tensor(-1.0)), tensor_lr=True)
+    check_options(optimizer.rule, group, read_device_lr=False)  # reading a CUDA lr would sync at every step
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        check_options(optimizer.rule, dict(group, lr=torch.tensor(-1.0)), read_device_lr=False)
 
 
 def test_one_element_tensor_lrs_act_as_their_number():
     x, y = data()
     finals = []
-    for lr in (0.75, torch.tensor(0.75, dtype=F64), torch.tensor([0.75]), torch.tensor([[0.75]], dtype=F64)):
+    lrs = (0.75, torch.tensor(0.75, dtype=F64), torch.tensor([0.75]), torch.tensor([[0.75]], dtype=F64), np.float32(0.75))
+    for lr in lrs:
         model = mlp()
         optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64))
         with higher.innerloop_ctx(model, optimizer, override={"lr": [lr]}) as (fmodel, diffopt):
@@ -219,6 +223,21 @@ def test_one_element_tensor_lrs_act_as_their_number():
     for final in finals[1:]:
         for p, q in zip(final, finals[0]):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(2), np.int64(2), np.array(2.0), torch.tensor([2.0])], ids=["int tensor", "np.int64", "0-d ndarray", "[1] tensor"])
+def test_the_twin_starts_from_any_lr_the_drop_in_takes_as_its_number(lr):
+    x, y = data()
+    finals = []
+    for given in (2.0, lr):
+        model = mlp()
+        optimizer = LearnedOptimizer(model.parameters(), sensitive_rule(dtype=F64), lr=given)
+        with higher.innerloop_ctx(model, optimizer) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(mse(fmodel, x, y))
+            finals.append([p.detach() for p in fmodel.parameters()])
+    for p, q in zip(*finals):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 def test_rule_group_override_to_an_lstm_of_another_shape_is_refused():

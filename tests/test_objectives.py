@@ -1,6 +1,7 @@
 """Gradient-level objectives against explicit formulas, autograd references and finite differences."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -409,6 +410,33 @@ def test_gradient_supervision_checks_its_labels_and_is_scale_invariant_for_tiny_
         linear.weight.mul_(1e-12)  # input gradients of norm ~1e-12: F.cosine_similarity's floor is 1e-8
     aligned = x + linear.weight.detach()[labels] * 1e12
     torch.testing.assert_close(gradient_supervision_loss(linear, x, aligned, labels, reduction="none"), torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ([0, 3, 1], "counterfactual_labels holds class 3 (at pair 1), but forward returns logits for 3 classes: "
+                    "labels must be from 0 to 2"),
+        ([0, -1, 2], "counterfactual_labels holds class -1 (at pair 1), but forward returns logits for 3 classes: "
+                     "labels must be from 0 to 2"),
+    ],
+    ids=["too large", "negative"],
+)
+def test_gradient_supervision_names_a_label_out_of_range_and_the_valid_range(labels, message):
+    linear = nn.Linear(4, 3).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        gradient_supervision_loss(linear, x, x + 1, torch.tensor(labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_gradient_supervision_takes_labels_of_any_integer_dtype(dtype):
+    # MNIST's files hold uint8 labels; gather itself takes only int64 (and int32).
+    linear = nn.Linear(4, 3).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    labels = torch.tensor([2, 0, 1])
+    expected = gradient_supervision_loss(linear, x, x + 1, labels, reduction="none")
+    torch.testing.assert_close(gradient_supervision_loss(linear, x, x + 1, labels.to(dtype), reduction="none"), expected)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 import l2l
 from l2l.cli import build_parser
 from l2l.config import TrainConfig
-from l2l.tasks import list_tasks
+from l2l.tasks import get_task, list_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_DOCS = ("README.md", "docs/objectives.md")
@@ -459,3 +459,11 @@ def test_the_defaults_the_command_line_section_states_are_the_defaults():
         action = next(sub._option_string_actions[flag] for sub in subparsers.values() if flag in sub._option_string_actions)
         default = getattr(defaults, action.dest) if hasattr(defaults, action.dest) else action.default
         assert float(value) == default, f"README says {flag} defaults to {value}; it is {default}"
+
+
+def test_the_readme_says_on_how_many_test_examples_the_families_report_their_metrics():
+    text = " ".join(section("README.md", "Tasks and datasets").split())
+    assert get_task("mnist").config()["eval_examples"] is None and "the whole MNIST test split" in text
+    for name in ("cifar10", "cifar5", "cifar2"):
+        assert f"the first {get_task(name).config()['eval_examples']:,} CIFAR test images" in text, name
+    assert f"{get_task('mnist-grl').config()['eval_examples']:,} test composites" in text

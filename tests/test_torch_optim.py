@@ -2,8 +2,10 @@
 
 import copy
 import io
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -296,10 +298,10 @@ def test_state_dtype_precedence_and_buffers_kept_across_steps():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"lr": -1.0}, ValueError, r"Invalid lr: -1.0 \(expected a finite number >= 0"),
-        ({"lr": float("nan")}, ValueError, r"Invalid lr: nan"),
-        ({"lr": True}, ValueError, r"Invalid lr: True"),
-        ({"lr": "1"}, ValueError, r"Invalid lr: '1'"),
+        ({"lr": -1.0}, ValueError, r"Invalid learning rate: -1.0 \(expected a finite number >= 0"),
+        ({"lr": float("nan")}, ValueError, r"Invalid learning rate: nan"),
+        ({"lr": True}, ValueError, r"Invalid learning rate: True"),
+        ({"lr": "1"}, ValueError, r"Invalid learning rate: '1'"),
         ({"chunk_size": 0}, ValueError, r"Invalid chunk_size: 0 \(expected None or a positive int\)"),
         ({"chunk_size": "4"}, ValueError, r"Invalid chunk_size: '4'"),
         ({"state_dtype": torch.int32}, ValueError, r"Invalid state_dtype: torch.int32 \(expected None or one of torch.float16"),
@@ -321,7 +323,7 @@ def test_constructor_validates_every_argument(checkpoint, kwargs, error, message
 def test_add_param_group_validates_and_new_parameters_get_state(checkpoint):
     first, second = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
     optimizer = LearnedOptimizer([first], checkpoint)
-    with pytest.raises(ValueError, match="Invalid lr: -2"):
+    with pytest.raises(ValueError, match="Invalid learning rate: -2"):
         optimizer.add_param_group({"params": [second], "lr": -2})
     assert len(optimizer.param_groups) == 1
     first.grad = torch.randn(3)
@@ -457,7 +459,7 @@ def test_load_state_dict_checks_group_options_runs_hooks_and_restores_metadata(c
     source.step()
     saved = source.state_dict()
     optimizer = LearnedOptimizer([p], checkpoint)
-    for option, value, message in (("lr", -5.0, "Invalid lr: -5.0"), ("chunk_size", 0, "Invalid chunk_size: 0"),
+    for option, value, message in (("lr", -5.0, "Invalid learning rate: -5.0"), ("chunk_size", 0, "Invalid chunk_size: 0"),
                                    ("maximize", "yes", "Invalid maximize: 'yes'")):
         damaged = copy.deepcopy(saved)
         damaged["param_groups"][0][option] = value
@@ -789,3 +791,99 @@ def test_changing_rule_group_to_an_lstm_of_another_shape_names_the_problem():
         optimizer.step()  # a bucket rebuilt from the parameters' states
     optimizer.param_groups[0]["rule_group"] = "a"
     optimizer.step()
+
+
+def adam_accepts(lr) -> bool:
+    """Whether torch.optim.Adam builds with ``lr`` and steps with it (its ValueError is its refusal)."""
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.ones(4)
+    try:
+        torch.optim.Adam([p], lr=lr).step()
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "lr, number",
+    [
+        (np.float64(0.25), 0.25),
+        (np.float32(0.25), 0.25),
+        (np.int64(2), 2.0),
+        (np.array(0.25), 0.25),
+        (torch.tensor(0.25), 0.25),
+        (torch.tensor([0.25]), 0.25),
+        (torch.tensor([[0.25]], dtype=torch.float64), 0.25),
+        (torch.tensor(2), 2.0),
+    ],
+    ids=["np.float64", "np.float32", "np.int64", "0-d ndarray", "0-d tensor", "[1] tensor", "[1, 1] float64 tensor", "int tensor"],
+)
+def test_learning_rates_torch_optim_adam_accepts_act_as_their_number(checkpoint, lr, number):
+    assert adam_accepts(lr)
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    expected, given = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))
+    expected_optimizer = LearnedOptimizer([expected], checkpoint, lr=number)
+    optimizer = LearnedOptimizer([given], checkpoint, lr=lr)
+    for _ in range(2):
+        expected.grad, given.grad = grad.clone(), grad.clone()
+        expected_optimizer.step(), optimizer.step()
+    torch.testing.assert_close(given, expected, rtol=1e-6, atol=0)
+    assert optimizer.param_groups[0]["lr"] is lr  # kept as given, as torch.optim keeps it (schedulers write into a tensor)
+
+
+def test_a_tensor_lr_is_scheduled_in_place_as_torch_optim_schedules_adams(checkpoint):
+    lr = torch.tensor(1.0)
+    optimizer = LearnedOptimizer([nn.Parameter(torch.zeros(4))], checkpoint, lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(4)
+    optimizer.step(), scheduler.step()
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.5
+    state = copy.deepcopy(optimizer.state_dict())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    optimizer.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(optimizer.param_groups[0]["lr"], torch.tensor(0.5))
+
+
+@pytest.mark.parametrize(
+    "lr, torch_message",
+    [
+        (-1.0, "Invalid learning rate: -1.0"),
+        (float("nan"), "Invalid learning rate: nan"),
+        (np.float32(-1.0), "Invalid learning rate: -1.0"),
+        (torch.tensor(-1.0), "Invalid learning rate: -1.0"),
+        (torch.tensor(float("nan")), "Invalid learning rate: nan"),
+        (torch.tensor([0.1, 0.2]), "Tensor lr must be 1-element"),
+    ],
+    ids=["negative", "nan", "negative np.float32", "negative tensor", "nan tensor", "two elements"],
+)
+def test_learning_rates_torch_optim_adam_refuses_are_refused_with_its_message(checkpoint, lr, torch_message):
+    with pytest.raises(ValueError, match=f"^{re.escape(torch_message)}$"):
+        torch.optim.Adam([nn.Parameter(torch.zeros(2))], lr=lr)
+    with pytest.raises(ValueError, match=f"^{re.escape(torch_message)}" + r"\b.*the factor on the learned update"):
+        LearnedOptimizer([nn.Parameter(torch.zeros(2))], checkpoint, lr=lr)
+
+
+@pytest.mark.parametrize(
+    "lr",
+    [float("inf"), True, torch.tensor(True), torch.tensor(1j), "0.1", None, np.array([0.25])],
+    ids=["inf", "bool", "bool tensor", "complex tensor", "str", "None", "[1] ndarray"],
+)
+def test_learning_rates_that_are_not_a_finite_real_number_are_refused(checkpoint, lr):
+    # Stricter than torch.optim.Adam, which takes inf and True (a factor of inf makes every
+    # updated parameter inf or nan; True is a flag in the wrong place) and fails on a string,
+    # None or a [1] ndarray with a TypeError from inside its checks or its step.
+    with pytest.raises(ValueError, match=r"^Invalid learning rate: .* \(expected a finite number >= 0 or a one-element real tensor"):
+        LearnedOptimizer([nn.Parameter(torch.zeros(2))], checkpoint, lr=lr)
+
+
+@needs_cuda
+def test_a_cuda_tensor_lr_scales_the_update_of_cpu_and_cuda_parameters(checkpoint):
+    grad = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    for device in ("cpu", CUDA):
+        expected, given = nn.Parameter(torch.zeros(4, device=device)), nn.Parameter(torch.zeros(4, device=device))
+        expected.grad, given.grad = grad.to(device), grad.to(device)
+        LearnedOptimizer([expected], checkpoint, lr=0.25).step()
+        LearnedOptimizer([given], checkpoint, lr=torch.tensor(0.25, device=CUDA)).step()
+        torch.testing.assert_close(given, expected, rtol=1e-6, atol=0)

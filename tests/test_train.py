@@ -206,7 +206,7 @@ def test_the_applied_meta_gradient_is_clipped_to_the_configured_norm(monkeypatch
 
 
 def test_unknown_task_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown task 'quadratc'; available tasks: .*quadratic"):
+    with pytest.raises(ValueError, match=r"unknown task 'quadratc' \(did you mean 'quadratic'\?\); available tasks: .*quadratic"):
         MetaTrainer(TrainConfig(task="quadratc"))
 
 

@@ -117,6 +117,19 @@ def check_num_instances(num_instances: int) -> None:
     check_positive_int("num_instances", num_instances)
 
 
+def check_generator(generator: Any) -> None:
+    """Raises a ValueError unless ``generator`` is a CPU ``torch.Generator``.
+
+    None would draw the instances from torch's global RNG: they would not follow the run's seed,
+    and the global RNG, which l2l never touches, would move.
+    """
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(
+            "generator must be a CPU torch.Generator (for example torch.Generator().manual_seed(0)): the instances "
+            f"depend only on its state, whatever the task's device; got {generator!r}"
+        )
+
+
 def check_params(task: Task, params: Tensor) -> None:
     """Raises a ValueError naming the expected shape if ``params`` is not ``[K, n]``."""
     expected = (task.num_instances, task.num_params)

@@ -71,7 +71,8 @@ class CIFAR10Family(ModuleFamily):
         batch_size: examples per minibatch (paper: 128).
         train_examples: use only the first N training images (after the class subset; more than
             it has is a ValueError at ``sample``).
-        eval_examples: at most this many test images for test loss/accuracy (None: all).
+        eval_examples: the first N test images for test loss/accuracy (None: all; more than the split
+            holds, after the class subset, is a ValueError at ``sample``).
     """
 
     name = "cifar10"

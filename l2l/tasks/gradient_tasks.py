@@ -36,7 +36,7 @@ from l2l.objectives import (
     directional_derivatives,
     input_gradient_penalty,
 )
-from l2l.tasks.base import check_positive_int
+from l2l.tasks.base import check_params, check_positive_int
 from l2l.tasks.mnist import ACTIVATIONS, MNISTFamily, mlp
 from l2l.tasks.module import Forward, Minibatch, ModuleFamily, ModuleTask, SupervisedData, fixed_shuffle
 
@@ -376,6 +376,7 @@ class Tangent1DTask(ModuleTask):
     @torch.no_grad()
     def metrics(self, params: Tensor) -> dict[str, Tensor]:
         """``fit_mse`` (squared error at the points) and ``mean_abs_slope`` (|f'| at the points), ``[K]`` each."""
+        check_params(self, params)
         x, y = self.data.x_test, self.data.y_test
 
         def fit_and_slope(instance_params, instance_buffers):

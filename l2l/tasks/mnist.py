@@ -51,7 +51,8 @@ class MNISTFamily(ModuleFamily):
         batch_size: examples per minibatch (paper: 128).
         train_examples: use only the first N training images (small, fast runs; more than the
             dataset has is a ValueError at ``sample``); None for all.
-        eval_examples: at most this many test images for test loss/accuracy (None: all 10,000).
+        eval_examples: the first N test images for test loss/accuracy (None: all 10,000; more than the
+            split holds is a ValueError at ``sample``).
     """
 
     name = "mnist"

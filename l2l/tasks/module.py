@@ -13,7 +13,7 @@ from torch.func import functional_call, vmap
 
 from l2l.objectives import GradReverse
 from l2l.seeding import generator_seed, seeded_random_layers
-from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params, check_positive_int
+from l2l.tasks.base import Task, TaskFamily, check_generator, check_num_instances, check_params, check_positive_int
 
 # Module types whose parameters form each kind of parameter group (for per-group optimizers).
 LAYER_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
@@ -228,6 +228,7 @@ class ModuleTask(Task):
         self.batch_size = batch_size
         self.objective = objective
         self.eval_examples = eval_examples
+        self.test_split()  # too many eval_examples fails here, not at the metrics after a whole run
         self.bn_examples = bn_examples
         self.vectorize = resolve_vectorize(vectorize, module, params0.device)
         norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -461,6 +462,7 @@ class ModuleFamily(TaskFamily):
 
     def sample(self, num_instances: int, generator: torch.Generator, device="cpu") -> ModuleTask:
         check_num_instances(num_instances)
+        check_generator(generator)
         device = torch.device(device)
         template, params0, buffers = init_instances(self.factory, num_instances, generator)
         return self.task_type(

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2l.tasks.base import Task, TaskFamily, check_num_instances, check_params
+from l2l.tasks.base import Task, TaskFamily, check_generator, check_num_instances, check_params
 
 
 class QuadraticTask(Task):
@@ -72,6 +72,7 @@ class QuadraticFamily(TaskFamily):
 
     def sample(self, num_instances: int, generator: torch.Generator, device="cpu") -> QuadraticTask:
         check_num_instances(num_instances)
+        check_generator(generator)
         W = torch.randn(num_instances, self.dim, self.dim, generator=generator)
         y = torch.randn(num_instances, self.dim, generator=generator)
         return QuadraticTask(W.to(device), y.to(device))

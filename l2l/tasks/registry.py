@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
 from typing import Callable
 
 from l2l.tasks.base import TaskFamily
@@ -18,21 +21,82 @@ def register_task(name: str, factory: Callable[..., TaskFamily], *, replace: boo
 
     Constructing a family must be cheap (load data lazily, on ``sample``): ``list_tasks``
     builds every registered family with its default options.
+
+    Raises:
+        ValueError: ``name`` is taken (unless ``replace``), empty, not a string, or holds
+            whitespace or ``/`` (it is typed as ``--task NAME`` and names the default ``runs/NAME``);
+            ``factory`` is not callable or needs arguments (``l2l tasks`` could no longer list
+            any family).
     """
+    if not isinstance(name, str) or not name or "/" in name or any(char.isspace() for char in name):
+        raise ValueError(f"a task name must be a non-empty string without spaces or '/', got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"the factory of task {name!r} must be callable (a TaskFamily subclass, say), got {factory!r}")
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): trusted as documented
+        parameters = []
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p.name for p in parameters if p.default is p.empty and p.kind in named]
+    if required:
+        raise ValueError(
+            f"the factory of task {name!r} must build the family without arguments (list_tasks and `l2l tasks` "
+            f"build every family with its defaults): give {', '.join(required)} a default"
+        )
     if name in _REGISTRY and not replace:
         raise ValueError(f"a task named {name!r} is already registered (pass replace=True to replace it)")
     _REGISTRY[name] = factory
 
 
+def closest_name(name: str, names) -> str | None:
+    """The name in ``names`` nearest to ``name`` (a misspelling, another case, ``_`` for ``-``), or None.
+
+    Names equal once lowercased and stripped of ``-`` and ``_`` come first (``mnist_gp``,
+    ``cifar-10``, ``MNIST40``), then :func:`difflib.get_close_matches` on those forms.
+    """
+
+    def key(text: str) -> str:
+        return text.lower().replace("-", "").replace("_", "")
+
+    by_key = {key(candidate): candidate for candidate in sorted(names)}
+    if key(name) in by_key:
+        return by_key[key(name)]
+    matches = difflib.get_close_matches(key(name), list(by_key), n=1, cutoff=0.6)
+    return by_key[matches[0]] if matches else None
+
+
+def _did_you_mean(name: str, names) -> str:
+    suggestion = closest_name(name, names)
+    return f" (did you mean {suggestion!r}?)" if suggestion else ""
+
+
 def get_task(name: str, **options) -> TaskFamily:
-    """The task family ``name`` built with ``options`` (for example ``get_task("quadratic", dim=10)``)."""
+    """The task family ``name`` built with ``options`` (for example ``get_task("quadratic", dim=10)``).
+
+    Raises:
+        ValueError: ``name`` is not registered, or an option is not one of the family's (both
+            name the nearest registered name); or an option's value is invalid (the family's own
+            message).
+    """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; available tasks: {', '.join(sorted(_REGISTRY))} (see `l2l tasks`)")
+        raise ValueError(
+            f"unknown task {name!r}{_did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
+            "(see `l2l tasks`)"
+        )
     try:
         return _REGISTRY[name](**options)
     except TypeError as error:
-        known = ", ".join(_REGISTRY[name]().config()) or "none"
-        raise ValueError(f"bad options for task {name!r}: {error}; its options are {known} (see `l2l tasks --json`)") from None
+        # Only Python's own refusal of a keyword the factory (or a constructor it passes options
+        # on to) lacks is the user's: any other TypeError is a bug in the family and goes up as it is.
+        unexpected = re.search(r"got an unexpected keyword argument '(\w+)'", str(error))
+        if unexpected is None or unexpected.group(1) not in options:
+            raise
+        known = list(_REGISTRY[name]().config())
+        option = unexpected.group(1)
+        raise ValueError(
+            f"task {name!r} has no option {option!r}{_did_you_mean(option, known)}; its options are "
+            f"{', '.join(known) or 'none'} (see `l2l tasks --json`)"
+        ) from None
 
 
 def list_tasks() -> dict[str, TaskFamily]:

@@ -1,0 +1,138 @@
+"""The task registry as a user meets it: unknown and misspelt names and options, option values from the command line."""
+
+import re
+
+import pytest
+import torch
+
+from l2l.cli import _task_options, main
+from l2l.tasks import QuadraticFamily, get_task, list_tasks, register_task
+from l2l.tasks.registry import _REGISTRY
+
+
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [
+        ("quadrtic", "quadratic"),
+        ("Quadratic", "quadratic"),
+        ("mnist_gp", "mnist-gp"),
+        ("cifar-10", "cifar10"),
+        ("mnist40", "mnist-40"),
+        ("MNIST-ReLU", "mnist-relu"),
+        ("tangent1d", "tangent-1d"),
+    ],
+)
+def test_a_misspelt_task_name_suggests_the_nearest_registered_one(name, suggestion):
+    with pytest.raises(ValueError, match=rf"^unknown task '{name}' \(did you mean '{suggestion}'\?\); available tasks: .*quadratic"):
+        get_task(name)
+
+
+def test_a_name_near_no_task_gets_no_suggestion():
+    with pytest.raises(ValueError) as error:
+        get_task("resnet")
+    assert "did you mean" not in str(error.value) and "available tasks: cifar10, " in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "name, option, message",
+    [
+        ("quadratic", "dimm", "task 'quadratic' has no option 'dimm' (did you mean 'dim'?); its options are dim"),
+        ("quadratic", "hidden", "task 'quadratic' has no option 'hidden'; its options are dim"),
+        ("mnist-40", "hiden", "task 'mnist-40' has no option 'hiden' (did you mean 'hidden'?); its options are hidden, layers, "),
+        ("mnist-gp", "epsilon", "task 'mnist-gp' has no option 'epsilon' (did you mean 'eps'?); its options are "),
+        ("tangent-1d", "batch_size", "task 'tangent-1d' has no option 'batch_size'; its options are hidden, activation, weight"),
+    ],
+)
+def test_an_unknown_option_is_named_with_the_nearest_one_and_the_tasks_options(name, option, message):
+    with pytest.raises(ValueError) as error:
+        get_task(name, **{option: 1})
+    assert str(error.value).startswith(message)
+    assert "__init__" not in str(error.value)  # Python's binding error says nothing a user typed
+
+
+def test_a_type_error_inside_a_family_is_not_disguised_as_a_bad_option():
+    class Broken(QuadraticFamily):
+        def __init__(self, dim=10):
+            super().__init__(dim)
+            if dim != 10:
+                len(dim)  # a bug in the family, not in the options
+
+    register_task("test-broken-family", Broken, replace=True)
+    try:
+        with pytest.raises(TypeError, match="has no len"):
+            get_task("test-broken-family", dim=3)
+    finally:
+        del _REGISTRY["test-broken-family"]
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("0.5", 0.5), (".5", 0.5), ("5.", 5.0), ("+2", 2), ("1e-3", 1e-3), ("-1", -1), ("inf", float("inf")),
+        ("40", 40), ("true", True), ("null", None), ("relu", "relu"), ("[1, 2]", [1, 2]),
+    ],
+)
+def test_task_option_values_are_read_as_numbers_wherever_python_reads_one(text, value):
+    # JSON has no ".5", "5.", "+2" or "inf": those became strings, and eps=.5 was refused as "got str".
+    parsed = _task_options([f"key={text}"])["key"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_a_number_json_cannot_read_reaches_the_family_as_a_number(capsys):
+    assert main(["bench", "--task", "mnist-gp", "--task-option", "eps=inf", "--baselines", "sgd", "--steps", "1"]) == 2
+    assert "Invalid eps: inf (must be finite)" in capsys.readouterr().err
+
+
+def test_every_family_samples_the_same_instances_from_the_same_seed_and_leaves_the_global_rng_alone():
+    for name, family in list_tasks().items():
+        if not name.startswith(("quadratic", "tangent")):
+            continue  # the others need datasets; tests/test_module_task.py covers module families
+        state = torch.random.get_rng_state()
+        first = family.sample(3, torch.Generator().manual_seed(4))
+        again = family.sample(3, torch.Generator().manual_seed(4))
+        other = family.sample(3, torch.Generator().manual_seed(5))
+        assert torch.equal(torch.random.get_rng_state(), state), name
+        assert torch.equal(first.init_params(), again.init_params()), name
+        assert first.init_params().shape == (3, first.num_params), name
+        batch = first.sample_batch(torch.Generator().manual_seed(0))
+        assert torch.equal(first.loss(first.init_params(), batch), again.loss(again.init_params(), batch)), name
+        assert not torch.equal(first.loss(first.init_params(), batch), other.loss(other.init_params(), batch)), name
+
+
+@pytest.mark.parametrize("name", ["quadratic", "tangent-1d"])
+@pytest.mark.parametrize("generator", [None, 5], ids=["None", "int"])
+def test_sampling_without_a_cpu_generator_is_refused_rather_than_drawn_from_the_global_rng(name, generator):
+    state = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=r"^generator must be a CPU torch.Generator \(for example torch.Generator\(\).manual_seed\(0\)\)"):
+        get_task(name).sample(2, generator)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_tangent_metrics_check_the_shape_of_the_parameters():
+    task = get_task("tangent-1d").sample(2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"expects params of shape \[K, n\] = \[2, 61\], got \[3, 61\]"):
+        task.metrics(torch.zeros(3, task.num_params))
+
+
+class NeedsDim(QuadraticFamily):
+    def __init__(self, dim):
+        super().__init__(dim)
+
+
+@pytest.mark.parametrize(
+    "name, factory, message",
+    [
+        ("", QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got ''"),
+        (3, QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got 3"),
+        ("my task", QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got 'my task'"),
+        ("runs/mine", QuadraticFamily, "a task name must be a non-empty string without spaces or '/', got 'runs/mine'"),
+        ("test-not-callable", QuadraticFamily(), "the factory of task 'test-not-callable' must be callable"),
+        ("test-needs-dim", NeedsDim, "the factory of task 'test-needs-dim' must build the family without arguments "
+                                     "(list_tasks and `l2l tasks` build every family with its defaults): give dim a default"),
+    ],
+)
+def test_a_registration_that_would_break_l2l_tasks_is_refused(name, factory, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        register_task(name, factory)
+    assert name not in _REGISTRY
+    assert main(["tasks", "--json"]) == 0
