@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from l2l.checkpoint import CheckpointError, load_resume_checkpoint
 from l2l.config import ConfigError, TrainConfig
@@ -17,6 +18,7 @@ from l2l.meta.distributed import ShardLayout, local_device
 from l2l.meta.train import MetaTrainer, meta_train, shard_streams
 from l2l.meta.unroll import start, unroll
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
+from l2l.tasks.module import ModuleFamily, SupervisedData
 
 from helpers import NoisyQuadraticFamily
 
@@ -160,6 +162,42 @@ def test_instances_must_split_evenly_into_the_shards():
     with pytest.raises(ConfigError, match="accumulate must be a positive integer"):
         TrainConfig(accumulate=0)
     assert ShardLayout(rank=1, world_size=2, accumulate=3).local == range(3, 6)
+
+
+def _random_digits(device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(60, 1, 4, 4, generator=generator), torch.randint(0, 3, (60,), generator=generator)
+    return SupervisedData(inputs[:40], labels[:40], inputs[40:], labels[40:])
+
+
+class TinyMLPFamily(ModuleFamily):
+    """An MLP (fully connected layers only) on random data, small enough to meta-train in a test."""
+
+    name = "test-tiny-mlp"
+    default_steps, default_unroll, default_instances = 4, 2, 4
+
+    def __init__(self):
+        super().__init__(lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), _random_digits, batch_size=8)
+
+
+register_task("test-tiny-mlp", TinyMLPFamily, replace=True)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_rule_for_a_group_the_task_lacks_gets_no_gradient_and_no_adam_state_whatever_the_shards(accumulate):
+    # A conv,fc rule on an MLP: the conv LSTM never acts, so it is not trained, with one shard or several.
+    config = TrainConfig(task="test-tiny-mlp", split=("conv", "fc"), epochs=1, accumulate=accumulate, hidden_size=4,
+                         val_problems=2, device="cpu")
+    trainer = MetaTrainer(config)
+    conv_before = {name: value.clone() for name, value in trainer.rule.rules["conv"].state_dict().items()}
+    trainer.run(progress=False)
+    assert trainer.skipped == 0
+    for name, parameter in trainer.rule.rules["conv"].named_parameters():
+        assert parameter.grad is None, name
+        assert parameter not in trainer.meta_optimizer.state, name
+        assert torch.equal(parameter, conv_before[name]), name
+    for name, parameter in trainer.rule.rules["fc"].named_parameters():
+        assert parameter.grad is not None and parameter in trainer.meta_optimizer.state, name
 
 
 def test_sharded_runs_refuse_cuda_graphs_on(monkeypatch):

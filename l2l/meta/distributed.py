@@ -211,8 +211,19 @@ class Collectives:
 
 
 def flatten_grads(parameters: Sequence[Tensor]) -> Tensor:
-    """The gradients of ``parameters`` in one flat vector (zeros where a parameter has none)."""
+    """The gradients of ``parameters`` in one flat vector (zeros where a parameter has none; see :func:`grad_presence`)."""
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+
+
+def grad_presence(parameters: Sequence[Tensor], like: Tensor) -> Tensor:
+    """One entry per parameter, of ``like``'s dtype and device: 1 where it has a gradient, 0 where it has none.
+
+    Summed over the shards along with :func:`flatten_grads`' vector, it counts the shards that
+    gave each parameter a gradient: one that none did (a per-group rule's LSTM for a group the
+    task lacks) must be left without one, as a single shard leaves it, rather than given zeros
+    that Adam would count as a step.
+    """
+    return torch.tensor([float(p.grad is not None) for p in parameters], dtype=like.dtype, device=like.device)
 
 
 def assign_grads(parameters: Sequence[Tensor], flat: Tensor) -> None:

@@ -38,7 +38,15 @@ from l2l.checkpoint import (
 )
 from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
-from l2l.meta.distributed import Collectives, ShardLayout, assign_grads, current_layout, flatten_grads, local_device
+from l2l.meta.distributed import (
+    Collectives,
+    ShardLayout,
+    assign_grads,
+    current_layout,
+    flatten_grads,
+    grad_presence,
+    local_device,
+)
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason, truncation_weights
 from l2l.meta.stopping import StopRequest, TrainingInterrupted
@@ -319,30 +327,48 @@ class MetaTrainer:
                 shard_loss.backward()  # frees this shard's graph before the next shard's unroll
                 shard_losses.append(shard_loss.detach())
                 next_carries.append(detach_carry(carry))
-            meta_loss = shard_losses[0] if self.layout.total == 1 else self._average_over_shards(shard_losses)
+            if self.layout.total == 1:
+                meta_loss, counts = shard_losses[0], None
+            else:
+                meta_loss, counts = self._average_over_shards(shard_losses)
             grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), config.clip_grad_norm)
             # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
             # the averaged loss or gradient non-finite, so every process skips the same steps.
-            stepped = bool(torch.isfinite(meta_loss) & torch.isfinite(grad_norm))
+            finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
+            if counts is None:
+                stepped = bool(finite)
+            else:  # the same synchronisation reads how many shards gave each parameter a gradient
+                read, *counts = torch.cat([finite.reshape(1).to(counts.dtype), counts]).tolist()
+                stepped = bool(read)
+                for parameter, count in zip(self.rule.parameters(), counts):
+                    if not count:  # no shard's graph reached it: no gradient, as with one shard (zeros would be an Adam step)
+                        parameter.grad = None
             if stepped:
                 self.meta_optimizer.step()
             return TruncationResult(meta_loss, grad_norm.detach(), stepped, next_carries[0]), next_carries
 
         return truncate
 
-    def _average_over_shards(self, shard_losses: list[Tensor]) -> Tensor:
-        """Replaces the accumulated meta-gradients by their mean over all shards of all processes; returns the mean meta-loss.
+    def _average_over_shards(self, shard_losses: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Replaces the accumulated meta-gradients by their mean over all shards of all processes.
 
-        One all-reduce carries the gradients and the loss. The sums are taken before the one
-        division, so two processes with one shard each compute bit for bit what one process
-        with two shards does.
+        One all-reduce carries the gradients, the loss and, per parameter, whether it has a
+        gradient. The sums are taken before the one division, so two processes with one shard
+        each compute bit for bit what one process with two shards does.
+
+        Returns:
+            The mean meta-loss, and per parameter the number of shards that gave it a gradient
+            (on the device: the caller reads it with the step's one host synchronisation). A
+            parameter none gave one gets a zero gradient here, which the caller must set to None.
         """
         parameters = list(self.rule.parameters())
-        flat = torch.cat([flatten_grads(parameters), torch.stack(shard_losses).sum().reshape(1)])
+        grads = flatten_grads(parameters)
+        size = grads.numel()
+        flat = torch.cat([grads, torch.stack(shard_losses).sum().reshape(1), grad_presence(parameters, grads)])
         self.collectives.sum_(flat)
-        flat /= self.layout.total
-        assign_grads(parameters, flat[:-1])
-        return flat[-1]
+        averaged = flat[: size + 1] / self.layout.total  # the counts stay counts
+        assign_grads(parameters, averaged[:size])
+        return averaged[size], flat[size + 1 :]
 
     def _graphed_truncation(self, task) -> Truncate:
         """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
