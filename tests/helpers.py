@@ -1,9 +1,12 @@
-"""Shared test helpers: a learned rule whose updates depend visibly on its inputs, a task that draws minibatches."""
+"""Shared test helpers: a learned rule whose updates depend visibly on its inputs, a task that draws minibatches, a tiny MLP."""
 
 import torch
 
+from torch import nn
+
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
+from l2l.tasks.module import ModuleFamily, SupervisedData
 
 
 def sensitive_rule(seed: int = 0, dtype: torch.dtype = torch.float32, **options) -> CoordinateWiseLSTM:
@@ -38,3 +41,26 @@ class NoisyQuadraticFamily(QuadraticFamily):
 
 
 register_task("test-noisy-quadratic", NoisyQuadraticFamily, replace=True)
+
+
+def _random_digits(device="cpu"):
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(60, 1, 4, 4, generator=generator), torch.randint(0, 3, (60,), generator=generator)
+    return SupervisedData(inputs[:40], labels[:40], inputs[40:], labels[40:])
+
+
+def _linear_classifier():
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+
+class TinyMLPFamily(ModuleFamily):
+    """A fully connected net (no conv layer) on random data, small enough to meta-train in a test."""
+
+    name = "test-tiny-mlp"
+    default_steps, default_unroll, default_instances = 4, 2, 4
+
+    def __init__(self):
+        super().__init__(_linear_classifier, _random_digits, batch_size=8)
+
+
+register_task("test-tiny-mlp", TinyMLPFamily, replace=True)

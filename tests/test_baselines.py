@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from l2l.meta.evaluate import evaluate, tune_learning_rate
-from l2l.optimizers import NAG, SGD, Adam, Momentum, RMSProp, get_baseline
+from l2l.optimizers import NAG, SGD, Adam, CoordinateWiseLSTM, Momentum, RMSProp, get_baseline
 
 CASES = [
     (SGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
@@ -204,3 +204,43 @@ def test_without_baselines_no_tuning_instances_are_drawn_or_mentioned(monkeypatc
                        lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
     assert drawn == [2]  # not the 7 tuning instances as well
     assert "tuned" not in format_table(report)
+
+
+class _RecordingLSTM(CoordinateWiseLSTM):
+    """An LSTM that records every module it converts (``.to``, ``.cuda``, ``.double`` ... all go through ``_apply``)."""
+
+    converted: list = []
+
+    def _apply(self, fn, recurse=True):
+        type(self).converted.append(self)
+        return super()._apply(fn, recurse)
+
+
+def test_benchmark_leaves_the_callers_learned_rule_where_it_was(monkeypatch):
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    rule = _RecordingLSTM(seed=0)
+    monkeypatch.setattr(_RecordingLSTM, "converted", [])
+    before = {name: (value.clone(), value.data_ptr()) for name, value in rule.state_dict().items()}
+    report = benchmark(QuadraticFamily(dim=3), {"lstm": rule}, baselines=(), steps=3, problems=2, tune_problems=2,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    assert report["results"]["lstm"]["final_loss"]["mean"] is not None
+    # The caller's module is never converted (on a GPU benchmark that would move it there in place).
+    assert not any(module is rule for module in _RecordingLSTM.converted)
+    for name, value in rule.state_dict().items():
+        assert torch.equal(value, before[name][0]) and value.data_ptr() == before[name][1], name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_benchmark_does_not_move_the_callers_cpu_rule_to_the_gpu():
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    rule = CoordinateWiseLSTM(seed=0)
+    on_cpu = benchmark(QuadraticFamily(dim=3), {"lstm": rule}, baselines=(), steps=3, problems=2, tune_problems=2,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    on_gpu = benchmark(QuadraticFamily(dim=3), {"lstm": rule}, baselines=(), steps=3, problems=2, tune_problems=2,
+                       lr_grid=(0.1,), seed=0, device=torch.device("cuda"))
+    assert {value.device.type for value in rule.state_dict().values()} == {"cpu"}
+    assert on_gpu["results"]["lstm"]["final_loss"]["mean"] == pytest.approx(on_cpu["results"]["lstm"]["final_loss"]["mean"], rel=1e-4)

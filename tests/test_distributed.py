@@ -18,7 +18,7 @@ from l2l.meta.train import MetaTrainer, meta_train, shard_streams
 from l2l.meta.unroll import start, unroll
 from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
-from helpers import NoisyQuadraticFamily
+from helpers import NoisyQuadraticFamily, TinyMLPFamily
 
 SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=8, checkpoint_every=1, device="cpu")
 
@@ -162,6 +162,23 @@ def test_instances_must_split_evenly_into_the_shards():
     assert ShardLayout(rank=1, world_size=2, accumulate=3).local == range(3, 6)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_rule_for_a_group_the_task_lacks_gets_no_gradient_and_no_adam_state_whatever_the_shards(accumulate):
+    # A conv,fc rule on an MLP: the conv LSTM never acts, so it is not trained, with one shard or several.
+    config = TrainConfig(task=TinyMLPFamily.name, split=("conv", "fc"), epochs=1, accumulate=accumulate, hidden_size=4,
+                         val_problems=2, device="cpu")
+    trainer = MetaTrainer(config)
+    conv_before = {name: value.clone() for name, value in trainer.rule.rules["conv"].state_dict().items()}
+    trainer.run(progress=False)
+    assert trainer.skipped == 0
+    for name, parameter in trainer.rule.rules["conv"].named_parameters():
+        assert parameter.grad is None, name
+        assert parameter not in trainer.meta_optimizer.state, name
+        assert torch.equal(parameter, conv_before[name]), name
+    for name, parameter in trainer.rule.rules["fc"].named_parameters():
+        assert parameter.grad is not None and parameter in trainer.meta_optimizer.state, name
+
+
 def test_sharded_runs_refuse_cuda_graphs_on(monkeypatch):
     monkeypatch.setattr(train_module, "graph_unsupported_reason", lambda *args: None)
     with pytest.raises(ConfigError, match=r"split into 2 shards \(1 processes x accumulate 2\), which run eagerly"):
@@ -183,6 +200,12 @@ COLLECTIVES_SCRIPT = textwrap.dedent(
     gathered = collectives.gather(torch.tensor([rank, 10 * rank], dtype=torch.uint8))
     print(f"rank {rank}: sum {summed.tolist()} broadcast {source.tolist()} gather {[g.tolist() for g in gathered]} "
           f"any {collectives.any(rank == 1)} none {collectives.any(False)}")
+    sums = torch.zeros(2, dtype=torch.float64)
+    with collectives.together("adding"):
+        pass
+    with collectives.together("adding", sums):
+        sums += torch.tensor([rank + 1.0, 0.5])
+    print(f"rank {rank}: together sums {sums.tolist()}")
     collectives.check_same("configuration", "same")
     try:
         collectives.check_same("configuration", f"seed {rank}")
@@ -200,6 +223,7 @@ def test_collectives_across_two_processes(tmp_path):
     assert finished.returncode == 0, finished.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: sum [2.0, 1.0] broadcast [5.0] gather [[0, 0], [1, 10]] any True none False" in finished.stdout
+        assert f"rank {rank}: together sums [3.0, 1.0]" in finished.stdout
     assert "rank 0: refused: process 0 and process(es) 1 were started with a different configuration" in finished.stdout
     assert "rank 1: refused: process 1 and process(es) 0 were started with a different configuration" in finished.stdout
 
@@ -226,9 +250,9 @@ def test_every_process_stops_on_an_output_directory_that_holds_another_run(two_p
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
     finished = torchrun(["-m", "l2l", "train", "--epochs=1", *flags, f"--out={out}", "--no-bench", "--quiet"])
     assert finished.returncode != 0
-    assert finished.stderr.count("already holds a training run") == 1  # rank 0's message
-    # Rank 1 says so instead of dying in a collective.
-    assert "another process failed while checking the output directory (on process 0)" in finished.stderr
+    # Rank 0's message, and rank 1 repeats it instead of dying in a collective.
+    assert finished.stderr.count("already holds a training run") == 2
+    assert f"process 0 failed while checking the output directory (ConfigError: {out} already holds a training run" in finished.stderr
     assert "Connection reset" not in finished.stderr
 
 
@@ -274,8 +298,9 @@ def test_processes_given_different_arguments_or_failing_alone_all_stop_with_a_me
         assert (f"rank {rank} resume-from-different-epochs: ConfigError: process {rank} and process(es) {other} were started "
                 "with a different training state (epoch, weights, meta-optimizer, history)") in lines
     assert "rank 1 resume-missing-on-rank-1: CheckpointError: checkpoint" in lines
-    assert ("rank 0 resume-missing-on-rank-1: RuntimeError: another process failed while loading the resume checkpoint "
-            "(its own error above says why); this one stops too") in lines
+    assert ("rank 0 resume-missing-on-rank-1: RuntimeError: process 1 failed while loading the resume checkpoint "
+            f"(CheckpointError: checkpoint {tmp_path}/missing/resume.pt") in lines
+    assert "; this process stops too" in lines.split("rank 0 resume-missing-on-rank-1")[1].splitlines()[0]
     assert lines.count(": trained") == 2 and "rank 0 resume-from-one-checkpoint: trained" in lines
 
 
@@ -321,3 +346,86 @@ def test_a_stop_asked_of_one_process_stops_every_process_at_the_same_epoch_with_
     assert "rank 1 stopped after epoch 3: rank 1's" in finished.stdout
     assert "rank 0 stopped after epoch 3: another process was asked to stop" in finished.stdout
     assert load_resume_checkpoint(tmp_path / "out" / "resume.pt")["epoch"] == 3
+
+
+FAILURE_SCRIPT = textwrap.dedent(
+    """
+    import datetime, sys, time
+    import torch.distributed as dist
+    from l2l.config import TrainConfig
+    from l2l.meta.train import MetaTrainer, meta_train
+    from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
+
+    sys.path.insert(0, sys.argv[1])
+    from helpers import TinyMLPFamily
+
+    # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    rank = dist.get_rank()
+    FAIL = {{"at": None, "calls": 0}}
+
+    class FailingFamily(QuadraticFamily):
+        # Quadratics whose loss raises on rank 1 at its FAIL["at"]-th call (the first is the initial loss).
+        name = "test-failing-loss"
+
+        def sample(self, num_instances, generator, device="cpu"):
+            base = super().sample(num_instances, generator, device)
+
+            class Task(QuadraticTask):
+                def loss(self, params, batch=None):  # overridden: autograd differentiates it, call by call
+                    FAIL["calls"] += 1
+                    if rank == 1 and FAIL["calls"] == FAIL["at"]:
+                        raise ValueError(f"loss raised at call {{FAIL['calls']}}")
+                    return super().loss(params, batch)
+
+            return Task(base.W, base.y)
+
+    register_task("test-failing-loss", FailingFamily, replace=True)
+    small = dict({small})
+
+    def attempt(scenario, fail_at):
+        FAIL.update(at=fail_at, calls=0)
+        begin = time.perf_counter()
+        try:
+            meta_train(TrainConfig(task="test-failing-loss", **small), progress=False)
+            outcome = "trained"
+        except Exception as error:
+            outcome = f"{{type(error).__name__}}: {{error}}"
+        print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", flush=True)
+
+    attempt("fails-at-step-3", 4)  # call 1 is the initial loss: step 3 of the first truncation
+    attempt("fails-at-the-start", 1)
+    attempt("fails-nowhere", None)  # the processes are still in step with each other
+    trainer = MetaTrainer(TrainConfig(task=TinyMLPFamily.name, split=("conv", "fc"), epochs=1, hidden_size=4,
+                                      val_problems=2, device="cpu"))
+    trainer.run(progress=False)
+    conv = list(trainer.rule.rules["conv"].parameters())
+    print(f"rank {{rank}} conv rule: gradients {{[p.grad for p in conv if p.grad is not None]}}, "
+          f"Adam states {{sum(p in trainer.meta_optimizer.state for p in conv)}}", flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_error(tmp_path):
+    script = tmp_path / "failure.py"
+    script.write_text(FAILURE_SCRIPT.format(small=repr(dict(SMALL, epochs=2))))
+    finished = torchrun([str(script), os.path.dirname(__file__)], timeout=150)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    lines = {line.split(" after ")[0]: line for line in finished.stdout.splitlines() if " after " in line}
+    seconds = {name: float(line.split(" after ")[1].split(" s:")[0]) for name, line in lines.items()}
+    expected = {
+        "fails-at-step-3": ("ValueError: loss raised at call 4",
+                            "RuntimeError: process 1 failed while unrolling and backpropagating its shards of epoch 1 "
+                            "(optimizee steps 0-5) (ValueError: loss raised at call 4); this process stops too"),
+        "fails-at-the-start": ("ValueError: loss raised at call 1",
+                               "RuntimeError: process 1 failed while sampling epoch 1's instances and their initial losses "
+                               "(ValueError: loss raised at call 1); this process stops too"),
+        "fails-nowhere": ("trained", "trained"),
+    }
+    for scenario, (failing, other) in expected.items():
+        assert lines[f"rank 1 {scenario}"].endswith(f": {failing}"), lines
+        assert lines[f"rank 0 {scenario}"].endswith(f": {other}"), lines
+        assert seconds[f"rank 0 {scenario}"] < 10, lines  # not the 20 s collective timeout
+    for rank in (0, 1):  # with two shards, across processes: the conv LSTM of a conv,fc rule on an MLP is not trained
+        assert f"rank {rank} conv rule: gradients [], Adam states 0" in finished.stdout

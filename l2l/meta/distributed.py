@@ -25,6 +25,10 @@ from torch import Tensor
 from l2l.config import ConfigError
 
 
+# How much of a failed process's error message the other processes receive.
+ERROR_MESSAGE_BYTES = 512
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Which shards of an epoch's meta-batch this process computes.
@@ -175,21 +179,71 @@ class Collectives:
         return bool(self.sum_(torch.tensor([int(flag)], device=self.device)).item())
 
     @contextlib.contextmanager
-    def together(self, what: str) -> Iterator[None]:
+    def together(self, what: str, sums: Tensor | None = None) -> Iterator[None]:
         """Runs a block of process-local work that stops every process if it fails on any.
 
         A process whose block raised re-raises its own error; the others raise a RuntimeError
-        naming ``what``, instead of waiting in their next collective for a process that has gone.
-        The block must not use collectives itself (a process leaving it early would leave the
-        others waiting inside it).
+        naming ``what``, the process that failed and its error, instead of waiting in their next
+        collective for a process that has gone. The block must not use collectives itself (a
+        process leaving it early would leave the others waiting inside it).
+
+        Args:
+            what: what the block does, for the others' message ("loading the resume checkpoint").
+            sums: a floating-point tensor on the CPU the block may fill in; after the block it
+                holds its sum over the processes, taken in the one collective that also tells
+                every process whether any failed.
         """
         try:
             yield
-        except Exception:
-            self.any(True)
+        except Exception as error:
+            self._settle(error, what, sums)
             raise
-        if self.any(False):
-            raise RuntimeError(f"another process failed while {what} (its own error above says why); this one stops too")
+        self._settle(None, what, sums)
+
+    def _settle(self, error: BaseException | None, what: str, sums: Tensor | None) -> None:
+        """The one collective after a :meth:`together` block: sums ``sums`` and the failure flags; raises if any failed."""
+        if not self.active:
+            return
+        values = torch.zeros(0) if sums is None else sums.reshape(-1)
+        summed = self.sum_(torch.cat([values, torch.tensor(self.failure_flags(error), dtype=values.dtype)]))
+        self.raise_failures(summed[values.numel() :].tolist(), error, what)
+        if sums is not None:
+            sums.copy_(summed[: values.numel()].view_as(sums))
+
+    def failure_flags(self, error: BaseException | None) -> list[float]:
+        """One entry per process: 1.0 at this process's rank if ``error`` is set, else 0.0.
+
+        Appended to a tensor that every process is about to sum anyway (the meta-gradients), the
+        summed flags tell every process which processes failed, at no cost of a collective of
+        their own; :meth:`raise_failures` reads them.
+        """
+        return [float(error is not None and rank == self.layout.rank) for rank in range(self.layout.world_size)]
+
+    def raise_failures(self, flags: Sequence[float], error: BaseException | None, what: str) -> None:
+        """Raises on every process if the summed :meth:`failure_flags` say that any process failed.
+
+        Every process must call this with the same flags. After a failure the processes exchange
+        their errors' messages (one more collective, on the failure path only); a process whose
+        own ``error`` is set re-raises it, the others raise a RuntimeError naming each process
+        that failed, its error and ``what`` it was doing.
+        """
+        failed = [rank for rank, flag in enumerate(flags) if flag]
+        if not failed:
+            return
+        messages = self._error_messages(error)
+        if error is not None:
+            raise error
+        who = f"process {failed[0]}" if len(failed) == 1 else f"processes {', '.join(map(str, failed))}"
+        details = "; ".join(messages[rank] if len(failed) == 1 else f"process {rank}: {messages[rank]}" for rank in failed)
+        raise RuntimeError(f"{who} failed while {what} ({details}); this process stops too")
+
+    def _error_messages(self, error: BaseException | None) -> list[str]:
+        """Every process's ``TYPE: message`` of ``error`` (empty where none), in rank order, cut to a few hundred bytes."""
+        text = "" if error is None else f"{type(error).__name__}: {error}"
+        encoded = text.encode()[:ERROR_MESSAGE_BYTES]
+        buffer = torch.zeros(ERROR_MESSAGE_BYTES, dtype=torch.uint8)
+        buffer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        return [bytes(piece.tolist()).rstrip(b"\0").decode(errors="ignore") for piece in self.gather(buffer)]
 
     def check_same(self, description: str, text: str) -> None:
         """Raises ConfigError on every process unless every process passed the same ``text``.
@@ -211,8 +265,19 @@ class Collectives:
 
 
 def flatten_grads(parameters: Sequence[Tensor]) -> Tensor:
-    """The gradients of ``parameters`` in one flat vector (zeros where a parameter has none)."""
+    """The gradients of ``parameters`` in one flat vector (zeros where a parameter has none; see :func:`grad_presence`)."""
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in parameters])
+
+
+def grad_presence(parameters: Sequence[Tensor]) -> list[float]:
+    """One entry per parameter: 1.0 where it has a gradient, 0.0 where it has none.
+
+    Summed over the shards along with :func:`flatten_grads`' vector, it counts the shards that
+    gave each parameter a gradient: one that none did (a per-group rule's LSTM for a group the
+    task lacks) must be left without one, as a single shard leaves it, rather than given zeros
+    that Adam would count as a step.
+    """
+    return [float(p.grad is not None) for p in parameters]
 
 
 def assign_grads(parameters: Sequence[Tensor], flat: Tensor) -> None:

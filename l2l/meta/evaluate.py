@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -55,6 +56,19 @@ def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0, batches
         metrics = {name: value.detach().cpu() for name, value in task.metrics(carry.params).items()}
     losses = losses.cpu()
     return RunResult(losses, metrics, time.perf_counter() - begin)
+
+
+def on_device(rule: UpdateRule, device: torch.device) -> UpdateRule:
+    """``rule`` itself if its weights are all on ``device`` already (or it has none), else a copy of it there.
+
+    The caller's rule is never moved: ``Module.to`` converts in place, so benchmarking on a GPU
+    would otherwise leave the caller's CPU rule on the GPU.
+    """
+    if not isinstance(rule, torch.nn.Module):
+        return rule
+    if all(tensor.device == device for tensor in (*rule.parameters(), *rule.buffers())):
+        return rule
+    return copy.deepcopy(rule).to(device)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -163,7 +177,7 @@ def benchmark(
     results: dict[str, Any] = {}
     for name, rule in learned.items():
         say(f"evaluating {name}")
-        rule = rule.to(device) if isinstance(rule, torch.nn.Module) else rule  # hand-designed rules hold no weights
+        rule = on_device(rule, device)
         results[name] = {"lr": None, **summarize(evaluate(rule, eval_task, steps, seed=seed))}
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")

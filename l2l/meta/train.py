@@ -40,7 +40,15 @@ from l2l.checkpoint import (
 )
 from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
-from l2l.meta.distributed import Collectives, ShardLayout, assign_grads, current_layout, flatten_grads, local_device
+from l2l.meta.distributed import (
+    Collectives,
+    ShardLayout,
+    assign_grads,
+    current_layout,
+    flatten_grads,
+    grad_presence,
+    local_device,
+)
 from l2l.meta.evaluate import evaluate, resolve_device
 from l2l.meta.graphs import GraphedTruncation, TruncationResult, graph_unsupported_reason, truncation_weights
 from l2l.meta.stopping import StopRequest, TrainingInterrupted
@@ -312,10 +320,12 @@ class MetaTrainer:
             The mean meta-loss per truncation (a 0-d tensor; NaN if every step was skipped).
         """
         config = self.config
-        tasks = [self.family.sample(self.shard_instances, instances, self.device) for instances, _ in self.streams]
-        carries = [start(self.rule, task, generator=batches) for task, (_, batches) in zip(tasks, self.streams)]
-        locally_finite = all(bool(torch.isfinite(carry.loss).all()) for carry in carries)
-        if self.collectives.any(not locally_finite):  # every process raises, none waits on the others
+        non_finite = torch.zeros(1)  # summed over the processes in the collective that reports failures
+        with self.collectives.together(f"sampling epoch {self.epoch + 1}'s instances and their initial losses", non_finite):
+            tasks = [self.family.sample(self.shard_instances, instances, self.device) for instances, _ in self.streams]
+            carries = [start(self.rule, task, generator=batches) for task, (_, batches) in zip(tasks, self.streams)]
+            non_finite[0] = float(not all(bool(torch.isfinite(carry.loss).all()) for carry in carries))
+        if non_finite.item():  # every process raises, none waits on the others
             raise NonFiniteError(
                 f"task {config.task!r} gave a non-finite loss at its initial parameters; check the task's data and initialisation"
             )
@@ -356,41 +366,81 @@ class MetaTrainer:
     def _eager_truncation(self, tasks: list) -> Truncate:
         """One truncation computed eagerly: unroll, meta-loss, backward (shard by shard), clip, and the step if all is finite."""
         config = self.config
+        parameters = list(self.rule.parameters())
 
         def truncate(carries: list[UnrollCarry], length: int) -> tuple[TruncationResult, list[UnrollCarry]]:
             self.meta_optimizer.zero_grad(set_to_none=True)
             shard_losses, next_carries = [], []
             weights = truncation_weights(self.weights, length)[:, None]
-            for task, carry, (_, batches) in zip(tasks, carries, self.streams):
-                losses, carry = unroll(self.rule, task, carry, length, generator=batches, second_order=config.second_order)
-                shard_loss = (weights * losses).sum(0).mean()
-                shard_loss.backward()  # frees this shard's graph before the next shard's unroll
-                shard_losses.append(shard_loss.detach())
-                next_carries.append(detach_carry(carry))
-            meta_loss = shard_losses[0] if self.layout.total == 1 else self._average_over_shards(shard_losses)
-            grad_norm = nn.utils.clip_grad_norm_(self.rule.parameters(), config.clip_grad_norm)
+            error = None
+            try:
+                for task, carry, (_, batches) in zip(tasks, carries, self.streams):
+                    losses, carry = unroll(self.rule, task, carry, length, generator=batches, second_order=config.second_order)
+                    shard_loss = (weights * losses).sum(0).mean()
+                    shard_loss.backward()  # frees this shard's graph before the next shard's unroll
+                    shard_losses.append(shard_loss.detach())
+                    next_carries.append(detach_carry(carry))
+            except Exception as caught:
+                if not self.collectives.active:
+                    raise
+                # The other processes are on their way to the all-reduce: this one joins it and says it failed.
+                error = caught
+            if self.layout.total == 1:
+                meta_loss, flags = shard_losses[0], None
+            else:
+                meta_loss, flags = self._average_over_shards(parameters, shard_losses, error)
+            grad_norm = nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
             # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
             # the averaged loss or gradient non-finite, so every process skips the same steps.
-            stepped = bool(torch.isfinite(meta_loss) & torch.isfinite(grad_norm))
+            finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
+            if flags is None:
+                stepped = bool(finite)
+            else:  # the same synchronisation reads the all-reduce's flags
+                flags[0] = finite
+                read = flags.tolist()
+                counts, failures = read[1 : len(parameters) + 1], read[len(parameters) + 1 :]
+                if any(failures):
+                    first = carries[0].step
+                    self.collectives.raise_failures(failures, error, f"unrolling and backpropagating its shards of epoch "
+                                                                     f"{self.epoch + 1} (optimizee steps {first}-{first + length})")
+                stepped = bool(read[0])
+                for parameter, count in zip(parameters, counts):
+                    if not count:  # no shard's graph reached it: no gradient, as with one shard (zeros would be an Adam step)
+                        parameter.grad = None
             if stepped:
                 self.meta_optimizer.step()
             return TruncationResult(meta_loss, grad_norm.detach(), stepped, next_carries[0]), next_carries
 
         return truncate
 
-    def _average_over_shards(self, shard_losses: list[Tensor]) -> Tensor:
-        """Replaces the accumulated meta-gradients by their mean over all shards of all processes; returns the mean meta-loss.
+    def _average_over_shards(
+        self, parameters: list[Tensor], shard_losses: list[Tensor], error: BaseException | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Replaces the accumulated meta-gradients of ``parameters`` (the rule's) by their mean over all shards of all processes.
 
-        One all-reduce carries the gradients and the loss. The sums are taken before the one
-        division, so two processes with one shard each compute bit for bit what one process
-        with two shards does.
+        One all-reduce carries the gradients, the loss, per parameter whether it has a gradient,
+        and per process whether it failed (``error``: this one did, and contributes nothing
+        else). The sums are taken before the one division, so two processes with one shard each
+        compute bit for bit what one process with two shards does.
+
+        Returns:
+            The mean meta-loss, and the summed flags (on the device, for the caller to read with
+            the step's one host synchronisation): a free entry first (for the caller's
+            finiteness flag), then per parameter the number of shards that gave it a gradient
+            (one that none did gets a zero gradient here, which the caller must set to None),
+            then per process :meth:`Collectives.failure_flags`.
         """
-        parameters = list(self.rule.parameters())
-        flat = torch.cat([flatten_grads(parameters), torch.stack(shard_losses).sum().reshape(1)])
+        if error is not None:
+            self.meta_optimizer.zero_grad(set_to_none=True)  # whatever the failed backward left
+        grads = flatten_grads(parameters)
+        size = grads.numel()
+        loss = torch.stack(shard_losses).sum().reshape(1) if error is None else grads.new_zeros(1)
+        flags = [0.0, *grad_presence(parameters), *self.collectives.failure_flags(error)]
+        flat = torch.cat([grads, loss, torch.tensor(flags, dtype=grads.dtype, device=grads.device)])
         self.collectives.sum_(flat)
-        flat /= self.layout.total
-        assign_grads(parameters, flat[:-1])
-        return flat[-1]
+        averaged = flat[: size + 1].div_(self.layout.total)  # the flags stay counts
+        assign_grads(parameters, averaged[:size])
+        return averaged[size], flat[size + 1 :]
 
     def _graphed_truncation(self, task) -> Truncate:
         """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
@@ -440,7 +490,7 @@ class MetaTrainer:
         same best weights.
         """
         score = math.inf
-        with self.collectives.together("validating (on process 0)"):
+        with self.collectives.together("validating"):
             if self.layout.is_main:
                 losses = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses
                 score = losses[-max(1, self.steps // 10) :].double().mean().item()
@@ -479,7 +529,7 @@ class MetaTrainer:
         if self.out_dir is None:
             return
         rng = self._rng_states()  # a collective: every process takes part, rank 0 writes
-        with self.collectives.together("writing the checkpoints (on process 0)"):
+        with self.collectives.together("writing the checkpoints"):
             if self.layout.is_main:
                 self._write_checkpoints(rng)
 
@@ -769,7 +819,7 @@ def meta_train(
     if out_dir is not None:
         # Before any work: a run that cannot write, or would replace another run, fails now, not at
         # its first checkpoint, and on every process.
-        with collectives.together("checking the output directory (on process 0)"):
+        with collectives.together("checking the output directory"):
             if collectives.layout.is_main:
                 in_place = resume is not None and Path(resume).resolve().parent == Path(out_dir).resolve()
                 created = missing_directories(Path(out_dir))
