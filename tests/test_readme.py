@@ -467,3 +467,38 @@ def test_the_readme_says_on_how_many_test_examples_the_families_report_their_met
     for name in ("cifar10", "cifar5", "cifar2"):
         assert f"the first {get_task(name).config()['eval_examples']:,} CIFAR test images" in text, name
     assert f"{get_task('mnist-grl').config()['eval_examples']:,} test composites" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The architecture tree names every module of the package.
+
+
+def _tree_modules() -> set[str]:
+    """The ``l2l/...py`` paths the README's architecture tree names.
+
+    A line two spaces in names a top-level file or opens a folder (``tasks/``); a line four
+    spaces in lists files of the folder last opened. A line's file names come first, before
+    the words that describe them.
+    """
+    tree = next(fence for fence in fences("README.md") if fence.heading == "Architecture" and fence.code.startswith("l2l/"))
+    named, folder = set(), ""
+    for line in tree.code.splitlines()[1:]:
+        depth, words = len(line) - len(line.lstrip()), line.split()
+        if depth == 2:
+            folder = words[0] if words[0].endswith("/") else ""
+            words = words[1:] if folder else words
+        elif depth != 4 or not folder:
+            continue
+        for word in words:
+            if not word.rstrip(":").endswith(".py"):
+                break
+            named.add(f"l2l/{folder}{word.rstrip(':')}")
+    return named
+
+
+def test_the_architecture_tree_names_every_module():
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "l2l").rglob("*.py")
+               if path.name != "__init__.py" or path.parent.name == "l2l"}
+    named = _tree_modules()
+    assert named - modules == set(), "the README's architecture tree names modules that do not exist"
+    assert modules - named == set(), "modules missing from the README's architecture tree"
