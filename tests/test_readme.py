@@ -6,6 +6,7 @@ import argparse
 import ast
 import importlib
 import inspect
+import json
 import re
 import runpy
 import shlex
@@ -502,3 +503,59 @@ def test_the_architecture_tree_names_every_module():
     named = _tree_modules()
     assert named - modules == set(), "the README's architecture tree names modules that do not exist"
     assert modules - named == set(), "modules missing from the README's architecture tree"
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints/README.md gives the command that trained each shipped checkpoint.
+
+
+def _checkpoint_rows() -> list[tuple[str, str, str]]:
+    """``(stem, command cell, machine-and-time cell)`` of each row of checkpoints/README.md's table."""
+    rows = []
+    for line in (ROOT / "checkpoints" / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and cells[0].endswith('.pt`'):
+            rows.append((cells[0].strip("`")[: -len(".pt")], cells[2], cells[3]))
+    return rows
+
+
+def test_checkpoints_readme_lists_every_shipped_checkpoint():
+    assert sorted(stem for stem, _, _ in _checkpoint_rows()) == sorted(l2l.shipped_checkpoints())
+
+
+@pytest.mark.parametrize("stem, command, outcome", _checkpoint_rows(), ids=[row[0] for row in _checkpoint_rows()])
+def test_the_documented_command_is_the_one_that_trained_the_checkpoint(stem, command, outcome, monkeypatch):
+    from l2l.cli import train_config
+
+    line = re.search(r"`([^`]*\bl2l train [^`]*)`", command).group(1)
+    train, copy = (shlex.split(part) for part in line.split("&&"))
+    parser, _ = _subparsers()
+    args = parser.parse_args(train[train.index("l2l") + 1:])
+    config, out = train_config(args)
+    assert copy == ["cp", str(out / "optimizer.pt"), f"checkpoints/{stem}.pt"], "the cp does not copy the run's optimizer.pt"
+    metadata = l2l.load_use_checkpoint(stem).metadata
+    recorded = json.loads(json.dumps(metadata["train_config"]))  # tuples as the JSON lists of to_json
+    # Fields newer than a checkpoint are absent from its record; those it has must match the command.
+    documented = {name: value for name, value in json.loads(config.to_json()).items() if name in recorded}
+    assert documented == {name: recorded[name] for name in documented}
+    assert metadata["task"] == config.task
+    epoch = re.search(r"best [^;]*?at (?:the last epoch, |epoch )([\d,]+)", outcome).group(1)
+    assert int(epoch.replace(",", "")) == metadata["best_epoch"], "the best epoch the table gives is not the checkpoint's"
+    # "scripts/X.py --train runs the same recipe": its RECIPE is this command but for where it writes.
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    for script in re.findall(r"`scripts/(\w+)\.py --train` runs the same recipe", command):
+        recipe = runpy.run_path(str(ROOT / "scripts" / f"{script}.py"), run_name="recipe")["RECIPE"]
+        assert recipe == [token for token in _without_flags(train[train.index("train") + 1:], {"--out": 1, "--no-bench": 0})]
+
+
+def _without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` without the ``flags`` named, each with its number of values."""
+    kept, skip = [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+        elif token in flags:
+            skip = flags[token]
+        else:
+            kept.append(token)
+    return kept
