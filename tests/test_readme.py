@@ -1,4 +1,4 @@
-"""The documentation is executable: README.md's and docs/objectives.md's code runs, their API and CLI claims hold, and every documented command parses."""
+"""The documentation is executable: the python blocks of README.md, docs/objectives.md and checkpoints/README.md run, their API and CLI claims hold, and every documented command parses."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from l2l.config import TrainConfig
 from l2l.tasks import get_task, list_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTHON_DOCS = ("README.md", "docs/objectives.md")
+PYTHON_DOCS = ("README.md", "docs/objectives.md")  # their prose names the API with signatures
+BLOCK_DOCS = (*PYTHON_DOCS, "checkpoints/README.md")  # whose ```python blocks run
 COMMAND_DOCS = ("README.md", "docs/objectives.md", "checkpoints/README.md")
 
 
@@ -157,14 +158,24 @@ def _check_objectives(ns: dict) -> None:
     assert losses.shape == (2,) and torch.isfinite(losses).all()
 
 
+def _check_shipped_metadata(ns: dict) -> None:
+    # "Each file's metadata records the task, optimizee steps, validation score, best epoch, the whole
+    # training config and the l2l and torch versions".
+    for name in l2l.shipped_checkpoints():
+        metadata = l2l.load_use_checkpoint(name).metadata
+        assert {"task", "optimizee_steps", "validation_score", "best_epoch", "train_config", "versions"} <= set(metadata), name
+        assert set(metadata["versions"]) >= {"l2l", "torch"} and metadata["train_config"]["task"] == metadata["task"], name
+
+
 CHECKS = {
+    "checkpoints/README.md: Shipped learned optimizers": _check_shipped_metadata,
     "README.md: Python API": _check_python_api,
     "README.md: Tasks and datasets": _check_module_family,
     "README.md: Training any model with a learned optimizer": _check_learned_optimizer,
     "docs/objectives.md: Design": _check_objectives,
 }
 
-PYTHON_BLOCKS = [fence for doc in PYTHON_DOCS for fence in fences(doc) if fence.language == "python"]
+PYTHON_BLOCKS = [fence for doc in BLOCK_DOCS for fence in fences(doc) if fence.language == "python"]
 
 
 def test_the_documented_python_blocks_are_found():
