@@ -570,3 +570,31 @@ def _without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
         else:
             kept.append(token)
     return kept
+
+
+# ------------------------------------------------------------------------------------------------
+# The repository files the documentation points to exist.
+
+_REPO_DIRS = ("benchmarks/", "scripts/", "tests/", "examples/", "checkpoints/", "docs/", "l2l/")
+
+
+def _repository_paths(doc: str) -> set[str]:
+    """Paths into the repository that ``doc`` names (a code span's first word, a link), relative to the repository root.
+
+    Placeholders (``NAME.png``, ``DIR``) and what a run writes (``runs/...``) are not repository files;
+    a ``*`` is a pattern that must match something.
+    """
+    text = re.sub(r"^```.*?^```", "", (ROOT / doc).read_text(), flags=re.M | re.S)  # the prose: spans pair up
+    spans = [span.split()[0] for span in re.findall(r"`([^`]+)`", text) if span.strip()]
+    found = {span.removeprefix("../") for span in spans if re.fullmatch(r"[\w./*-]+", span)}
+    found |= {str((ROOT / doc).parent.joinpath(link).resolve().relative_to(ROOT))
+              for link in re.findall(r"\]\(([^)#:]+)\)", text)}
+    return {path for path in found if path.startswith(_REPO_DIRS) and not re.search(r"\b(NAME|DIR|STEM|TASK|OUT|PATH)\b", path)}
+
+
+@pytest.mark.parametrize("doc", COMMAND_DOCS)
+def test_the_repository_files_the_docs_name_exist(doc):
+    paths = _repository_paths(doc)
+    assert paths, doc  # the patterns above still find the docs' paths
+    missing = sorted(path for path in paths if not list(ROOT.glob(path.rstrip("/"))))
+    assert missing == [], f"{doc} names files that are not in the repository: {missing}"
