@@ -4,7 +4,8 @@ Each outer step samples a random linear-regression task, trains a fresh nn.Linea
 ``--inner-steps`` steps with the learned optimizer inside ``higher.innerloop_ctx`` and
 backpropagates the summed inner losses (the paper's meta-loss) into the LSTM's weights; the
 held-out evaluation runs in higher's test mode (``track_higher_grads=False``: the same values,
-no graph). The defaults took 9-10 s on a 2-core CPU, 6 s of it starting torch:
+no graph). The defaults took 5-8 s on a shared 2-core CPU, about 2 s of it starting Python
+and torch (12 s with cold file caches; 2026-12-04):
 
     python examples/higher_meta_learning.py [--outer-steps 60] [--inner-steps 10]
 """

@@ -24,8 +24,12 @@ from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, con
 from l2l.tasks.registry import get_task, list_tasks
 
 
+# Also the help of the scripts' --data-dir, which they hand on to l2l or resolve as it does.
+DATA_DIR_HELP = f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)"
+
+
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=path_arg, help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
+    parser.add_argument("--data-dir", type=path_arg, help=DATA_DIR_HELP)
     parser.add_argument("--download", action="store_true", help="fetch missing dataset files (checksummed; needs internet)")
 
 

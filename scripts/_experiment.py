@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from _common import RESULTS, RUNS, Formatter, guard_published, positive_int
+from l2l.cli import DATA_DIR_HELP
 from l2l.cli import main as l2l
 
 # Flags that leave what a run measures unchanged (--train runs the published training recipe).
@@ -28,7 +29,7 @@ def parser(description: str, checkpoint: str, problems: int, *, train: bool = Tr
     args.add_argument("--problems", type=positive_int, default=problems, help="held-out instances")
     args.add_argument("--seed", type=int, default=1, help="seed of the held-out instances")
     args.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    args.add_argument("--data-dir", help="dataset directory (default: $L2L_DATA)")
+    args.add_argument("--data-dir", help=DATA_DIR_HELP)
     return args
 
 

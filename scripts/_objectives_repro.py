@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from _common import FIGURES, RESULTS, Formatter, guard_published, positive_int
 
+from l2l.cli import DATA_DIR_HELP
 from l2l.data.base import DATA_ENV, data_dir
 from l2l.tasks.mnist import mnist_tensors
 from l2l.tasks.module import SupervisedData
@@ -24,7 +25,7 @@ _NOT_SETTINGS = ("data_dir", "out", "figures", "results", "threads", "name")
 def parser(description: str) -> argparse.ArgumentParser:
     """Flags every reproduction shares: data directory, output folders, seed, threads."""
     args = argparse.ArgumentParser(description=description, formatter_class=Formatter)
-    args.add_argument("--data-dir", help=f"dataset directory (default: ${DATA_ENV} or ~/.cache/l2l/data)")
+    args.add_argument("--data-dir", help=DATA_DIR_HELP)
     args.add_argument("--out", type=Path, help="write the PNG and the JSON here (instead of --figures and --results)")
     args.add_argument("--figures", type=Path, default=FIGURES,
                       help="where the PNG goes; the default folder holds the published ones, and only the published settings may write there")

@@ -7,7 +7,7 @@ from _experiment import bench, parse, parser, train
 # The recipe of the shipped checkpoints/cifar10.pt (see checkpoints/README.md). Both LSTMs start
 # from the shipped MNIST optimizer (a CPU-sized budget; the paper trained from scratch).
 RECIPE = ["--task", "cifar10", "--split", "conv,fc", "--init-from", "mnist", "--instances", "1", "--meta-lr", "3e-3",
-          "--meta-lr-schedule", "cosine", "--epochs", "150", "--val-every", "25", "--val-problems", "4"]
+          "--meta-lr-schedule", "cosine", "--epochs", "150", "--val-every", "25", "--val-problems", "4", "--checkpoint-every", "5"]
 # Conv nets are slow on a CPU: a narrower learning-rate grid (1e-4 ... 1 in half-decades) and
 # fewer instances than the MLP experiments.
 GRID = ["--lr-grid", "0.0001,0.000316,0.001,0.00316,0.01,0.0316,0.1,0.316,1", "--tune-problems", "4"]

@@ -244,3 +244,20 @@ def test_a_cuda_benchmark_does_not_move_the_callers_cpu_rule_to_the_gpu():
                        lr_grid=(0.1,), seed=0, device=torch.device("cuda"))
     assert {value.device.type for value in rule.state_dict().values()} == {"cpu"}
     assert on_gpu["results"]["lstm"]["final_loss"]["mean"] == pytest.approx(on_cpu["results"]["lstm"]["final_loss"]["mean"], rel=1e-4)
+
+
+def test_benchmarks_docstring_names_every_key_of_its_report():
+    import inspect
+    import re
+
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    report = benchmark(QuadraticFamily(), {"lstm": CoordinateWiseLSTM()}, baselines=("adam",), steps=3, problems=2,
+                       tune_problems=2, lr_grid=(0.1, 0.01), seed=0, device=torch.device("cpu"))
+    returns = inspect.getdoc(benchmark).split("Returns:")[1].split("Raises:")[0]
+    quoted = set(re.findall(r'"(\w+)"', returns))
+    assert set(report) <= quoted, f"keys the docstring leaves out: {set(report) - quoted}"
+    learned, baseline = report["results"]["lstm"], report["results"]["adam"]
+    extra = set(baseline) - set(learned)  # what baselines add to summarize's figures
+    assert extra <= quoted, f"baseline keys the docstring leaves out: {extra - quoted}"

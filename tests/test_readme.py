@@ -1,4 +1,4 @@
-"""The documentation is executable: README.md's and docs/objectives.md's code runs, their API and CLI claims hold, and every documented command parses."""
+"""The documentation is executable: the python blocks of README.md, docs/objectives.md and checkpoints/README.md run, their API and CLI claims hold, and every documented command parses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import ast
 import importlib
 import inspect
+import json
 import re
 import runpy
 import shlex
@@ -22,7 +23,8 @@ from l2l.config import TrainConfig
 from l2l.tasks import get_task, list_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTHON_DOCS = ("README.md", "docs/objectives.md")
+PYTHON_DOCS = ("README.md", "docs/objectives.md")  # their prose names the API with signatures
+BLOCK_DOCS = (*PYTHON_DOCS, "checkpoints/README.md")  # whose ```python blocks run
 COMMAND_DOCS = ("README.md", "docs/objectives.md", "checkpoints/README.md")
 
 
@@ -156,14 +158,24 @@ def _check_objectives(ns: dict) -> None:
     assert losses.shape == (2,) and torch.isfinite(losses).all()
 
 
+def _check_shipped_metadata(ns: dict) -> None:
+    # "Each file's metadata records the task, optimizee steps, validation score, best epoch, the whole
+    # training config and the l2l and torch versions".
+    for name in l2l.shipped_checkpoints():
+        metadata = l2l.load_use_checkpoint(name).metadata
+        assert {"task", "optimizee_steps", "validation_score", "best_epoch", "train_config", "versions"} <= set(metadata), name
+        assert set(metadata["versions"]) >= {"l2l", "torch"} and metadata["train_config"]["task"] == metadata["task"], name
+
+
 CHECKS = {
+    "checkpoints/README.md: Shipped learned optimizers": _check_shipped_metadata,
     "README.md: Python API": _check_python_api,
     "README.md: Tasks and datasets": _check_module_family,
     "README.md: Training any model with a learned optimizer": _check_learned_optimizer,
     "docs/objectives.md: Design": _check_objectives,
 }
 
-PYTHON_BLOCKS = [fence for doc in PYTHON_DOCS for fence in fences(doc) if fence.language == "python"]
+PYTHON_BLOCKS = [fence for doc in BLOCK_DOCS for fence in fences(doc) if fence.language == "python"]
 
 
 def test_the_documented_python_blocks_are_found():
@@ -467,3 +479,122 @@ def test_the_readme_says_on_how_many_test_examples_the_families_report_their_met
     for name in ("cifar10", "cifar5", "cifar2"):
         assert f"the first {get_task(name).config()['eval_examples']:,} CIFAR test images" in text, name
     assert f"{get_task('mnist-grl').config()['eval_examples']:,} test composites" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The architecture tree names every module of the package.
+
+
+def _tree_modules() -> set[str]:
+    """The ``l2l/...py`` paths the README's architecture tree names.
+
+    A line two spaces in names a top-level file or opens a folder (``tasks/``); a line four
+    spaces in lists files of the folder last opened. A line's file names come first, before
+    the words that describe them.
+    """
+    tree = next(fence for fence in fences("README.md") if fence.heading == "Architecture" and fence.code.startswith("l2l/"))
+    named, folder = set(), ""
+    for line in tree.code.splitlines()[1:]:
+        depth, words = len(line) - len(line.lstrip()), line.split()
+        if depth == 2:
+            folder = words[0] if words[0].endswith("/") else ""
+            words = words[1:] if folder else words
+        elif depth != 4 or not folder:
+            continue
+        for word in words:
+            if not word.rstrip(":").endswith(".py"):
+                break
+            named.add(f"l2l/{folder}{word.rstrip(':')}")
+    return named
+
+
+def test_the_architecture_tree_names_every_module():
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "l2l").rglob("*.py")
+               if path.name != "__init__.py" or path.parent.name == "l2l"}
+    named = _tree_modules()
+    assert named - modules == set(), "the README's architecture tree names modules that do not exist"
+    assert modules - named == set(), "modules missing from the README's architecture tree"
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints/README.md gives the command that trained each shipped checkpoint.
+
+
+def _checkpoint_rows() -> list[tuple[str, str, str]]:
+    """``(stem, command cell, machine-and-time cell)`` of each row of checkpoints/README.md's table."""
+    rows = []
+    for line in (ROOT / "checkpoints" / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and cells[0].endswith('.pt`'):
+            rows.append((cells[0].strip("`")[: -len(".pt")], cells[2], cells[3]))
+    return rows
+
+
+def test_checkpoints_readme_lists_every_shipped_checkpoint():
+    assert sorted(stem for stem, _, _ in _checkpoint_rows()) == sorted(l2l.shipped_checkpoints())
+
+
+@pytest.mark.parametrize("stem, command, outcome", _checkpoint_rows(), ids=[row[0] for row in _checkpoint_rows()])
+def test_the_documented_command_is_the_one_that_trained_the_checkpoint(stem, command, outcome, monkeypatch):
+    from l2l.cli import train_config
+
+    line = re.search(r"`([^`]*\bl2l train [^`]*)`", command).group(1)
+    train, copy = (shlex.split(part) for part in line.split("&&"))
+    parser, _ = _subparsers()
+    args = parser.parse_args(train[train.index("l2l") + 1:])
+    config, out = train_config(args)
+    assert copy == ["cp", str(out / "optimizer.pt"), f"checkpoints/{stem}.pt"], "the cp does not copy the run's optimizer.pt"
+    metadata = l2l.load_use_checkpoint(stem).metadata
+    recorded = json.loads(json.dumps(metadata["train_config"]))  # tuples as the JSON lists of to_json
+    # Fields newer than a checkpoint are absent from its record; those it has must match the command.
+    documented = {name: value for name, value in json.loads(config.to_json()).items() if name in recorded}
+    assert documented == {name: recorded[name] for name in documented}
+    assert metadata["task"] == config.task
+    epoch = re.search(r"best [^;]*?at (?:the last epoch, |epoch )([\d,]+)", outcome).group(1)
+    assert int(epoch.replace(",", "")) == metadata["best_epoch"], "the best epoch the table gives is not the checkpoint's"
+    # "scripts/X.py --train runs the same recipe": its RECIPE is this command but for where it writes.
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    for script in re.findall(r"`scripts/(\w+)\.py --train` runs the same recipe", command):
+        recipe = runpy.run_path(str(ROOT / "scripts" / f"{script}.py"), run_name="recipe")["RECIPE"]
+        assert recipe == [token for token in _without_flags(train[train.index("train") + 1:], {"--out": 1, "--no-bench": 0})]
+
+
+def _without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """``argv`` without the ``flags`` named, each with its number of values."""
+    kept, skip = [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+        elif token in flags:
+            skip = flags[token]
+        else:
+            kept.append(token)
+    return kept
+
+
+# ------------------------------------------------------------------------------------------------
+# The repository files the documentation points to exist.
+
+_REPO_DIRS = ("benchmarks/", "scripts/", "tests/", "examples/", "checkpoints/", "docs/", "l2l/")
+
+
+def _repository_paths(doc: str) -> set[str]:
+    """Paths into the repository that ``doc`` names (a code span's first word, a link), relative to the repository root.
+
+    Placeholders (``NAME.png``, ``DIR``) and what a run writes (``runs/...``) are not repository files;
+    a ``*`` is a pattern that must match something.
+    """
+    text = re.sub(r"^```.*?^```", "", (ROOT / doc).read_text(), flags=re.M | re.S)  # the prose: spans pair up
+    spans = [span.split()[0] for span in re.findall(r"`([^`]+)`", text) if span.strip()]
+    found = {span.removeprefix("../") for span in spans if re.fullmatch(r"[\w./*-]+", span)}
+    found |= {str((ROOT / doc).parent.joinpath(link).resolve().relative_to(ROOT))
+              for link in re.findall(r"\]\(([^)#:]+)\)", text)}
+    return {path for path in found if path.startswith(_REPO_DIRS) and not re.search(r"\b(NAME|DIR|STEM|TASK|OUT|PATH)\b", path)}
+
+
+@pytest.mark.parametrize("doc", COMMAND_DOCS)
+def test_the_repository_files_the_docs_name_exist(doc):
+    paths = _repository_paths(doc)
+    assert paths, doc  # the patterns above still find the docs' paths
+    missing = sorted(path for path in paths if not list(ROOT.glob(path.rstrip("/"))))
+    assert missing == [], f"{doc} names files that are not in the repository: {missing}"

@@ -150,3 +150,14 @@ def test_tangent_script_loss_is_the_tangent_1d_objective(monkeypatch):
         torch.testing.assert_close(ours, theirs)
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in SCRIPTS.glob("*.py") if not path.name.startswith("_")))
+def test_help_gives_the_data_directory_default_of_l2l(run, capsys, script):
+    # The scripts hand --data-dir on to l2l (or read it as l2l does): without it, l2l's own fallbacks apply.
+    from l2l.cli import build_parser
+
+    train = next(action.choices["train"] for action in build_parser()._actions if getattr(action, "choices", None))
+    expected = train._option_string_actions["--data-dir"].help
+    line = next(line for line in usage_help(run, capsys, script).splitlines() if line.strip().startswith("--data-dir"))
+    assert line.split("DATA_DIR", 1)[1].strip() == expected

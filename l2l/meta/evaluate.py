@@ -156,9 +156,11 @@ def benchmark(
     the same minibatches.
 
     Returns:
-        ``{"task", "task_options", "steps", "problems", "seed", "device", "results": {name: summary}}``
-        where a summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules)
-        and, for baselines, ``"lr_scores"``.
+        ``{"task", "task_options", "steps", "problems", "tune_problems", "seed", "device", "results":
+        {name: summary}}`` where a summary is :func:`summarize`'s output plus ``"lr"`` (None for
+        learned rules) and, for baselines, ``"lr_scores"`` (mean final tuning loss per rate, None
+        where it diverged), ``"lr_at_grid_edge"`` (the best rate is an end of a grid of several)
+        and ``"tuning_diverged"`` (every rate diverged; the smallest is used).
 
     Raises:
         ValueError: a count or the grid is out of range, or a learned rule has a baseline's name.

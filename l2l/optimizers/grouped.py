@@ -50,6 +50,9 @@ class PerGroupRule(nn.Module):
 
         Args:
             num_coords: N.
+            device: where the states and indices are put (None: each state on its LSTM's device,
+                the indices where they are).
+            dtype: passed to each LSTM's ``init_state`` (its ``state_dtype``, if set, wins).
             groups: ``{name: index [N_g]}`` for every group of this rule, partitioning ``range(N)``.
 
         Raises:

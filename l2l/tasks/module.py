@@ -198,6 +198,8 @@ class ModuleTask(Task):
             the K instances with vmap, so it may use ``torch.func`` transforms (input gradients,
             JVPs) on ``forward``; see :mod:`l2l.objectives`.
         eval_examples: test examples used by :meth:`metrics` (None: the whole test split).
+        bn_examples: training examples from which :meth:`metrics` re-estimates batch-norm
+            statistics for the final parameters (the first ones of the training split).
         vectorize: how the K instances are batched: ``"vmap"``, ``"loop"`` (one functional call
             per instance) or ``"auto"``: a loop for modules with convolutions on the CPU, where
             vmap's grouped convolutions cost up to 1.9x a loop (benchmarks/RESULTS.md), vmap elsewhere.
