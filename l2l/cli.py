@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
@@ -305,8 +305,7 @@ def _train(args: argparse.Namespace) -> int:
     report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
     report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
     report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
-    print(format_table(report))
-    _write_report(out / BENCH_REPORT, report, "the comparison")
+    _write_then_print(report, lambda: _write_report(out / BENCH_REPORT, report, "the comparison"))
     print(f"comparison written to {out / BENCH_REPORT}")
     return 0
 
@@ -435,22 +434,41 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_and_write(config: BenchConfig, family, learned: dict, sources: dict, args: argparse.Namespace) -> None:
-    """Runs the checked benchmark, prints its table and writes ``--json`` and ``--plot``."""
+    """Runs the checked benchmark, writes ``--json`` and ``--plot``, then prints its table."""
     report = _run_bench(config, family, learned, quiet=args.quiet)
     report["optimizers"] = list(config.optimizers)
     report["optimizer_labels"] = sources
-    print(format_table(report))
+
+    def write_files() -> None:
+        if args.json:
+            _write_report(args.json, report, "--json")
+        if args.plot:
+            from l2l.plotting import plot_curves
+
+            try:
+                plot_curves(report, args.plot)
+            except OSError as error:
+                raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
+
+    _write_then_print(report, write_files)
     if args.json:
-        _write_report(args.json, report, "--json")
         print(f"report written to {args.json}")
     if args.plot:
-        from l2l.plotting import plot_curves
-
-        try:
-            plot_curves(report, args.plot)
-        except OSError as error:
-            raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
         print(f"figure written to {args.plot}")
+
+
+def _write_then_print(report: dict, write_files: Callable[[], None]) -> None:
+    """Calls ``write_files``, then prints ``report``'s table, which a failed write prints before its error.
+
+    The files come first so that a reader that goes away (``| head``) cannot lose them; the table
+    still reaches the terminal when they cannot be written, so the results are never lost.
+    """
+    try:
+        write_files()
+    except ConfigError:
+        print(format_table(report))
+        raise
+    print(format_table(report))
 
 
 def _write_report(path: Path, report: dict, what: str) -> None:

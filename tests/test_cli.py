@@ -117,6 +117,19 @@ def test_a_closed_pipe_ends_quietly():
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
 
 
+def test_a_bench_whose_reader_goes_away_still_writes_its_report(tmp_path):
+    # `l2l bench ... --json r.json | head -1`: the table is printed after the report is written.
+    report = tmp_path / "r.json"
+    process = subprocess.Popen([sys.executable, "-m", "l2l", "bench", "--optimizer", "quadratic", "--baselines", "adam",
+                                "--lr-grid", "0.1", "--steps", "2", "--problems", "2", "--tune-problems", "2",
+                                "--quiet", "--device", "cpu", "--json", str(report)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait() == 1, stderr
+    assert json.loads(report.read_text())["results"].keys() == {"lstm", "adam"}
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "l2l", "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--json OUT" in result.stdout
