@@ -164,3 +164,19 @@ def test_an_invalid_value_of_a_variants_option_gets_the_familys_own_message():
     with pytest.raises(ValueError, match="^hidden must be a positive integer, got 0"):
         get_task("mnist-40", hidden=0)
 
+
+def test_a_family_registered_under_another_name_carries_that_name_into_its_reports():
+    # register_task("alias", QuadraticFamily) built families named "quadratic": their reports (and the checkpoints
+    # of runs on them) recorded a task that get_task("alias") does not rebuild.
+    from l2l.meta.evaluate import benchmark
+
+    register_task("test-alias", QuadraticFamily)
+    try:
+        family = get_task("test-alias", dim=3)
+        assert family.name == "test-alias" and list_tasks()["test-alias"].name == "test-alias"
+        assert get_task("quadratic").name == QuadraticFamily.name == "quadratic"  # the class and its own name untouched
+        report = benchmark(family, {}, baselines=("sgd",), steps=2, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0,
+                           device=torch.device("cpu"))
+        assert report["task"] == "test-alias" and get_task(report["task"], **report["task_options"]).config() == {"dim": 3}
+    finally:
+        del _REGISTRY["test-alias"]

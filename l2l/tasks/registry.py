@@ -20,7 +20,9 @@ def register_task(name: str, factory: Callable[..., TaskFamily], *, replace: boo
     """Makes ``factory(**options)`` available as ``get_task(name, **options)``.
 
     Constructing a family must be cheap (load data lazily, on ``sample``): ``list_tasks``
-    builds every registered family with its default options.
+    builds every registered family with its default options. Each call must return a new
+    family: ``get_task(name)`` sets the family's ``name`` to ``name`` (the one its reports and
+    checkpoints record), so one factory may be registered under several names.
 
     Raises:
         ValueError: ``name`` is taken (unless ``replace``), empty, not a string, or holds
@@ -84,7 +86,7 @@ def get_task(name: str, **options) -> TaskFamily:
             "(see `l2l tasks`)"
         )
     try:
-        return _REGISTRY[name](**options)
+        return _build(name, **options)
     except TypeError as error:
         # Only Python's own refusal of a keyword the factory (or a constructor it passes options
         # on to) lacks is the user's: any other TypeError is a bug in the family and goes up as it is.
@@ -101,7 +103,21 @@ def get_task(name: str, **options) -> TaskFamily:
 
 def list_tasks() -> dict[str, TaskFamily]:
     """Every registered family, built with its default options, by name."""
-    return {name: factory() for name, factory in sorted(_REGISTRY.items())}
+    return {name: _build(name) for name in sorted(_REGISTRY)}
+
+
+def _build(name: str, **options) -> TaskFamily:
+    """``_REGISTRY[name](**options)``, named ``name``.
+
+    A factory registered under another name than its family's (``register_task("alias",
+    QuadraticFamily)``) gives families named as registered: reports and checkpoints record
+    ``family.name`` beside ``family.config()``, and ``get_task`` must rebuild the family from the two.
+    The instance's name is set, not the class's, which keeps its own name where it is registered too.
+    """
+    family = _REGISTRY[name](**options)
+    if family.name != name:
+        family.name = name
+    return family
 
 
 for _family in (
