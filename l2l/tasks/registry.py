@@ -97,7 +97,7 @@ def get_task(name: str, **options) -> TaskFamily:
         option = unexpected.group(1)
         raise ValueError(
             f"task {name!r} has no option {option!r}{_did_you_mean(option, known)}; its options are "
-            f"{', '.join(known) or 'none'} (see `l2l tasks --json`)"
+            f"{', '.join(known) or 'none'} (see `l2l tasks`)"
         ) from None
 
 
