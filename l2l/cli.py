@@ -21,7 +21,7 @@ from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
                             meta_train, missing_directories, remove_empty_directories)
-from l2l.tasks.registry import get_task, list_tasks
+from l2l.tasks.registry import check_task_name, get_task, list_tasks
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +103,23 @@ def positive_int_list(text: str, *, empty: bool = False) -> tuple[int, ...]:
             raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (such as 1,4,16 or 1e5), got {text!r}")
         values.append(value)
     return tuple(values)
+
+
+def task_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated registered task names, such as ``quadratic,mnist``.
+
+    An unknown name is a usage error naming the nearest registered one and all of them, before
+    anything runs; so is a list without a name.
+    """
+    names = _name_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names (see `l2l tasks`), got {text!r}")
+    for name in names:
+        try:
+            check_task_name(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
 
 
 def path_arg(text: str) -> Path:

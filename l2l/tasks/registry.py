@@ -72,6 +72,15 @@ def _did_you_mean(name: str, names) -> str:
     return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
+def check_task_name(name: str) -> None:
+    """Raises a ValueError naming the nearest registered name and all of them unless ``name`` is registered."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown task {name!r}{_did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
+            "(see `l2l tasks`)"
+        )
+
+
 def get_task(name: str, **options) -> TaskFamily:
     """The task family ``name`` built with ``options`` (for example ``get_task("quadratic", dim=10)``).
 
@@ -80,11 +89,7 @@ def get_task(name: str, **options) -> TaskFamily:
             name the nearest registered name); or an option's value is invalid (the family's own
             message).
     """
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown task {name!r}{_did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
-            "(see `l2l tasks`)"
-        )
+    check_task_name(name)
     try:
         return _build(name, **options)
     except TypeError as error:
