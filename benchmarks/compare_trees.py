@@ -102,14 +102,20 @@ def check_imported_from(tree: Path, info: dict) -> None:
 
 
 def main() -> None:
+    if "--worker" in sys.argv[1:]:
+        # A worker imports l2l from the tree it times, which may predate l2l.cli.positive_int; the
+        # parent checked the counts it passes on.
+        count: Callable[[str], int] = int
+    else:
+        from l2l.cli import positive_int as count
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, help="root of the tree timed first in each pair (its l2l/ is imported)")
     parser.add_argument("--new", type=Path, help="root of the other tree")
-    parser.add_argument("--pairs", type=int, default=300)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each worker")
+    parser.add_argument("--pairs", type=count, default=300)
+    parser.add_argument("--threads", type=count, default=1, help="torch threads in each worker")
     parser.add_argument("--unit", choices=("truncation", "epoch"), default="truncation")
-    parser.add_argument("--instances", type=int, default=128, help="K (the quick start's: 128)")
-    parser.add_argument("--dim", type=int, default=10, help="quadratic dimension (the quick start's: 10)")
+    parser.add_argument("--instances", type=count, default=128, help="K (the quick start's: 128)")
+    parser.add_argument("--dim", type=count, default=10, help="quadratic dimension (the quick start's: 10)")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,8 +124,6 @@ def main() -> None:
         return
     if args.base is None or args.new is None:
         parser.error("--base and --new are required")
-    if args.pairs < 1:
-        parser.error("--pairs must be at least 1")
     trees = {"base": args.base.resolve(), "new": args.new.resolve()}
     with tempfile.TemporaryDirectory() as cwd:  # not a tree's root, whose l2l/ would shadow PYTHONPATH
         workers = {name: spawn(tree, args, cwd) for name, tree in trees.items()}

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from l2l.cli import positive_int, positive_int_list
+from l2l.cli import positive_int, positive_int_list, task_list
 
 
 def worker(task: str, device: str, accumulate: int, epochs: int, threads: int, out: str) -> None:
@@ -98,7 +98,7 @@ def launch(task: str, device: str, processes: int, accumulate: int, threads: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="quadratic,mnist")
+    parser.add_argument("--tasks", type=task_list, default="quadratic,mnist", help="comma-separated task families (see `l2l tasks`)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--processes", type=positive_int, default=2)
     parser.add_argument("--accumulate", type=functools.partial(positive_int_list, empty=True), default="2,4",
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     layouts = [(1, 1), *((1, a) for a in args.accumulate), (args.processes, 1)]
     rows = []
-    for task in args.tasks.split(","):
+    for task in args.tasks:
         for processes, accumulate in layouts:
             row = launch(task, args.device, processes, accumulate, args.threads, args.epochs)
             baseline = next((r for r in rows if r["task"] == task), row)  # the task's one-process run comes first

@@ -21,7 +21,7 @@ from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
                             meta_train, missing_directories, remove_empty_directories)
-from l2l.tasks.registry import get_task, list_tasks
+from l2l.tasks.registry import check_task_name, get_task, list_tasks
 
 
 # Also the help of the scripts' --data-dir, which they hand on to l2l or resolve as it does.
@@ -56,7 +56,7 @@ def _option_value(raw: str) -> Any:
     return raw
 
 
-TASK_OPTION_HELP = "option of the task family, VALUE read as JSON or a number (repeatable; `l2l tasks --json` lists them)"
+TASK_OPTION_HELP = "option of the task family, VALUE read as JSON or a number (repeatable; `l2l tasks` lists them with their defaults)"
 
 
 def _task_options(pairs: Sequence[str] | None) -> dict[str, Any]:
@@ -107,6 +107,23 @@ def positive_int_list(text: str, *, empty: bool = False) -> tuple[int, ...]:
             raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (such as 1,4,16 or 1e5), got {text!r}")
         values.append(value)
     return tuple(values)
+
+
+def task_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated registered task names, such as ``quadratic,mnist``.
+
+    An unknown name is a usage error naming the nearest registered one and all of them, before
+    anything runs; so is a list without a name.
+    """
+    names = _name_list(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated task names (see `l2l tasks`), got {text!r}")
+    for name in names:
+        try:
+            check_task_name(name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return names
 
 
 def path_arg(text: str) -> Path:
@@ -364,9 +381,15 @@ def _add_bench(subparsers) -> None:
 
 
 def _option_text(options: dict[str, Any], keys: Sequence[str]) -> str:
-    """``k=v`` pairs as ``--task-option`` takes them (JSON values, strings bare)."""
-    return " ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in
-                    ((key, options.get(key)) for key in keys))
+    """``k=v`` pairs as ``--task-option`` takes them (see :func:`_option_value_text`)."""
+    return " ".join(f"{key}={_option_value_text(options.get(key))}" for key in keys)
+
+
+def _option_value_text(value: Any) -> str:
+    """``value`` as typed after ``--task-option KEY=``: text as it is where it reads back as itself, else JSON (``null``, ``true``)."""
+    if isinstance(value, str) and " " not in value and value.strip() == value and _option_value(value) == value:
+        return value
+    return json.dumps(value)
 
 
 def _warn_other_options(name_or_path: Any, task: str, trained: Any, evaluated: dict[str, Any]) -> None:
@@ -507,7 +530,20 @@ def _tasks(args: argparse.Namespace) -> int:
     print(f"{'task'.ljust(width)}  steps  unroll    K  description")
     for row in rows:
         print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['instances']:>3}  {row['description']}")
+        for line in _option_lines(row["options"]):
+            print(line)
     return 0
+
+
+def _option_lines(options: dict[str, Any], width: int = 100) -> list[str]:
+    """``options`` as indented lines of ``KEY=VALUE`` items, each as ``--task-option`` reads it back, wrapped at ``width``."""
+    items = [f"{key}={_option_value_text(value)}" for key, value in options.items()] or ["none"]
+    lines = ["  options:"]
+    for item in items:
+        if len(lines[-1]) + 1 + len(item) > width and lines[-1].strip() != "options:":
+            lines.append(" " * len("  options:"))
+        lines[-1] += " " + item
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,11 +14,35 @@ NAMES = {"lstm", "sgd", "momentum", "nag", "rmsprop", "adam"}
 
 def test_tasks_lists_each_family_with_its_default_steps_unroll_and_instances(capsys):
     assert main(["tasks"]) == 0
-    rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[1:]}
+    rows = {line.split()[0]: line.split()[1:4] for line in capsys.readouterr().out.splitlines()[1:] if not line.startswith(" ")}
     assert rows["quadratic"] == ["100", "20", "128"] and rows["mnist"] == ["100", "20", "16"]  # K: what --instances defaults to
     assert main(["tasks", "--json"]) == 0
     cifar = next(row for row in json.loads(capsys.readouterr().out) if row["name"] == "cifar10")
     assert (cifar["steps"], cifar["unroll"], cifar["instances"]) == (100, 20, 4)
+
+
+def test_tasks_shows_every_familys_options_with_their_defaults_as_task_options_take_them(capsys):
+    # Only --json listed the options, yet the errors about a bad option point at them.
+    from l2l.cli import _task_options
+    from l2l.tasks import get_task, list_tasks
+
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines if line.startswith(" ")) <= 100  # wrapped, not one long line per family
+    shown: dict[str, list[str]] = {}
+    name = ""
+    for line in lines[1:]:
+        if line.startswith(" "):
+            shown[name] += line.split()
+        else:
+            name = line.split()[0]
+            shown[name] = []
+    assert shown["quadratic"] == ["options:", "dim=10"]
+    assert {"hidden=40", "activation=sigmoid", "train_examples=null"} <= set(shown["mnist-40"])
+    for name, family in list_tasks().items():
+        assert shown[name][0] == "options:", name
+        options = {} if shown[name] == ["options:", "none"] else _task_options(shown[name][1:])  # each one typed as --task-option KEY=VALUE rebuilds the defaults
+        assert options == family.config() and get_task(name, **options).config() == family.config(), name
 
 
 def test_train_then_bench_json_form(tmp_path, capsys):
@@ -295,7 +319,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_point_at_a_missing_file(tmp
     [
         (["bench", "--baselines", ""], "nothing to compare: no --optimizer and --baselines ''"),
         (["bench", "--baselines", "sgd,sgd"], "baselines lists one more than once: sgd,sgd"),
-        (["bench", "--task-option", "foo=1"], "task 'quadratic' has no option 'foo'; its options are dim (see `l2l tasks --json`)"),
+        (["bench", "--task-option", "foo=1"], "task 'quadratic' has no option 'foo'; its options are dim (see `l2l tasks`)"),
     ],
 )
 def test_more_bad_bench_input_gives_one_clear_line(argv, message, capsys):

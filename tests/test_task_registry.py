@@ -136,3 +136,47 @@ def test_a_registration_that_would_break_l2l_tasks_is_refused(name, factory, mes
         register_task(name, factory)
     assert name not in _REGISTRY
     assert main(["tasks", "--json"]) == 0
+
+
+@pytest.mark.parametrize(
+    "name, option, value, own, family",
+    [
+        ("mnist-40", "hidden", 20, 40, "mnist"),
+        ("mnist-2layer", "layers", 1, 2, "mnist"),
+        ("mnist-relu", "activation", "sigmoid", "relu", "mnist"),
+        ("cifar5", "classes", 10, 5, "cifar10"),
+        ("cifar2", "classes", 3, 2, "cifar10"),
+    ],
+)
+def test_a_variant_refuses_its_defining_option_with_another_value_and_names_the_family_to_use(name, option, value, own, family):
+    # mnist-40 with hidden=20 was plain mnist under mnist-40's name, in checkpoints and reports.
+    with pytest.raises(ValueError) as error:
+        get_task(name, **{option: value})
+    message = str(error.value)
+    assert message.startswith(f"task {name!r} is {family!r} with {option}={own!r}; {option}={value!r} contradicts it")
+    assert f"--task {family} --task-option {option}={value}" in message
+    # Its own value is no contradiction: config() records it, and checkpoints rebuild the family from config().
+    variant = get_task(name, **{option: own})
+    assert getattr(variant, option) == own and get_task(name, **variant.config()).config() == variant.config()
+
+
+def test_an_invalid_value_of_a_variants_option_gets_the_familys_own_message():
+    with pytest.raises(ValueError, match="^hidden must be a positive integer, got 0"):
+        get_task("mnist-40", hidden=0)
+
+
+def test_a_family_registered_under_another_name_carries_that_name_into_its_reports():
+    # register_task("alias", QuadraticFamily) built families named "quadratic": their reports (and the checkpoints
+    # of runs on them) recorded a task that get_task("alias") does not rebuild.
+    from l2l.meta.evaluate import benchmark
+
+    register_task("test-alias", QuadraticFamily)
+    try:
+        family = get_task("test-alias", dim=3)
+        assert family.name == "test-alias" and list_tasks()["test-alias"].name == "test-alias"
+        assert get_task("quadratic").name == QuadraticFamily.name == "quadratic"  # the class and its own name untouched
+        report = benchmark(family, {}, baselines=("sgd",), steps=2, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0,
+                           device=torch.device("cpu"))
+        assert report["task"] == "test-alias" and get_task(report["task"], **report["task_options"]).config() == {"dim": 3}
+    finally:
+        del _REGISTRY["test-alias"]

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -640,6 +641,36 @@ def test_resume_compares_effective_values_so_a_family_default_spelled_out_is_no_
     check_resumable(dataclasses.replace(saved, **spelled), saved)
     with pytest.raises(CheckpointError, match=r"instances: checkpoint 128, asked 64"):
         check_resumable(saved, dataclasses.replace(saved, **{**spelled, "instances": 64}))
+
+
+@pytest.mark.parametrize("saved_weights, asked_weights, unroll, steps", [
+    ("uniform", (1.0,) * 5, 5, 10),
+    ("linear", (0.2, 0.4, 0.6, 0.8, 1.0), 5, 10),  # whole truncations: only the 5-step weights are used
+    ("final", (0, 0, 0, 0, 1), 5, 10),
+    ("final", "uniform", 1, 10),  # one-step truncations weigh their one loss by 1 either way
+])
+def test_resume_compares_the_loss_weights_each_truncation_uses_not_their_spelling(saved_weights, asked_weights, unroll, steps):
+    from l2l.meta.train import check_resumable
+
+    saved = TrainConfig(unroll=unroll, optimizee_steps=steps, loss_weights=saved_weights, device="cpu")
+    asked = dataclasses.replace(saved, loss_weights=asked_weights)
+    check_resumable(saved, asked)
+    check_resumable(asked, saved)
+    assert torch.equal(loss_weight_table(saved, steps, unroll)[unroll - 1], loss_weight_table(asked, steps, unroll)[unroll - 1])
+    doubled = dataclasses.replace(saved, loss_weights=tuple(2 * w for w in loss_weights(saved, unroll).tolist()))
+    with pytest.raises(CheckpointError, match=rf"loss_weights: checkpoint {re.escape(repr(saved_weights))}, asked \("):
+        check_resumable(saved, doubled)  # twice the meta-loss is another run
+
+
+def test_resume_compares_the_weights_of_a_shorter_last_truncation_too():
+    from l2l.meta.train import check_resumable
+
+    # Over 12 steps unrolled 5 at a time the last truncation has 2 steps; 'uniform' and 'linear' differ there as everywhere,
+    # and a changed horizon is named as such.
+    saved = TrainConfig(unroll=5, optimizee_steps=12, device="cpu")
+    with pytest.raises(CheckpointError, match="loss_weights: checkpoint 'uniform', asked 'linear'"):
+        check_resumable(saved, dataclasses.replace(saved, loss_weights="linear"))
+    check_resumable(saved, dataclasses.replace(saved, loss_weights="uniform"))
 
 
 def test_resume_takes_two_spellings_of_one_init_from_checkpoint_as_the_same(tmp_path, monkeypatch):

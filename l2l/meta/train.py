@@ -221,7 +221,9 @@ def effective_values(config: TrainConfig) -> dict[str, Any]:
     """``config.to_dict()`` with the task family's defaults filled in: what the run computes, not how it was spelled.
 
     ``instances``, ``optimizee_steps`` and ``unroll`` left at None and task options left out
-    take the family's values, so ``--instances 128`` on a quadratic run is no change. A family
+    take the family's values, so ``--instances 128`` on a quadratic run is no change.
+    ``loss_weights`` becomes the weights of each truncation length the run has, so ``uniform``
+    and ``(1.0,) * unroll`` are the same (and over one-step truncations so is ``final``). A family
     that cannot be built (an unregistered task, bad options) leaves the values as given.
     ``init_from`` becomes the absolute path of the checkpoint it names (a shipped name its file),
     so ``./a/optimizer.pt`` is ``a/optimizer.pt``; the file need not exist any more.
@@ -238,7 +240,13 @@ def effective_values(config: TrainConfig) -> dict[str, Any]:
     except (ValueError, TypeError):
         return values
     instances = config.instances or family.default_instances
-    return {**values, "task_options": family.config(), "instances": instances, "optimizee_steps": steps, "unroll": length}
+    values = {**values, "task_options": family.config(), "instances": instances, "optimizee_steps": steps, "unroll": length}
+    try:
+        table = loss_weight_table(config, steps, length)
+    except ConfigError:  # explicit weights over a shorter last truncation: a run that cannot start, compared as spelled
+        return values
+    lengths = sorted({length, steps % length} - {0})  # the truncations the run has: full ones and a shorter last one
+    return {**values, "loss_weights": tuple(tuple(table[n - 1, :n].tolist()) for n in lengths)}
 
 
 def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
@@ -250,7 +258,13 @@ def check_resumable(saved: TrainConfig, asked: TrainConfig) -> None:
     saved_values, asked_values = effective_values(saved), effective_values(asked)
     changed = [key for key in saved_values if key not in RESUMABLE_OVERRIDES and saved_values[key] != asked_values[key]]
     if changed:
-        details = ", ".join(f"{key}: checkpoint {saved_values[key]!r}, asked {asked_values[key]!r}" for key in changed)
+        def shown(config: TrainConfig, values: dict[str, Any], key: str) -> Any:
+            # Loss weights are named as spelled: their effective form is a table of every truncation length.
+            return config.loss_weights if key == "loss_weights" else values[key]
+
+        details = ", ".join(
+            f"{key}: checkpoint {shown(saved, saved_values, key)!r}, asked {shown(asked, asked_values, key)!r}" for key in changed
+        )
         raise CheckpointError(
             f"the resume checkpoint was trained with a different configuration ({details}); "
             f"only {', '.join(RESUMABLE_OVERRIDES)} may change on resume"

@@ -112,6 +112,22 @@ def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
+def check_variant(variant: TaskFamily, family: str, option: str, value: Any) -> None:
+    """Raises a ValueError unless ``variant`` (``family`` with ``option`` fixed to ``value``) has that value.
+
+    A variant given its defining option with another value would build another family under the
+    variant's name (``mnist-40`` with ``hidden=20`` is ``mnist``), which checkpoints and reports
+    would then record. Its own value is accepted: ``config()`` records it, and a checkpoint
+    rebuilds the family from that.
+    """
+    given = getattr(variant, option)
+    if given != value:
+        raise ValueError(
+            f"task {variant.name!r} is {family!r} with {option}={value!r}; {option}={given!r} contradicts it: "
+            f"use --task {family} --task-option {option}={given} (get_task({family!r}, {option}={given!r}))"
+        )
+
+
 def check_num_instances(num_instances: int) -> None:
     """Raises a ValueError unless ``num_instances`` is a positive integer."""
     check_positive_int("num_instances", num_instances)

@@ -10,7 +10,7 @@ from torch import nn
 
 from l2l.data.base import DataError, data_dir, device_key
 from l2l.data.cifar import load_cifar10
-from l2l.tasks.base import check_positive_int
+from l2l.tasks.base import check_positive_int, check_variant
 from l2l.tasks.module import ModuleFamily, SupervisedData, first_examples, fixed_shuffle
 
 
@@ -125,6 +125,7 @@ class CIFAR5Family(CIFAR10Family):
 
     def __init__(self, classes: int = 5, **options):
         super().__init__(classes=classes, **options)
+        check_variant(self, CIFAR10Family.name, "classes", 5)
 
 
 class CIFAR2Family(CIFAR10Family):
@@ -133,3 +134,4 @@ class CIFAR2Family(CIFAR10Family):
 
     def __init__(self, classes: int = 2, **options):
         super().__init__(classes=classes, **options)
+        check_variant(self, CIFAR10Family.name, "classes", 2)

@@ -10,7 +10,7 @@ from torch import nn
 
 from l2l.data.base import data_dir, device_key
 from l2l.data.mnist import load_mnist
-from l2l.tasks.base import check_positive_int
+from l2l.tasks.base import check_positive_int, check_variant
 from l2l.tasks.module import ModuleFamily, SupervisedData, first_examples, fixed_shuffle
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
@@ -104,6 +104,7 @@ class MNIST40Family(MNISTFamily):
 
     def __init__(self, hidden: int = 40, **options):
         super().__init__(hidden=hidden, **options)
+        check_variant(self, MNISTFamily.name, "hidden", 40)
 
 
 class MNIST2LayerFamily(MNISTFamily):
@@ -112,6 +113,7 @@ class MNIST2LayerFamily(MNISTFamily):
 
     def __init__(self, layers: int = 2, **options):
         super().__init__(layers=layers, **options)
+        check_variant(self, MNISTFamily.name, "layers", 2)
 
 
 class MNISTReLUFamily(MNISTFamily):
@@ -120,3 +122,4 @@ class MNISTReLUFamily(MNISTFamily):
 
     def __init__(self, activation: str = "relu", **options):
         super().__init__(activation=activation, **options)
+        check_variant(self, MNISTFamily.name, "activation", "relu")

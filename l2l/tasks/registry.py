@@ -20,7 +20,9 @@ def register_task(name: str, factory: Callable[..., TaskFamily], *, replace: boo
     """Makes ``factory(**options)`` available as ``get_task(name, **options)``.
 
     Constructing a family must be cheap (load data lazily, on ``sample``): ``list_tasks``
-    builds every registered family with its default options.
+    builds every registered family with its default options. Each call must return a new
+    family: ``get_task(name)`` sets the family's ``name`` to ``name`` (the one its reports and
+    checkpoints record), so one factory may be registered under several names.
 
     Raises:
         ValueError: ``name`` is taken (unless ``replace``), empty, not a string, or holds
@@ -70,6 +72,15 @@ def _did_you_mean(name: str, names) -> str:
     return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
+def check_task_name(name: str) -> None:
+    """Raises a ValueError naming the nearest registered name and all of them unless ``name`` is registered."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown task {name!r}{_did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
+            "(see `l2l tasks`)"
+        )
+
+
 def get_task(name: str, **options) -> TaskFamily:
     """The task family ``name`` built with ``options`` (for example ``get_task("quadratic", dim=10)``).
 
@@ -78,13 +89,9 @@ def get_task(name: str, **options) -> TaskFamily:
             name the nearest registered name); or an option's value is invalid (the family's own
             message).
     """
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown task {name!r}{_did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
-            "(see `l2l tasks`)"
-        )
+    check_task_name(name)
     try:
-        return _REGISTRY[name](**options)
+        return _build(name, **options)
     except TypeError as error:
         # Only Python's own refusal of a keyword the factory (or a constructor it passes options
         # on to) lacks is the user's: any other TypeError is a bug in the family and goes up as it is.
@@ -95,13 +102,27 @@ def get_task(name: str, **options) -> TaskFamily:
         option = unexpected.group(1)
         raise ValueError(
             f"task {name!r} has no option {option!r}{_did_you_mean(option, known)}; its options are "
-            f"{', '.join(known) or 'none'} (see `l2l tasks --json`)"
+            f"{', '.join(known) or 'none'} (see `l2l tasks`)"
         ) from None
 
 
 def list_tasks() -> dict[str, TaskFamily]:
     """Every registered family, built with its default options, by name."""
-    return {name: factory() for name, factory in sorted(_REGISTRY.items())}
+    return {name: _build(name) for name in sorted(_REGISTRY)}
+
+
+def _build(name: str, **options) -> TaskFamily:
+    """``_REGISTRY[name](**options)``, named ``name``.
+
+    A factory registered under another name than its family's (``register_task("alias",
+    QuadraticFamily)``) gives families named as registered: reports and checkpoints record
+    ``family.name`` beside ``family.config()``, and ``get_task`` must rebuild the family from the two.
+    The instance's name is set, not the class's, which keeps its own name where it is registered too.
+    """
+    family = _REGISTRY[name](**options)
+    if family.name != name:
+        family.name = name
+    return family
 
 
 for _family in (
