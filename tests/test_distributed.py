@@ -456,14 +456,14 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
             return function(*args, **kwargs)
         return call
 
-    def attempt(scenario, step_fails_at=None, clip_fails_at=None, **options):
+    def attempt(scenario, step_fails_at=None, clip_fails_at=None, on_epoch=None, **options):
         trainer = MetaTrainer(TrainConfig(**dict(small, **options)))
         trainer.meta_optimizer.step = failing_on_rank_1(trainer.meta_optimizer.step, step_fails_at,
                                                         torch.OutOfMemoryError("out of memory in Adam's step"))
         torch.nn.utils.clip_grad_norm_ = failing_on_rank_1(clip, clip_fails_at, RuntimeError("clipping failed"))
         begin = time.perf_counter()
         try:
-            trainer.run(progress=False)
+            trainer.run(progress=False, on_epoch=on_epoch)
             outcome = "trained"
         except Exception as error:
             outcome = f"{{type(error).__name__}}: {{error}}"
@@ -479,13 +479,15 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     attempt("clipping-fails-at-the-end-of-an-epoch", clip_fails_at=2)
     # The first step's huge rate makes the second truncation non-finite: the others stop with a NonFiniteError.
     attempt("clipping-fails-as-the-others-give-up-on-non-finite-steps", clip_fails_at=2, max_nonfinite=1, meta_lr=1e30)
+    attempt("on-epoch-fails", on_epoch=lambda trainer: rank == 1 and 1 / 0)
+    attempt("on-epoch-fails-after-the-last-epoch", on_epoch=lambda trainer: rank == 1 and trainer.epoch == 2 and 1 / 0)
     attempt("fails-nowhere")  # the processes are still in step with each other
     dist.destroy_process_group()
     """
 )
 
 
-def test_a_process_failing_after_the_all_reduce_stops_every_process_promptly(tmp_path):
+def test_a_process_failing_after_the_all_reduce_or_in_on_epoch_stops_every_process_promptly(tmp_path):
     script = tmp_path / "late_failure.py"
     script.write_text(LATE_FAILURE_SCRIPT.format(small=repr(dict(SMALL, epochs=2))))
     finished = torchrun([str(script), str(tmp_path)], timeout=150)
@@ -495,6 +497,7 @@ def test_a_process_failing_after_the_all_reduce_stops_every_process_promptly(tmp
     seconds = {name: float(line.split(" after ")[1].split(" s:")[0]) for name, line in lines.items()}
     step = "OutOfMemoryError: out of memory in Adam's step"
     clip = "RuntimeError: clipping failed"
+    callback = "ZeroDivisionError: division by zero"
 
     def others(what, error):
         return f"RuntimeError: process 1 failed while {what} ({error}); this process stops too"
@@ -509,6 +512,8 @@ def test_a_process_failing_after_the_all_reduce_stops_every_process_promptly(tmp
         "clipping-fails-mid-epoch": (clip, others(meta_step(1, 0), clip)),
         "clipping-fails-at-the-end-of-an-epoch": (clip, others(meta_step(1, 5), clip)),
         "clipping-fails-as-the-others-give-up-on-non-finite-steps": (clip, others(meta_step(1, 5), clip)),
+        "on-epoch-fails": (callback, others("running the on_epoch callback after epoch 1", callback)),
+        "on-epoch-fails-after-the-last-epoch": (callback, others("running the on_epoch callback after epoch 2", callback)),
         "fails-nowhere": ("trained", "trained"),
     }
     for scenario, (failing, other) in expected.items():

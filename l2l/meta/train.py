@@ -791,7 +791,9 @@ class MetaTrainer:
 
         Args:
             progress: show a tqdm progress bar (rank 0 only).
-            on_epoch: called with the trainer after each epoch.
+            on_epoch: called with the trainer after each epoch. In a process group it must not use
+                collectives; if it raises on one process, every process stops (the others with a
+                RuntimeError naming it).
             stop: a request that, once made (on any process of a group), stops training at the
                 next epoch boundary after writing the checkpoints there.
 
@@ -844,7 +846,9 @@ class MetaTrainer:
                 bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
                                 best_val=f"{self.best_score:.4g}", skipped=self.skipped)
                 if on_epoch is not None:
-                    on_epoch(self)
+                    # Raising on one process, it would leave the others waiting in the next epoch's first collective.
+                    with self.collectives.together(f"running the on_epoch callback after epoch {self.epoch}"):
+                        on_epoch(self)
         finally:
             bar.close()
         best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
