@@ -362,6 +362,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank = dist.get_rank()
+    report = open(f"{{sys.argv[2]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix
     FAIL = {{"at": None, "calls": 0}}
 
     class FailingFamily(QuadraticFamily):
@@ -391,7 +392,7 @@ FAILURE_SCRIPT = textwrap.dedent(
             outcome = "trained"
         except Exception as error:
             outcome = f"{{type(error).__name__}}: {{error}}"
-        print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", flush=True)
+        print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", file=report, flush=True)
 
     attempt("fails-at-step-3", 4)  # call 1 is the initial loss: step 3 of the first truncation
     attempt("fails-at-the-start", 1)
@@ -401,7 +402,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     trainer.run(progress=False)
     conv = list(trainer.rule.rules["conv"].parameters())
     print(f"rank {{rank}} conv rule: gradients {{[p.grad for p in conv if p.grad is not None]}}, "
-          f"Adam states {{sum(p in trainer.meta_optimizer.state for p in conv)}}", flush=True)
+          f"Adam states {{sum(p in trainer.meta_optimizer.state for p in conv)}}", file=report, flush=True)
     dist.destroy_process_group()
     """
 )
@@ -410,9 +411,10 @@ FAILURE_SCRIPT = textwrap.dedent(
 def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_error(tmp_path):
     script = tmp_path / "failure.py"
     script.write_text(FAILURE_SCRIPT.format(small=repr(dict(SMALL, epochs=2))))
-    finished = torchrun([str(script), os.path.dirname(__file__)], timeout=150)
+    finished = torchrun([str(script), os.path.dirname(__file__), str(tmp_path)], timeout=150)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
-    lines = {line.split(" after ")[0]: line for line in finished.stdout.splitlines() if " after " in line}
+    reported = (tmp_path / "rank-0.txt").read_text() + (tmp_path / "rank-1.txt").read_text()
+    lines = {line.split(" after ")[0]: line for line in reported.splitlines() if " after " in line}
     seconds = {name: float(line.split(" after ")[1].split(" s:")[0]) for name, line in lines.items()}
     expected = {
         "fails-at-step-3": ("ValueError: loss raised at call 4",
@@ -428,7 +430,7 @@ def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_err
         assert lines[f"rank 0 {scenario}"].endswith(f": {other}"), lines
         assert seconds[f"rank 0 {scenario}"] < 10, lines  # not the 20 s collective timeout
     for rank in (0, 1):  # with two shards, across processes: the conv LSTM of a conv,fc rule on an MLP is not trained
-        assert f"rank {rank} conv rule: gradients [], Adam states 0" in finished.stdout
+        assert f"rank {rank} conv rule: gradients [], Adam states 0" in reported
 
 
 LATE_FAILURE_SCRIPT = textwrap.dedent(
