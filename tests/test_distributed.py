@@ -439,6 +439,7 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from l2l.config import TrainConfig
+    from l2l.meta import train
     from l2l.meta.train import MetaTrainer
 
     # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
@@ -446,7 +447,7 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     rank = dist.get_rank()
     report = open(f"{{sys.argv[1]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix
     small = dict({small})
-    clip = torch.nn.utils.clip_grad_norm_
+    clip, flatten = torch.nn.utils.clip_grad_norm_, train.flatten_grads
 
     def failing_on_rank_1(function, at, error):
         # function, except that its at-th call raises error on rank 1.
@@ -458,11 +459,12 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
             return function(*args, **kwargs)
         return call
 
-    def attempt(scenario, step_fails_at=None, clip_fails_at=None, on_epoch=None, **options):
+    def attempt(scenario, step_fails_at=None, clip_fails_at=None, flatten_fails_at=None, on_epoch=None, **options):
         trainer = MetaTrainer(TrainConfig(**dict(small, **options)))
         trainer.meta_optimizer.step = failing_on_rank_1(trainer.meta_optimizer.step, step_fails_at,
                                                         torch.OutOfMemoryError("out of memory in Adam's step"))
         torch.nn.utils.clip_grad_norm_ = failing_on_rank_1(clip, clip_fails_at, RuntimeError("clipping failed"))
+        train.flatten_grads = failing_on_rank_1(flatten, flatten_fails_at, torch.OutOfMemoryError("out of memory in flatten"))
         begin = time.perf_counter()
         try:
             trainer.run(progress=False, on_epoch=on_epoch)
@@ -470,7 +472,7 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
         except Exception as error:
             outcome = f"{{type(error).__name__}}: {{error}}"
         finally:
-            torch.nn.utils.clip_grad_norm_ = clip
+            torch.nn.utils.clip_grad_norm_, train.flatten_grads = clip, flatten
         print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", file=report, flush=True)
 
     # Two truncations (meta-steps) an epoch: the others go on to the epoch's next truncation, or end the epoch.
@@ -481,6 +483,8 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     attempt("clipping-fails-at-the-end-of-an-epoch", clip_fails_at=2)
     # The first step's huge rate makes the second truncation non-finite: the others stop with a NonFiniteError.
     attempt("clipping-fails-as-the-others-give-up-on-non-finite-steps", clip_fails_at=2, max_nonfinite=1, meta_lr=1e30)
+    # Before the all-reduce, gathering the meta-gradients into its vector: the others are in it.
+    attempt("gathering-the-meta-gradients-fails", flatten_fails_at=1)
     attempt("on-epoch-fails", on_epoch=lambda trainer: rank == 1 and 1 / 0)
     attempt("on-epoch-fails-after-the-last-epoch", on_epoch=lambda trainer: rank == 1 and trainer.epoch == 2 and 1 / 0)
     attempt("fails-nowhere")  # the processes are still in step with each other
@@ -514,6 +518,10 @@ def test_a_process_failing_after_the_all_reduce_or_in_on_epoch_stops_every_proce
         "clipping-fails-mid-epoch": (clip, others(meta_step(1, 0), clip)),
         "clipping-fails-at-the-end-of-an-epoch": (clip, others(meta_step(1, 5), clip)),
         "clipping-fails-as-the-others-give-up-on-non-finite-steps": (clip, others(meta_step(1, 5), clip)),
+        "gathering-the-meta-gradients-fails": (
+            "OutOfMemoryError: out of memory in flatten",
+            others("unrolling and backpropagating its shards of epoch 1 (optimizee steps 0-5)", "OutOfMemoryError: out of memory in flatten"),
+        ),
         "on-epoch-fails": (callback, others("running the on_epoch callback after epoch 1", callback)),
         "on-epoch-fails-after-the-last-epoch": (callback, others("running the on_epoch callback after epoch 2", callback)),
         "fails-nowhere": ("trained", "trained"),

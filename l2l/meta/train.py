@@ -379,8 +379,9 @@ class MetaTrainer:
 
         A process whose clipping or meta-optimizer step failed cannot know where the others are
         now: in the next truncation's all-reduce, or, the epoch over (or given up on non-finite
-        steps, which it may not have seen), in this one. Both have one shape (every process
-        contributes zeros here), so its flag meets them in either and every process raises
+        steps, which it may not have seen), in this one; one that failed gathering its
+        meta-gradients left them in this truncation's. All have one shape (every process
+        contributes zeros here), so its flag meets them in any and every process raises
         together, instead of the others waiting in their next collective until the backend's
         timeout. One all-reduce and one host synchronisation per epoch, none per step; a no-op
         for one process.
