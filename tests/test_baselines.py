@@ -232,6 +232,20 @@ def test_benchmark_leaves_the_callers_learned_rule_where_it_was(monkeypatch):
         assert torch.equal(value, before[name][0]) and value.data_ptr() == before[name][1], name
 
 
+def test_a_rule_already_on_the_benchmark_device_is_not_copied_whatever_the_spelling_of_the_device(monkeypatch):
+    from l2l.meta.evaluate import on_device, same_device
+
+    rule = CoordinateWiseLSTM(seed=0)
+    assert on_device(rule, torch.device("cpu:0")) is rule  # the CPU has one device, whatever its index
+    # cuda without an index is the current CUDA device (checked without a GPU: only the comparison needs it).
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert same_device(torch.device("cuda"), torch.device("cuda", 1))
+    assert same_device(torch.device("cuda", 1), torch.device("cuda"))
+    assert not same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert not same_device(torch.device("cuda"), torch.device("cpu"))
+    assert same_device(torch.device("cuda", 0), torch.device("cuda", 0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cuda_benchmark_does_not_move_the_callers_cpu_rule_to_the_gpu():
     from l2l.meta.evaluate import benchmark

@@ -362,6 +362,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank = dist.get_rank()
+    report = open(f"{{sys.argv[2]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix
     FAIL = {{"at": None, "calls": 0}}
 
     class FailingFamily(QuadraticFamily):
@@ -391,7 +392,7 @@ FAILURE_SCRIPT = textwrap.dedent(
             outcome = "trained"
         except Exception as error:
             outcome = f"{{type(error).__name__}}: {{error}}"
-        print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", flush=True)
+        print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", file=report, flush=True)
 
     attempt("fails-at-step-3", 4)  # call 1 is the initial loss: step 3 of the first truncation
     attempt("fails-at-the-start", 1)
@@ -401,7 +402,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     trainer.run(progress=False)
     conv = list(trainer.rule.rules["conv"].parameters())
     print(f"rank {{rank}} conv rule: gradients {{[p.grad for p in conv if p.grad is not None]}}, "
-          f"Adam states {{sum(p in trainer.meta_optimizer.state for p in conv)}}", flush=True)
+          f"Adam states {{sum(p in trainer.meta_optimizer.state for p in conv)}}", file=report, flush=True)
     dist.destroy_process_group()
     """
 )
@@ -410,9 +411,10 @@ FAILURE_SCRIPT = textwrap.dedent(
 def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_error(tmp_path):
     script = tmp_path / "failure.py"
     script.write_text(FAILURE_SCRIPT.format(small=repr(dict(SMALL, epochs=2))))
-    finished = torchrun([str(script), os.path.dirname(__file__)], timeout=150)
+    finished = torchrun([str(script), os.path.dirname(__file__), str(tmp_path)], timeout=150)
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
-    lines = {line.split(" after ")[0]: line for line in finished.stdout.splitlines() if " after " in line}
+    reported = (tmp_path / "rank-0.txt").read_text() + (tmp_path / "rank-1.txt").read_text()
+    lines = {line.split(" after ")[0]: line for line in reported.splitlines() if " after " in line}
     seconds = {name: float(line.split(" after ")[1].split(" s:")[0]) for name, line in lines.items()}
     expected = {
         "fails-at-step-3": ("ValueError: loss raised at call 4",
@@ -428,4 +430,103 @@ def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_err
         assert lines[f"rank 0 {scenario}"].endswith(f": {other}"), lines
         assert seconds[f"rank 0 {scenario}"] < 10, lines  # not the 20 s collective timeout
     for rank in (0, 1):  # with two shards, across processes: the conv LSTM of a conv,fc rule on an MLP is not trained
-        assert f"rank {rank} conv rule: gradients [], Adam states 0" in finished.stdout
+        assert f"rank {rank} conv rule: gradients [], Adam states 0" in reported
+
+
+LATE_FAILURE_SCRIPT = textwrap.dedent(
+    """
+    import datetime, sys, time
+    import torch
+    import torch.distributed as dist
+    from l2l.config import TrainConfig
+    from l2l.meta import train
+    from l2l.meta.train import MetaTrainer
+
+    # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
+    rank = dist.get_rank()
+    report = open(f"{{sys.argv[1]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix
+    small = dict({small})
+    clip, flatten = torch.nn.utils.clip_grad_norm_, train.flatten_grads
+
+    def failing_on_rank_1(function, at, error):
+        # function, except that its at-th call raises error on rank 1.
+        calls = [0]
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if rank == 1 and calls[0] == at:
+                raise error
+            return function(*args, **kwargs)
+        return call
+
+    def attempt(scenario, step_fails_at=None, clip_fails_at=None, flatten_fails_at=None, on_epoch=None, **options):
+        trainer = MetaTrainer(TrainConfig(**dict(small, **options)))
+        trainer.meta_optimizer.step = failing_on_rank_1(trainer.meta_optimizer.step, step_fails_at,
+                                                        torch.OutOfMemoryError("out of memory in Adam's step"))
+        torch.nn.utils.clip_grad_norm_ = failing_on_rank_1(clip, clip_fails_at, RuntimeError("clipping failed"))
+        train.flatten_grads = failing_on_rank_1(flatten, flatten_fails_at, torch.OutOfMemoryError("out of memory in flatten"))
+        begin = time.perf_counter()
+        try:
+            trainer.run(progress=False, on_epoch=on_epoch)
+            outcome = "trained"
+        except Exception as error:
+            outcome = f"{{type(error).__name__}}: {{error}}"
+        finally:
+            torch.nn.utils.clip_grad_norm_, train.flatten_grads = clip, flatten
+        print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", file=report, flush=True)
+
+    # Two truncations (meta-steps) an epoch: the others go on to the epoch's next truncation, or end the epoch.
+    attempt("step-fails-mid-epoch", step_fails_at=1)
+    attempt("step-fails-at-the-end-of-an-epoch", step_fails_at=2)
+    attempt("step-fails-at-the-end-of-the-last-epoch", step_fails_at=4)
+    attempt("clipping-fails-mid-epoch", clip_fails_at=1)
+    attempt("clipping-fails-at-the-end-of-an-epoch", clip_fails_at=2)
+    # The first step's huge rate makes the second truncation non-finite: the others stop with a NonFiniteError.
+    attempt("clipping-fails-as-the-others-give-up-on-non-finite-steps", clip_fails_at=2, max_nonfinite=1, meta_lr=1e30)
+    # Before the all-reduce, gathering the meta-gradients into its vector: the others are in it.
+    attempt("gathering-the-meta-gradients-fails", flatten_fails_at=1)
+    attempt("on-epoch-fails", on_epoch=lambda trainer: rank == 1 and 1 / 0)
+    attempt("on-epoch-fails-after-the-last-epoch", on_epoch=lambda trainer: rank == 1 and trainer.epoch == 2 and 1 / 0)
+    attempt("fails-nowhere")  # the processes are still in step with each other
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_a_process_failing_after_the_all_reduce_or_in_on_epoch_stops_every_process_promptly(tmp_path):
+    script = tmp_path / "late_failure.py"
+    script.write_text(LATE_FAILURE_SCRIPT.format(small=repr(dict(SMALL, epochs=2))))
+    finished = torchrun([str(script), str(tmp_path)], timeout=150)
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-3000:]
+    reported = (tmp_path / "rank-0.txt").read_text() + (tmp_path / "rank-1.txt").read_text()
+    lines = {line.split(" after ")[0]: line for line in reported.splitlines()}
+    seconds = {name: float(line.split(" after ")[1].split(" s:")[0]) for name, line in lines.items()}
+    step = "OutOfMemoryError: out of memory in Adam's step"
+    clip = "RuntimeError: clipping failed"
+    callback = "ZeroDivisionError: division by zero"
+
+    def others(what, error):
+        return f"RuntimeError: process 1 failed while {what} ({error}); this process stops too"
+
+    def meta_step(epoch, first):
+        return f"clipping the meta-gradient and taking the meta-optimizer step of epoch {epoch} (optimizee steps {first}-{first + 5})"
+
+    expected = {
+        "step-fails-mid-epoch": (step, others(meta_step(1, 0), step)),
+        "step-fails-at-the-end-of-an-epoch": (step, others(meta_step(1, 5), step)),
+        "step-fails-at-the-end-of-the-last-epoch": (step, others(meta_step(2, 5), step)),
+        "clipping-fails-mid-epoch": (clip, others(meta_step(1, 0), clip)),
+        "clipping-fails-at-the-end-of-an-epoch": (clip, others(meta_step(1, 5), clip)),
+        "clipping-fails-as-the-others-give-up-on-non-finite-steps": (clip, others(meta_step(1, 5), clip)),
+        "gathering-the-meta-gradients-fails": (
+            "OutOfMemoryError: out of memory in flatten",
+            others("unrolling and backpropagating its shards of epoch 1 (optimizee steps 0-5)", "OutOfMemoryError: out of memory in flatten"),
+        ),
+        "on-epoch-fails": (callback, others("running the on_epoch callback after epoch 1", callback)),
+        "on-epoch-fails-after-the-last-epoch": (callback, others("running the on_epoch callback after epoch 2", callback)),
+        "fails-nowhere": ("trained", "trained"),
+    }
+    for scenario, (failing, other) in expected.items():
+        assert lines[f"rank 1 {scenario}"].endswith(f": {failing}"), lines
+        assert lines[f"rank 0 {scenario}"].endswith(f": {other}"), lines
+        assert max(seconds[f"rank {rank} {scenario}"] for rank in (0, 1)) < 10, lines  # not the 20 s collective timeout

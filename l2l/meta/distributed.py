@@ -223,27 +223,40 @@ class Collectives:
         """Raises on every process if the summed :meth:`failure_flags` say that any process failed.
 
         Every process must call this with the same flags. After a failure the processes exchange
-        their errors' messages (one more collective, on the failure path only); a process whose
-        own ``error`` is set re-raises it, the others raise a RuntimeError naming each process
-        that failed, its error and ``what`` it was doing.
+        their errors' messages and what they were doing (one more collective, on the failure path
+        only); a process whose own ``error`` is set re-raises it, the others raise a RuntimeError
+        naming each process that failed, its error and what it was doing when it failed, which
+        need not be what the others were doing (a process that failed after one all-reduce
+        reports it in the next).
+
+        Args:
+            flags: the summed :meth:`failure_flags`.
+            error: this process's own error, or None.
+            what: what this process was doing, for the others' message if ``error`` is set.
         """
         failed = [rank for rank, flag in enumerate(flags) if flag]
         if not failed:
             return
-        messages = self._error_messages(error)
+        reports = self._error_reports(error, what)
         if error is not None:
             raise error
         who = f"process {failed[0]}" if len(failed) == 1 else f"processes {', '.join(map(str, failed))}"
-        details = "; ".join(messages[rank] if len(failed) == 1 else f"process {rank}: {messages[rank]}" for rank in failed)
-        raise RuntimeError(f"{who} failed while {what} ({details}); this process stops too")
+        doing = {reports[rank][0] for rank in failed}
+        if len(doing) == 1:
+            details = "; ".join(reports[rank][1] if len(failed) == 1 else f"process {rank}: {reports[rank][1]}" for rank in failed)
+            raise RuntimeError(f"{who} failed while {doing.pop()} ({details}); this process stops too")
+        details = "; ".join(f"process {rank} while {reports[rank][0]}: {reports[rank][1]}" for rank in failed)
+        raise RuntimeError(f"{who} failed ({details}); this process stops too")
 
-    def _error_messages(self, error: BaseException | None) -> list[str]:
-        """Every process's ``TYPE: message`` of ``error`` (empty where none), in rank order, cut to a few hundred bytes."""
-        text = "" if error is None else f"{type(error).__name__}: {error}"
-        encoded = text.encode()[:ERROR_MESSAGE_BYTES]
-        buffer = torch.zeros(ERROR_MESSAGE_BYTES, dtype=torch.uint8)
-        buffer[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
-        return [bytes(piece.tolist()).rstrip(b"\0").decode(errors="ignore") for piece in self.gather(buffer)]
+    def _error_reports(self, error: BaseException | None, what: str) -> list[tuple[str, str]]:
+        """Every process's ``(what, "TYPE: message")`` of ``error`` (empty where none), in rank order, cut to a few hundred bytes each."""
+        parts = ("", "") if error is None else (what, f"{type(error).__name__}: {error}")
+        buffer = torch.zeros(2, ERROR_MESSAGE_BYTES, dtype=torch.uint8)
+        for row, text in zip(buffer, parts):
+            encoded = text.encode()[:ERROR_MESSAGE_BYTES]
+            row[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+        texts = [[bytes(row.tolist()).rstrip(b"\0").decode(errors="ignore") for row in piece] for piece in self.gather(buffer)]
+        return [(doing, message) for doing, message in texts]
 
     def check_same(self, description: str, text: str) -> None:
         """Raises ConfigError on every process unless every process passed the same ``text``.

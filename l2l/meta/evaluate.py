@@ -66,9 +66,24 @@ def on_device(rule: UpdateRule, device: torch.device) -> UpdateRule:
     """
     if not isinstance(rule, torch.nn.Module):
         return rule
-    if all(tensor.device == device for tensor in (*rule.parameters(), *rule.buffers())):
+    if all(same_device(tensor.device, device) for tensor in (*rule.parameters(), *rule.buffers())):
         return rule
     return copy.deepcopy(rule).to(device)
+
+
+def same_device(first: torch.device, second: torch.device) -> bool:
+    """Whether two devices are one: ``cuda`` without an index is the current CUDA device, and the CPU is one device.
+
+    ``torch.device`` compares the spelling: ``cuda`` differs from ``cuda:0``, the device of every
+    tensor on the first GPU, and ``cpu:0`` from ``cpu``.
+    """
+    if first.type != second.type:
+        return False
+    if first.type == "cpu" or first.index == second.index:
+        return True
+    if first.type == "cuda" and (first.index is None or second.index is None):
+        return (first.index if first.index is not None else second.index) == torch.cuda.current_device()
+    return False
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -76,6 +76,21 @@ class NonFiniteError(RuntimeError):
     """Meta-training kept producing non-finite losses or meta-gradients."""
 
 
+class _MissedAllReduce(Exception):
+    """This process of a group failed where the others cannot learn of it in the all-reduce they are in or go to next.
+
+    Raised by a truncation that failed before joining its all-reduce (gathering its
+    meta-gradients) or after it (clipping, the meta-optimizer's step). The epoch's closing
+    all-reduce, shaped like a truncation's, meets the others in their next all-reduce,
+    whichever it is (this truncation's, the next one's, or the epoch's closing one), and
+    tells them of :attr:`error`.
+    """
+
+    def __init__(self, error: Exception, what: str):
+        super().__init__(what)
+        self.error, self.what = error, what
+
+
 @dataclass
 class TrainResult:
     """The outcome of :func:`meta_train`."""
@@ -347,9 +362,14 @@ class MetaTrainer:
         truncate = self._graphed_truncation(tasks[0]) if self.use_graphs else self._eager_truncation(tasks)
         meta_losses = []
         step = 0
+        missed, given_up = None, None
         while step < self.steps:
             length = min(self.unroll, self.steps - step)
-            result, carries = truncate(carries, length)
+            try:
+                result, carries = truncate(carries, length)
+            except _MissedAllReduce as failure:
+                missed = failure
+                break
             if result.stepped:
                 self.consecutive_skipped = 0
                 meta_losses.append(result.meta_loss.clone())  # a graph's output buffer is overwritten by the next replay
@@ -357,13 +377,43 @@ class MetaTrainer:
                 self.skipped += 1
                 self.consecutive_skipped += 1
                 if self.consecutive_skipped >= config.max_nonfinite:
-                    raise NonFiniteError(
+                    given_up = NonFiniteError(
                         f"{self.consecutive_skipped} meta-steps in a row had a non-finite meta-loss or meta-gradient "
                         f"(epoch {self.epoch}); training stopped. {self._non_finite_advice()}"
                     )
                 break  # The trajectory diverged: the rest of this epoch would only repeat it.
             step += length
+        self._close_epoch(missed)
+        if given_up is not None:
+            raise given_up
         return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+
+    def _close_epoch(self, missed: _MissedAllReduce | None) -> None:
+        """The epoch's closing all-reduce: where a process that failed outside the truncations' all-reduces tells the others.
+
+        A process whose clipping or meta-optimizer step failed cannot know where the others are
+        now: in the next truncation's all-reduce, or, the epoch over (or given up on non-finite
+        steps, which it may not have seen), in this one; one that failed gathering its
+        meta-gradients left them in this truncation's. All have one shape (every process
+        contributes zeros here), so its flag meets them in any and every process raises
+        together, instead of the others waiting in their next collective until the backend's
+        timeout. One all-reduce and one host synchronisation per epoch, none per step; a no-op
+        for one process.
+
+        Raises:
+            RuntimeError: another process failed (this one re-raises its own error).
+        """
+        if not self.collectives.active:
+            if missed is not None:  # never raised without a group; never swallowed
+                raise missed.error
+            return
+        error = None if missed is None else missed.error
+        parameters = list(self.rule.parameters())
+        size = sum(parameter.numel() for parameter in parameters)
+        flat = self.collectives.sum_(self._meta_step_vector(parameters[0].new_zeros(size + 1), [0.0] * len(parameters), error))
+        failures = flat[size + 2 + len(parameters) :].tolist()
+        what = f"finishing epoch {self.epoch + 1}" if missed is None else missed.what
+        self.collectives.raise_failures(failures, error, what)
 
     def _non_finite_advice(self) -> str:
         """What to do about persistent non-finite meta-steps, limited to what this run can change."""
@@ -386,6 +436,8 @@ class MetaTrainer:
             self.meta_optimizer.zero_grad(set_to_none=True)
             shard_losses, next_carries = [], []
             weights = truncation_weights(self.weights, length)[:, None]
+            steps = f"of epoch {self.epoch + 1} (optimizee steps {carries[0].step}-{carries[0].step + length})"
+            unrolling = f"unrolling and backpropagating its shards {steps}"
             error = None
             try:
                 for task, carry, (_, batches) in zip(tasks, carries, self.streams):
@@ -402,33 +454,47 @@ class MetaTrainer:
             if self.layout.total == 1:
                 meta_loss, flags = shard_losses[0], None
             else:
-                meta_loss, flags = self._average_over_shards(parameters, shard_losses, error)
-            grad_norm = nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
-            # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
-            # the averaged loss or gradient non-finite, so every process skips the same steps.
-            finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
+                meta_loss, flags = self._average_over_shards(parameters, shard_losses, error, unrolling)
+            # Past the all-reduce the others no longer wait for this process: a failure of its own from here on is
+            # told them in their next all-reduce (_MissedAllReduce), not raised at once.
+            stepping = f"clipping the meta-gradient and taking the meta-optimizer step {steps}"
+            late = None
+            try:
+                grad_norm = nn.utils.clip_grad_norm_(parameters, config.clip_grad_norm)
+                # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
+                # the averaged loss or gradient non-finite, so every process skips the same steps.
+                finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
+            except Exception as caught:
+                if not self.collectives.active:
+                    raise
+                late, finite = caught, torch.zeros((), dtype=torch.bool)  # raised below, once the flags are read
             if flags is None:
                 stepped = bool(finite)
             else:  # the same synchronisation reads the all-reduce's flags
                 flags[0] = finite
                 read = flags.tolist()
                 counts, failures = read[1 : len(parameters) + 1], read[len(parameters) + 1 :]
-                if any(failures):
-                    first = carries[0].step
-                    self.collectives.raise_failures(failures, error, f"unrolling and backpropagating its shards of epoch "
-                                                                     f"{self.epoch + 1} (optimizee steps {first}-{first + length})")
+                if any(failures):  # every process raises here, together (one that failed late too)
+                    self.collectives.raise_failures(failures, error, unrolling)
+                if late is not None:
+                    raise _MissedAllReduce(late, stepping) from late
                 stepped = bool(read[0])
                 for parameter, count in zip(parameters, counts):
                     if not count:  # no shard's graph reached it: no gradient, as with one shard (zeros would be an Adam step)
                         parameter.grad = None
             if stepped:
-                self.meta_optimizer.step()
+                try:
+                    self.meta_optimizer.step()
+                except Exception as caught:
+                    if not self.collectives.active:
+                        raise
+                    raise _MissedAllReduce(caught, stepping) from caught
             return TruncationResult(meta_loss, grad_norm.detach(), stepped, next_carries[0]), next_carries
 
         return truncate
 
     def _average_over_shards(
-        self, parameters: list[Tensor], shard_losses: list[Tensor], error: BaseException | None = None
+        self, parameters: list[Tensor], shard_losses: list[Tensor], error: BaseException | None, what: str
     ) -> tuple[Tensor, Tensor]:
         """Replaces the accumulated meta-gradients of ``parameters`` (the rule's) by their mean over all shards of all processes.
 
@@ -437,24 +503,45 @@ class MetaTrainer:
         else). The sums are taken before the one division, so two processes with one shard each
         compute bit for bit what one process with two shards does.
 
+        Args:
+            what: what this process was doing, for the others' message if it failed.
+
         Returns:
             The mean meta-loss, and the summed flags (on the device, for the caller to read with
             the step's one host synchronisation): a free entry first (for the caller's
             finiteness flag), then per parameter the number of shards that gave it a gradient
             (one that none did gets a zero gradient here, which the caller must set to None),
             then per process :meth:`Collectives.failure_flags`.
+
+        Raises:
+            _MissedAllReduce: this process failed gathering its contribution; the epoch's
+                closing all-reduce takes it to the others' all-reduce.
         """
-        if error is not None:
-            self.meta_optimizer.zero_grad(set_to_none=True)  # whatever the failed backward left
-        grads = flatten_grads(parameters)
-        size = grads.numel()
-        loss = torch.stack(shard_losses).sum().reshape(1) if error is None else grads.new_zeros(1)
-        flags = [0.0, *grad_presence(parameters), *self.collectives.failure_flags(error)]
-        flat = torch.cat([grads, loss, torch.tensor(flags, dtype=grads.dtype, device=grads.device)])
+        try:
+            if error is not None:
+                self.meta_optimizer.zero_grad(set_to_none=True)  # whatever the failed backward left
+            grads = flatten_grads(parameters)
+            loss = torch.stack(shard_losses).sum().reshape(1) if error is None else grads.new_zeros(1)
+            flat = self._meta_step_vector(torch.cat([grads, loss]), grad_presence(parameters), error)
+        except Exception as caught:
+            if not self.collectives.active:
+                raise
+            raise _MissedAllReduce(error if error is not None else caught, what) from caught
         self.collectives.sum_(flat)
+        size = grads.numel()
         averaged = flat[: size + 1].div_(self.layout.total)  # the flags stay counts
         assign_grads(parameters, averaged[:size])
         return averaged[size], flat[size + 1 :]
+
+    def _meta_step_vector(self, values: Tensor, presence: list[float], error: BaseException | None) -> Tensor:
+        """What a process contributes to a meta-step's all-reduce: ``values`` (gradients and loss), then the flags.
+
+        The flags are a free entry, ``presence`` (per parameter, see :func:`grad_presence`) and
+        :meth:`Collectives.failure_flags` of ``error``. The epoch's closing all-reduce
+        (:meth:`_close_epoch`) contributes one of the same shape.
+        """
+        flags = [0.0, *presence, *self.collectives.failure_flags(error)]
+        return torch.cat([values, torch.tensor(flags, dtype=values.dtype, device=values.device)])
 
     def _graphed_truncation(self, task) -> Truncate:
         """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
@@ -719,7 +806,9 @@ class MetaTrainer:
 
         Args:
             progress: show a tqdm progress bar (rank 0 only).
-            on_epoch: called with the trainer after each epoch.
+            on_epoch: called with the trainer after each epoch. In a process group it must not use
+                collectives; if it raises on one process, every process stops (the others with a
+                RuntimeError naming it).
             stop: a request that, once made (on any process of a group), stops training at the
                 next epoch boundary after writing the checkpoints there.
 
@@ -772,7 +861,9 @@ class MetaTrainer:
                 bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
                                 best_val=f"{self.best_score:.4g}", skipped=self.skipped)
                 if on_epoch is not None:
-                    on_epoch(self)
+                    # Raising on one process, it would leave the others waiting in the next epoch's first collective.
+                    with self.collectives.together(f"running the on_epoch callback after epoch {self.epoch}"):
+                        on_epoch(self)
         finally:
             bar.close()
         best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
