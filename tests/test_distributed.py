@@ -116,8 +116,8 @@ class BlowUpFamily(QuadraticFamily):
 
     name = "test-blow-up"
 
-    def __init__(self):
-        super().__init__(dim=4)
+    def __init__(self, dim=4):
+        super().__init__(dim=dim)
         self.calls = 0
 
     def sample(self, num_instances, generator, device="cpu"):
@@ -185,6 +185,8 @@ def test_sharded_runs_refuse_cuda_graphs_on(monkeypatch):
         MetaTrainer(TrainConfig(epochs=1, accumulate=2, cuda_graphs="on", **SMALL))
 
 
+# The scripts below print each line with flush=True: one write per line (under PIPE_BUF, so atomic),
+# where the block-buffered stdouts of two processes sharing a pipe could interleave mid-line.
 COLLECTIVES_SCRIPT = textwrap.dedent(
     """
     import torch, torch.distributed as dist
@@ -199,18 +201,18 @@ COLLECTIVES_SCRIPT = textwrap.dedent(
     source = collectives.broadcast_(torch.tensor([float(rank + 5)]))
     gathered = collectives.gather(torch.tensor([rank, 10 * rank], dtype=torch.uint8))
     print(f"rank {rank}: sum {summed.tolist()} broadcast {source.tolist()} gather {[g.tolist() for g in gathered]} "
-          f"any {collectives.any(rank == 1)} none {collectives.any(False)}")
+          f"any {collectives.any(rank == 1)} none {collectives.any(False)}", flush=True)
     sums = torch.zeros(2, dtype=torch.float64)
     with collectives.together("adding"):
         pass
     with collectives.together("adding", sums):
         sums += torch.tensor([rank + 1.0, 0.5])
-    print(f"rank {rank}: together sums {sums.tolist()}")
+    print(f"rank {rank}: together sums {sums.tolist()}", flush=True)
     collectives.check_same("configuration", "same")
     try:
         collectives.check_same("configuration", f"seed {rank}")
     except ConfigError as error:
-        print(f"rank {rank}: refused: {error}")
+        print(f"rank {rank}: refused: {error}", flush=True)
     dist.destroy_process_group()
     """
 )
@@ -270,9 +272,9 @@ MISMATCH_SCRIPT = textwrap.dedent(
     def attempt(scenario, **arguments):
         try:
             meta_train(TrainConfig(**small), progress=False, **arguments)
-            print(f"rank {{rank}} {{scenario}}: trained")
+            print(f"rank {{rank}} {{scenario}}: trained", flush=True)
         except Exception as error:
-            print(f"rank {{rank}} {{scenario}}: {{type(error).__name__}}: {{error}}")
+            print(f"rank {{rank}} {{scenario}}: {{type(error).__name__}}: {{error}}", flush=True)
     attempt("out-on-rank-0-only", out_dir=out if rank == 0 else None)
     attempt("resume-missing-on-rank-1", resume=fixture_resume if rank == 0 else other + "/missing/resume.pt")
     attempt("resume-from-different-epochs", resume=fixture_resume if rank == 0 else early_resume)
@@ -332,7 +334,7 @@ STOP_SCRIPT = textwrap.dedent(
     try:  # only rank 1 is asked to stop, after epoch 3
         trainer.run(progress=False, stop=stop, on_epoch=lambda t: rank == 1 and t.epoch == 3 and stop.request("rank 1's"))
     except TrainingInterrupted as stopped:
-        print(f"rank {{rank}} stopped after epoch {{stopped.epoch}}: {{stopped.reason}}")
+        print(f"rank {{rank}} stopped after epoch {{stopped.epoch}}: {{stopped.reason}}", flush=True)
     dist.destroy_process_group()
     """
 )

@@ -65,6 +65,21 @@ def test_a_type_error_inside_a_family_is_not_disguised_as_a_bad_option():
         del _REGISTRY["test-broken-family"]
 
 
+def test_a_family_whose_config_lists_an_option_its_factory_refuses_is_named_as_the_defect():
+    # Checkpoints record config() and are rebuilt from it; "no option 'dim' (did you mean 'dim'?)" said nothing.
+    class FixedDim(QuadraticFamily):
+        def __init__(self):
+            super().__init__(dim=4)  # config() still says dim=4
+
+    register_task("test-fixed-dim", FixedDim, replace=True)
+    try:
+        with pytest.raises(ValueError, match=r"task 'test-fixed-dim' lists option 'dim' in its config\(\) but its factory "
+                                             r"does not take it: config\(\) must return the keyword arguments"):
+            get_task("test-fixed-dim", **get_task("test-fixed-dim").config())
+    finally:
+        del _REGISTRY["test-fixed-dim"]
+
+
 @pytest.mark.parametrize(
     "text, value",
     [

@@ -100,6 +100,12 @@ def get_task(name: str, **options) -> TaskFamily:
             raise
         known = list(_REGISTRY[name]().config())
         option = unexpected.group(1)
+        if option in known:
+            raise ValueError(
+                f"task {name!r} lists option {option!r} in its config() but its factory does not take it: "
+                "config() must return the keyword arguments that rebuild the family (checkpoints and reports "
+                "record them); fix the family's __init__ or its config()"
+            ) from None
         raise ValueError(
             f"task {name!r} has no option {option!r}{_did_you_mean(option, known)}; its options are "
             f"{', '.join(known) or 'none'} (see `l2l tasks`)"
