@@ -496,7 +496,7 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
         trainer.save = failing_save
 
     def attempt(scenario, step_fails_at=None, clip_fails_at=None, flatten_fails_at=None, on_epoch=None, prepare=None,
-                out=False, **options):
+                out=False, resume=None, **options):
         trainer = MetaTrainer(TrainConfig(**dict(small, **options)), f"{{sys.argv[1]}}/{{scenario}}" if out else None)
         if prepare is not None:
             prepare(trainer)
@@ -506,6 +506,8 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
         train.flatten_grads = failing_on_rank_1(flatten, flatten_fails_at, torch.OutOfMemoryError("out of memory in flatten"))
         begin = time.perf_counter()
         try:
+            if resume is not None:
+                trainer.restore(resume)
             trainer.run(progress=False, on_epoch=on_epoch)
             outcome = "trained"
         except Exception as error:
@@ -532,6 +534,10 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     attempt("recording-an-epoch-fails", prepare=lambda trainer: setattr(trainer, "history", FailingHistory()))
     attempt("collecting-the-generator-states-fails", out=True, prepare=unreadable_generator_states_on_rank_1)
     attempt("fails-nowhere", out=True)  # the processes are still in step with each other
+    resume = f"{{sys.argv[1]}}/fails-nowhere/resume.pt"
+    attempt("digesting-the-resumed-state-fails", resume=resume,
+            prepare=lambda trainer: setattr(trainer, "_state_digest", failing_on_rank_1(trainer._state_digest, 1, MemoryError("digest"))))
+    attempt("resumes-failing-nowhere", resume=resume)
     dist.destroy_process_group()
     """
 )
@@ -577,6 +583,8 @@ def test_a_process_failing_after_the_all_reduce_in_on_epoch_or_between_collectiv
                    "OutOfMemoryError: out of memory reading a generator's state"),
         ),
         "fails-nowhere": ("trained", "trained"),
+        "digesting-the-resumed-state-fails": ("MemoryError: digest", others("loading the resume checkpoint", "MemoryError: digest")),
+        "resumes-failing-nowhere": ("trained", "trained"),
     }
     for scenario, (failing, other) in expected.items():
         assert lines[f"rank 1 {scenario}"].endswith(f": {failing}"), lines

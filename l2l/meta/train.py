@@ -711,10 +711,12 @@ class MetaTrainer:
         """
         with self.collectives.together("loading the resume checkpoint"):
             self._restore(path)
+            # Local work too: failing on one process, it would leave the others waiting in check_same's gather.
+            digest = self._state_digest() if self.collectives.active else None
         self.resumed_from = Path(path)
-        if self.collectives.active:
+        if digest is not None:
             self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
-                                        "checkpoint", self._state_digest())
+                                        "checkpoint", digest)
 
     def _state_digest(self) -> str:
         """A digest of the state every process must share (not the generators, which are per shard)."""
