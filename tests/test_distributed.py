@@ -208,6 +208,12 @@ COLLECTIVES_SCRIPT = textwrap.dedent(
     with collectives.together("adding", sums):
         sums += torch.tensor([rank + 1.0, 0.5])
     print(f"rank {rank}: together sums {sums.tolist()}", flush=True)
+    pieces = collectives.gather_together("reading", lambda: torch.tensor([rank, 7], dtype=torch.uint8), 2)
+    print(f"rank {rank}: gathered together {[piece.tolist() for piece in pieces]}", flush=True)
+    try:  # rank 1 makes a tensor of another size than promised, which the others' gather would not fit
+        collectives.gather_together("reading", lambda: torch.zeros(2 + rank, dtype=torch.uint8), 2)
+    except (ValueError, RuntimeError) as error:
+        print(f"rank {rank}: gather refused: {type(error).__name__}: {error}", flush=True)
     collectives.check_same("configuration", "same")
     try:
         collectives.check_same("configuration", f"seed {rank}")
@@ -226,6 +232,10 @@ def test_collectives_across_two_processes(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank}: sum [2.0, 1.0] broadcast [5.0] gather [[0, 0], [1, 10]] any True none False" in finished.stdout
         assert f"rank {rank}: together sums [3.0, 1.0]" in finished.stdout
+        assert f"rank {rank}: gathered together [[0, 7], [1, 7]]" in finished.stdout
+    assert "rank 1: gather refused: ValueError: reading made 3 elements of torch.uint8, not 2 of torch.uint8" in finished.stdout
+    assert ("rank 0: gather refused: RuntimeError: process 1 failed while reading (ValueError: reading made 3 elements"
+            in finished.stdout)
     assert "rank 0: refused: process 0 and process(es) 1 were started with a different configuration" in finished.stdout
     assert "rank 1: refused: process 1 and process(es) 0 were started with a different configuration" in finished.stdout
 
@@ -461,14 +471,43 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
             return function(*args, **kwargs)
         return call
 
-    def attempt(scenario, step_fails_at=None, clip_fails_at=None, flatten_fails_at=None, on_epoch=None, **options):
-        trainer = MetaTrainer(TrainConfig(**dict(small, **options)))
+    class FailingHistory(list):
+        # A history whose append raises on rank 1: recording an epoch that was not validated fails.
+        def append(self, record):
+            if rank == 1:
+                raise MemoryError("appending to the history")
+            super().append(record)
+
+    class UnreadableState:
+        # Stands in for a generator whose state cannot be read (out of memory stacking the states).
+        def get_state(self):
+            raise torch.OutOfMemoryError("out of memory reading a generator's state")
+
+    def unreadable_generator_states_on_rank_1(trainer):
+        save = trainer.save
+        def failing_save():
+            streams = trainer.streams
+            if rank == 1:
+                trainer.streams = [(UnreadableState(), batches) for _, batches in streams]
+            try:
+                save()
+            finally:
+                trainer.streams = streams
+        trainer.save = failing_save
+
+    def attempt(scenario, step_fails_at=None, clip_fails_at=None, flatten_fails_at=None, on_epoch=None, prepare=None,
+                out=False, resume=None, **options):
+        trainer = MetaTrainer(TrainConfig(**dict(small, **options)), f"{{sys.argv[1]}}/{{scenario}}" if out else None)
+        if prepare is not None:
+            prepare(trainer)
         trainer.meta_optimizer.step = failing_on_rank_1(trainer.meta_optimizer.step, step_fails_at,
                                                         torch.OutOfMemoryError("out of memory in Adam's step"))
         torch.nn.utils.clip_grad_norm_ = failing_on_rank_1(clip, clip_fails_at, RuntimeError("clipping failed"))
         train.flatten_grads = failing_on_rank_1(flatten, flatten_fails_at, torch.OutOfMemoryError("out of memory in flatten"))
         begin = time.perf_counter()
         try:
+            if resume is not None:
+                trainer.restore(resume)
             trainer.run(progress=False, on_epoch=on_epoch)
             outcome = "trained"
         except Exception as error:
@@ -489,13 +528,22 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     attempt("gathering-the-meta-gradients-fails", flatten_fails_at=1)
     attempt("on-epoch-fails", on_epoch=lambda trainer: rank == 1 and 1 / 0)
     attempt("on-epoch-fails-after-the-last-epoch", on_epoch=lambda trainer: rank == 1 and trainer.epoch == 2 and 1 / 0)
-    attempt("fails-nowhere")  # the processes are still in step with each other
+    # Between the collectives of an epoch: recording it (a validated one's copy of the best weights, or the history).
+    attempt("recording-a-validation-fails", val_every=1,
+            prepare=lambda trainer: setattr(trainer, "_consider", failing_on_rank_1(trainer._consider, 1, MemoryError("copying"))))
+    attempt("recording-an-epoch-fails", prepare=lambda trainer: setattr(trainer, "history", FailingHistory()))
+    attempt("collecting-the-generator-states-fails", out=True, prepare=unreadable_generator_states_on_rank_1)
+    attempt("fails-nowhere", out=True)  # the processes are still in step with each other
+    resume = f"{{sys.argv[1]}}/fails-nowhere/resume.pt"
+    attempt("digesting-the-resumed-state-fails", resume=resume,
+            prepare=lambda trainer: setattr(trainer, "_state_digest", failing_on_rank_1(trainer._state_digest, 1, MemoryError("digest"))))
+    attempt("resumes-failing-nowhere", resume=resume)
     dist.destroy_process_group()
     """
 )
 
 
-def test_a_process_failing_after_the_all_reduce_or_in_on_epoch_stops_every_process_promptly(tmp_path):
+def test_a_process_failing_after_the_all_reduce_in_on_epoch_or_between_collectives_stops_every_process_promptly(tmp_path):
     script = tmp_path / "late_failure.py"
     script.write_text(LATE_FAILURE_SCRIPT.format(small=repr(dict(SMALL, epochs=2))))
     finished = torchrun([str(script), str(tmp_path)], timeout=150)
@@ -526,9 +574,20 @@ def test_a_process_failing_after_the_all_reduce_or_in_on_epoch_stops_every_proce
         ),
         "on-epoch-fails": (callback, others("running the on_epoch callback after epoch 1", callback)),
         "on-epoch-fails-after-the-last-epoch": (callback, others("running the on_epoch callback after epoch 2", callback)),
+        "recording-a-validation-fails": ("MemoryError: copying", others("recording epoch 1", "MemoryError: copying")),
+        "recording-an-epoch-fails": ("MemoryError: appending to the history",
+                                     others("recording epoch 1", "MemoryError: appending to the history")),
+        "collecting-the-generator-states-fails": (
+            "OutOfMemoryError: out of memory reading a generator's state",
+            others("collecting the generator states for the checkpoint of epoch 1",
+                   "OutOfMemoryError: out of memory reading a generator's state"),
+        ),
         "fails-nowhere": ("trained", "trained"),
+        "digesting-the-resumed-state-fails": ("MemoryError: digest", others("loading the resume checkpoint", "MemoryError: digest")),
+        "resumes-failing-nowhere": ("trained", "trained"),
     }
     for scenario, (failing, other) in expected.items():
         assert lines[f"rank 1 {scenario}"].endswith(f": {failing}"), lines
         assert lines[f"rank 0 {scenario}"].endswith(f": {other}"), lines
         assert max(seconds[f"rank {rank} {scenario}"] for rank in (0, 1)) < 10, lines  # not the 20 s collective timeout
+    assert load_resume_checkpoint(tmp_path / "fails-nowhere" / "resume.pt")["epoch"] == 2

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -171,6 +171,37 @@ class Collectives:
         pieces = [torch.empty_like(moved) for _ in range(self.layout.world_size)]
         dist.all_gather(pieces, moved)
         return [piece.cpu() for piece in pieces]
+
+    def gather_together(self, what: str, build: Callable[[], Tensor], size: int, dtype: torch.dtype = torch.uint8) -> list[Tensor]:
+        """:meth:`gather` of the tensor ``build()`` makes, which stops every process if ``build`` fails on any.
+
+        A process whose ``build`` raised sends ``size`` zeros instead and says so in the same
+        gather (one element more), so every process raises there, as after :meth:`together`,
+        at no cost of a collective of its own (one more on the failure path only).
+
+        Args:
+            what: what ``build`` does, for the others' message.
+            build: process-local work (no collectives) that makes this process's tensor of
+                ``size`` elements of ``dtype``.
+            size: the number of elements ``build()`` makes, the same on every process.
+            dtype: their dtype.
+
+        Returns:
+            Every process's ``build()``, flattened, in rank order, on the CPU.
+        """
+        if not self.active:
+            return [build().reshape(-1).cpu()]
+        error = None
+        try:
+            local = build().reshape(-1)
+            if local.numel() != size or local.dtype != dtype:  # its gather would not fit the others'
+                raise ValueError(f"{what} made {local.numel()} elements of {local.dtype}, not {size} of {dtype}")
+        except Exception as caught:
+            error, local = caught, torch.zeros(size, dtype=dtype)
+        flag = torch.tensor([error is not None], dtype=dtype, device=local.device)
+        pieces = self.gather(torch.cat([local, flag]))
+        self.raise_failures([float(piece[-1]) for piece in pieces], error, what)
+        return [piece[:-1] for piece in pieces]
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process (every process gets the same answer)."""

@@ -315,6 +315,8 @@ class MetaTrainer:
         # One (instances, minibatches) generator pair per shard this process computes.
         self.streams = [shard_streams(config.seed, shard, self.layout.total, self.device) for shard in self.layout.local]
         self.instance_generator, self.batch_generator = self.streams[0]
+        # Bytes of a shard's (instances, minibatches) generator states: what a process that cannot read its own sends.
+        self.rng_state_bytes = [generator.get_state().numel() for generator in self.streams[0]]
         self.validation_task = self.family.sample(config.val_problems, make_generator(config.seed, "validation"), self.device)
         if config.second_order and self.validation_task.second_order_problem:
             raise ConfigError(f"--second-order is not available for task {config.task}: {self.validation_task.second_order_problem}")
@@ -590,13 +592,13 @@ class MetaTrainer:
         process group, rank 0 validates and every process receives its score, so all keep the
         same best weights.
         """
-        score = math.inf
-        with self.collectives.together("validating"):
+        # Rank 0's score; the others add zeros to it in the collective that tells them whether it failed.
+        summed = torch.zeros(1, dtype=torch.float64)
+        with self.collectives.together("validating", summed):
             if self.layout.is_main:
                 losses = evaluate(self.rule, self.validation_task, self.steps, seed=derive_seed(self.config.seed, "validation")).losses
-                score = losses[-max(1, self.steps // 10) :].double().mean().item()
-        if self.collectives.active:
-            score = self.collectives.broadcast_(torch.tensor([score], dtype=torch.float64)).item()
+                summed[0] = losses[-max(1, self.steps // 10) :].double().mean()
+        score = summed.item()
         return score if math.isfinite(score) else math.inf
 
     def synchronise(self) -> None:
@@ -629,10 +631,10 @@ class MetaTrainer:
         """Writes the resume checkpoint, the use checkpoint (best weights) and the history."""
         if self.out_dir is None:
             return
-        rng = self._rng_states()  # a collective: every process takes part, rank 0 writes
+        states = self._gather_rng_states()  # a collective: every process takes part, rank 0 writes
         with self.collectives.together("writing the checkpoints"):
             if self.layout.is_main:
-                self._write_checkpoints(rng)
+                self._write_checkpoints(self._rng_states(states))
 
     def _write_checkpoints(self, rng: dict[str, Any]) -> None:
         # The resume checkpoint last: interrupted in between, a resume redoes what the use
@@ -666,12 +668,26 @@ class MetaTrainer:
             },
         )
 
-    def _rng_states(self) -> dict[str, Any]:
-        """Every shard's generator states: ``{instances, batches}`` unsplit, else ``{shards: [{instances, batches}] * S}``."""
+    def _gather_rng_states(self) -> list[Tensor]:
+        """Every process's generator states, in rank order: per shard it computes, its instances' state then its minibatches'.
+
+        In a process group one gather, which stops every process if one cannot read its states.
+        """
+        def local() -> Tensor:
+            return torch.cat([state for pair in self.streams for state in (pair[0].get_state(), pair[1].get_state())])
+
+        what = f"collecting the generator states for the checkpoint of epoch {self.epoch}"
+        return self.collectives.gather_together(what, local, self.layout.accumulate * sum(self.rng_state_bytes))
+
+    def _rng_states(self, gathered: list[Tensor]) -> dict[str, Any]:
+        """The checkpoint's generator states from :meth:`_gather_rng_states`' output.
+
+        Returns:
+            ``{instances, batches}`` unsplit, else ``{shards: [{instances, batches}] * S}``.
+        """
+        instances, batches = torch.cat(gathered).view(self.layout.total, -1).split(self.rng_state_bytes, dim=1)
         if self.layout.total == 1:
-            return {"instances": self.instance_generator.get_state(), "batches": self.batch_generator.get_state()}
-        instances = torch.cat(self.collectives.gather(torch.stack([pair[0].get_state() for pair in self.streams])))
-        batches = torch.cat(self.collectives.gather(torch.stack([pair[1].get_state() for pair in self.streams])))
+            return {"instances": instances[0].clone(), "batches": batches[0].clone()}
         return {"shards": [{"instances": i.clone(), "batches": b.clone()} for i, b in zip(instances, batches)]}
 
     def _load_rng_states(self, rng: dict[str, Any], source: str) -> None:
@@ -695,10 +711,12 @@ class MetaTrainer:
         """
         with self.collectives.together("loading the resume checkpoint"):
             self._restore(path)
+            # Local work too: failing on one process, it would leave the others waiting in check_same's gather.
+            digest = self._state_digest() if self.collectives.active else None
         self.resumed_from = Path(path)
-        if self.collectives.active:
+        if digest is not None:
             self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
-                                        "checkpoint", self._state_digest())
+                                        "checkpoint", digest)
 
     def _state_digest(self) -> str:
         """A digest of the state every process must share (not the generators, which are per shard)."""
@@ -789,6 +807,30 @@ class MetaTrainer:
             self.best_score, self.best_epoch, self.best_state = self.before_final
             self.before_final = None
 
+    def _record_epoch(self, meta_loss: Tensor, score: float | None, running: float | None, bar: tqdm) -> float | None:
+        """Records the epoch just trained in the history (with its validation ``score``, if validated) and on the progress bar.
+
+        Args:
+            meta_loss: what :meth:`train_epoch` returned.
+            score: the epoch's validation score, or None if it was not validated.
+            running: the running mean of the meta-losses so far (None before the first finite one).
+
+        Returns:
+            The running mean with this epoch's meta-loss.
+        """
+        loss = meta_loss.item()
+        if math.isfinite(loss):
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+        record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": loss if math.isfinite(loss) else None}
+        if score is None:
+            self.history.append(record)
+        else:
+            self._consider(score, record)
+        bar.update(1)
+        bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
+                        best_val=f"{self.best_score:.4g}", skipped=self.skipped)
+        return running
+
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any process has been asked to stop (every process gets the same answer, so all stop together)."""
         if self.collectives.active and self.collectives.any(stop.requested):
@@ -816,26 +858,35 @@ class MetaTrainer:
             TrainingInterrupted: ``stop`` was requested before the last epoch ended.
         """
         config = self.config
+        together = self.collectives.together
         self.synchronise()
-        bar = tqdm(
-            total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch",
-            disable=not (progress and self.layout.is_main), dynamic_ncols=True,
-        )
+        # The process-local work between two collectives runs in together() blocks: raising on one process, it
+        # would leave the others waiting in their next collective until the backend's timeout.
+        bar = None
         running = None
-        if self.epoch < config.epochs:
-            self._undo_final_validation()  # resumed with more epochs than the finished run had
-        if config.init_from is not None and self.epoch == 0 and not self.history:
-            # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
-            self._consider(self.validate(), {"epoch": 0, "meta_loss": None})
-        if self.epoch >= config.epochs:
-            # Resumed with no epoch left (--epochs equal to the checkpoint's; restore refuses fewer): the last epoch is
-            # validated as an uninterrupted run's would be, and the files are written (again).
-            if self.history and "validation" not in self.history[-1]:
-                self._consider(self.validate(), self.history.pop())
-            self.save()
         stop = stop if stop is not None else StopRequest()  # under torch.distributed another process may ask
         saved_epoch = 0  # the last epoch this call wrote; a fresh run has nothing worth writing at epoch 0
         try:
+            with together("starting meta-training"):
+                bar = tqdm(
+                    total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch",
+                    disable=not (progress and self.layout.is_main), dynamic_ncols=True,
+                )
+                if self.epoch < config.epochs:
+                    self._undo_final_validation()  # resumed with more epochs than the finished run had
+            if config.init_from is not None and self.epoch == 0 and not self.history:
+                # A warm start is a candidate too: fine-tuning must never hand back worse weights than it began with.
+                score = self.validate()
+                with together("recording the warm start's validation"):
+                    self._consider(score, {"epoch": 0, "meta_loss": None})
+            if self.epoch >= config.epochs:
+                # Resumed with no epoch left (--epochs equal to the checkpoint's; restore refuses fewer): the last epoch is
+                # validated as an uninterrupted run's would be, and the files are written (again).
+                if self.history and "validation" not in self.history[-1]:
+                    score = self.validate()
+                    with together(f"recording epoch {self.epoch}"):
+                        self._consider(score, self.history.pop())
+                self.save()
             while self.epoch < config.epochs:
                 if self._stop_requested(stop):
                     if self.epoch != saved_epoch:
@@ -844,29 +895,23 @@ class MetaTrainer:
                     raise TrainingInterrupted(
                         self.epoch, stop.reason, stop.signal_number, self.out_dir / RESUME_CHECKPOINT if written else None
                     )
-                meta_loss = self.train_epoch().item()
+                meta_loss = self.train_epoch()
                 self.epoch += 1
-                if math.isfinite(meta_loss):
-                    running = meta_loss if running is None else 0.95 * running + 0.05 * meta_loss
-                record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": meta_loss if math.isfinite(meta_loss) else None}
                 last = self.epoch == config.epochs
-                if self.epoch % config.val_every == 0 or last:
-                    self._consider(self.validate(), record)
-                else:
-                    self.history.append(record)
+                score = self.validate() if self.epoch % config.val_every == 0 or last else None
+                with together(f"recording epoch {self.epoch}"):  # the one collective an epoch adds to a group's
+                    running = self._record_epoch(meta_loss, score, running, bar)
                 if self.epoch % config.checkpoint_every == 0 or last:
                     self.save()
                     saved_epoch = self.epoch
-                bar.update(1)
-                bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
-                                best_val=f"{self.best_score:.4g}", skipped=self.skipped)
                 if on_epoch is not None:
-                    # Raising on one process, it would leave the others waiting in the next epoch's first collective.
-                    with self.collectives.together(f"running the on_epoch callback after epoch {self.epoch}"):
+                    with together(f"running the on_epoch callback after epoch {self.epoch}"):
                         on_epoch(self)
+            with together("handing back the best weights"):
+                best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
         finally:
-            bar.close()
-        best = build_rule(rule_spec(self.rule), _cpu(self.best_state), source="best weights")
+            if bar is not None:
+                bar.close()
         return TrainResult(
             rule=best,
             best_score=self.best_score,
