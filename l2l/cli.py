@@ -21,7 +21,7 @@ from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
                             meta_train, missing_directories, remove_empty_directories)
-from l2l.tasks.registry import check_task_name, get_task, list_tasks
+from l2l.tasks.registry import check_task_name, get_task, task_names
 
 
 # Also the help of the scripts' --data-dir, which they hand on to l2l or resolve as it does.
@@ -517,22 +517,33 @@ def _add_tasks(subparsers) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    families = list_tasks()
-    rows = [
-        {"name": name, "steps": family.default_steps, "unroll": family.default_unroll, "instances": family.default_instances,
-         "options": family.config(), "description": family.description}
-        for name, family in families.items()
-    ]
+    # Each family is built on its own: one that cannot be (a user family with a bad config(), say)
+    # is listed with its error and named on stderr (status 1), and the others are still listed.
+    rows = []
+    for name in task_names():
+        try:
+            family = get_task(name)
+        except Exception as error:  # whatever a user's factory raises: shown, not swallowed (status 1)
+            rows.append({"name": name, "error": f"{'' if isinstance(error, ValueError) else type(error).__name__ + ': '}{error}"})
+            continue
+        rows.append({"name": name, "steps": family.default_steps, "unroll": family.default_unroll,
+                     "instances": family.default_instances, "options": family.config(), "description": family.description})
     if args.json:
         print(json.dumps(rows, indent=1))
-        return 0
-    width = max(len(row["name"]) for row in rows)
-    print(f"{'task'.ljust(width)}  steps  unroll    K  description")
-    for row in rows:
-        print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['instances']:>3}  {row['description']}")
-        for line in _option_lines(row["options"]):
-            print(line)
-    return 0
+    else:
+        width = max(len(row["name"]) for row in rows)
+        print(f"{'task'.ljust(width)}  steps  unroll    K  description")
+        for row in rows:
+            if "error" in row:
+                print(f"{row['name'].ljust(width)}  cannot be built: {row['error']}")
+                continue
+            print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['instances']:>3}  {row['description']}")
+            for line in _option_lines(row["options"]):
+                print(line)
+    failed = [row for row in rows if "error" in row]
+    for row in failed:
+        print(f"l2l tasks: error: task {row['name']!r} cannot be built: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _option_lines(options: dict[str, Any], width: int = 100) -> list[str]:

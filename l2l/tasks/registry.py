@@ -5,9 +5,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Callable
+from typing import Any, Callable
 
-from l2l.tasks.base import TaskFamily
+from l2l.tasks.base import TaskFamily, VariantContradiction
 from l2l.tasks.cifar import CIFAR2Family, CIFAR5Family, CIFAR10Family
 from l2l.tasks.gradient_tasks import MNISTGradientPenaltyFamily, MNISTGradientReversalFamily, Tangent1DFamily
 from l2l.tasks.mnist import MNIST2LayerFamily, MNIST40Family, MNISTFamily, MNISTReLUFamily
@@ -112,9 +112,19 @@ def get_task(name: str, **options) -> TaskFamily:
         ) from None
 
 
+def task_names() -> list[str]:
+    """The registered names, sorted (none of the families is built)."""
+    return sorted(_REGISTRY)
+
+
 def list_tasks() -> dict[str, TaskFamily]:
-    """Every registered family, built with its default options, by name."""
-    return {name: _build(name) for name in sorted(_REGISTRY)}
+    """Every registered family, built with its default options, by name.
+
+    Raises:
+        ValueError: a family cannot be built with its defaults (see :func:`get_task`);
+            ``l2l tasks`` lists the others and marks that one.
+    """
+    return {name: _build(name) for name in task_names()}
 
 
 def _build(name: str, **options) -> TaskFamily:
@@ -123,12 +133,79 @@ def _build(name: str, **options) -> TaskFamily:
     A factory registered under another name than its family's (``register_task("alias",
     QuadraticFamily)``) gives families named as registered: reports and checkpoints record
     ``family.name`` beside ``family.config()``, and ``get_task`` must rebuild the family from the two.
-    The instance's name is set, not the class's, which keeps its own name where it is registered too.
+    The instance's name is set, not the class's, which keeps its own name where it is registered too;
+    a variant that refuses its options (:func:`check_variant`) is named so too.
+
+    Raises:
+        ValueError: the family's ``config()`` is not JSON data (see :func:`check_config`).
     """
-    family = _REGISTRY[name](**options)
+    try:
+        family = _REGISTRY[name](**options)
+    except VariantContradiction as error:
+        if error.task == name:
+            raise
+        raise error.named(name) from None
     if family.name != name:
         family.name = name
+    check_config(name, family.config())
     return family
+
+
+_JSON_SCALARS = (type(None), bool, int, float, str)
+CONFIG_VALUES = "str, int, float, bool, None, and lists and str-keyed dicts of them"
+
+
+def check_config(name: str, config: Any) -> None:
+    """Raises a ValueError naming the option and the fix unless ``config`` (task ``name``'s ``config()``) is JSON data.
+
+    Checkpoints record ``config()`` and are read back with ``torch.load(weights_only=True)``,
+    reports write it as JSON, and ``--task-option`` reads its values as JSON. Anything else fails
+    late (a tensor: writing ``bench.json`` after the whole comparison; a path: every checkpoint
+    is written and then unreadable) or comes back as another value (a tuple as a list), so it is
+    refused when the family is built, before any work. Exact types are required: subclasses
+    (enums, numpy scalars) are not what a checkpoint reads back.
+    """
+    if type(config) is not dict or not all(type(key) is str for key in config):
+        raise ValueError(
+            f"task {name!r}: config() must return a dict of option names (str) to values, got {config!r} "
+            f"({_kind(config)})"
+        )
+    for option, value in config.items():
+        problem = _not_json(value)
+        if problem is not None:
+            where = "" if problem is value else f" in {value!r}"
+            shown = f"the key {problem[0]!r} ({_kind(problem[0])})" if isinstance(problem, _BadKey) else f"{problem!r} ({_kind(problem)})"
+            raise ValueError(
+                f"task {name!r}: config() gives option {option!r} a value JSON cannot hold: {shown}{where}. Checkpoints, "
+                f"reports and --task-option hold the options as JSON: make config() return JSON data ({CONFIG_VALUES}; "
+                "for example a tensor's .tolist(), a path's str(), a list for a tuple) and the family's __init__ take it back"
+            )
+
+
+class _BadKey(tuple):
+    """A dict key that is not a str, as :func:`_not_json` reports it (a 1-tuple)."""
+
+
+def _not_json(value: Any) -> Any:
+    """The first piece of ``value`` that is not JSON data (a :class:`_BadKey` for a key), or None."""
+    if type(value) in _JSON_SCALARS:
+        return None
+    if type(value) is list:
+        return next((bad for bad in map(_not_json, value) if bad is not None), None)
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return _BadKey((key,))
+            bad = _not_json(item)
+            if bad is not None:
+                return bad
+        return None
+    return value
+
+
+def _kind(value: Any) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 for _family in (
