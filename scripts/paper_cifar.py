@@ -3,6 +3,7 @@
 import argparse
 
 from _experiment import bench, parse, parser, train
+from l2l.cli import baseline_list
 from l2l.tasks.registry import closest_name
 
 # The recipe of the shipped checkpoints/cifar10.pt (see checkpoints/README.md). Both LSTMs start
@@ -44,10 +45,10 @@ if __name__ == "__main__":
     args = parser(__doc__, checkpoint="cifar10", problems=8)
     args.add_argument("--tasks", type=tasks, default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     # Published: all five baselines on cifar10, Adam alone on the subsets (benchmarks/RESULTS.md).
-    args.add_argument("--baselines", default="adam", help="comma-separated baselines for the subsets cifar5, cifar2 (cifar10: all five)")
+    args.add_argument("--baselines", type=baseline_list, default="adam", help="comma-separated baselines for the subsets cifar5, cifar2 (cifar10: all five)")
     options = parse(args, ignore=("tasks",))
     if options.train:
         options.checkpoint = train(options, RECIPE, "paper-cifar10")
     for task in options.tasks:
-        baselines = ["--baselines", options.baselines] if task != "cifar10" else []
+        baselines = ["--baselines", ",".join(options.baselines)] if task != "cifar10" else []
         bench(options, f"{task}-100", task, steps=100, extra=GRID + baselines)

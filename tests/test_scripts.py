@@ -60,6 +60,15 @@ def flag(call, name):
     ("paper_cifar.py", ["--tasks", "mnist"], "--tasks: 'mnist' is not one of this script's tasks, cifar10,cifar5,cifar2 "),
     ("paper_cifar.py", ["--tasks", ","], "--tasks: expected a comma-separated subset of cifar10,cifar5,cifar2, got ','"),
     ("paper_cifar.py", ["--tasks", "cifar2,cifar2"], "--tasks: names cifar2 twice (each writes the same files), got 'cifar2,cifar2'"),
+    # Given '' these read the current directory (--out, --runs-dir, --figures) or nothing at all (--data-dir).
+    ("paper_quadratic.py", ["--data-dir", ""], "--data-dir: expected a path, got an empty string"),
+    ("paper_mnist.py", ["--runs-dir", ""], "--runs-dir: expected a path, got an empty string"),
+    ("paper_mnist.py", ["--out", ""], "--out: expected a path, got an empty string"),
+    ("repro_tangent_prop.py", ["--data-dir", ""], "--data-dir: expected a path, got an empty string"),
+    ("repro_tangent_prop.py", ["--figures", ""], "--figures: expected a path, got an empty string"),
+    # A bad baseline failed only at cifar5, after the (long) cifar10 comparison.
+    ("paper_cifar.py", ["--baselines", "adma"], "--baselines: unknown baseline 'adma' (did you mean 'adam'?); choose from "
+     "sgd, momentum, nag, rmsprop, adam"),
     ("repro_tangent_prop.py", ["--seeds", "0"], "--seeds: expected a positive integer, got '0'"),
     ("repro_tangent_prop.py", ["--weight", "0"], "--weight: expected a positive number, got '0'"),
     ("repro_gradient_reversal.py", ["--eval-every", "0"], "--eval-every: expected a positive integer, got '0'"),
