@@ -1,5 +1,6 @@
 """The task registry as a user meets it: unknown and misspelt names and options, option values from the command line."""
 
+import functools
 import pathlib
 import re
 
@@ -237,9 +238,9 @@ def test_a_family_whose_config_is_not_json_data_is_refused_when_built_naming_the
 def test_training_a_family_whose_config_is_not_json_data_fails_before_any_epoch(tmp_path):
     from l2l import TrainConfig, meta_train
 
-    register_task("test-scale", _WithScale, replace=True)
+    register_task("test-scale", functools.partial(_WithScale, scale=(1, 2)), replace=True)  # its default: a tuple
     try:
-        config = TrainConfig(task="test-scale", task_options={"scale": (1, 2)}, epochs=2, optimizee_steps=2, unroll=2,
+        config = TrainConfig(task="test-scale", epochs=2, optimizee_steps=2, unroll=2,
                              instances=2, val_problems=2, hidden_size=2, num_layers=1)
         with pytest.raises(ValueError, match=r"^task 'test-scale': config\(\) gives option 'scale' a value JSON cannot hold"):
             meta_train(config, tmp_path / "run", progress=False)
@@ -274,3 +275,15 @@ def test_a_variant_registered_under_another_name_is_named_as_the_user_typed_it()
             get_task("mnist-40", hidden=20)  # under its own name, as before
     finally:
         del _REGISTRY["test-m40"]
+
+
+@pytest.mark.parametrize("make", ["TrainConfig", "BenchConfig"])
+def test_task_options_that_are_not_json_data_are_refused_by_the_run_configs(make):
+    # TrainConfig took them, and meta_train then failed with "Object of type Tensor is not JSON serializable".
+    import l2l.config
+
+    with pytest.raises(l2l.config.ConfigError, match=r"^task_options gives option 'dim' a value JSON cannot hold: "
+                                                     r"tensor\(3\) \(a Tensor\)\. .*for example a tensor's \.tolist\(\)"):
+        getattr(l2l.config, make)(task="quadratic", task_options={"dim": torch.tensor(3)})
+    with pytest.raises(l2l.config.ConfigError, match=r"^task_options must be a dict of option names \(str\) to values"):
+        getattr(l2l.config, make)(task="quadratic", task_options={3: 1})

@@ -7,6 +7,7 @@ import inspect
 import re
 from typing import Any, Callable
 
+from l2l.config import options_problem
 from l2l.tasks.base import TaskFamily, VariantContradiction
 from l2l.tasks.cifar import CIFAR2Family, CIFAR5Family, CIFAR10Family
 from l2l.tasks.gradient_tasks import MNISTGradientPenaltyFamily, MNISTGradientReversalFamily, Tangent1DFamily
@@ -151,10 +152,6 @@ def _build(name: str, **options) -> TaskFamily:
     return family
 
 
-_JSON_SCALARS = (type(None), bool, int, float, str)
-CONFIG_VALUES = "str, int, float, bool, None, and lists and str-keyed dicts of them"
-
-
 def check_config(name: str, config: Any) -> None:
     """Raises a ValueError naming the option and the fix unless ``config`` (task ``name``'s ``config()``) is JSON data.
 
@@ -162,50 +159,11 @@ def check_config(name: str, config: Any) -> None:
     reports write it as JSON, and ``--task-option`` reads its values as JSON. Anything else fails
     late (a tensor: writing ``bench.json`` after the whole comparison; a path: every checkpoint
     is written and then unreadable) or comes back as another value (a tuple as a list), so it is
-    refused when the family is built, before any work. Exact types are required: subclasses
-    (enums, numpy scalars) are not what a checkpoint reads back.
+    refused when the family is built, before any work.
     """
-    if type(config) is not dict or not all(type(key) is str for key in config):
-        raise ValueError(
-            f"task {name!r}: config() must return a dict of option names (str) to values, got {config!r} "
-            f"({_kind(config)})"
-        )
-    for option, value in config.items():
-        problem = _not_json(value)
-        if problem is not None:
-            where = "" if problem is value else f" in {value!r}"
-            shown = f"the key {problem[0]!r} ({_kind(problem[0])})" if isinstance(problem, _BadKey) else f"{problem!r} ({_kind(problem)})"
-            raise ValueError(
-                f"task {name!r}: config() gives option {option!r} a value JSON cannot hold: {shown}{where}. Checkpoints, "
-                f"reports and --task-option hold the options as JSON: make config() return JSON data ({CONFIG_VALUES}; "
-                "for example a tensor's .tolist(), a path's str(), a list for a tuple) and the family's __init__ take it back"
-            )
-
-
-class _BadKey(tuple):
-    """A dict key that is not a str, as :func:`_not_json` reports it (a 1-tuple)."""
-
-
-def _not_json(value: Any) -> Any:
-    """The first piece of ``value`` that is not JSON data (a :class:`_BadKey` for a key), or None."""
-    if type(value) in _JSON_SCALARS:
-        return None
-    if type(value) is list:
-        return next((bad for bad in map(_not_json, value) if bad is not None), None)
-    if type(value) is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                return _BadKey((key,))
-            bad = _not_json(item)
-            if bad is not None:
-                return bad
-        return None
-    return value
-
-
-def _kind(value: Any) -> str:
-    name = type(value).__name__
-    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+    problem = options_problem(config, "config()", "config() must return")
+    if problem is not None:
+        raise ValueError(f"task {name!r}: {problem} and the family's __init__ take it back")
 
 
 for _family in (
