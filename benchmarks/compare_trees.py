@@ -103,20 +103,24 @@ def check_imported_from(tree: Path, info: dict) -> None:
 
 def main() -> None:
     if "--worker" in sys.argv[1:]:
-        # A worker imports l2l from the tree it times, which may predate l2l.cli.positive_int; the
-        # parent checked the counts it passes on.
+        # A worker imports l2l from the tree it times, which may predate l2l.cli's argument types; the
+        # parent checked the values it passes on.
         count: Callable[[str], int] = int
+        path: Callable[[str], Path] = Path
+        output: Callable[[str], Path] = Path
     else:
+        from l2l.cli import output_file as output
+        from l2l.cli import path_arg as path
         from l2l.cli import positive_int as count
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path, help="root of the tree timed first in each pair (its l2l/ is imported)")
-    parser.add_argument("--new", type=Path, help="root of the other tree")
+    parser.add_argument("--base", type=path, help="root of the tree timed first in each pair (its l2l/ is imported)")
+    parser.add_argument("--new", type=path, help="root of the other tree")
     parser.add_argument("--pairs", type=count, default=300)
     parser.add_argument("--threads", type=count, default=1, help="torch threads in each worker")
     parser.add_argument("--unit", choices=("truncation", "epoch"), default="truncation")
     parser.add_argument("--instances", type=count, default=128, help="K (the quick start's: 128)")
     parser.add_argument("--dim", type=count, default=10, help="quadratic dimension (the quick start's: 10)")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", type=output, help="write the figures here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from l2l.cli import positive_int, positive_int_list, task_list
+from l2l.cli import device_arg, output_file, positive_int, positive_int_list, task_list
 
 
 def worker(task: str, device: str, accumulate: int, epochs: int, threads: int, out: str) -> None:
@@ -99,13 +99,13 @@ def launch(task: str, device: str, processes: int, accumulate: int, threads: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=task_list, default="quadratic,mnist", help="comma-separated task families (see `l2l tasks`)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--processes", type=positive_int, default=2)
     parser.add_argument("--accumulate", type=functools.partial(positive_int_list, empty=True), default="2,4",
                         help="shards of the one-process runs with accumulation, comma-separated ('' for none)")
     parser.add_argument("--threads", type=positive_int, default=2, help="threads of the one-process runs, shared by the P processes")
     parser.add_argument("--epochs", type=positive_int, default=3)
-    parser.add_argument("--json")
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args()
     layouts = [(1, 1), *((1, a) for a in args.accumulate), (args.processes, 1)]
     rows = []

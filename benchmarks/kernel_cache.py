@@ -51,6 +51,7 @@ import torch
 
 from l2l import LearnedOptimizer
 from l2l.kernels import dispatch, fused
+from l2l.cli import output_file, path_arg, positive_int
 from l2l.optimizers import CoordinateWiseLSTM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,16 +505,16 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("capture", help="list the variants the GPU session launches")
     build_parser = commands.add_parser("build", help="capture and compile them for sm_90")
-    build_parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    build_parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    build_parser.add_argument("--out", type=path_arg, default=DEFAULT_OUT)
+    build_parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1)
     install_parser = commands.add_parser("install", help="install a build into this machine's Triton cache")
-    install_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
+    install_parser.add_argument("directory", type=path_arg, nargs="?", default=DEFAULT_OUT)
     check_parser = commands.add_parser("check", help="install a build into a fresh cache here and replay the "
                                                      "session's launches against it (no GPU needed)")
-    check_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
+    check_parser.add_argument("directory", type=path_arg, nargs="?", default=DEFAULT_OUT)
     resources_parser = commands.add_parser("resources", help="registers and spills of every variant in a build")
-    resources_parser.add_argument("directory", type=Path, nargs="?", default=DEFAULT_OUT)
-    resources_parser.add_argument("--json", type=Path, help="write the rows here")
+    resources_parser.add_argument("directory", type=path_arg, nargs="?", default=DEFAULT_OUT)
+    resources_parser.add_argument("--json", type=output_file, help="write the rows here")
     args = parser.parse_args()
     if args.command == "capture":
         for specialization, workloads in sorted(capture().items()):

@@ -18,7 +18,7 @@ import torch
 from l2l.kernels.reference import coordinatewise_lstm
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.optimizers.preprocess import log_and_sign
-from l2l.cli import positive_int, positive_int_list
+from l2l.cli import output_file, positive_int, positive_int_list
 
 
 def coordinate_major_step(x, states, cells):
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=positive_int_list, default="16000,256000", help="coordinates, comma-separated")
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json")
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lstm = CoordinateWiseLSTM(seed=0)

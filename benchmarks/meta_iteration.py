@@ -22,7 +22,7 @@ import torch
 from l2l.meta.unroll import start, unroll
 from l2l.optimizers import CoordinateWiseLSTM
 from l2l.tasks import QuadraticFamily
-from l2l.cli import positive_int
+from l2l.cli import device_arg, output_file, positive_int
 
 
 def batched_iteration(lstm, meta_optimizer, task, steps):
@@ -82,12 +82,12 @@ def time_it(fn, repeats, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--instances", type=positive_int, default=128)
     parser.add_argument("--dim", type=positive_int, default=10)
     parser.add_argument("--unroll", type=positive_int, default=20)
     parser.add_argument("--repeats", type=positive_int, default=10)
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", type=output_file, help="write the figures here")
     args = parser.parse_args()
     device = torch.device(args.device)
     task = QuadraticFamily(dim=args.dim).sample(args.instances, torch.Generator().manual_seed(0), device)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from l2l.cli import positive_int, positive_int_list
+from l2l.cli import device_arg, output_file, positive_int, positive_int_list
 
 THREADS_ENV = "L2L_THREADS"  # torch threads of each measuring process; an environment variable, as in RESULTS.md's command
 DEFAULT_THREADS = 2
@@ -67,10 +67,10 @@ def main() -> None:
         epilog=f"environment: {THREADS_ENV}=N sets the torch threads of each measuring process (default: {DEFAULT_THREADS}); "
         "the CPU figures in benchmarks/RESULTS.md were measured with 1",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--instances", type=positive_int_list, default="1,4,16", help="K, one process each, comma-separated")
     parser.add_argument("--epochs", type=positive_int, default=3)
-    parser.add_argument("--json")
+    parser.add_argument("--json", type=output_file)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:  # checked here: each child would fail only after loading the dataset

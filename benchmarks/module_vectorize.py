@@ -18,7 +18,7 @@ import torch
 
 from l2l.meta.unroll import value_and_grad
 from l2l.tasks import get_task
-from l2l.cli import positive_int
+from l2l.cli import device_arg, output_file, positive_int
 
 SETTINGS = (("mnist", 4), ("mnist", 16), ("cifar10", 1), ("cifar10", 4))
 
@@ -50,13 +50,13 @@ def seconds_per_step(task, params, batch, device, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_arg, default="cpu")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--settings", type=settings, default=list(SETTINGS),
                         help="task:instances pairs, comma-separated (default: "
                              + ",".join(f"{name}:{k}" for name, k in SETTINGS) + ")")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", type=output_file, help="write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from l2l import CoordinateWiseLSTM, LearnedOptimizer
-from l2l.cli import positive_int, positive_int_list
+from l2l.cli import output_file, positive_int, positive_int_list
 
 
 def make_model(num_params: int, device: torch.device) -> nn.Module:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--chunk-size", type=positive_int, help="default: the optimizer's (2**14 on CPU, 2**20 on CUDA)")
     parser.add_argument("--state-dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--json")
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

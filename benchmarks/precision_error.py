@@ -33,7 +33,7 @@ from l2l.meta.unroll import start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, LSTMState
 from l2l.tasks import QuadraticFamily
 from l2l.tasks.quadratic import QuadraticTask
-from l2l.cli import positive_int
+from l2l.cli import output_file, positive_int
 
 PATHS = ("reference float32", "fused ieee", "fused tf32x3", "fused tf32")
 UNROLL = 20
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--coordinates", type=positive_int, default=1000, help="coordinates of the single step (default 1000)")
     parser.add_argument("--instances", type=positive_int, default=128, help="quadratics in the meta-gradient (default 128)")
-    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--json", type=output_file, help="write the figures here")
     args = parser.parse_args()
     device = torch.device(args.device)
     reason = fused.unavailable_reason(device) if device.type == "cuda" else fused.interpreter_problem()

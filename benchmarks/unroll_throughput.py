@@ -49,7 +49,7 @@ from l2l.meta.unroll import start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, LSTMState
 from l2l.tasks import QuadraticFamily
 from l2l.tasks.base import Task
-from l2l.cli import positive_int, positive_int_list
+from l2l.cli import output_file, positive_int, positive_int_list
 
 INFERENCE_BYTES = 4 + 2 * 160 + 2 * 160 + 8  # g; h, c read and written (2 x 20 float32 each); parameter r/w
 META_BYTES = (4 + 320 + 320 + 4) + (4 + 320 + 320 + 4 + 320)  # forward + backward (see the docstring)
@@ -363,7 +363,7 @@ def main() -> None:
     parser.add_argument("--unroll", type=positive_int, default=20, help="steps of the meta-training unroll")
     parser.add_argument("--precision", default=fused.get_config().precision, choices=fused.PRECISIONS)
     parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads")
-    parser.add_argument("--json", help="write every figure here (rewritten after every row)")
+    parser.add_argument("--json", type=output_file, help="write every figure here (rewritten after every row)")
     parser.add_argument("--kernels", default="reference,fused",
                         help="paths to time, comma-separated (the fused one only on CUDA with Triton)")
     parser.add_argument("--sweep", action="store_true", help="time the fused kernels' launch settings instead")

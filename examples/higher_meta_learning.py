@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import l2l
-from l2l.cli import positive_int
+from l2l.cli import positive_float, positive_int
 
 
 def sample_task(generator: torch.Generator, dim: int = 8, examples: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--outer-steps", type=positive_int, default=60, help="meta-training steps, one sampled task each")
     parser.add_argument("--inner-steps", type=positive_int, default=10, help="learned-optimizer steps unrolled per task")
-    parser.add_argument("--meta-lr", type=float, default=3e-3, help="Adam learning rate on the LSTM's weights")
+    parser.add_argument("--meta-lr", type=positive_float, default=3e-3, help="Adam learning rate on the LSTM's weights")
     args = parser.parse_args()
     # A 9-parameter model's tensors are far too small to split: on two shared cores a second
     # thread made the whole run 2-3x slower (21-40 s, against 9-13 s on one).

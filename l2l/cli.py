@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
 from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, json_kind
@@ -21,7 +23,7 @@ from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
                             meta_train, missing_directories, remove_empty_directories)
-from l2l.tasks.registry import check_task_name, get_task, list_tasks
+from l2l.tasks.registry import check_task_name, closest_name, get_task, task_names
 
 
 # Also the help of the scripts' --data-dir, which they hand on to l2l or resolve as it does.
@@ -131,6 +133,60 @@ def path_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return Path(text)
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file to write at the end of a run, checked before it starts (nothing is created).
+
+    An empty path, a directory, or a file whose directory is missing or not writable is a usage
+    error: found only at the end, it would lose the run's figures.
+    """
+    path = path_arg(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file name")
+    directory = path.parent
+    if not directory.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {path}: its directory {directory} does not exist; create it or give another path")
+    if not os.access(directory, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {path}: permission denied; give another path")
+    return path
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (``0``, ``-1``, ``nan``, ``inf`` and ``x`` are usage errors naming the value)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a torch device string (``cpu``, ``cuda``, ``cuda:1``), returned as given.
+
+    A string torch does not read, or CUDA where none is available, is a usage error before anything
+    runs (a script that starts worker processes had each of them fail with a traceback).
+    """
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device (cpu, cuda, cuda:N, ...), got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} was asked for but CUDA is not available here; use cpu")
+    return text
+
+
+def baseline_list(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated baseline names (``sgd,adam``; ``''`` for none), an unknown one naming the nearest."""
+    names = _name_list(text)
+    for name in names:
+        if name not in BASELINE_NAMES:
+            suggestion = closest_name(name, BASELINE_NAMES)
+            hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+            raise argparse.ArgumentTypeError(f"unknown baseline {name!r}{hint}; choose from {', '.join(BASELINE_NAMES)}")
+    return names
 
 
 def _read_config_file(path: Path | None) -> dict[str, Any]:
@@ -517,22 +573,33 @@ def _add_tasks(subparsers) -> None:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    families = list_tasks()
-    rows = [
-        {"name": name, "steps": family.default_steps, "unroll": family.default_unroll, "instances": family.default_instances,
-         "options": family.config(), "description": family.description}
-        for name, family in families.items()
-    ]
+    # Each family is built on its own: one that cannot be (a user family with a bad config(), say)
+    # is listed with its error and named on stderr (status 1), and the others are still listed.
+    rows = []
+    for name in task_names():
+        try:
+            family = get_task(name)
+        except Exception as error:  # whatever a user's factory raises: shown, not swallowed (status 1)
+            rows.append({"name": name, "error": f"{'' if isinstance(error, ValueError) else type(error).__name__ + ': '}{error}"})
+            continue
+        rows.append({"name": name, "steps": family.default_steps, "unroll": family.default_unroll,
+                     "instances": family.default_instances, "options": family.config(), "description": family.description})
     if args.json:
         print(json.dumps(rows, indent=1))
-        return 0
-    width = max(len(row["name"]) for row in rows)
-    print(f"{'task'.ljust(width)}  steps  unroll    K  description")
-    for row in rows:
-        print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['instances']:>3}  {row['description']}")
-        for line in _option_lines(row["options"]):
-            print(line)
-    return 0
+    else:
+        width = max(len(row["name"]) for row in rows)
+        print(f"{'task'.ljust(width)}  steps  unroll    K  description")
+        for row in rows:
+            if "error" in row:
+                print(f"{row['name'].ljust(width)}  cannot be built: {row['error']}")
+                continue
+            print(f"{row['name'].ljust(width)}  {row['steps']:>5}  {row['unroll']:>6}  {row['instances']:>3}  {row['description']}")
+            for line in _option_lines(row["options"]):
+                print(line)
+    failed = [row for row in rows if "error" in row]
+    for row in failed:
+        print(f"l2l tasks: error: task {row['name']!r} cannot be built: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _option_lines(options: dict[str, Any], width: int = 100) -> list[str]:

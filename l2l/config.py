@@ -26,6 +26,61 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_JSON_SCALARS = (type(None), bool, int, float, str)
+JSON_DATA = "str, int, float, bool, None, and lists and str-keyed dicts of them"
+
+
+def options_problem(options: Any, what: str, must: str) -> str | None:
+    """What makes ``options`` (task options, named ``what``; ``must``: "what must be") not JSON data, or None.
+
+    Checkpoints and reports record task options as JSON (and checkpoints are read back with
+    ``torch.load(weights_only=True)``), so only JSON data of exact types is accepted: a tensor, a
+    path, a tuple (read back as a list) or an enum would fail there, or come back as another value.
+    """
+    if type(options) is not dict or not all(type(key) is str for key in options):
+        return f"{must} a dict of option names (str) to values, got {options!r} ({_kind(options)})"
+    for option, value in options.items():
+        problem = _not_json(value)
+        if problem is not None:
+            where = "" if problem is value else f" in {value!r}"
+            shown = f"the key {problem[0]!r} ({_kind(problem[0])})" if isinstance(problem, _BadKey) else f"{problem!r} ({_kind(problem)})"
+            return (f"{what} gives option {option!r} a value JSON cannot hold: {shown}{where}. Checkpoints, reports and "
+                    f"--task-option hold the options as JSON: give JSON data ({JSON_DATA}; for example a tensor's "
+                    ".tolist(), a path's str(), a list for a tuple)")
+    return None
+
+
+class _BadKey(tuple):
+    """A dict key that is not a str, as :func:`_not_json` reports it (a 1-tuple)."""
+
+
+def _not_json(value: Any) -> Any:
+    """The first piece of ``value`` that is not JSON data (a :class:`_BadKey` for a key), or None."""
+    if type(value) in _JSON_SCALARS:
+        return None
+    if type(value) is list:
+        return next((bad for bad in map(_not_json, value) if bad is not None), None)
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return _BadKey((key,))
+            bad = _not_json(item)
+            if bad is not None:
+                return bad
+        return None
+    return value
+
+
+def _kind(value: Any) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _check_task_options(options: Any) -> None:
+    problem = options_problem(options, "task_options", "task_options must be")
+    _require(problem is None, problem or "")
+
+
 def _positive_int(name: str, value: Any) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{name} must be a positive integer, got {value!r}")
 
@@ -154,7 +209,7 @@ class TrainConfig(_JSONConfig):
     def __post_init__(self):
         self._sequences_as_tuples()
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
-        _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
+        _check_task_options(self.task_options)
         for name in ("hidden_size", "num_layers", "epochs", "val_every", "val_problems", "max_nonfinite", "checkpoint_every", "accumulate"):
             _positive_int(name, getattr(self, name))
         for name in ("instances", "optimizee_steps", "unroll"):
@@ -239,7 +294,7 @@ class BenchConfig(_JSONConfig):
     def __post_init__(self):
         self._sequences_as_tuples()
         _require(isinstance(self.task, str) and self.task, "task must be a non-empty string")
-        _require(isinstance(self.task_options, dict), f"task_options must be a dict, got {self.task_options!r}")
+        _check_task_options(self.task_options)
         if isinstance(self.baselines, str):  # "sgd,adam", as on the command line ("" for none)
             object.__setattr__(self, "baselines", tuple(name.strip() for name in self.baselines.split(",") if name.strip()))
         _check_sequence("baselines", self.baselines, "('sgd', 'adam')")

@@ -75,19 +75,38 @@ def _check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
 
 
+def _cpu_values(value: Tensor) -> Tensor | None:
+    """The plain CPU tensor that holds ``value``'s values (under torch.func: its batches, unwrapped), or None.
+
+    Reading a CPU tensor costs nothing, inside torch.func's transforms too (vmap and grad wrap
+    the tensor that holds the values; :func:`torch._C._functorch.get_unwrapped` gives it back).
+    An accelerator's tensor is None: reading it would stop the host until the device catches up.
+    """
+    functorch = torch._C._functorch
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    unwrap = getattr(functorch, "get_unwrapped", None)
+    while wrapped is not None and wrapped(value):
+        if unwrap is None:
+            return None  # a torch without the unwrapping: unread, as on an accelerator
+        value = unwrap(value)
+    return value if value.device.type == "cpu" else None
+
+
 def _check_classes(name: str, labels: Tensor, classes: int) -> None:
     """Raises a ValueError naming the first label of ``labels`` outside ``0 .. classes - 1`` and the valid range.
 
-    Only labels whose values can be read for free are checked (see :func:`_is_plain_tensor`):
-    inside vmap or on an accelerator an out-of-range label is left to torch's own index error.
+    Labels on the CPU are checked, under vmap and grad too (every batch of them); labels on an
+    accelerator are not, since reading them is a host synchronisation on every call: an
+    out-of-range one there meets torch's own index check (on CUDA a device-side assert).
     """
-    if not _is_plain_tensor(labels):
+    values = _cpu_values(labels)
+    if values is None:
         return
-    bad = torch.nonzero((labels < 0) | (labels >= classes)).reshape(-1)
-    if bad.numel():
-        position = int(bad[0])
+    bad = torch.nonzero((values < 0) | (values >= classes))
+    if bad.shape[0]:
+        where = f"at pair {int(bad[0, 0])}" if values is labels else "in a batch of pairs under torch.func"
         raise ValueError(
-            f"{name} holds class {int(labels[position])} (at pair {position}), but forward returns logits for "
+            f"{name} holds class {int(values[tuple(bad[0])])} ({where}), but forward returns logits for "
             f"{classes} classes: labels must be from 0 to {classes - 1}"
         )
 
@@ -554,8 +573,11 @@ def gradient_supervision_loss(
         inputs: ``x``, ``[B, ...]``.
         counterfactuals: ``x_cf``, ``[B, ...]``.
         counterfactual_labels: integer ``[B]`` (any integer dtype), the ground-truth classes of
-            ``x_cf``, each from 0 to C - 1 (a ValueError names one outside, where the labels can
-            be read without a device sync: on the CPU, outside vmap).
+            ``x_cf``, each from 0 to C - 1. On the CPU a ValueError names one outside (under
+            ``torch.func.vmap`` and ``grad`` too). On an accelerator they are not checked, which
+            would stop the host on every call: an out-of-range label meets torch's own index
+            check, on CUDA a device-side assert that leaves the process's CUDA context unusable,
+            so check them once where they are made (``labels.max() < C``).
         reduction: ``"mean"`` (default) or ``"sum"`` over pairs, or ``"none"`` for ``[B]``.
 
     Returns:

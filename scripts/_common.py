@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from l2l.cli import positive_int
+from l2l.cli import path_arg, positive_float, positive_int
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -15,7 +15,7 @@ RUNS = REPO / "runs"
 # Tracked: the figures and JSON that benchmarks/RESULTS.md and docs/objectives.md publish.
 PUBLISHED = (RESULTS, FIGURES)
 
-__all__ = ["FIGURES", "Formatter", "RESULTS", "RUNS", "guard_published", "nonnegative_int", "positive_float", "positive_int"]
+__all__ = ["FIGURES", "Formatter", "RESULTS", "RUNS", "guard_published", "nonnegative_int", "path_arg", "positive_float", "positive_int"]
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -32,17 +32,6 @@ def nonnegative_int(text: str) -> int:
     value = int(text) if text.strip().lstrip("+").isdigit() else -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 

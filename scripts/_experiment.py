@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from _common import RESULTS, RUNS, Formatter, guard_published, positive_int
+from _common import RESULTS, RUNS, Formatter, guard_published, path_arg, positive_int
 from l2l.cli import DATA_DIR_HELP
 from l2l.cli import main as l2l
 
@@ -23,13 +22,13 @@ def parser(description: str, checkpoint: str, problems: int, *, train: bool = Tr
         args.add_argument("--train", action="store_true",
                           help="meta-train first with the documented recipe, into --runs-dir, then evaluate that instead of --checkpoint")
         args.add_argument("--overwrite", action="store_true", help="with --train: replace an earlier training run's checkpoints")
-        args.add_argument("--runs-dir", type=Path, default=RUNS, help="with --train: where the training run's folder goes")
-    args.add_argument("--out", type=Path, default=RESULTS,
+        args.add_argument("--runs-dir", type=path_arg, default=RUNS, help="with --train: where the training run's folder goes")
+    args.add_argument("--out", type=path_arg, default=RESULTS,
                       help="where the figures and JSON go; the default folder holds the published ones, and only the published settings may write there")
     args.add_argument("--problems", type=positive_int, default=problems, help="held-out instances")
     args.add_argument("--seed", type=int, default=1, help="seed of the held-out instances")
     args.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    args.add_argument("--data-dir", help=DATA_DIR_HELP)
+    args.add_argument("--data-dir", type=path_arg, help=DATA_DIR_HELP)
     return args
 
 
@@ -45,7 +44,7 @@ def parse(args: argparse.ArgumentParser, ignore: Sequence[str] = ()) -> argparse
 
 
 def data_flags(options: argparse.Namespace) -> list[str]:
-    return ["--data-dir", options.data_dir] if options.data_dir else []
+    return ["--data-dir", str(options.data_dir)] if options.data_dir else []
 
 
 def train(options: argparse.Namespace, recipe: list[str], name: str) -> str:

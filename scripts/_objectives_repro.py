@@ -7,11 +7,10 @@ import datetime
 import json
 import os
 import platform
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from _common import FIGURES, RESULTS, Formatter, guard_published, positive_int
+from _common import FIGURES, RESULTS, Formatter, guard_published, path_arg, positive_int
 
 from l2l.cli import DATA_DIR_HELP
 from l2l.data.base import DATA_ENV, data_dir
@@ -25,11 +24,11 @@ _NOT_SETTINGS = ("data_dir", "out", "figures", "results", "threads", "name")
 def parser(description: str) -> argparse.ArgumentParser:
     """Flags every reproduction shares: data directory, output folders, seed, threads."""
     args = argparse.ArgumentParser(description=description, formatter_class=Formatter)
-    args.add_argument("--data-dir", help=DATA_DIR_HELP)
-    args.add_argument("--out", type=Path, help="write the PNG and the JSON here (instead of --figures and --results)")
-    args.add_argument("--figures", type=Path, default=FIGURES,
+    args.add_argument("--data-dir", type=path_arg, help=DATA_DIR_HELP)
+    args.add_argument("--out", type=path_arg, help="write the PNG and the JSON here (instead of --figures and --results)")
+    args.add_argument("--figures", type=path_arg, default=FIGURES,
                       help="where the PNG goes; the default folder holds the published ones, and only the published settings may write there")
-    args.add_argument("--results", type=Path, default=RESULTS,
+    args.add_argument("--results", type=path_arg, default=RESULTS,
                       help="where the JSON goes; the default folder holds the published ones, and only the published settings may write there")
     args.add_argument("--seed", type=int, default=0, help="first seed (model initialisation, minibatch order)")
     # One thread: on a shared 2-core machine, two OpenMP threads wait on the busy core.

@@ -290,6 +290,21 @@ def test_kernel_variants_help_describes_it_and_measures_nothing(monkeypatch, cap
     ("optimizer_step", ["--threads", "0"], "--threads: expected a positive integer, got '0'"),
     ("higher_meta_learning", ["--inner-steps", "0"], "--inner-steps: expected a positive integer, got '0'"),
     ("optimizer_step", ["--repeats", "0"], "--repeats: expected comma-separated positive integers (such as 1,4,16 or 1e5), got '0'"),
+    ("higher_meta_learning", ["--meta-lr", "0"], "--meta-lr: expected a positive number, got '0'"),
+    ("higher_meta_learning", ["--meta-lr", "nan"], "--meta-lr: expected a positive number, got 'nan'"),
+    # A --json that cannot be written failed after the whole measurement; '' wrote nothing, silently.
+    *[(name, ["--json", ""], "--json: expected a path, got an empty string") for name in
+      ("compare_trees", "distributed_training", "lstm_layout", "meta_iteration", "mnist_epoch", "module_vectorize",
+       "optimizer_step", "precision_error", "unroll_throughput")],
+    ("meta_iteration", ["--json", "/nonexistent-l2l-dir/x.json"],
+     "--json: cannot write /nonexistent-l2l-dir/x.json: its directory /nonexistent-l2l-dir does not exist; create it or give another path"),
+    ("lstm_layout", ["--json", "/"], "--json: / is a directory; give a file name"),
+    ("compare_trees", ["--base", ""], "--base: expected a path, got an empty string"),
+    ("kernel_cache", ["build", "--workers", "0"], "--workers: expected a positive integer, got '0'"),
+    ("kernel_cache", ["resources", "--json", ""], "--json: expected a path, got an empty string"),
+    # An unknown device was a torch traceback, in distributed_training and mnist_epoch one per child process.
+    *[(name, ["--device", "cdua"], "--device: expected a torch device (cpu, cuda, cuda:N, ...), got 'cdua'") for name in
+      ("distributed_training", "meta_iteration", "mnist_epoch", "module_vectorize")],
     # Three sizes, two counts: the third size was skipped without a word.
     ("optimizer_step", ["--sizes", "1e3,1e4,1e5", "--repeats", "3,2"], "--repeats: 2 values for 3 --sizes"),
 ])

@@ -482,3 +482,33 @@ def test_tuning_minibatches_are_no_seeds_evaluation_minibatches(capsys, monkeypa
     assert len(tuning) == 2 and evaluation.equal(make_generator(3, "evaluate-batches").get_state())
     evaluation_streams = [make_generator(seed, "evaluate-batches").get_state() for seed in range(-5, 50)]
     assert not any(start.equal(stream) for start in tuning for stream in evaluation_streams)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["table", "json"])
+def test_tasks_lists_the_other_families_when_one_cannot_be_built_and_marks_that_one(capsys, as_json):
+    # A user family whose config() held a tensor made `l2l tasks` a TypeError traceback, listing nothing.
+    import torch
+
+    from l2l.tasks import QuadraticFamily, register_task
+    from l2l.tasks.registry import _REGISTRY
+
+    class Tensorial(QuadraticFamily):
+        def config(self):
+            return {"dim": torch.tensor(self.dim)}
+
+    register_task("test-tensorial", Tensorial)
+    try:
+        assert main(["tasks", *(["--json"] if as_json else [])]) == 1
+    finally:
+        del _REGISTRY["test-tensorial"]
+    captured = capsys.readouterr()
+    reason = "config() gives option 'dim' a value JSON cannot hold: tensor(10) (a Tensor)"
+    assert f"l2l tasks: error: task 'test-tensorial' cannot be built: task 'test-tensorial': {reason}" in captured.err
+    if as_json:
+        rows = {row["name"]: row for row in json.loads(captured.out)}
+        assert rows["quadratic"]["options"] == {"dim": 10} and reason in rows["test-tensorial"]["error"]
+    else:
+        lines = captured.out.splitlines()
+        assert any(line.startswith("quadratic ") for line in lines) and any(line.startswith("mnist ") for line in lines)
+        bad = next(line for line in lines if line.startswith("test-tensorial "))
+        assert "cannot be built" in bad and reason in bad

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from l2l.meta.unroll import value_and_grad
 from l2l.objectives import (
@@ -427,6 +427,29 @@ def test_gradient_supervision_names_a_label_out_of_range_and_the_valid_range(lab
     x = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         gradient_supervision_loss(linear, x, x + 1, torch.tensor(labels))
+
+
+@pytest.mark.parametrize("nesting", ["vmap", "vmap of vmap", "grad"])
+def test_gradient_supervision_names_a_label_out_of_range_under_torch_func_on_the_cpu(nesting):
+    # Under vmap (a ModuleTask objective's K instances) the labels are batched tensors: torch's raw
+    # "index 3 is out of bounds for dimension 1 with size 3" came instead, naming no argument.
+    linear = nn.Linear(4, 3).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    labels = torch.tensor([[0, 1, 2], [2, 3, 0]])
+    if nesting == "vmap":
+        call = lambda: vmap(lambda x, y: gradient_supervision_loss(linear, x, x + 1, y))(x, labels)  # noqa: E731
+    elif nesting == "vmap of vmap":
+        per_pair = lambda x, y: gradient_supervision_loss(linear, x[None], x[None] + 1, y[None])  # noqa: E731
+        call = lambda: vmap(vmap(per_pair))(x, labels)  # noqa: E731
+    else:  # labels traced by an outer grad over a function of them: the values are still the ones given
+        call = lambda: grad(lambda w: gradient_supervision_loss(  # noqa: E731
+            lambda v: linear(v) * w, x[1], x[1] + 1, labels[1] + 0 * w.long()))(torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^counterfactual_labels holds class 3 \((at pair 1|in a batch of pairs under "
+                                         r"torch\.func)\), but forward returns logits for 3 classes: labels must be from 0 to 2$"):
+        call()
+    good = labels.clamp(max=2)
+    torch.testing.assert_close(vmap(lambda x, y: gradient_supervision_loss(linear, x, x + 1, y, reduction="none"))(x, good),
+                               torch.stack([gradient_supervision_loss(linear, x[k], x[k] + 1, good[k], reduction="none") for k in range(2)]))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])

@@ -1,5 +1,7 @@
 """The task registry as a user meets it: unknown and misspelt names and options, option values from the command line."""
 
+import functools
+import pathlib
 import re
 
 import pytest
@@ -195,3 +197,93 @@ def test_a_family_registered_under_another_name_carries_that_name_into_its_repor
         assert report["task"] == "test-alias" and get_task(report["task"], **report["task_options"]).config() == {"dim": 3}
     finally:
         del _REGISTRY["test-alias"]
+
+
+class _WithScale(QuadraticFamily):
+    """A user family whose config() records an option as its __init__ holds it, whatever that is."""
+
+    def __init__(self, dim=2, scale=1.0):
+        super().__init__(dim)
+        self.scale = scale
+
+    def config(self):
+        return {**super().config(), "scale": self.scale}
+
+
+@pytest.mark.parametrize(
+    "scale, shown",
+    [
+        (torch.tensor(2.0), "tensor(2.) (a Tensor)"),  # bench.json could not be written, after the whole comparison
+        (pathlib.PurePosixPath("/data/x"), "PurePosixPath('/data/x') (a PurePosixPath)"),  # checkpoints written, then unreadable
+        ((1, 2), "(1, 2) (a tuple)"),  # read back from JSON as a list, another value
+        ([1, {"a": {1}}], "{1} (a set) in [1, {'a': {1}}]"),
+        ({1: "a"}, "the key 1 (an int) in {1: 'a'}"),
+    ],
+)
+def test_a_family_whose_config_is_not_json_data_is_refused_when_built_naming_the_option_and_the_fix(scale, shown):
+    # Checkpoints, reports and --task-option hold config() as JSON: a tensor in it let a training run
+    # finish and then failed writing its report; a path made its checkpoints unreadable.
+    register_task("test-scale", _WithScale, replace=True)
+    try:
+        assert get_task("test-scale").config() == {"dim": 2, "scale": 1.0}
+        with pytest.raises(ValueError) as error:
+            get_task("test-scale", scale=scale)
+        message = str(error.value)
+        assert message.startswith(f"task 'test-scale': config() gives option 'scale' a value JSON cannot hold: {shown}")
+        assert "str, int, float, bool, None" in message and "a tensor's .tolist()" in message
+    finally:
+        del _REGISTRY["test-scale"]
+
+
+def test_training_a_family_whose_config_is_not_json_data_fails_before_any_epoch(tmp_path):
+    from l2l import TrainConfig, meta_train
+
+    register_task("test-scale", functools.partial(_WithScale, scale=(1, 2)), replace=True)  # its default: a tuple
+    try:
+        config = TrainConfig(task="test-scale", epochs=2, optimizee_steps=2, unroll=2,
+                             instances=2, val_problems=2, hidden_size=2, num_layers=1)
+        with pytest.raises(ValueError, match=r"^task 'test-scale': config\(\) gives option 'scale' a value JSON cannot hold"):
+            meta_train(config, tmp_path / "run", progress=False)
+    finally:
+        del _REGISTRY["test-scale"]
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+
+
+def test_a_family_whose_config_is_not_a_dict_of_named_options_is_refused():
+    class Listed(QuadraticFamily):
+        def config(self):
+            return [("dim", self.dim)]
+
+    register_task("test-listed", Listed, replace=True)
+    try:
+        with pytest.raises(ValueError, match=r"^task 'test-listed': config\(\) must return a dict of option names "
+                                             r"\(str\) to values, got \[\('dim', 10\)\] \(a list\)"):
+            get_task("test-listed")
+    finally:
+        del _REGISTRY["test-listed"]
+
+
+def test_a_variant_registered_under_another_name_is_named_as_the_user_typed_it():
+    from l2l.tasks.mnist import MNIST40Family
+
+    register_task("test-m40", MNIST40Family)
+    try:
+        with pytest.raises(ValueError, match=r"^task 'test-m40' is 'mnist' with hidden=40; hidden=20 contradicts it: "
+                                             r"use --task mnist --task-option hidden=20"):
+            get_task("test-m40", hidden=20)
+        with pytest.raises(ValueError, match=r"^task 'mnist-40' is 'mnist' with hidden=40"):
+            get_task("mnist-40", hidden=20)  # under its own name, as before
+    finally:
+        del _REGISTRY["test-m40"]
+
+
+@pytest.mark.parametrize("make", ["TrainConfig", "BenchConfig"])
+def test_task_options_that_are_not_json_data_are_refused_by_the_run_configs(make):
+    # TrainConfig took them, and meta_train then failed with "Object of type Tensor is not JSON serializable".
+    import l2l.config
+
+    with pytest.raises(l2l.config.ConfigError, match=r"^task_options gives option 'dim' a value JSON cannot hold: "
+                                                     r"tensor\(3\) \(a Tensor\)\. .*for example a tensor's \.tolist\(\)"):
+        getattr(l2l.config, make)(task="quadratic", task_options={"dim": torch.tensor(3)})
+    with pytest.raises(l2l.config.ConfigError, match=r"^task_options must be a dict of option names \(str\) to values"):
+        getattr(l2l.config, make)(task="quadratic", task_options={3: 1})

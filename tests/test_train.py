@@ -270,7 +270,7 @@ def test_split_accepts_the_command_line_spelling():
         (lambda: BenchConfig(lr_grid=0.1), r"lr_grid must be a tuple such as \(1e-3, 1e-2, 1e-1\), got 0.1"),
         (lambda: BenchConfig(optimizers="quadratic"), "optimizers must be a tuple such as"),
         (lambda: BenchConfig(optimizers=("",)), "every optimizer must be a checkpoint path or shipped name"),
-        (lambda: BenchConfig(task_options=[1]), r"task_options must be a dict, got \[1\]"),
+        (lambda: BenchConfig(task_options=[1]), r"task_options must be a dict of option names \(str\) to values, got \[1\] \(a list\)"),
         (lambda: BenchConfig(seed=1.5), "seed must be an integer, got 1.5"),
     ],
 )

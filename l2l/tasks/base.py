@@ -99,7 +99,12 @@ class TaskFamily(abc.ABC):
         """
 
     def config(self) -> dict[str, Any]:
-        """Options that rebuild this family with ``get_task(name, **config)``."""
+        """Options that rebuild this family with ``get_task(name, **config)``.
+
+        Checkpoints and reports record them, so the values must be JSON data (str, int, float,
+        bool, None, and lists and str-keyed dicts of them): ``get_task`` refuses a family whose
+        config holds anything else.
+        """
         return {}
 
 
@@ -122,10 +127,26 @@ def check_variant(variant: TaskFamily, family: str, option: str, value: Any) -> 
     """
     given = getattr(variant, option)
     if given != value:
-        raise ValueError(
-            f"task {variant.name!r} is {family!r} with {option}={value!r}; {option}={given!r} contradicts it: "
+        raise VariantContradiction(variant.name, family, option, value, given)
+
+
+class VariantContradiction(ValueError):
+    """A variant given its defining option with another value (see :func:`check_variant`).
+
+    ``get_task`` names the task as registered (:meth:`named`): the variant's constructor knows only
+    its class's name, and ``register_task("m40", MNIST40Family)`` is typed as ``m40``.
+    """
+
+    def __init__(self, task: str, family: str, option: str, value: Any, given: Any):
+        self.task, self.family, self.option, self.value, self.given = task, family, option, value, given
+        super().__init__(
+            f"task {task!r} is {family!r} with {option}={value!r}; {option}={given!r} contradicts it: "
             f"use --task {family} --task-option {option}={given} (get_task({family!r}, {option}={given!r}))"
         )
+
+    def named(self, task: str) -> VariantContradiction:
+        """The same contradiction, said of the task called ``task``."""
+        return VariantContradiction(task, self.family, self.option, self.value, self.given)
 
 
 def check_num_instances(num_instances: int) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Callable
+from typing import Any, Callable
 
-from l2l.tasks.base import TaskFamily
+from l2l.config import options_problem
+from l2l.tasks.base import TaskFamily, VariantContradiction
 from l2l.tasks.cifar import CIFAR2Family, CIFAR5Family, CIFAR10Family
 from l2l.tasks.gradient_tasks import MNISTGradientPenaltyFamily, MNISTGradientReversalFamily, Tangent1DFamily
 from l2l.tasks.mnist import MNIST2LayerFamily, MNIST40Family, MNISTFamily, MNISTReLUFamily
@@ -112,9 +113,19 @@ def get_task(name: str, **options) -> TaskFamily:
         ) from None
 
 
+def task_names() -> list[str]:
+    """The registered names, sorted (none of the families is built)."""
+    return sorted(_REGISTRY)
+
+
 def list_tasks() -> dict[str, TaskFamily]:
-    """Every registered family, built with its default options, by name."""
-    return {name: _build(name) for name in sorted(_REGISTRY)}
+    """Every registered family, built with its default options, by name.
+
+    Raises:
+        ValueError: a family cannot be built with its defaults (see :func:`get_task`);
+            ``l2l tasks`` lists the others and marks that one.
+    """
+    return {name: _build(name) for name in task_names()}
 
 
 def _build(name: str, **options) -> TaskFamily:
@@ -123,12 +134,36 @@ def _build(name: str, **options) -> TaskFamily:
     A factory registered under another name than its family's (``register_task("alias",
     QuadraticFamily)``) gives families named as registered: reports and checkpoints record
     ``family.name`` beside ``family.config()``, and ``get_task`` must rebuild the family from the two.
-    The instance's name is set, not the class's, which keeps its own name where it is registered too.
+    The instance's name is set, not the class's, which keeps its own name where it is registered too;
+    a variant that refuses its options (:func:`check_variant`) is named so too.
+
+    Raises:
+        ValueError: the family's ``config()`` is not JSON data (see :func:`check_config`).
     """
-    family = _REGISTRY[name](**options)
+    try:
+        family = _REGISTRY[name](**options)
+    except VariantContradiction as error:
+        if error.task == name:
+            raise
+        raise error.named(name) from None
     if family.name != name:
         family.name = name
+    check_config(name, family.config())
     return family
+
+
+def check_config(name: str, config: Any) -> None:
+    """Raises a ValueError naming the option and the fix unless ``config`` (task ``name``'s ``config()``) is JSON data.
+
+    Checkpoints record ``config()`` and are read back with ``torch.load(weights_only=True)``,
+    reports write it as JSON, and ``--task-option`` reads its values as JSON. Anything else fails
+    late (a tensor: writing ``bench.json`` after the whole comparison; a path: every checkpoint
+    is written and then unreadable) or comes back as another value (a tuple as a list), so it is
+    refused when the family is built, before any work.
+    """
+    problem = options_problem(config, "config()", "config() must return")
+    if problem is not None:
+        raise ValueError(f"task {name!r}: {problem} and the family's __init__ take it back")
 
 
 for _family in (
