@@ -16,14 +16,14 @@ import torch
 
 from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
-from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, json_kind
+from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, did_you_mean, json_kind
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
                             meta_train, missing_directories, remove_empty_directories)
-from l2l.tasks.registry import check_task_name, closest_name, get_task, task_names
+from l2l.tasks.registry import check_task_name, get_task, task_names
 
 
 # Also the help of the scripts' --data-dir, which they hand on to l2l or resolve as it does.
@@ -183,9 +183,9 @@ def baseline_list(text: str) -> tuple[str, ...]:
     names = _name_list(text)
     for name in names:
         if name not in BASELINE_NAMES:
-            suggestion = closest_name(name, BASELINE_NAMES)
-            hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
-            raise argparse.ArgumentTypeError(f"unknown baseline {name!r}{hint}; choose from {', '.join(BASELINE_NAMES)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown baseline {name!r}{did_you_mean(name, BASELINE_NAMES)}; choose from {', '.join(BASELINE_NAMES)}"
+            )
     return names
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -19,6 +20,29 @@ KERNEL_NAMES = ("auto", "reference", "fused")  # l2l.kernels.dispatch.KERNELS (n
 
 class ConfigError(ValueError):
     """A configuration value is out of range or of the wrong kind."""
+
+
+def closest_name(name: str, names) -> str | None:
+    """The name in ``names`` nearest to ``name`` (a misspelling, another case, ``_`` for ``-``), or None.
+
+    Names equal once lowercased and stripped of ``-`` and ``_`` come first (``mnist_gp``,
+    ``cifar-10``, ``MNIST40``), then :func:`difflib.get_close_matches` on those forms.
+    """
+
+    def key(text: str) -> str:
+        return text.lower().replace("-", "").replace("_", "")
+
+    by_key = {key(candidate): candidate for candidate in sorted(names)}
+    if key(name) in by_key:
+        return by_key[key(name)]
+    matches = difflib.get_close_matches(key(name), list(by_key), n=1, cutoff=0.6)
+    return by_key[matches[0]] if matches else None
+
+
+def did_you_mean(name: str, names) -> str:
+    """`` (did you mean 'NAME'?)`` for the name in ``names`` nearest to ``name``, or ``''`` when none is near."""
+    suggestion = closest_name(name, names)
+    return f" (did you mean {suggestion!r}?)" if suggestion else ""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -302,7 +326,8 @@ class BenchConfig(_JSONConfig):
         for name in self.optimizers:
             _require(isinstance(name, str) and name, f"every optimizer must be a checkpoint path or shipped name, got {name!r}")
         for name in self.baselines:
-            _require(name in BASELINE_NAMES, f"unknown baseline {name!r}; choose from {', '.join(BASELINE_NAMES)}")
+            _require(name in BASELINE_NAMES,
+                     f"unknown baseline {name!r}{did_you_mean(name, BASELINE_NAMES)}; choose from {', '.join(BASELINE_NAMES)}")
         _require(len(set(self.baselines)) == len(self.baselines), f"baselines lists one more than once: {','.join(self.baselines)}")
         if self.steps is not None:
             _positive_int("steps", self.steps)

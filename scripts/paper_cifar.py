@@ -4,7 +4,7 @@ import argparse
 
 from _experiment import bench, parse, parser, train
 from l2l.cli import baseline_list
-from l2l.tasks.registry import closest_name
+from l2l.config import did_you_mean
 
 # The recipe of the shipped checkpoints/cifar10.pt (see checkpoints/README.md). Both LSTMs start
 # from the shipped MNIST optimizer (a CPU-sized budget; the paper trained from scratch).
@@ -29,10 +29,8 @@ def tasks(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {subset}, got {text!r}")
     for task in chosen:
         if task not in TASKS:
-            suggestion = closest_name(task, TASKS)
-            hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
             raise argparse.ArgumentTypeError(
-                f"{task!r} is not one of this script's tasks{hint}, {subset} (the CIFAR-10-trained optimizer of "
+                f"{task!r} is not one of this script's tasks{did_you_mean(task, TASKS)}, {subset} (the CIFAR-10-trained optimizer of "
                 f"section 3.3); give a comma-separated subset of them, got {text!r}"
             )
     repeated = next((task for task in chosen if chosen.count(task) > 1), None)

@@ -91,7 +91,8 @@ def test_resume_continues_training(tmp_path, capsys):
         (["bench", "--optimizer", "missing.pt"], "no checkpoint file 'missing.pt'"),
         (["train", "--epochs", "0"], "epochs must be a positive integer"),
         (["train", "--unroll", "30", "--optimizee-steps", "20"], "unroll (30) must not exceed optimizee_steps (20)"),
-        (["bench", "--baselines", "adagrad"], "unknown baseline 'adagrad'"),
+        (["bench", "--baselines", "adagrad"], "unknown baseline 'adagrad'; choose from sgd, "),
+        (["bench", "--baselines", "adma"], "unknown baseline 'adma' (did you mean 'adam'?); choose from sgd, "),
     ],
 )
 def test_bad_input_gives_one_clear_line(argv, message, capsys):

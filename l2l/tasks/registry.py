@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from typing import Any, Callable
 
-from l2l.config import options_problem
+from l2l.config import did_you_mean, options_problem
 from l2l.tasks.base import TaskFamily, VariantContradiction
 from l2l.tasks.cifar import CIFAR2Family, CIFAR5Family, CIFAR10Family
 from l2l.tasks.gradient_tasks import MNISTGradientPenaltyFamily, MNISTGradientReversalFamily, Tangent1DFamily
@@ -51,33 +50,11 @@ def register_task(name: str, factory: Callable[..., TaskFamily], *, replace: boo
     _REGISTRY[name] = factory
 
 
-def closest_name(name: str, names) -> str | None:
-    """The name in ``names`` nearest to ``name`` (a misspelling, another case, ``_`` for ``-``), or None.
-
-    Names equal once lowercased and stripped of ``-`` and ``_`` come first (``mnist_gp``,
-    ``cifar-10``, ``MNIST40``), then :func:`difflib.get_close_matches` on those forms.
-    """
-
-    def key(text: str) -> str:
-        return text.lower().replace("-", "").replace("_", "")
-
-    by_key = {key(candidate): candidate for candidate in sorted(names)}
-    if key(name) in by_key:
-        return by_key[key(name)]
-    matches = difflib.get_close_matches(key(name), list(by_key), n=1, cutoff=0.6)
-    return by_key[matches[0]] if matches else None
-
-
-def _did_you_mean(name: str, names) -> str:
-    suggestion = closest_name(name, names)
-    return f" (did you mean {suggestion!r}?)" if suggestion else ""
-
-
 def check_task_name(name: str) -> None:
     """Raises a ValueError naming the nearest registered name and all of them unless ``name`` is registered."""
     if name not in _REGISTRY:
         raise ValueError(
-            f"unknown task {name!r}{_did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
+            f"unknown task {name!r}{did_you_mean(name, _REGISTRY)}; available tasks: {', '.join(sorted(_REGISTRY))} "
             "(see `l2l tasks`)"
         )
 
@@ -108,7 +85,7 @@ def get_task(name: str, **options) -> TaskFamily:
                 "record them); fix the family's __init__ or its config()"
             ) from None
         raise ValueError(
-            f"task {name!r} has no option {option!r}{_did_you_mean(option, known)}; its options are "
+            f"task {name!r} has no option {option!r}{did_you_mean(option, known)}; its options are "
             f"{', '.join(known) or 'none'} (see `l2l tasks`)"
         ) from None
 
