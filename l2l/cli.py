@@ -135,6 +135,15 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
+def file_stem(text: str) -> str:
+    """argparse type: a file name without suffix (``tangent_prop``): not empty, no folder, not hidden."""
+    if not text.strip() or text != text.strip() or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(
+            f"expected a file name without folder or suffix (such as tangent_prop), got {text!r}"
+        )
+    return text
+
+
 def output_file(text: str) -> Path:
     """argparse type: a file to write at the end of a run, checked before it starts (nothing is created).
 

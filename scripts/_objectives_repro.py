@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from _common import FIGURES, RESULTS, Formatter, guard_published, path_arg, positive_int
 
+from l2l.checkpoint import atomic_write
 from l2l.cli import DATA_DIR_HELP
 from l2l.data.base import DATA_ENV, data_dir
 from l2l.tasks.mnist import mnist_tensors
@@ -91,7 +92,8 @@ def write(options: argparse.Namespace, name: str, report: dict[str, Any], figure
     options.results.mkdir(parents=True, exist_ok=True)
     options.figures.mkdir(parents=True, exist_ok=True)
     report = {**report, "machine": machine()}
-    (options.results / f"{name}.json").write_text(json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1).encode()
+    atomic_write(options.results / f"{name}.json", lambda handle: handle.write(text))  # never half a report
     figure.savefig(options.figures / f"{name}.png", dpi=80, bbox_inches="tight")
     print(f"wrote {options.results / f'{name}.json'} and {options.figures / f'{name}.png'}")
 

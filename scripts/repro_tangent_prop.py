@@ -17,6 +17,7 @@ import torch
 from _common import positive_float, positive_int
 from _objectives_repro import parser, setup, table, write
 
+from l2l.cli import file_stem
 from l2l.objectives import directional_derivatives, tangent_penalty
 from l2l.tasks.gradient_tasks import TANGENT_POINTS
 from l2l.tasks.mnist import mlp
@@ -75,7 +76,7 @@ def arguments() -> argparse.ArgumentParser:
     args.add_argument("--seeds", type=positive_int, default=3, help="fits per setting")
     args.add_argument("--init-scale", type=positive_float, default=4.0,
                       help="factor on the first layer's default initialisation (1: PyTorch's U(-1, 1) for one input)")
-    args.add_argument("--name", default="tangent_prop", help="output file stem (published: " + ", ".join(RECIPES) + ")")
+    args.add_argument("--name", type=file_stem, default="tangent_prop", help="output file stem (published: " + ", ".join(RECIPES) + ")")
     return args
 
 

@@ -71,6 +71,9 @@ def flag(call, name):
      "sgd, momentum, nag, rmsprop, adam"),
     ("repro_tangent_prop.py", ["--seeds", "0"], "--seeds: expected a positive integer, got '0'"),
     ("repro_tangent_prop.py", ["--weight", "0"], "--weight: expected a positive number, got '0'"),
+    # A stem '' wrote hidden .json/.png files; one with a folder wrote outside --results/--figures.
+    ("repro_tangent_prop.py", ["--name", ""], "--name: expected a file name without folder or suffix (such as tangent_prop), got ''"),
+    ("repro_tangent_prop.py", ["--name", "../x"], "--name: expected a file name without folder or suffix (such as tangent_prop), got '../x'"),
     ("repro_gradient_reversal.py", ["--eval-every", "0"], "--eval-every: expected a positive integer, got '0'"),
     ("repro_gradient_supervision.py", ["--weights", "0,1"], "--weights: expected comma-separated positive numbers, got '0,1'"),
     ("repro_gradient_supervision.py", ["--weights", ","], "--weights: expected comma-separated positive numbers, got ','"),
