@@ -95,20 +95,21 @@ def positive_int_list(text: str, *, empty: bool = False) -> tuple[int, ...]:
     """
     if empty and not text.strip():
         return ()
-    values = []
-    for part in text.split(","):
-        try:
-            value = positive_int(part)
-        except argparse.ArgumentTypeError:
-            try:
-                number = float(part)
-            except ValueError:
-                number = 0.0
-            value = int(number) if math.isfinite(number) and number.is_integer() and number > 0 else 0
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (such as 1,4,16 or 1e5), got {text!r}")
-        values.append(value)
-    return tuple(values)
+    values = tuple(_whole_number(part) for part in text.split(","))
+    if not all(value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (such as 1,4,16 or 1e5), got {text!r}")
+    return values
+
+
+def _whole_number(text: str) -> int:
+    """``text`` as a whole number, digits or e-notation (``16``, ``1e5``); 0 for anything else (``1.5``, ``x``, ``''``)."""
+    if text.strip().lstrip("+").isdigit():
+        return int(text)  # exact, however many digits
+    try:
+        number = float(text)
+    except ValueError:
+        return 0
+    return int(number) if math.isfinite(number) and number.is_integer() else 0
 
 
 def task_list(text: str) -> tuple[str, ...]:
