@@ -453,9 +453,10 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        used: dict[tuple, _Bucket] = {}
-        host_bad = False
-        device_flags: list[Tensor] = []
+        # Every group is checked and bucketed before any is stepped: an error in a later group
+        # (a sparse gradient, a rule_group that does not fit) must not leave earlier groups
+        # stepped, or the retry the error asks for would step them twice.
+        planned: list[tuple[int, dict[str, Any], CoordinateWiseLSTM, list[tuple[tuple, list[Tensor]]]]] = []
         for index, group in enumerate(self.param_groups):
             rule = group_rule(self.rule, group)
             by_key: dict[tuple, list[Tensor]] = {}
@@ -464,10 +465,16 @@ class LearnedOptimizer(Optimizer):
                     continue
                 check_grad(p.grad)
                 by_key.setdefault(bucket_key(p), []).append(p)
-            for key, params in by_key.items():
-                bucket = self._bucket(index, key, params, group, rule)
-                used[(index, *key)] = bucket
-                bad = self._step_bucket(bucket, group, self._rule_on(rule, key[0]))
+            planned.append((index, group, rule, list(by_key.items())))
+        used: dict[tuple, _Bucket] = {}
+        for index, group, rule, buckets in planned:
+            for key, params in buckets:
+                used[(index, *key)] = self._bucket(index, key, params, group, rule)
+        host_bad = False
+        device_flags: list[Tensor] = []
+        for index, group, rule, buckets in planned:
+            for key, _ in buckets:
+                bad = self._step_bucket(used[(index, *key)], group, self._rule_on(rule, key[0]))
                 if isinstance(bad, Tensor):
                     device_flags.append(bad)
                 host_bad = host_bad or bad is True

@@ -887,3 +887,37 @@ def test_a_cuda_tensor_lr_scales_the_update_of_cpu_and_cuda_parameters(checkpoin
         LearnedOptimizer([expected], checkpoint, lr=0.25).step()
         LearnedOptimizer([given], checkpoint, lr=torch.tensor(0.25, device=CUDA)).step()
         torch.testing.assert_close(given, expected, rtol=1e-6, atol=0)
+
+
+def test_a_step_refused_in_a_later_group_leaves_every_group_unstepped(checkpoint):
+    # A sparse gradient or a misfitting rule_group in group 1 was found only after group 0 had
+    # been stepped: the retry the error asks for then gave group 0 a second update.
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    reference = nn.Parameter(a.detach().clone())
+    optimizer = LearnedOptimizer([{"params": [a]}, {"params": [b]}], checkpoint)
+    a.grad = torch.randn(4)
+    reference.grad = a.grad.clone()
+    b.grad = torch.randn(3).to_sparse()
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        optimizer.step()
+    assert torch.equal(a, before) and "h" not in optimizer.state[a]
+    b.grad = b.grad.to_dense()
+    optimizer.step()
+    LearnedOptimizer([reference], checkpoint).step()
+    assert torch.equal(a, reference)
+
+    rule = PerGroupRule({"x": sensitive_rule(seed=0), "y": sensitive_rule(seed=1, hidden_size=5)})
+    p, q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([{"params": [p], "rule_group": "x"}, {"params": [q], "rule_group": "x"}], rule)
+    p.grad, q.grad = torch.randn(4), torch.randn(3)
+    optimizer.step()
+    optimizer.param_groups[1]["rule_group"] = "y"
+    before, h = p.detach().clone(), optimizer.state[p]["h"].clone()
+    with pytest.raises(ValueError, match="param group 1's LSTM state is 2 layers x 20 units"):
+        optimizer.step()
+    assert torch.equal(p, before) and torch.equal(optimizer.state[p]["h"], h)
+    optimizer.param_groups[1]["rule_group"] = "nope"
+    with pytest.raises(ValueError, match=r"give each param group a 'rule_group' naming one \(got 'nope'\)"):
+        optimizer.step()
+    assert torch.equal(p, before) and torch.equal(optimizer.state[p]["h"], h)
