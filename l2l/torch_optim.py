@@ -475,7 +475,7 @@ class LearnedOptimizer(Optimizer):
         for index, group, rule, buckets in planned:
             for key, _ in buckets:
                 bad = self._step_bucket(used[(index, *key)], group, self._rule_on(rule, key[0]))
-                if isinstance(bad, Tensor):
+                if isinstance(bad, Tensor) and not bad.is_meta:  # a meta flag holds no value to count
                     device_flags.append(bad)
                 host_bad = host_bad or bad is True
         self._buckets = used

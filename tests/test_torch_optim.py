@@ -921,3 +921,17 @@ def test_a_step_refused_in_a_later_group_leaves_every_group_unstepped(checkpoint
     with pytest.raises(ValueError, match=r"give each param group a 'rule_group' naming one \(got 'nope'\)"):
         optimizer.step()
     assert torch.equal(p, before) and torch.equal(optimizer.state[p]["h"], h)
+
+
+def test_a_state_dict_of_parameters_on_the_meta_device_loads_as_adams_does(checkpoint):
+    # Deferred initialisation builds model and optimizer on the meta device; loading their state
+    # read the hidden states' values to check them (Tensor.item() cannot be called on meta tensors).
+    model = nn.Linear(3, 2, device="meta")
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    optimizer.step()
+    resumed = LearnedOptimizer(model.parameters(), checkpoint)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed.state[model.weight]["h"].shape == (2, 20, 6) and resumed.state[model.weight]["h"].is_meta
+    resumed.step()
