@@ -23,7 +23,7 @@ from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, 
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
-from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState, check_state_dtype
+from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState, check_state_dtype, clamp_to_range
 
 # Coordinates per LSTM call: on a CPU a chunk's ~1 KiB/coordinate of temporaries should stay
 # cache-sized (2**14 ran 1.6x faster than 2**18 and 3x faster than 2**20 at 1e6 parameters); an
@@ -501,6 +501,7 @@ class LearnedOptimizer(Optimizer):
             # state is updated in place, the update overwrites the gradients, non-finite
             # coordinates are masked and flagged on the device.
             flag = torch.zeros(1, dtype=torch.int32, device=flat.device)
+            flat = clamp_to_range(flat, rule.weight_out.dtype)  # as the reference path's forward does
             fused.lstm_step_(rule, flat, bucket.h, bucket.c, out=flat, lr_scale=float(group["lr"]), nonfinite_flag=flag)
             bad, starts = (bool(flag.item()) if on_cpu else flag[0] > 0), range(0)
         for start in starts:

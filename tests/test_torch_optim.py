@@ -935,3 +935,17 @@ def test_a_state_dict_of_parameters_on_the_meta_device_loads_as_adams_does(check
     resumed.load_state_dict(optimizer.state_dict())
     assert resumed.state[model.weight]["h"].shape == (2, 20, 6) and resumed.state[model.weight]["h"].is_meta
     resumed.step()
+
+
+def test_float64_gradients_beyond_the_rules_float32_range_keep_their_sign(checkpoint):
+    # The float32 rule read a finite float64 gradient of 1e39 as inf: the saturated LSTM then gave
+    # +1e39 and -1e39 the same update. They now read as float32's largest value, sign kept.
+    largest = torch.finfo(torch.float32).max
+    huge, clamped = nn.Parameter(torch.zeros(4, dtype=torch.float64)), nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    huge.grad = torch.tensor([1e39, -1e39, 1e300, -1.0], dtype=torch.float64)
+    clamped.grad = torch.tensor([largest, -largest, largest, -1.0], dtype=torch.float64)
+    optimizer = LearnedOptimizer([huge], checkpoint)
+    optimizer.step()
+    LearnedOptimizer([clamped], checkpoint).step()
+    assert torch.equal(huge, clamped) and huge[0] != huge[1]
+    assert optimizer.nonfinite_steps == 0
