@@ -191,6 +191,18 @@ def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
     return param.device, (param.real.dtype if param.is_complex() else param.dtype)
 
 
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device``, so the rule computes in its own dtype as in meta-training.
+
+    A step called inside the forward pass's autocast block would otherwise run the LSTM's
+    matmuls in bfloat16 or float16. Device types autocast does not know (meta) get a no-op.
+    """
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def check_grad(grad: Tensor) -> None:
     """Raises for gradients the learned optimizer cannot take (sparse ones)."""
     if grad.is_sparse:
@@ -474,7 +486,8 @@ class LearnedOptimizer(Optimizer):
         device_flags: list[Tensor] = []
         for index, group, rule, buckets in planned:
             for key, _ in buckets:
-                bad = self._step_bucket(used[(index, *key)], group, self._rule_on(rule, key[0]))
+                with autocast_off(key[0]):
+                    bad = self._step_bucket(used[(index, *key)], group, self._rule_on(rule, key[0]))
                 if isinstance(bad, Tensor) and not bad.is_meta:  # a meta flag holds no value to count
                     device_flags.append(bad)
                 host_bad = host_bad or bad is True

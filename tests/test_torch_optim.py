@@ -949,3 +949,18 @@ def test_float64_gradients_beyond_the_rules_float32_range_keep_their_sign(checkp
     LearnedOptimizer([clamped], checkpoint).step()
     assert torch.equal(huge, clamped) and huge[0] != huge[1]
     assert optimizer.nonfinite_steps == 0
+
+
+def test_a_step_inside_an_autocast_region_runs_the_rule_in_its_own_dtype(checkpoint):
+    # Training loops often call optimizer.step() inside the autocast block of the forward pass;
+    # the LSTM's matmuls then ran in bfloat16 (float16 on CUDA), not the float32 meta-training saw.
+    grad = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    plain, autocast = nn.Parameter(torch.zeros(300)), nn.Parameter(torch.zeros(300))
+    optimizers = LearnedOptimizer([plain], checkpoint), LearnedOptimizer([autocast], checkpoint)
+    for _ in range(2):
+        plain.grad, autocast.grad = grad.clone(), grad.clone()
+        optimizers[0].step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            optimizers[1].step()
+            assert torch.is_autocast_enabled("cpu")  # left on for the caller's code
+    assert torch.equal(plain, autocast)
