@@ -163,8 +163,11 @@ def _state_dict_problems(error: RuntimeError) -> str:
 
 
 def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The keys of ``tensors`` whose floating-point tensor holds a NaN or an infinity."""
-    return [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    """The keys of ``tensors`` whose floating-point tensor holds a NaN or an infinity (meta tensors hold no values)."""
+    return [
+        key for key, value in tensors.items()
+        if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all())
+    ]
 
 
 def weights_problem(state_dict: Any) -> str | None:

@@ -23,7 +23,7 @@ from l2l.checkpoint import UseCheckpoint, load_use_checkpoint, non_finite_keys, 
 from l2l.kernels import dispatch, fused
 from l2l.optimizers import LEARNED_RULES
 from l2l.optimizers.grouped import PerGroupRule
-from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState, check_state_dtype
+from l2l.optimizers.lstm import STATE_DTYPES, CoordinateWiseLSTM, LSTMState, check_state_dtype, clamp_to_range
 
 # Coordinates per LSTM call: on a CPU a chunk's ~1 KiB/coordinate of temporaries should stay
 # cache-sized (2**14 ran 1.6x faster than 2**18 and 3x faster than 2**20 at 1e6 parameters); an
@@ -189,6 +189,18 @@ def zero_state(rule: CoordinateWiseLSTM, num_coords: int, device: torch.device, 
 def bucket_key(param: Tensor) -> tuple[torch.device, torch.dtype]:
     """Parameters sharing a device and a (real) dtype are stepped together in one flat batch."""
     return param.device, (param.real.dtype if param.is_complex() else param.dtype)
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device``, so the rule computes in its own dtype as in meta-training.
+
+    A step called inside the forward pass's autocast block would otherwise run the LSTM's
+    matmuls in bfloat16 or float16. Device types autocast does not know (meta) get a no-op.
+    """
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
 
 
 def check_grad(grad: Tensor) -> None:
@@ -453,9 +465,10 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        used: dict[tuple, _Bucket] = {}
-        host_bad = False
-        device_flags: list[Tensor] = []
+        # Every group is checked and bucketed before any is stepped: an error in a later group
+        # (a sparse gradient, a rule_group that does not fit) must not leave earlier groups
+        # stepped, or the retry the error asks for would step them twice.
+        planned: list[tuple[int, dict[str, Any], CoordinateWiseLSTM, list[tuple[tuple, list[Tensor]]]]] = []
         for index, group in enumerate(self.param_groups):
             rule = group_rule(self.rule, group)
             by_key: dict[tuple, list[Tensor]] = {}
@@ -464,11 +477,18 @@ class LearnedOptimizer(Optimizer):
                     continue
                 check_grad(p.grad)
                 by_key.setdefault(bucket_key(p), []).append(p)
-            for key, params in by_key.items():
-                bucket = self._bucket(index, key, params, group, rule)
-                used[(index, *key)] = bucket
-                bad = self._step_bucket(bucket, group, self._rule_on(rule, key[0]))
-                if isinstance(bad, Tensor):
+            planned.append((index, group, rule, list(by_key.items())))
+        used: dict[tuple, _Bucket] = {}
+        for index, group, rule, buckets in planned:
+            for key, params in buckets:
+                used[(index, *key)] = self._bucket(index, key, params, group, rule)
+        host_bad = False
+        device_flags: list[Tensor] = []
+        for index, group, rule, buckets in planned:
+            for key, _ in buckets:
+                with autocast_off(key[0]):
+                    bad = self._step_bucket(used[(index, *key)], group, self._rule_on(rule, key[0]))
+                if isinstance(bad, Tensor) and not bad.is_meta:  # a meta flag holds no value to count
                     device_flags.append(bad)
                 host_bad = host_bad or bad is True
         self._buckets = used
@@ -494,6 +514,7 @@ class LearnedOptimizer(Optimizer):
             # state is updated in place, the update overwrites the gradients, non-finite
             # coordinates are masked and flagged on the device.
             flag = torch.zeros(1, dtype=torch.int32, device=flat.device)
+            flat = clamp_to_range(flat, rule.weight_out.dtype)  # as the reference path's forward does
             fused.lstm_step_(rule, flat, bucket.h, bucket.c, out=flat, lr_scale=float(group["lr"]), nonfinite_flag=flag)
             bad, starts = (bool(flag.item()) if on_cpu else flag[0] > 0), range(0)
         for start in starts:

@@ -335,6 +335,21 @@ def test_drop_in_fused_matches_reference(interpreter):
     assert optimizers[0].nonfinite_steps == optimizers[1].nonfinite_steps == 1
 
 
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:LearnedOptimizer. non-finite gradients:RuntimeWarning")
+def test_drop_in_fused_reads_float64_gradients_beyond_float32_as_the_reference_does(interpreter):
+    """A float64 gradient of 1e39 is finite: clamped to the float32 rule's range, not cast to inf and skipped."""
+    grad = torch.tensor([1e39, -1e39, float("inf"), -1.0], dtype=torch.float64)
+    params = [nn.Parameter(torch.zeros(4, dtype=torch.float64)) for _ in range(2)]
+    optimizers = [LearnedOptimizer([p], CoordinateWiseLSTM(seed=14, kernel=k)) for p, k in zip(params, ("fused", "reference"))]
+    for p, optimizer in zip(params, optimizers):
+        p.grad = grad.clone()
+        optimizer.step()
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-7)
+    assert params[0][0] != params[0][1] and params[0][2] == 0
+    assert optimizers[0].nonfinite_steps == optimizers[1].nonfinite_steps == 1  # the inf alone
+
 def refused_step_inputs():
     """``(name, call(rule), message)``: fused entry points given inputs that do not fit a 2 x 4 rule.
 

@@ -887,3 +887,80 @@ def test_a_cuda_tensor_lr_scales_the_update_of_cpu_and_cuda_parameters(checkpoin
         LearnedOptimizer([expected], checkpoint, lr=0.25).step()
         LearnedOptimizer([given], checkpoint, lr=torch.tensor(0.25, device=CUDA)).step()
         torch.testing.assert_close(given, expected, rtol=1e-6, atol=0)
+
+
+def test_a_step_refused_in_a_later_group_leaves_every_group_unstepped(checkpoint):
+    # A sparse gradient or a misfitting rule_group in group 1 was found only after group 0 had
+    # been stepped: the retry the error asks for then gave group 0 a second update.
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    reference = nn.Parameter(a.detach().clone())
+    optimizer = LearnedOptimizer([{"params": [a]}, {"params": [b]}], checkpoint)
+    a.grad = torch.randn(4)
+    reference.grad = a.grad.clone()
+    b.grad = torch.randn(3).to_sparse()
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        optimizer.step()
+    assert torch.equal(a, before) and "h" not in optimizer.state[a]
+    b.grad = b.grad.to_dense()
+    optimizer.step()
+    LearnedOptimizer([reference], checkpoint).step()
+    assert torch.equal(a, reference)
+
+    rule = PerGroupRule({"x": sensitive_rule(seed=0), "y": sensitive_rule(seed=1, hidden_size=5)})
+    p, q = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([{"params": [p], "rule_group": "x"}, {"params": [q], "rule_group": "x"}], rule)
+    p.grad, q.grad = torch.randn(4), torch.randn(3)
+    optimizer.step()
+    optimizer.param_groups[1]["rule_group"] = "y"
+    before, h = p.detach().clone(), optimizer.state[p]["h"].clone()
+    with pytest.raises(ValueError, match="param group 1's LSTM state is 2 layers x 20 units"):
+        optimizer.step()
+    assert torch.equal(p, before) and torch.equal(optimizer.state[p]["h"], h)
+    optimizer.param_groups[1]["rule_group"] = "nope"
+    with pytest.raises(ValueError, match=r"give each param group a 'rule_group' naming one \(got 'nope'\)"):
+        optimizer.step()
+    assert torch.equal(p, before) and torch.equal(optimizer.state[p]["h"], h)
+
+
+def test_a_state_dict_of_parameters_on_the_meta_device_loads_as_adams_does(checkpoint):
+    # Deferred initialisation builds model and optimizer on the meta device; loading their state
+    # read the hidden states' values to check them (Tensor.item() cannot be called on meta tensors).
+    model = nn.Linear(3, 2, device="meta")
+    optimizer = LearnedOptimizer(model.parameters(), checkpoint)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    optimizer.step()
+    resumed = LearnedOptimizer(model.parameters(), checkpoint)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed.state[model.weight]["h"].shape == (2, 20, 6) and resumed.state[model.weight]["h"].is_meta
+    resumed.step()
+
+
+def test_float64_gradients_beyond_the_rules_float32_range_keep_their_sign(checkpoint):
+    # The float32 rule read a finite float64 gradient of 1e39 as inf: the saturated LSTM then gave
+    # +1e39 and -1e39 the same update. They now read as float32's largest value, sign kept.
+    largest = torch.finfo(torch.float32).max
+    huge, clamped = nn.Parameter(torch.zeros(4, dtype=torch.float64)), nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    huge.grad = torch.tensor([1e39, -1e39, 1e300, -1.0], dtype=torch.float64)
+    clamped.grad = torch.tensor([largest, -largest, largest, -1.0], dtype=torch.float64)
+    optimizer = LearnedOptimizer([huge], checkpoint)
+    optimizer.step()
+    LearnedOptimizer([clamped], checkpoint).step()
+    assert torch.equal(huge, clamped) and huge[0] != huge[1]
+    assert optimizer.nonfinite_steps == 0
+
+
+def test_a_step_inside_an_autocast_region_runs_the_rule_in_its_own_dtype(checkpoint):
+    # Training loops often call optimizer.step() inside the autocast block of the forward pass;
+    # the LSTM's matmuls then ran in bfloat16 (float16 on CUDA), not the float32 meta-training saw.
+    grad = torch.randn(300, generator=torch.Generator().manual_seed(0))
+    plain, autocast = nn.Parameter(torch.zeros(300)), nn.Parameter(torch.zeros(300))
+    optimizers = LearnedOptimizer([plain], checkpoint), LearnedOptimizer([autocast], checkpoint)
+    for _ in range(2):
+        plain.grad, autocast.grad = grad.clone(), grad.clone()
+        optimizers[0].step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            optimizers[1].step()
+            assert torch.is_autocast_enabled("cpu")  # left on for the caller's code
+    assert torch.equal(plain, autocast)

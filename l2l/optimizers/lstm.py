@@ -39,6 +39,20 @@ def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def clamp_to_range(grad: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad`` (any shape) with finite values beyond ``dtype``'s range clamped to its largest, sign kept.
+
+    Infinities and NaNs are kept (the callers mask them as non-finite). A no-op, returning
+    ``grad`` itself, unless ``grad``'s dtype has the wider range (float64 gradients, float32 rule).
+    """
+    limit = torch.finfo(dtype).max
+    if not grad.is_floating_point() or torch.finfo(grad.dtype).max <= limit:  # (others: refused by the callers)
+        return grad
+    # Cast to the narrower dtype, 1e39 would become inf: the log/sign encoding saturates and the
+    # update no longer depends on the gradient's sign.
+    return torch.where(grad.isinf(), grad, grad.clamp(-limit, limit))
+
+
 class CoordinateWiseLSTM(nn.Module):
     """A stacked LSTM that reads one gradient coordinate and writes that coordinate's update.
 
@@ -185,6 +199,7 @@ class CoordinateWiseLSTM(nn.Module):
             ValueError: ``grad`` is not a real floating-point ``[N]`` tensor, or the state is not
                 floating-point ``[layers, hidden, N]`` on ``grad``'s device.
         """
+        grad = clamp_to_range(grad, self.weight_out.dtype)
         if dispatch.select_kernel(self.kernel, self, grad.device) == "fused":
             update, h, c = fused.forward(self, grad, state.h, state.c)  # checks the same, and the weights' device
             return update, LSTMState(h, c)
