@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Union
 
@@ -201,6 +202,15 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, enabled=False)
     except RuntimeError:
         return contextlib.nullcontext()
+
+
+def check_mapping(state_dict: Any) -> None:
+    """Raises unless ``state_dict`` is a mapping, as every optimizer state_dict is."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"load_state_dict expects the dict that LearnedOptimizer.state_dict() returns, "
+            f"got a {type(state_dict).__name__}"
+        )
 
 
 def check_grad(grad: Tensor) -> None:
@@ -600,12 +610,17 @@ class LearnedOptimizer(Optimizer):
                 invalid one; or hidden states or weights hold NaN or infinite values. Nothing is
                 loaded then.
         """
+        check_mapping(state_dict)
         # torch.optim's pre-hooks may rewrite the state_dict: check and load what they return.
-        state_dict = state_dict.copy()
+        state_dict = dict(state_dict)
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
-                state_dict = result
+                check_mapping(result)
+                state_dict = dict(result)
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"this state_dict has no {missing[0]!r} entry: it is not an optimizer state_dict")
         saved_rule = state_dict.get("learned_rule")
         if not isinstance(saved_rule, dict):
             raise ValueError("this state_dict was not saved by a LearnedOptimizer (it has no 'learned_rule' entry)")

@@ -335,6 +335,22 @@ def test_add_param_group_validates_and_new_parameters_get_state(checkpoint):
     assert optimizer.param_groups[1]["state_dtype"] is None
 
 
+@pytest.mark.parametrize("bad", [[], None, "state.pt"])
+def test_loading_something_other_than_a_state_dict_names_what_it_got(checkpoint, bad):
+    p = nn.Parameter(torch.randn(3))
+    optimizer = LearnedOptimizer([p], checkpoint)
+    with pytest.raises(TypeError, match=f"expects the dict that LearnedOptimizer.state_dict\\(\\) returns, got a {type(bad).__name__}"):
+        optimizer.load_state_dict(bad)
+    with pytest.raises(ValueError, match="has no 'param_groups' entry: it is not an optimizer state_dict"):
+        optimizer.load_state_dict({"state": {}})
+    hooked = LearnedOptimizer([p], checkpoint)
+    hooked.register_load_state_dict_pre_hook(lambda opt, state: [])
+    p.grad = torch.randn(3)
+    hooked.step()
+    with pytest.raises(TypeError, match="got a list"):
+        hooked.load_state_dict(hooked.state_dict())
+
+
 def test_loading_a_state_of_another_rule_config_raises(checkpoint, tmp_path):
     p = nn.Parameter(torch.randn(3))
     p.grad = torch.randn(3)
