@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Callable, NamedTuple
 import torch
 from torch import nn
 
+from l2l.config import home_path
 from l2l.optimizers import LEARNED_RULES
 from l2l.version import __version__
 
@@ -48,9 +49,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     A crash at any moment leaves either the old file or the new one, never a partial file: the
     data are on disk before the rename publishes them, and the temporary is in the same
     directory, so the rename is atomic; the directory is synced after it, so that the new file
-    is still there after a power cut. A failed write removes the temporary.
+    is still there after a power cut. A failed write removes the temporary. A leading ``~``
+    is the home directory.
     """
-    path = Path(path)
+    path = home_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -233,8 +235,8 @@ def save_resume_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> 
 
 
 def load_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks a resume checkpoint written by :func:`save_resume_checkpoint`."""
-    path = Path(path)
+    """Reads and checks a resume checkpoint written by :func:`save_resume_checkpoint` (a leading ``~``: the home directory)."""
+    path = home_path(path)
     payload = _read(path, RESUME_FORMAT)
     _require_keys(path, payload, RESUME_KEYS)
     kinds = {"train_config": dict, "rule": dict, "state_dict": dict, "best_state_dict": dict, "meta_optimizer": dict,
@@ -261,8 +263,8 @@ def shipped_checkpoints() -> dict[str, Path]:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A checkpoint file from a path, or from the name of a shipped checkpoint (``"quadratic"``)."""
-    path = Path(name_or_path)
+    """A checkpoint file from a path (a leading ``~``: the home directory), or from the name of a shipped checkpoint (``"quadratic"``)."""
+    path = home_path(name_or_path)
     if path.is_file():
         return path
     shipped = shipped_checkpoints()

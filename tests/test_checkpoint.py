@@ -240,3 +240,22 @@ def test_a_file_given_by_path_wins_over_a_shipped_checkpoint_of_that_name(tmp_pa
     monkeypatch.chdir(tmp_path)
     save_use_checkpoint(tmp_path / "quadratic", lstm, {"task": "mine"})
     assert load_use_checkpoint("quadratic").metadata["task"] == "mine"
+
+
+def test_a_checkpoint_path_starting_with_a_tilde_means_the_home_directory(tmp_path, monkeypatch, lstm):
+    # Not a folder named '~' under the working directory: what a quoted "~/runs/q" or a config file's
+    # init_from means, as it does for the data directory.
+    from l2l.checkpoint import RESUME_KEYS, save_resume_checkpoint
+    from l2l.torch_optim import LearnedOptimizer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    save_use_checkpoint("~/runs/optimizer.pt", lstm, {"task": "mine"})
+    save_resume_checkpoint("~/runs/resume.pt", {key: {} for key in RESUME_KEYS} | {"epoch": 0, "progress": {"history": []}})
+    assert sorted(p.name for p in (tmp_path / "home" / "runs").iterdir()) == ["optimizer.pt", "resume.pt"]
+    assert not (tmp_path / "~").exists()
+    assert load_use_checkpoint("~/runs/optimizer.pt").metadata["task"] == "mine"
+    assert load_resume_checkpoint("~/runs/resume.pt")["epoch"] == 0
+    LearnedOptimizer([torch.nn.Parameter(torch.zeros(3))], "~/runs/optimizer.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint file '~no-such-user-l2l/optimizer.pt'"):
+        load_optimizer("~no-such-user-l2l/optimizer.pt")  # an unknown user's ~ is left as written, not a crash

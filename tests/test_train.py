@@ -797,3 +797,14 @@ def test_a_generator_of_another_device_type_is_seeded_from_the_saved_state():
     assert torch.equal(same.get_state(), cpu_state)
     with pytest.raises(RuntimeError):  # a state of neither size is damage, not another device
         continue_stream(torch.Generator(), torch.zeros(3, dtype=torch.uint8))
+
+
+def test_an_output_directory_starting_with_a_tilde_means_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = meta_train(TrainConfig(epochs=1, **SMALL), "~/run", progress=False)
+    assert result.resume_checkpoint == tmp_path / "home" / "run" / "resume.pt" and result.resume_checkpoint.is_file()
+    assert not (tmp_path / "~").exists()
+    resumed = meta_train(TrainConfig(epochs=2, init_from="~/run/optimizer.pt", **SMALL), "~/warm", progress=False)
+    assert resumed.use_checkpoint.is_file()
+    assert meta_train(TrainConfig(epochs=2, **SMALL), "~/run", resume="~/run/resume.pt", progress=False).epochs == 2

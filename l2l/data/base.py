@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from l2l.config import home_path
+
 DATA_ENV = "L2L_DATA"
 DOWNLOAD_ENV = "L2L_DOWNLOAD"  # "1": loaders fetch missing files (the CLI's --download sets it)
 
@@ -49,9 +51,9 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     another directory after a change of working directory.
     """
     if explicit is not None:
-        return Path(explicit).expanduser().absolute()
+        return home_path(explicit).absolute()
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser().absolute()
+        return home_path(os.environ[DATA_ENV]).absolute()
     return Path.home() / ".cache" / "l2l" / "data"
 
 

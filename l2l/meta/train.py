@@ -38,7 +38,7 @@ from l2l.checkpoint import (
     save_resume_checkpoint,
     save_use_checkpoint,
 )
-from l2l.config import ConfigError, TrainConfig
+from l2l.config import ConfigError, TrainConfig, home_path
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import (
     Collectives,
@@ -248,7 +248,7 @@ def effective_values(config: TrainConfig) -> dict[str, Any]:
         try:
             values["init_from"] = str(resolve_checkpoint(config.init_from).resolve())
         except CheckpointError:  # gone (a resume no longer needs it): the path as written, made absolute
-            values["init_from"] = os.path.abspath(config.init_from)
+            values["init_from"] = os.path.abspath(home_path(config.init_from))
     try:
         family = get_task(config.task, **config.task_options)
         steps, length = horizon(config, family)
@@ -293,7 +293,7 @@ class MetaTrainer:
         # warm_start=False skips config.init_from: a resumed run takes its weights from the resume checkpoint.
         # out_dir is written as given (meta_train is what refuses to replace another run's files).
         self.config = config
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out_dir = home_path(out_dir) if out_dir is not None else None
         self.layout: ShardLayout = current_layout(config.accumulate)
         self.collectives = Collectives(self.layout)
         self.collectives.check_same("configuration", config.to_json())
@@ -713,7 +713,7 @@ class MetaTrainer:
             self._restore(path)
             # Local work too: failing on one process, it would leave the others waiting in check_same's gather.
             digest = self._state_digest() if self.collectives.active else None
-        self.resumed_from = Path(path)
+        self.resumed_from = home_path(path)
         if digest is not None:
             self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
                                         "checkpoint", digest)
@@ -960,6 +960,9 @@ def meta_train(
         CheckpointError: ``resume`` is unreadable or damaged, or does not fit ``config``.
         TrainingInterrupted: ``stop`` was requested before the last epoch.
     """
+    # A leading ~ is the home directory (as for checkpoints and the data directory), not a folder named '~'.
+    out_dir = None if out_dir is None else home_path(out_dir)
+    resume = None if resume is None else home_path(resume)
     collectives = Collectives(current_layout(config.accumulate))
     # Every process must take the same collective path: one that writes (or resumes) while
     # another does not would wait forever in a collective the other never calls.
