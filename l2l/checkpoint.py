@@ -91,14 +91,19 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before refusing it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged or unsafe files.
+        handle = path.open("rb")
+    except OSError as error:  # intact but unreadable (permissions): never to be called corrupt and deleted
         raise CheckpointError(
-            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not an l2l checkpoint "
-            f"({type(error).__name__}: {_reason(error)})"
+            f"checkpoint {path} cannot be opened: {error.strerror or error}; make it readable (chmod a+r {path}) "
+            "or copy it somewhere you can read"
         ) from None
+    with handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise CheckpointError(
+                f"checkpoint {path} is empty (0 bytes): its write was cut short (a full disk, an interrupted copy); "
+                "copy it again, or use another checkpoint"
+            )
+        payload = _load(path, handle)
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"checkpoint {path} is not an l2l checkpoint (no 'format' entry)")
     found = payload["format"]
@@ -111,6 +116,19 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
             f"checkpoint {path} has format version {payload.get('format_version')!r}; this l2l reads version {FORMAT_VERSION}"
         )
     return payload
+
+
+def _load(path: Path, handle: BinaryIO) -> Any:
+    """``torch.load`` of plain data only; a damaged or unsafe file is a CheckpointError."""
+    try:
+        with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or unsafe files.
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not an l2l checkpoint "
+            f"({type(error).__name__}: {_reason(error)})"
+        ) from None
 
 
 def _require_keys(path: Path, payload: dict[str, Any], keys: tuple[str, ...]) -> None:

@@ -259,3 +259,34 @@ def test_a_checkpoint_path_starting_with_a_tilde_means_the_home_directory(tmp_pa
     LearnedOptimizer([torch.nn.Parameter(torch.zeros(3))], "~/runs/optimizer.pt")
     with pytest.raises(CheckpointError, match="no checkpoint file '~no-such-user-l2l/optimizer.pt'"):
         load_optimizer("~no-such-user-l2l/optimizer.pt")  # an unknown user's ~ is left as written, not a crash
+
+
+def _unreadable(monkeypatch, path):
+    """Makes ``path`` unreadable, also to root (whom chmod does not stop)."""
+    import pathlib
+
+    path.chmod(0)
+    real_open = pathlib.Path.open
+
+    def open_(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+
+
+def test_an_unreadable_checkpoint_is_named_as_such_not_as_corrupt(saved, monkeypatch):
+    # A file on a shared disk without read permission is intact: "corrupt" would have it deleted.
+    _unreadable(monkeypatch, saved)
+    with pytest.raises(CheckpointError) as error:
+        load_optimizer(saved)
+    message = str(error.value)
+    assert f"checkpoint {saved} cannot be opened: Permission denied" in message and "chmod" in message
+    assert "corrupt" not in message
+
+
+def test_an_empty_checkpoint_says_it_is_empty(tmp_path):
+    (tmp_path / "resume.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"resume.pt is empty \(0 bytes\): its write was cut short"):
+        load_resume_checkpoint(tmp_path / "resume.pt")
