@@ -188,11 +188,16 @@ def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def weights_problem(state_dict: Any) -> str | None:
-    """What is wrong with a rule's saved weights (not a mapping of tensors, NaN or infinite values), or None."""
+    """What is wrong with a rule's saved weights (not a mapping of dense real floating-point tensors, NaN or infinite values), or None."""
     # A NaN weight would turn every parameter the rule touches into NaN with no gradient ever
     # being non-finite, so it is refused on loading, where the cause is still nameable.
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         return "its weights are not a mapping of names to tensors"
+    # load_state_dict would cast integer, boolean or complex weights into the rule without a word.
+    kinds = {key: str(value.layout) if value.layout != torch.strided else str(value.dtype)
+             for key, value in state_dict.items() if value.layout != torch.strided or not value.is_floating_point()}
+    if kinds:
+        return f"weights {', '.join(kinds)} are {', '.join(sorted(set(kinds.values())))}, not dense real floating-point tensors"
     bad = non_finite_keys(state_dict)
     return f"weights {', '.join(bad)} hold NaN or infinite values" if bad else None
 

@@ -290,3 +290,16 @@ def test_an_empty_checkpoint_says_it_is_empty(tmp_path):
     (tmp_path / "resume.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"resume.pt is empty \(0 bytes\): its write was cut short"):
         load_resume_checkpoint(tmp_path / "resume.pt")
+
+
+@pytest.mark.parametrize("convert, found", [
+    (lambda weight: (weight * 100).to(torch.int64), "torch.int64"),
+    (lambda weight: weight > 0, "torch.bool"),
+    (lambda weight: weight.to(torch.complex64), "torch.complex64"),  # loaded, its imaginary part was dropped
+    (lambda weight: weight.to_sparse(), "torch.sparse_coo"),  # was a page-long NotImplementedError from isfinite
+], ids=["int", "bool", "complex", "sparse"])
+def test_weights_that_are_not_dense_real_floating_point_tensors_are_refused(tmp_path, lstm, convert, found):
+    # load_state_dict would cast them into the rule without a word: rounded, thresholded or cut weights.
+    path = _damaged(tmp_path, lstm, lambda payload: payload["state_dict"].update(weight_hh_l1=convert(payload["state_dict"]["weight_hh_l1"])))
+    with pytest.raises(CheckpointError, match=f"corrupt: weights weight_hh_l1 are {found}, not dense real floating-point tensors"):
+        load_optimizer(path)
