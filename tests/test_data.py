@@ -498,3 +498,18 @@ def test_a_non_string_activation_is_named():
 
     with pytest.raises(ValueError, match=r"unknown activation \[1\]; choose from sigmoid, relu, tanh"):
         get_task("mnist", activation=[1])
+
+
+def test_mnist_files_are_read_compressed_or_not_whatever_their_names_say(tmp_path):
+    # A browser unpacks a downloaded .gz and keeps its name; a re-compressed file may have lost its suffix.
+    fake_mnist(tmp_path / "unpacked" / "mnist", compress=False)
+    for path in (tmp_path / "unpacked" / "mnist").iterdir():
+        path.rename(path.with_name(path.name + ".gz"))
+    fake_mnist(tmp_path / "packed" / "mnist", compress=True)
+    for path in (tmp_path / "packed" / "mnist").iterdir():
+        path.rename(path.with_suffix(""))
+    fake_mnist(tmp_path / "named" / "mnist")
+    expected = load_mnist(tmp_path / "named")
+    for folder in ("unpacked", "packed"):
+        loaded = load_mnist(tmp_path / folder)
+        assert torch.equal(loaded.x_train, expected.x_train) and torch.equal(loaded.y_test, expected.y_test), folder

@@ -22,20 +22,23 @@ FILES = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+GZIP_MAGIC = b"\x1f\x8b"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parses an IDX file (``.gz`` or raw) into an array of the shape its header declares.
+    """Parses an IDX file, gzip-compressed or not (told by its content), into an array of the shape its header declares.
 
     Raises:
         DataError: the file is not IDX, or is shorter or longer than its header says.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as handle:
+        with open(path, "rb") as handle:
             data = handle.read()
+        # By content, not by name: a browser unpacks a downloaded .gz and keeps the suffix.
+        if data[:2] == GZIP_MAGIC:
+            data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} cannot be read ({error}); delete it and fetch it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
