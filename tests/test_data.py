@@ -513,3 +513,28 @@ def test_mnist_files_are_read_compressed_or_not_whatever_their_names_say(tmp_pat
     for folder in ("unpacked", "packed"):
         loaded = load_mnist(tmp_path / folder)
         assert torch.equal(loaded.x_train, expected.x_train) and torch.equal(loaded.y_test, expected.y_test), folder
+
+
+def test_a_cifar_batch_of_the_wrong_layout_names_the_batch(tmp_path):
+    # One batch whose labels are a column ([[3], [1], ...]) was a bare ValueError from np.concatenate.
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [[1], [2], [3]] if name == "data_batch_3" else [1, 2, 3]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": np.zeros((3, 3072), dtype=np.uint8), b"labels": labels}, handle)
+    with pytest.raises(DataError, match=r"data_batch_3 is not a readable CIFAR-10 batch \(labels must be \[3\] \(one per image\), found \[3, 1\]\)"):
+        load_cifar10(tmp_path)
+    with open(folder / "data_batch_3", "wb") as handle:
+        pickle.dump({b"data": np.zeros((3, 3000), dtype=np.uint8), b"labels": [1, 2, 3]}, handle)
+    with pytest.raises(DataError, match=r"data_batch_3 is not a readable CIFAR-10 batch \(data must be \[N, 3072\], found \[3, 3000\]\)"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar_labels_that_are_not_numbers_are_a_data_error(tmp_path):
+    # Text labels ("cat") were a bare numpy UFuncTypeError from the error message's own min().
+    arrays = {**fake_cifar_arrays(), "y_train": np.array(["cat"] * 10)}
+    (tmp_path / "cifar10").mkdir()
+    np.savez(tmp_path / "cifar10" / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match=r"CIFAR-10 train labels must be class indices 0\.\.9, found <U3 values: the files"):
+        load_cifar10(tmp_path)

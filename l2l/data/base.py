@@ -174,9 +174,12 @@ def check_labels(dataset: str, labels: np.ndarray, classes: int) -> None:
     """Raises a DataError unless every label is an integer class index in ``[0, classes)``."""
     labels = np.asarray(labels)
     if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes):
+        # Text or other non-numbers have no range to show (their min() raises).
+        numeric = np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_
+        span = f" in [{labels.min()}, {labels.max()}]" if numeric else ""
         raise DataError(
-            f"{dataset} labels must be class indices 0..{classes - 1}, found {labels.dtype} values in "
-            f"[{labels.min()}, {labels.max()}]: the files are damaged; delete them and fetch them again"
+            f"{dataset} labels must be class indices 0..{classes - 1}, found {labels.dtype} values{span}: "
+            "the files are damaged; delete them and fetch them again"
         )
 
 

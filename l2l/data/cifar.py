@@ -48,6 +48,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise TypeError(f"it holds a {type(batch).__name__}, not a dict")
         # Checked before casting: a cast would wrap 300 to 44 or truncate 0.9 to 0 without a word.
         images, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"data must be [N, 3072], found {list(images.shape)}")
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must be [{len(images)}] (one per image), found {list(labels.shape)}")
         for name, values, top in ((b"data", images, 255), (b"labels", labels, 9)):
             if not np.issubdtype(values.dtype, np.integer) or (values.size and (values.min() < 0 or values.max() > top)):
                 raise ValueError(f"{name.decode()} must be integers in 0..{top}, found {values.dtype}")
@@ -56,8 +60,6 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, OverflowError,
             AssertionError) as error:
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it and fetch it again") from None
-    if len(images) != len(labels):
-        raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
     return np.ascontiguousarray(images), labels
 
 
