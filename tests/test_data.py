@@ -538,3 +538,22 @@ def test_cifar_labels_that_are_not_numbers_are_a_data_error(tmp_path):
     np.savez(tmp_path / "cifar10" / "cifar10.npz", **arrays)
     with pytest.raises(DataError, match=r"CIFAR-10 train labels must be class indices 0\.\.9, found <U3 values: the files"):
         load_cifar10(tmp_path)
+
+
+def test_mnist_under_the_names_of_the_kaggle_copy_is_found(tmp_path):
+    # The widely used Kaggle copy names its files train-images.idx3-ubyte, ... (a dot before idx).
+    fake_mnist(tmp_path / "official" / "mnist", compress=False)
+    fake_mnist(tmp_path / "kaggle" / "mnist", compress=False)
+    for path in (tmp_path / "kaggle" / "mnist").iterdir():
+        path.rename(path.with_name(path.name.replace("-idx", ".idx")))
+    assert torch.equal(load_mnist(tmp_path / "kaggle").x_train, load_mnist(tmp_path / "official").x_train)
+
+
+@pytest.mark.parametrize("where", ["cifar10", "."])
+def test_an_official_cifar_archive_left_packed_is_named_with_how_to_unpack_it(tmp_path, where):
+    (tmp_path / where).mkdir(exist_ok=True)
+    archive = tmp_path / where / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"not unpacked")
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path, download_missing=False)
+    assert f"found the official archive {archive}: unpack it there (tar xzf {archive} -C {archive.parent})" in str(error.value)

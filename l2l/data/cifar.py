@@ -17,7 +17,8 @@ import torch
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
 from l2l.data.base import directory_for_download, download_failed, missing, placement, remove_stale_scratch
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE = "cifar-10-python.tar.gz"
+URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
 TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -145,7 +146,12 @@ def load_cifar10(directory: str | os.PathLike | None = None, *, download_missing
         except DataError as error:
             raise download_failed(error, root / "cifar10", expected) from None
         return _from_batches(folder)
-    raise missing("CIFAR-10", root / "cifar10", expected, "--download")
+    error = missing("CIFAR-10", root / "cifar10", expected, "--download")
+    for folder in (root / "cifar10", root):
+        if (folder / ARCHIVE).is_file():  # copied by hand, not unpacked
+            archive = folder / ARCHIVE
+            raise DataError(f"{error}\nfound the official archive {archive}: unpack it there (tar xzf {archive} -C {folder})")
+    raise error
 
 
 def _download_batches(folder: Path) -> Path:
@@ -159,7 +165,7 @@ def _download_batches(folder: Path) -> Path:
     with directory_for_download(folder):
         remove_stale_scratch(folder, SCRATCH_PREFIX)
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=folder) as scratch:
-            archive = download(URL, Path(scratch) / "cifar-10-python.tar.gz", TAR_MD5)
+            archive = download(URL, Path(scratch) / ARCHIVE, TAR_MD5)
             try:
                 with tarfile.open(archive) as tar:
                     tar.extractall(Path(scratch) / "unpacked", filter="data")

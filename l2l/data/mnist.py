@@ -59,8 +59,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _find(directory: Path, stem: str) -> Path | None:
+    kaggle = stem.replace("-idx", ".idx")  # the Kaggle copy's names: train-images.idx3-ubyte, ...
     for folder in (directory / "mnist", directory / "MNIST" / "raw", directory):
-        for name in (stem, f"{stem}.gz"):
+        for name in (stem, f"{stem}.gz", kaggle, f"{kaggle}.gz"):
             if (folder / name).is_file():
                 return folder / name
     return None
@@ -70,7 +71,8 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
     """Loads MNIST: 60,000 training and 10,000 test images ``[N, 28, 28]`` uint8 with int64 labels.
 
     Files are looked for in ``DIR/mnist/``, then ``DIR/MNIST/raw/``, then ``DIR/`` (``DIR`` from
-    :func:`l2l.data.data_dir`), each as ``NAME`` or ``NAME.gz``.
+    :func:`l2l.data.data_dir`), each as ``NAME`` or ``NAME.gz``, also under the Kaggle copy's
+    names (``train-images.idx3-ubyte``, ...).
 
     Args:
         directory: the data directory (default: ``$L2L_DATA`` or ``~/.cache/l2l/data``).
