@@ -557,3 +557,42 @@ def test_an_official_cifar_archive_left_packed_is_named_with_how_to_unpack_it(tm
     with pytest.raises(DataError) as error:
         load_cifar10(tmp_path, download_missing=False)
     assert f"found the official archive {archive}: unpack it there (tar xzf {archive} -C {archive.parent})" in str(error.value)
+
+
+def _unreadable(monkeypatch, path):
+    """Makes ``path`` unreadable, also to root (whom chmod does not stop)."""
+    import builtins
+
+    path.chmod(0)
+    real_open = builtins.open
+
+    def open_(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar-npz", "cifar-batches"])
+def test_a_dataset_file_without_read_permission_is_named_as_such_not_as_damaged(tmp_path, monkeypatch, dataset):
+    # An intact file on a shared disk: "delete it and fetch it again" would lose it for everyone.
+    if dataset == "mnist":
+        fake_mnist(tmp_path / "mnist")
+        path, load = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", load_mnist
+    elif dataset == "cifar-npz":
+        (tmp_path / "cifar10").mkdir()
+        path, load = tmp_path / "cifar10" / "cifar10.npz", load_cifar10
+        np.savez(path, **fake_cifar_arrays())
+    else:
+        folder = tmp_path / "cifar-10-batches-py"
+        folder.mkdir()
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (folder / name).write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), dtype=np.uint8), b"labels": [1]}))
+        path, load = folder / "data_batch_2", load_cifar10
+    _unreadable(monkeypatch, path)
+    with pytest.raises(DataError) as error:
+        load(tmp_path)
+    message = str(error.value)
+    assert f"{path} cannot be opened: Permission denied; make it readable (chmod a+r {path})" in message
+    assert "delete" not in message

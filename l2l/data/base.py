@@ -170,6 +170,14 @@ def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool 
     return destination
 
 
+def unreadable(path: Path, error: OSError) -> DataError:
+    """The error for a dataset file that is there but cannot be opened (permissions): intact, so never to be deleted."""
+    return DataError(
+        f"{path} cannot be opened: {error.strerror or error}; make it readable (chmod a+r {path}) or point "
+        f"--data-dir / ${DATA_ENV} at a copy you can read"
+    )
+
+
 def check_labels(dataset: str, labels: np.ndarray, classes: int) -> None:
     """Raises a DataError unless every label is an integer class index in ``[0, classes)``."""
     labels = np.asarray(labels)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
-from l2l.data.base import directory_for_download, download_failed, missing, placement, remove_stale_scratch
+from l2l.data.base import directory_for_download, download_failed, missing, placement, remove_stale_scratch, unreadable
 
 ARCHIVE = "cifar-10-python.tar.gz"
 URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
@@ -58,6 +58,8 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 raise ValueError(f"{name.decode()} must be integers in 0..{top}, found {values.dtype}")
         images = images.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = labels.astype(np.int64)
+    except PermissionError as error:
+        raise unreadable(path, error) from None
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, OverflowError,
             AssertionError) as error:
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it and fetch it again") from None
@@ -89,6 +91,8 @@ def _from_npz(path: Path) -> ArrayDataset:
             raise ValueError("it is a single .npy array, not an npz archive")
         with loaded as archive:
             arrays = {key: archive[key] for key in NPZ_KEYS if key in archive.files}
+    except PermissionError as error:
+        raise unreadable(path, error) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(f"{path} is not a readable npz ({error}); delete it and fetch it again") from None
     absent = [key for key in NPZ_KEYS if key not in arrays]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
-from l2l.data.base import directory_for_download, download_failed, missing
+from l2l.data.base import directory_for_download, download_failed, missing, unreadable
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 # MD5 of the decompressed official files: it holds for the official .gz and for any re-compression.
@@ -39,6 +39,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         # By content, not by name: a browser unpacks a downloaded .gz and keeps the suffix.
         if data[:2] == GZIP_MAGIC:
             data = gzip.decompress(data)
+    except PermissionError as error:
+        raise unreadable(path, error) from None
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} cannot be read ({error}); delete it and fetch it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
