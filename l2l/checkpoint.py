@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Callable, NamedTuple
 import torch
 from torch import nn
 
+from l2l.config import home_path
 from l2l.optimizers import LEARNED_RULES
 from l2l.version import __version__
 
@@ -48,9 +49,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     A crash at any moment leaves either the old file or the new one, never a partial file: the
     data are on disk before the rename publishes them, and the temporary is in the same
     directory, so the rename is atomic; the directory is synced after it, so that the new file
-    is still there after a power cut. A failed write removes the temporary.
+    is still there after a power cut. A failed write removes the temporary. A leading ``~``
+    is the home directory.
     """
-    path = Path(path)
+    path = home_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -89,14 +91,19 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before refusing it
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged or unsafe files.
+        handle = path.open("rb")
+    except OSError as error:  # intact but unreadable (permissions): never to be called corrupt and deleted
         raise CheckpointError(
-            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not an l2l checkpoint "
-            f"({type(error).__name__}: {_reason(error)})"
+            f"checkpoint {path} cannot be opened: {error.strerror or error}; make it readable (chmod a+r {path}) "
+            "or copy it somewhere you can read"
         ) from None
+    with handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            raise CheckpointError(
+                f"checkpoint {path} is empty (0 bytes): its write was cut short (a full disk, an interrupted copy); "
+                "copy it again, or use another checkpoint"
+            )
+        payload = _load(path, handle)
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(f"checkpoint {path} is not an l2l checkpoint (no 'format' entry)")
     found = payload["format"]
@@ -109,6 +116,19 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
             f"checkpoint {path} has format version {payload.get('format_version')!r}; this l2l reads version {FORMAT_VERSION}"
         )
     return payload
+
+
+def _load(path: Path, handle: BinaryIO) -> Any:
+    """``torch.load`` of plain data only; a damaged or unsafe file is a CheckpointError."""
+    try:
+        with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or unsafe files.
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read: it is corrupt, truncated, or not an l2l checkpoint "
+            f"({type(error).__name__}: {_reason(error)})"
+        ) from None
 
 
 def _require_keys(path: Path, payload: dict[str, Any], keys: tuple[str, ...]) -> None:
@@ -171,11 +191,16 @@ def non_finite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def weights_problem(state_dict: Any) -> str | None:
-    """What is wrong with a rule's saved weights (not a mapping of tensors, NaN or infinite values), or None."""
+    """What is wrong with a rule's saved weights (not a mapping of dense real floating-point tensors, NaN or infinite values), or None."""
     # A NaN weight would turn every parameter the rule touches into NaN with no gradient ever
     # being non-finite, so it is refused on loading, where the cause is still nameable.
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
         return "its weights are not a mapping of names to tensors"
+    # load_state_dict would cast integer, boolean or complex weights into the rule without a word.
+    kinds = {key: str(value.layout) if value.layout != torch.strided else str(value.dtype)
+             for key, value in state_dict.items() if value.layout != torch.strided or not value.is_floating_point()}
+    if kinds:
+        return f"weights {', '.join(kinds)} are {', '.join(sorted(set(kinds.values())))}, not dense real floating-point tensors"
     bad = non_finite_keys(state_dict)
     return f"weights {', '.join(bad)} hold NaN or infinite values" if bad else None
 
@@ -236,8 +261,8 @@ def save_resume_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> 
 
 
 def load_resume_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks a resume checkpoint written by :func:`save_resume_checkpoint`."""
-    path = Path(path)
+    """Reads and checks a resume checkpoint written by :func:`save_resume_checkpoint` (a leading ``~``: the home directory)."""
+    path = home_path(path)
     payload = _read(path, RESUME_FORMAT)
     _require_keys(path, payload, RESUME_KEYS)
     kinds = {"train_config": dict, "rule": dict, "state_dict": dict, "best_state_dict": dict, "meta_optimizer": dict,
@@ -264,8 +289,8 @@ def shipped_checkpoints() -> dict[str, Path]:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A checkpoint file from a path, or from the name of a shipped checkpoint (``"quadratic"``)."""
-    path = Path(name_or_path)
+    """A checkpoint file from a path (a leading ``~``: the home directory), or from the name of a shipped checkpoint (``"quadratic"``)."""
+    path = home_path(name_or_path)
     if path.is_file():
         return path
     shipped = shipped_checkpoints()

@@ -16,7 +16,7 @@ import torch
 
 from l2l.checkpoint import CheckpointError, atomic_write, load_use_checkpoint
 from l2l.data.base import DATA_ENV, DOWNLOAD_ENV, DataError
-from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, did_you_mean, json_kind
+from l2l.config import BASELINE_NAMES, DEFAULT_LR_GRID, BenchConfig, ConfigError, TrainConfig, did_you_mean, home_path, json_kind
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
@@ -130,10 +130,10 @@ def task_list(text: str) -> tuple[str, ...]:
 
 
 def path_arg(text: str) -> Path:
-    """argparse type: a path; an empty one (an unset shell variable, say) is a usage error, not the current directory."""
+    """argparse type: a path, a leading ``~`` the home directory; an empty one (an unset shell variable, say) is a usage error."""
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
-    return Path(text)
+    return home_path(text)
 
 
 def file_stem(text: str) -> str:

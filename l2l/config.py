@@ -6,8 +6,10 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 LOSS_WEIGHTINGS = ("uniform", "linear", "final")
@@ -37,6 +39,15 @@ def closest_name(name: str, names) -> str | None:
         return by_key[key(name)]
     matches = difflib.get_close_matches(key(name), list(by_key), n=1, cutoff=0.6)
     return by_key[matches[0]] if matches else None
+
+
+def home_path(path: str | os.PathLike) -> Path:
+    """``path`` with a leading ``~`` (or ``~user``) as the home directory; an unknown user's left as written.
+
+    The shell leaves the tilde of ``--out=~/run``, a quoted ``"~/run"`` or a config file's path
+    alone: unexpanded, it names a folder ``~`` in the working directory.
+    """
+    return Path(os.path.expanduser(os.fspath(path)))
 
 
 def did_you_mean(name: str, names) -> str:

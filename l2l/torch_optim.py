@@ -727,10 +727,11 @@ class LearnedOptimizer(Optimizer):
 
 
 def weights_fit_problem(weights: dict[str, Tensor], rule: nn.Module) -> str | None:
-    """What keeps ``weights`` from loading into ``rule`` (missing, unexpected, misshapen or non-float tensors), or None.
+    """What keeps ``weights`` from loading into ``rule`` (missing, unexpected or misshapen tensors), or None.
 
     Checked before :meth:`LearnedOptimizer.load_state_dict` loads anything, where the module's
-    own check would raise only after the hidden states were in place.
+    own check would raise only after the hidden states were in place; after
+    :func:`~l2l.checkpoint.weights_problem`, which refuses tensors that are not floating point.
     """
     expected = rule.state_dict()
     problems = [f"missing {key}" for key in expected if key not in weights]
@@ -738,9 +739,7 @@ def weights_fit_problem(weights: dict[str, Tensor], rule: nn.Module) -> str | No
     for key, value in weights.items():
         if key not in expected:
             continue
-        if not value.is_floating_point():
-            problems.append(f"{key} is {value.dtype}, expected a floating-point tensor")
-        elif value.shape != expected[key].shape:
+        if value.shape != expected[key].shape:
             problems.append(f"{key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
     return "weights " + "; ".join(problems) if problems else None
 

@@ -240,3 +240,66 @@ def test_a_file_given_by_path_wins_over_a_shipped_checkpoint_of_that_name(tmp_pa
     monkeypatch.chdir(tmp_path)
     save_use_checkpoint(tmp_path / "quadratic", lstm, {"task": "mine"})
     assert load_use_checkpoint("quadratic").metadata["task"] == "mine"
+
+
+def test_a_checkpoint_path_starting_with_a_tilde_means_the_home_directory(tmp_path, monkeypatch, lstm):
+    # Not a folder named '~' under the working directory: what a quoted "~/runs/q" or a config file's
+    # init_from means, as it does for the data directory.
+    from l2l.checkpoint import RESUME_KEYS, save_resume_checkpoint
+    from l2l.torch_optim import LearnedOptimizer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    save_use_checkpoint("~/runs/optimizer.pt", lstm, {"task": "mine"})
+    save_resume_checkpoint("~/runs/resume.pt", {key: {} for key in RESUME_KEYS} | {"epoch": 0, "progress": {"history": []}})
+    assert sorted(p.name for p in (tmp_path / "home" / "runs").iterdir()) == ["optimizer.pt", "resume.pt"]
+    assert not (tmp_path / "~").exists()
+    assert load_use_checkpoint("~/runs/optimizer.pt").metadata["task"] == "mine"
+    assert load_resume_checkpoint("~/runs/resume.pt")["epoch"] == 0
+    LearnedOptimizer([torch.nn.Parameter(torch.zeros(3))], "~/runs/optimizer.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint file '~no-such-user-l2l/optimizer.pt'"):
+        load_optimizer("~no-such-user-l2l/optimizer.pt")  # an unknown user's ~ is left as written, not a crash
+
+
+def _unreadable(monkeypatch, path):
+    """Makes ``path`` unreadable, also to root (whom chmod does not stop)."""
+    import pathlib
+
+    path.chmod(0)
+    real_open = pathlib.Path.open
+
+    def open_(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_)
+
+
+def test_an_unreadable_checkpoint_is_named_as_such_not_as_corrupt(saved, monkeypatch):
+    # A file on a shared disk without read permission is intact: "corrupt" would have it deleted.
+    _unreadable(monkeypatch, saved)
+    with pytest.raises(CheckpointError) as error:
+        load_optimizer(saved)
+    message = str(error.value)
+    assert f"checkpoint {saved} cannot be opened: Permission denied" in message and "chmod" in message
+    assert "corrupt" not in message
+
+
+def test_an_empty_checkpoint_says_it_is_empty(tmp_path):
+    (tmp_path / "resume.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"resume.pt is empty \(0 bytes\): its write was cut short"):
+        load_resume_checkpoint(tmp_path / "resume.pt")
+
+
+@pytest.mark.parametrize("convert, found", [
+    (lambda weight: (weight * 100).to(torch.int64), "torch.int64"),
+    (lambda weight: weight > 0, "torch.bool"),
+    (lambda weight: weight.to(torch.complex64), "torch.complex64"),  # loaded, its imaginary part was dropped
+    (lambda weight: weight.to_sparse(), "torch.sparse_coo"),  # was a page-long NotImplementedError from isfinite
+], ids=["int", "bool", "complex", "sparse"])
+def test_weights_that_are_not_dense_real_floating_point_tensors_are_refused(tmp_path, lstm, convert, found):
+    # load_state_dict would cast them into the rule without a word: rounded, thresholded or cut weights.
+    path = _damaged(tmp_path, lstm, lambda payload: payload["state_dict"].update(weight_hh_l1=convert(payload["state_dict"]["weight_hh_l1"])))
+    with pytest.raises(CheckpointError, match=f"corrupt: weights weight_hh_l1 are {found}, not dense real floating-point tensors"):
+        load_optimizer(path)

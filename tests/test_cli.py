@@ -513,3 +513,17 @@ def test_tasks_lists_the_other_families_when_one_cannot_be_built_and_marks_that_
         assert any(line.startswith("quadratic ") for line in lines) and any(line.startswith("mnist ") for line in lines)
         bad = next(line for line in lines if line.startswith("test-tensorial "))
         assert "cannot be built" in bad and reason in bad
+
+
+def test_a_path_flag_starting_with_a_tilde_means_the_home_directory(tmp_path, monkeypatch, capsys):
+    # The shell leaves the tilde of --out=~/run (or a quoted "~/run") alone: l2l must expand it,
+    # not create a folder named '~' in the working directory.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    common = ["--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--no-bench"]
+    assert main(["train", "--epochs", "1", "--out=~/run", *common]) == 0
+    assert (tmp_path / "home" / "run" / "resume.pt").is_file() and not (tmp_path / "~").exists()
+    assert main(["train", "--resume=~/run/resume.pt", "--epochs", "2", "--init-from=~/run/optimizer.pt", *common[-2:]]) == 2
+    assert "init_from: checkpoint None, asked" in capsys.readouterr().err  # the checkpoint was read: only init_from differs
+    assert main(["bench", "--optimizer=~/run/optimizer.pt", "--steps", "4", "--problems", "4", "--tune-problems", "4",
+                 "--baselines", "sgd", "--quiet", "--device", "cpu"]) == 0

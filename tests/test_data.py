@@ -498,3 +498,101 @@ def test_a_non_string_activation_is_named():
 
     with pytest.raises(ValueError, match=r"unknown activation \[1\]; choose from sigmoid, relu, tanh"):
         get_task("mnist", activation=[1])
+
+
+def test_mnist_files_are_read_compressed_or_not_whatever_their_names_say(tmp_path):
+    # A browser unpacks a downloaded .gz and keeps its name; a re-compressed file may have lost its suffix.
+    fake_mnist(tmp_path / "unpacked" / "mnist", compress=False)
+    for path in (tmp_path / "unpacked" / "mnist").iterdir():
+        path.rename(path.with_name(path.name + ".gz"))
+    fake_mnist(tmp_path / "packed" / "mnist", compress=True)
+    for path in (tmp_path / "packed" / "mnist").iterdir():
+        path.rename(path.with_suffix(""))
+    fake_mnist(tmp_path / "named" / "mnist")
+    expected = load_mnist(tmp_path / "named")
+    for folder in ("unpacked", "packed"):
+        loaded = load_mnist(tmp_path / folder)
+        assert torch.equal(loaded.x_train, expected.x_train) and torch.equal(loaded.y_test, expected.y_test), folder
+
+
+def test_a_cifar_batch_of_the_wrong_layout_names_the_batch(tmp_path):
+    # One batch whose labels are a column ([[3], [1], ...]) was a bare ValueError from np.concatenate.
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [[1], [2], [3]] if name == "data_batch_3" else [1, 2, 3]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": np.zeros((3, 3072), dtype=np.uint8), b"labels": labels}, handle)
+    with pytest.raises(DataError, match=r"data_batch_3 is not a readable CIFAR-10 batch \(labels must be \[3\] \(one per image\), found \[3, 1\]\)"):
+        load_cifar10(tmp_path)
+    with open(folder / "data_batch_3", "wb") as handle:
+        pickle.dump({b"data": np.zeros((3, 3000), dtype=np.uint8), b"labels": [1, 2, 3]}, handle)
+    with pytest.raises(DataError, match=r"data_batch_3 is not a readable CIFAR-10 batch \(data must be \[N, 3072\], found \[3, 3000\]\)"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar_labels_that_are_not_numbers_are_a_data_error(tmp_path):
+    # Text labels ("cat") were a bare numpy UFuncTypeError from the error message's own min().
+    arrays = {**fake_cifar_arrays(), "y_train": np.array(["cat"] * 10)}
+    (tmp_path / "cifar10").mkdir()
+    np.savez(tmp_path / "cifar10" / "cifar10.npz", **arrays)
+    with pytest.raises(DataError, match=r"CIFAR-10 train labels must be class indices 0\.\.9, found <U3 values: the files"):
+        load_cifar10(tmp_path)
+
+
+def test_mnist_under_the_names_of_the_kaggle_copy_is_found(tmp_path):
+    # The widely used Kaggle copy names its files train-images.idx3-ubyte, ... (a dot before idx).
+    fake_mnist(tmp_path / "official" / "mnist", compress=False)
+    fake_mnist(tmp_path / "kaggle" / "mnist", compress=False)
+    for path in (tmp_path / "kaggle" / "mnist").iterdir():
+        path.rename(path.with_name(path.name.replace("-idx", ".idx")))
+    assert torch.equal(load_mnist(tmp_path / "kaggle").x_train, load_mnist(tmp_path / "official").x_train)
+
+
+@pytest.mark.parametrize("where", ["cifar10", "."])
+def test_an_official_cifar_archive_left_packed_is_named_with_how_to_unpack_it(tmp_path, where):
+    (tmp_path / where).mkdir(exist_ok=True)
+    archive = tmp_path / where / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"not unpacked")
+    with pytest.raises(DataError) as error:
+        load_cifar10(tmp_path, download_missing=False)
+    assert f"found the official archive {archive}: unpack it there (tar xzf {archive} -C {archive.parent})" in str(error.value)
+
+
+def _unreadable(monkeypatch, path):
+    """Makes ``path`` unreadable, also to root (whom chmod does not stop)."""
+    import builtins
+
+    path.chmod(0)
+    real_open = builtins.open
+
+    def open_(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar-npz", "cifar-batches"])
+def test_a_dataset_file_without_read_permission_is_named_as_such_not_as_damaged(tmp_path, monkeypatch, dataset):
+    # An intact file on a shared disk: "delete it and fetch it again" would lose it for everyone.
+    if dataset == "mnist":
+        fake_mnist(tmp_path / "mnist")
+        path, load = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", load_mnist
+    elif dataset == "cifar-npz":
+        (tmp_path / "cifar10").mkdir()
+        path, load = tmp_path / "cifar10" / "cifar10.npz", load_cifar10
+        np.savez(path, **fake_cifar_arrays())
+    else:
+        folder = tmp_path / "cifar-10-batches-py"
+        folder.mkdir()
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            (folder / name).write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), dtype=np.uint8), b"labels": [1]}))
+        path, load = folder / "data_batch_2", load_cifar10
+    _unreadable(monkeypatch, path)
+    with pytest.raises(DataError) as error:
+        load(tmp_path)
+    message = str(error.value)
+    assert f"{path} cannot be opened: Permission denied; make it readable (chmod a+r {path})" in message
+    assert "delete" not in message

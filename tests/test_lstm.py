@@ -145,6 +145,9 @@ def test_wrong_shapes_raise_clear_errors(lstm):
     [
         ({"hidden_size": 0}, "Invalid hidden_size: 0"),
         ({"num_layers": -1}, "Invalid num_layers"),
+        # A bool is an int to Python: True was taken as 1 unit, then failed inside torch.rand (a checkpoint's config too).
+        ({"hidden_size": True}, "Invalid hidden_size: True"),
+        ({"num_layers": True}, "Invalid num_layers: True"),
         ({"preprocess": "adam"}, "unknown preprocessing 'adam'"),
         ({"output_scale": 0.0}, "Invalid output_scale"),
         ({"preprocess_p": -1.0}, "Invalid preprocess_p"),

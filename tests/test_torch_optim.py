@@ -730,7 +730,7 @@ def test_a_state_entry_left_empty_by_reading_optimizer_state_loads_as_no_state(c
         (lambda rule: rule.update(weight_out=torch.zeros(5)), r"weight_out has shape \(5,\), expected \(20,\)"),
         (lambda rule: rule.pop("weight_out"), r"missing weight_out"),
         (lambda rule: rule.update(weight_extra=torch.zeros(2)), r"unexpected weight_extra"),
-        (lambda rule: rule.update(bias_out=torch.tensor(1)), r"bias_out is torch.int64"),
+        (lambda rule: rule.update(bias_out=torch.tensor(1)), r"bias_out are torch.int64, not dense real floating-point"),
     ],
     ids=["wrong shape", "missing", "extra", "integer"],
 )

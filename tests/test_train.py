@@ -797,3 +797,33 @@ def test_a_generator_of_another_device_type_is_seeded_from_the_saved_state():
     assert torch.equal(same.get_state(), cpu_state)
     with pytest.raises(RuntimeError):  # a state of neither size is damage, not another device
         continue_stream(torch.Generator(), torch.zeros(3, dtype=torch.uint8))
+
+
+def test_an_output_directory_starting_with_a_tilde_means_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = meta_train(TrainConfig(epochs=1, **SMALL), "~/run", progress=False)
+    assert result.resume_checkpoint == tmp_path / "home" / "run" / "resume.pt" and result.resume_checkpoint.is_file()
+    assert not (tmp_path / "~").exists()
+    resumed = meta_train(TrainConfig(epochs=2, init_from="~/run/optimizer.pt", **SMALL), "~/warm", progress=False)
+    assert resumed.use_checkpoint.is_file()
+    assert meta_train(TrainConfig(epochs=2, **SMALL), "~/run", resume="~/run/resume.pt", progress=False).epochs == 2
+
+
+@pytest.mark.parametrize("damage, message", [
+    # Loaded as they were, these failed only at the first meta-step, as a bare broadcast error...
+    (lambda state: state.update(exp_avg=torch.zeros(1)), r"exp_avg of weight_ih_l0 has shape \(1,\), expected \(80, 2\)"),
+    (lambda state: state.pop("exp_avg_sq"), r"state of weight_ih_l0 lacks exp_avg_sq"),
+    # ... or trained on, turning the rule's weights into NaN with every meta-gradient finite.
+    (lambda state: state["exp_avg"].view(-1)[0].fill_(float("nan")), "exp_avg of weight_ih_l0 holds NaN or infinite values"),
+    (lambda state: state["exp_avg_sq"].fill_(-1.0), "exp_avg_sq of weight_ih_l0 holds negative values"),
+    (lambda state: state.update(step=torch.tensor(float("inf"))), r"step of weight_ih_l0 is inf, not a count"),
+], ids=["shape", "missing", "nan", "negative", "step"])
+def test_a_damaged_meta_optimizer_state_is_refused_on_resume_naming_the_tensor(tmp_path, damage, message):
+    meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
+    payload = torch.load(tmp_path / "resume.pt", weights_only=True)
+    damage(payload["meta_optimizer"]["state"][0])
+    torch.save(payload, tmp_path / "resume.pt")
+    trainer = MetaTrainer(TrainConfig(epochs=2, **SMALL), tmp_path, warm_start=False)
+    with pytest.raises(CheckpointError, match=rf"has a damaged meta_optimizer entry \(ValueError: Adam {message}"):
+        trainer.restore(tmp_path / "resume.pt")

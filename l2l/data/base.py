@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from l2l.config import home_path
+
 DATA_ENV = "L2L_DATA"
 DOWNLOAD_ENV = "L2L_DOWNLOAD"  # "1": loaders fetch missing files (the CLI's --download sets it)
 
@@ -49,9 +51,9 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     another directory after a change of working directory.
     """
     if explicit is not None:
-        return Path(explicit).expanduser().absolute()
+        return home_path(explicit).absolute()
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser().absolute()
+        return home_path(os.environ[DATA_ENV]).absolute()
     return Path.home() / ".cache" / "l2l" / "data"
 
 
@@ -168,13 +170,24 @@ def download(url: str, destination: Path, md5: str, *, decompress_for_md5: bool 
     return destination
 
 
+def unreadable(path: Path, error: OSError) -> DataError:
+    """The error for a dataset file that is there but cannot be opened (permissions): intact, so never to be deleted."""
+    return DataError(
+        f"{path} cannot be opened: {error.strerror or error}; make it readable (chmod a+r {path}) or point "
+        f"--data-dir / ${DATA_ENV} at a copy you can read"
+    )
+
+
 def check_labels(dataset: str, labels: np.ndarray, classes: int) -> None:
     """Raises a DataError unless every label is an integer class index in ``[0, classes)``."""
     labels = np.asarray(labels)
     if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes):
+        # Text or other non-numbers have no range to show (their min() raises).
+        numeric = np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_
+        span = f" in [{labels.min()}, {labels.max()}]" if numeric else ""
         raise DataError(
-            f"{dataset} labels must be class indices 0..{classes - 1}, found {labels.dtype} values in "
-            f"[{labels.min()}, {labels.max()}]: the files are damaged; delete them and fetch them again"
+            f"{dataset} labels must be class indices 0..{classes - 1}, found {labels.dtype} values{span}: "
+            "the files are damaged; delete them and fetch them again"
         )
 
 

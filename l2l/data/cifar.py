@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
-from l2l.data.base import directory_for_download, download_failed, missing, placement, remove_stale_scratch
+from l2l.data.base import directory_for_download, download_failed, missing, placement, remove_stale_scratch, unreadable
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE = "cifar-10-python.tar.gz"
+URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
 TAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -48,16 +49,20 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise TypeError(f"it holds a {type(batch).__name__}, not a dict")
         # Checked before casting: a cast would wrap 300 to 44 or truncate 0.9 to 0 without a word.
         images, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"data must be [N, 3072], found {list(images.shape)}")
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels must be [{len(images)}] (one per image), found {list(labels.shape)}")
         for name, values, top in ((b"data", images, 255), (b"labels", labels, 9)):
             if not np.issubdtype(values.dtype, np.integer) or (values.size and (values.min() < 0 or values.max() > top)):
                 raise ValueError(f"{name.decode()} must be integers in 0..{top}, found {values.dtype}")
         images = images.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         labels = labels.astype(np.int64)
+    except PermissionError as error:
+        raise unreadable(path, error) from None
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError, OverflowError,
             AssertionError) as error:
         raise DataError(f"{path} is not a readable CIFAR-10 batch ({error}); delete it and fetch it again") from None
-    if len(images) != len(labels):
-        raise DataError(f"{path} has {len(images)} images but {len(labels)} labels")
     return np.ascontiguousarray(images), labels
 
 
@@ -86,6 +91,8 @@ def _from_npz(path: Path) -> ArrayDataset:
             raise ValueError("it is a single .npy array, not an npz archive")
         with loaded as archive:
             arrays = {key: archive[key] for key in NPZ_KEYS if key in archive.files}
+    except PermissionError as error:
+        raise unreadable(path, error) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise DataError(f"{path} is not a readable npz ({error}); delete it and fetch it again") from None
     absent = [key for key in NPZ_KEYS if key not in arrays]
@@ -143,7 +150,12 @@ def load_cifar10(directory: str | os.PathLike | None = None, *, download_missing
         except DataError as error:
             raise download_failed(error, root / "cifar10", expected) from None
         return _from_batches(folder)
-    raise missing("CIFAR-10", root / "cifar10", expected, "--download")
+    error = missing("CIFAR-10", root / "cifar10", expected, "--download")
+    for folder in (root / "cifar10", root):
+        if (folder / ARCHIVE).is_file():  # copied by hand, not unpacked
+            archive = folder / ARCHIVE
+            raise DataError(f"{error}\nfound the official archive {archive}: unpack it there (tar xzf {archive} -C {folder})")
+    raise error
 
 
 def _download_batches(folder: Path) -> Path:
@@ -157,7 +169,7 @@ def _download_batches(folder: Path) -> Path:
     with directory_for_download(folder):
         remove_stale_scratch(folder, SCRATCH_PREFIX)
         with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=folder) as scratch:
-            archive = download(URL, Path(scratch) / "cifar-10-python.tar.gz", TAR_MD5)
+            archive = download(URL, Path(scratch) / ARCHIVE, TAR_MD5)
             try:
                 with tarfile.open(archive) as tar:
                     tar.extractall(Path(scratch) / "unpacked", filter="data")

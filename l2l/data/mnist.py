@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from l2l.data.base import ArrayDataset, DataError, check_labels, check_root, data_dir, download, download_allowed
-from l2l.data.base import directory_for_download, download_failed, missing
+from l2l.data.base import directory_for_download, download_failed, missing, unreadable
 
 MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 # MD5 of the decompressed official files: it holds for the official .gz and for any re-compression.
@@ -22,20 +22,25 @@ FILES = {
     "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
+GZIP_MAGIC = b"\x1f\x8b"
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parses an IDX file (``.gz`` or raw) into an array of the shape its header declares.
+    """Parses an IDX file, gzip-compressed or not (told by its content), into an array of the shape its header declares.
 
     Raises:
         DataError: the file is not IDX, or is shorter or longer than its header says.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as handle:
+        with open(path, "rb") as handle:
             data = handle.read()
+        # By content, not by name: a browser unpacks a downloaded .gz and keeps the suffix.
+        if data[:2] == GZIP_MAGIC:
+            data = gzip.decompress(data)
+    except PermissionError as error:
+        raise unreadable(path, error) from None
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path} cannot be read ({error}); delete it and fetch it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
@@ -56,8 +61,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _find(directory: Path, stem: str) -> Path | None:
+    kaggle = stem.replace("-idx", ".idx")  # the Kaggle copy's names: train-images.idx3-ubyte, ...
     for folder in (directory / "mnist", directory / "MNIST" / "raw", directory):
-        for name in (stem, f"{stem}.gz"):
+        for name in (stem, f"{stem}.gz", kaggle, f"{kaggle}.gz"):
             if (folder / name).is_file():
                 return folder / name
     return None
@@ -67,7 +73,8 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
     """Loads MNIST: 60,000 training and 10,000 test images ``[N, 28, 28]`` uint8 with int64 labels.
 
     Files are looked for in ``DIR/mnist/``, then ``DIR/MNIST/raw/``, then ``DIR/`` (``DIR`` from
-    :func:`l2l.data.data_dir`), each as ``NAME`` or ``NAME.gz``.
+    :func:`l2l.data.data_dir`), each as ``NAME`` or ``NAME.gz``, also under the Kaggle copy's
+    names (``train-images.idx3-ubyte``, ...).
 
     Args:
         directory: the data directory (default: ``$L2L_DATA`` or ``~/.cache/l2l/data``).

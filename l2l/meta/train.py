@@ -38,7 +38,7 @@ from l2l.checkpoint import (
     save_resume_checkpoint,
     save_use_checkpoint,
 )
-from l2l.config import ConfigError, TrainConfig
+from l2l.config import ConfigError, TrainConfig, home_path
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import (
     Collectives,
@@ -248,7 +248,7 @@ def effective_values(config: TrainConfig) -> dict[str, Any]:
         try:
             values["init_from"] = str(resolve_checkpoint(config.init_from).resolve())
         except CheckpointError:  # gone (a resume no longer needs it): the path as written, made absolute
-            values["init_from"] = os.path.abspath(config.init_from)
+            values["init_from"] = os.path.abspath(home_path(config.init_from))
     try:
         family = get_task(config.task, **config.task_options)
         steps, length = horizon(config, family)
@@ -293,7 +293,7 @@ class MetaTrainer:
         # warm_start=False skips config.init_from: a resumed run takes its weights from the resume checkpoint.
         # out_dir is written as given (meta_train is what refuses to replace another run's files).
         self.config = config
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.out_dir = home_path(out_dir) if out_dir is not None else None
         self.layout: ShardLayout = current_layout(config.accumulate)
         self.collectives = Collectives(self.layout)
         self.collectives.check_same("configuration", config.to_json())
@@ -574,6 +574,37 @@ class MetaTrainer:
         for group in self.meta_optimizer.param_groups:
             group["lr"] = self.graph_lr if self.use_graphs else lr
 
+    def _check_meta_optimizer_state(self) -> None:
+        """Raises a ValueError naming the tensor if the loaded Adam state does not fit the rule or is not finite.
+
+        torch checks only the parameter groups: a misshapen moment fails at the first meta-step
+        as a bare broadcast error, and a NaN one (or a negative second moment, or an infinite
+        step count) turns the rule's weights into NaN with every meta-gradient finite.
+        """
+        parameters = dict(self.rule.named_parameters())
+        states = {name: self.meta_optimizer.state.get(parameter) for name, parameter in parameters.items()}
+        if any(states.values()) and not all(states.values()):
+            raise ValueError(f"Adam has no state for {', '.join(name for name, state in states.items() if not state)}, "
+                             "but has for the other weights")
+        for name, state in states.items():
+            if not state:  # no meta-step taken yet (every one so far skipped)
+                continue
+            absent = [key for key in ("step", "exp_avg", "exp_avg_sq") if key not in state]
+            if absent:
+                raise ValueError(f"Adam state of {name} lacks {', '.join(absent)}")
+            step = float(state["step"])
+            if not math.isfinite(step) or step < 0:
+                raise ValueError(f"Adam step of {name} is {step}, not a count")
+            for key in ("exp_avg", "exp_avg_sq"):
+                value, shape = state[key], tuple(parameters[name].shape)
+                if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                    found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"Adam {key} of {name} has shape {found}, expected {shape}")
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"Adam {key} of {name} holds NaN or infinite values")
+            if bool((state["exp_avg_sq"] < 0).any()):
+                raise ValueError(f"Adam exp_avg_sq of {name} holds negative values (a second moment is never below 0)")
+
     def _align_meta_optimizer(self) -> None:
         """After loading a state saved with or without graphs: this run's ``capturable`` and where Adam's steps live."""
         for group in self.meta_optimizer.param_groups:
@@ -713,7 +744,7 @@ class MetaTrainer:
             self._restore(path)
             # Local work too: failing on one process, it would leave the others waiting in check_same's gather.
             digest = self._state_digest() if self.collectives.active else None
-        self.resumed_from = Path(path)
+        self.resumed_from = home_path(path)
         if digest is not None:
             self.collectives.check_same("training state (epoch, weights, meta-optimizer, history) after loading the resume "
                                         "checkpoint", digest)
@@ -750,6 +781,7 @@ class MetaTrainer:
         self.best_state = self._saved_weights(payload, payload["best_state_dict"], source)
         with _damaged_entry(source, "meta_optimizer"):
             self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+            self._check_meta_optimizer_state()
             self._align_meta_optimizer()
         with _damaged_entry(source, "rng"):
             self._load_rng_states(payload["rng"], source)
@@ -960,6 +992,9 @@ def meta_train(
         CheckpointError: ``resume`` is unreadable or damaged, or does not fit ``config``.
         TrainingInterrupted: ``stop`` was requested before the last epoch.
     """
+    # A leading ~ is the home directory (as for checkpoints and the data directory), not a folder named '~'.
+    out_dir = None if out_dir is None else home_path(out_dir)
+    resume = None if resume is None else home_path(resume)
     collectives = Collectives(current_layout(config.accumulate))
     # Every process must take the same collective path: one that writes (or resumes) while
     # another does not would wait forever in a collective the other never calls.

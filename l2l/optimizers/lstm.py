@@ -89,9 +89,9 @@ class CoordinateWiseLSTM(nn.Module):
         kernel: str = "auto",
     ):
         super().__init__()
-        if not (isinstance(hidden_size, int) and hidden_size > 0):
+        if isinstance(hidden_size, bool) or not (isinstance(hidden_size, int) and hidden_size > 0):
             raise ValueError(f"Invalid hidden_size: {hidden_size} (must be a positive integer)")
-        if not (isinstance(num_layers, int) and num_layers > 0):
+        if isinstance(num_layers, bool) or not (isinstance(num_layers, int) and num_layers > 0):
             raise ValueError(f"Invalid num_layers: {num_layers} (must be a positive integer)")
         check_state_dtype(state_dtype)
         self.hidden_size = hidden_size
