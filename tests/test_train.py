@@ -412,8 +412,17 @@ def test_resuming_with_fewer_epochs_than_the_checkpoint_finished_is_an_error_nam
     (lambda p: p["progress"]["before_final_validation"].pop("best_state_dict"),
      r"has a damaged progress.before_final_validation entry \(missing 'best_state_dict'\)"),
     (lambda p: p["progress"]["before_final_validation"]["best_state_dict"].clear(), "weights do not match"),
+    # A NaN best score would never be beaten (no score is below NaN): the run could not keep better weights.
+    (lambda p: p["progress"].update(best_score=float("nan")), r"damaged progress.best_score entry \(ValueError: nan is not"),
+    (lambda p: p["progress"].update(skipped=-1), r"damaged progress.skipped entry \(ValueError: -1 is not a whole number from 0 up"),
+    (lambda p: p["progress"].update(skipped=2.7), r"damaged progress.skipped entry \(ValueError: 2.7 is not a whole number"),
+    (lambda p: p["progress"].update(consecutive_skipped=1), r"progress.consecutive_skipped entry \(ValueError: 1 is not a whole number from 0 to 0"),
+    (lambda p: p["progress"].update(best_epoch=-2), r"damaged progress.best_epoch entry \(ValueError: -2 is not a whole number from -1 to 1"),
+    (lambda p: p["progress"].update(best_epoch=True), r"damaged progress.best_epoch entry \(ValueError: True is not"),
+    (lambda p: p["progress"]["history"].append("epoch 2"), r"damaged progress.history entry \(ValueError: item 1 is a str, not an epoch's record"),
 ], ids=["train-config", "meta-optimizer", "epoch", "history", "config-field", "rule", "rng", "rng-state", "adam-groups",
-        "best-score", "skipped", "before-final", "before-final-weights"])
+        "best-score", "skipped", "before-final", "before-final-weights", "best-score-nan", "skipped-negative",
+        "skipped-fraction", "consecutive-above-skipped", "best-epoch-negative", "best-epoch-bool", "history-item"])
 def test_a_damaged_resume_checkpoint_is_a_checkpoint_error(tmp_path, damage, message):
     meta_train(TrainConfig(epochs=1, **SMALL), tmp_path, progress=False)
     payload = torch.load(tmp_path / "resume.pt", weights_only=True)

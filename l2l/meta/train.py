@@ -786,17 +786,25 @@ class MetaTrainer:
         with _damaged_entry(source, "rng"):
             self._load_rng_states(payload["rng"], source)
         progress, read = payload["progress"], {}
-        for name, kind in (("skipped", int), ("consecutive_skipped", int), ("best_score", float), ("best_epoch", int)):
+        epoch = payload["epoch"]  # load_resume_checkpoint checked that the epoch is a count and the history a list
+        for name, read_value in (("skipped", lambda value: _count(value, 0)),
+                                 ("best_score", _best_score), ("best_epoch", lambda value: _count(value, -1, epoch))):
             with _damaged_entry(source, f"progress.{name}"):
-                read[name] = kind(progress[name])
+                read[name] = read_value(progress[name])
+        with _damaged_entry(source, "progress.consecutive_skipped"):
+            read["consecutive_skipped"] = _count(progress["consecutive_skipped"], 0, read["skipped"])
+        with _damaged_entry(source, "progress.history"):
+            not_records = [index for index, record in enumerate(progress["history"]) if not isinstance(record, dict)]
+            if not_records:
+                raise ValueError(f"item {not_records[0]} is a {type(progress['history'][not_records[0]]).__name__}, not an epoch's record")
         self.skipped, self.consecutive_skipped = read["skipped"], read["consecutive_skipped"]
         self.best_score, self.best_epoch = read["best_score"], read["best_epoch"]
-        # load_resume_checkpoint checked that the epoch is a count and the history a list.
-        self.epoch, self.history = payload["epoch"], list(progress["history"])
+        self.epoch, self.history = epoch, list(progress["history"])
         before = progress.get("before_final_validation")  # absent from checkpoints of older l2l versions
         with _damaged_entry(source, "progress.before_final_validation"):
             self.before_final = None if before is None else (
-                float(before["best_score"]), int(before["best_epoch"]), self._saved_weights(payload, before["best_state_dict"], source)
+                _best_score(before["best_score"]), _count(before["best_epoch"], -1, epoch),
+                self._saved_weights(payload, before["best_state_dict"], source),
             )
 
     def _saved_weights(self, payload: dict[str, Any], state_dict: Any, source: str) -> dict[str, Tensor]:
@@ -1102,6 +1110,21 @@ def _damaged_entry(source: str, entry: str) -> Iterator[None]:
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
         detail = f"missing {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
         raise CheckpointError(f"{source} has a damaged {entry} entry ({detail})") from None
+
+
+def _count(value: Any, low: int, high: int | None = None) -> int:
+    """A saved count, checked to be a whole number from ``low`` to ``high`` (if given); a ValueError otherwise."""
+    # int(2.7) would read a damaged 2.7 as 2, and True as 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{value!r} is not a whole number from {low}" + (f" to {high}" if high is not None else " up"))
+    return value
+
+
+def _best_score(value: Any) -> float:
+    """A saved best validation score, checked: a number, not NaN (no score is ever below NaN, so none would be kept)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value == -math.inf:
+        raise ValueError(f"{value!r} is not a validation score (a number, or inf before any finite one)")
+    return float(value)
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
