@@ -446,6 +446,22 @@ def test_mnist_files_that_disagree_say_which_and_what_to_do(tmp_path):
     assert str(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz") in message and "delete them and fetch them again" in message
 
 
+@pytest.mark.parametrize("labels, images, expected", [
+    (np.zeros((12, 1)), None, r"MNIST train labels must be one-dimensional \[N\], found shape \[12, 1\]"),
+    (np.zeros(()), None, r"MNIST train labels must be one-dimensional \[N\], found shape \[\]"),
+    (None, np.zeros((), np.uint8), r"MNIST train images must be uint8 \[N >= 1, 28, 28\], found uint8 \[\]"),
+], ids=["2-d-labels", "0-d-labels", "0-d-images"])
+def test_an_mnist_file_of_the_wrong_rank_is_named_not_called_a_disagreement(tmp_path, labels, images, expected):
+    fake_mnist(tmp_path / "mnist")
+    if labels is not None:
+        write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", labels, compress=True)
+    if images is not None:
+        write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", images, compress=True)
+    with pytest.raises(DataError, match=expected) as error:
+        load_mnist(tmp_path)
+    assert "disagree" not in str(error.value) and "delete it and fetch it again" in str(error.value)
+
+
 def test_train_examples_beyond_the_dataset_is_refused_not_silently_cut(tmp_path, monkeypatch):
     from l2l.tasks import get_task
 

@@ -102,16 +102,22 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
     arrays = {stem: read_idx(path) for stem, path in paths.items()}
     for split in ("train", "t10k"):
         images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(
-                f"MNIST {split} files disagree: {_count(images)} images but {_count(labels)} labels "
-                f"(shapes {list(images.shape)}, {list(labels.shape)}) in {paths[f'{split}-images-idx3-ubyte']} and {paths[f'{split}-labels-idx1-ubyte']}: "
-                "not the official pair; delete them and fetch them again"
-            )
-        if images.dtype != np.uint8 or images.shape[1:] != (28, 28) or len(images) == 0:
+        # Each file's own layout first: a 2-D labels file is not "a disagreement" between 4 and 4.
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) == 0:
             raise DataError(
                 f"MNIST {split} images must be uint8 [N >= 1, 28, 28], found {images.dtype} {list(images.shape)} "
                 f"in {paths[f'{split}-images-idx3-ubyte']}: not the official file; delete it and fetch it again"
+            )
+        if labels.ndim != 1:
+            raise DataError(
+                f"MNIST {split} labels must be one-dimensional [N], found shape {list(labels.shape)} "
+                f"in {paths[f'{split}-labels-idx1-ubyte']}: not the official file; delete it and fetch it again"
+            )
+        if len(images) != len(labels):
+            raise DataError(
+                f"MNIST {split} files disagree: {len(images)} images but {len(labels)} labels "
+                f"in {paths[f'{split}-images-idx3-ubyte']} and {paths[f'{split}-labels-idx1-ubyte']}: "
+                "not the official pair; delete them and fetch them again"
             )
         check_labels(f"MNIST {split}", labels, 10)
     return ArrayDataset(
@@ -121,10 +127,6 @@ def load_mnist(directory: str | os.PathLike | None = None, *, download_missing: 
         y_test=torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
         classes=tuple(str(digit) for digit in range(10)),
     )
-
-
-def _count(array: np.ndarray) -> int:
-    return array.shape[0] if array.ndim else 0  # a 0-d IDX array holds no examples
 
 
 def _download(destination: Path, md5: str) -> Path:
