@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple
@@ -118,8 +119,37 @@ def _read(path: Path, expected_format: str) -> dict[str, Any]:
     return payload
 
 
+def _check_records(path: Path, handle: BinaryIO) -> None:
+    """Raises a CheckpointError if a record of the zip archive torch.save wrote fails its CRC-32.
+
+    torch.load does not check them: a bit flipped in a tensor's bytes (a failing disk, a damaged
+    copy) would load as a silently different weight. Records saved without a CRC (torch's
+    ``set_crc32_options(False)`` writes 0) are not checked; a file that is no zip is left to torch.load.
+    """
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0:
+                    continue
+                with archive.open(record) as member:
+                    while member.read(1 << 20):  # the CRC is compared when the record's end is read
+                        pass
+    except zipfile.BadZipFile as error:
+        if "CRC" in str(error):
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: a record fails its CRC check ({error}), so its bytes changed after it was "
+                "written (a failing disk or a damaged copy); copy it again, or use another checkpoint"
+            ) from None
+        # Not a zip archive, or a damaged one: torch.load names what it is.
+    except (EOFError, OSError, ValueError, RuntimeError):
+        pass  # a truncated or malformed archive: torch.load's error says so
+    finally:
+        handle.seek(0)
+
+
 def _load(path: Path, handle: BinaryIO) -> Any:
     """``torch.load`` of plain data only; a damaged or unsafe file is a CheckpointError."""
+    _check_records(path, handle)
     try:
         with warnings.catch_warnings():  # torch warns of a foreign pickle's protocol before refusing it
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)

@@ -63,6 +63,27 @@ def test_truncated_file(saved):
         load_optimizer(saved)
 
 
+def test_a_bit_flipped_in_a_weight_is_refused_not_loaded_as_another_weight(saved, lstm):
+    # torch.load does not check the archive's CRCs: the flipped weight would load silently.
+    weight = lstm.state_dict()["weight_out"].contiguous().numpy().tobytes()
+    data = bytearray(saved.read_bytes())
+    at = data.find(weight)
+    assert at > 0
+    data[at] ^= 0x01
+    saved.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"opt.pt is corrupt: a record fails its CRC check .*copy it again"):
+        load_optimizer(saved)
+
+
+def test_a_checkpoint_saved_without_crcs_still_loads(tmp_path, lstm):
+    torch.serialization.set_crc32_options(False)
+    try:
+        saved = save_use_checkpoint(tmp_path / "opt.pt", lstm, {"task": "quadratic"})
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_optimizer(saved).state_dict()["weight_out"], lstm.state_dict()["weight_out"])
+
+
 class Payload:
     """An arbitrary object: loading must refuse to unpickle it."""
 
