@@ -158,6 +158,30 @@ def test_optimizer_step_smoke(monkeypatch, tmp_path, capsys):
     assert f"{row['params']:>11,}" in capsys.readouterr().out
 
 
+def test_optimizer_step_cut_short_keeps_and_prints_the_sizes_it_measured(monkeypatch, tmp_path, capsys):
+    # The GPU session's last step runs this under what is left of its budget: a kill during the
+    # largest size lost every figure (the table and the JSON came only at the end).
+    module = script("optimizer_step")
+
+    class Killed(BaseException):
+        pass
+
+    calls = iter(range(100))
+
+    def median_step_seconds(optimizer, repeats, device):
+        if next(calls) == 3:  # the second size's learned step: as `timeout` ends the step
+            raise Killed
+        return 1e-3
+
+    monkeypatch.setattr(module, "median_step_seconds", median_step_seconds)
+    out = tmp_path / "step.json"
+    with pytest.raises(Killed):
+        run_main(module, monkeypatch, "--sizes", "1e3,2e3", "--repeats", "1", "--threads", "1", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["params"] == 4 * (15 * 15 + 15) and row["learned_s"] == 1e-3
+    assert f"{row['params']:>11,}" in capsys.readouterr().out
+
+
 def test_lstm_layout_smoke(monkeypatch, tmp_path, capsys):
     out = tmp_path / "layout.json"
     run_main(script("lstm_layout"), monkeypatch, "--sizes", "50,70", "--repeats", "1", "--threads", "1", "--json", str(out))
