@@ -117,6 +117,29 @@ def test_a_failing_row_is_recorded_and_a_run_cut_short_keeps_its_figures(through
     assert rows[0]["inference_cs_per_s"] == 200 / 1e-3 and rows[2]["meta_cs_per_s"] == 400 * 20 / 2e-3
 
 
+def test_a_sweep_cut_short_keeps_the_settings_it_measured(throughput, monkeypatch, tmp_path):
+    # The sweep is a step of the GPU session under a time limit; its JSON came only at the end.
+    class Killed(BaseException):
+        pass
+
+    timed = iter(range(100))
+
+    def inference(rule, kernel, n, device, seconds):
+        if next(timed) == 2:
+            raise Killed  # as `timeout` ends the step: nothing after this runs
+        return 1e-3
+
+    monkeypatch.setattr(throughput, "inference", inference)
+    out = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["unroll_throughput.py", "--device", "cpu", "--sweep", "--workers", "1",
+                                      "--json", str(out)])
+    with pytest.raises(Killed):
+        throughput.main()
+    rows = json.loads(out.read_text())
+    assert [(row["kernel"], row["block"], row["maxnreg"]) for row in rows] == [("forward", 32, None), ("forward", 32, 128)]
+    assert rows[0]["inference_cs_per_s"] == throughput.SWEEP_SIZES[0] / 1e-3
+
+
 def test_meta_iteration_smoke(monkeypatch, tmp_path, capsys):
     out = tmp_path / "meta.json"
     run_main(script("meta_iteration"), monkeypatch, "--instances", "3", "--dim", "2", "--unroll", "2", "--repeats", "1",
