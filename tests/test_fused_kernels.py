@@ -249,6 +249,31 @@ def test_bfloat16_state_matches_reference(interpreter):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float64_rule_rounds_16_bit_states_and_updates_as_the_reference(interpreter, dtype):
+    """A float64 rule with a 16-bit gradient and state: every 16-bit output rounded as torch rounds it.
+
+    A float64 value went to bfloat16 through one conversion, which Triton's interpreter did as
+    an integer cast (every new state 0) and which rounds once where torch goes through float32.
+    """
+    rule = CoordinateWiseLSTM(hidden_size=4, seed=8, state_dtype=dtype).double()
+    n = 20
+    grad = edge_gradients(n).clamp(-6e4, 6e4).to(dtype)  # finite in float16
+    h, c = (t.to(dtype) for t in random_state(rule, n))
+    (update, h_new, c_new), (ref_update, ref_h, ref_c) = both_paths(rule, grad, h, c)
+    assert update.dtype == h_new.dtype == c_new.dtype == dtype
+    # The float64 values agree to ~1e-16, so each rounds to the same 16-bit number.
+    for ours, reference in ((update, ref_update), (h_new, ref_h), (c_new, ref_c)):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(t.shape, generator=generator).to(dtype) for t in (grad, h, c)]
+    ours, reference = all_grads(rule, grad, h, c, weights)
+    for a, b in zip(ours, reference):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **(TIGHT[torch.float64] if a.dtype == torch.float64 else dict(rtol=0, atol=0)))
+
+
+@needs_triton
 @pytest.mark.parametrize("second_order", [False, True])
 def test_unroll_meta_gradient_matches_reference(interpreter, second_order):
     """Two truncations of 4 steps on quadratics (N = 40): meta-losses and meta-gradients in float64."""
