@@ -21,7 +21,7 @@
 #
 # Environment: STEPS (default "cache env tests unroll sweep tf32 step"), BUDGET_S (default 540),
 # DEVICE (default cuda), PYTHON (default python3), WORKERS (default: the CPU count, at most 16),
-# TRITON_CACHE_DIR (default /tmp/l2l-triton-cache).
+# TEST_TIMEOUT_S (default 120: one CUDA test's limit), TRITON_CACHE_DIR (default /tmp/l2l-triton-cache).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/runs/gpu-session}
@@ -31,6 +31,7 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-cache env tests unroll sweep tf32 step}
 WORKERS=${WORKERS:-$(( $(nproc) < 16 ? $(nproc) : 16 ))}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120}
 DEADLINE=$(( SECONDS + ${BUDGET_S:-540} ))
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/l2l-triton-cache}
 FAILED=()
@@ -99,9 +100,13 @@ EOF
 }
 
 run_tests() {
-    local parallel=()
+    local parallel=() limit=(-o "faulthandler_timeout=$TEST_TIMEOUT_S")
     "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "$(( WORKERS < 8 ? WORKERS : 8 ))")
-    OMP_NUM_THREADS=2 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${parallel[@]}" tests/
+    # A test past TEST_TIMEOUT_S has its stack logged; with pytest-timeout (on the GPU machine) it
+    # also fails, so that a hung test does not hold its worker, and the step, until the step's limit.
+    "$PY" -c "import pytest_timeout" 2>/dev/null && limit=(--timeout "$TEST_TIMEOUT_S")
+    # -v: each test's result is logged as it ends, so a step cut short still says which passed.
+    OMP_NUM_THREADS=2 "$PY" -m pytest -v -m cuda -p no:cacheprovider "${parallel[@]}" "${limit[@]}" tests/
 }
 
 for name in $STEPS; do
@@ -111,7 +116,7 @@ for name in $STEPS; do
     esac
 done
 : >"$LOG"
-export PY WORKERS
+export PY WORKERS TEST_TIMEOUT_S
 export -f environment run_tests  # timeout runs commands, not functions: the steps call them through bash -c
 say "gpu_session: steps '$STEPS', budget ${BUDGET_S:-540} s, device $DEVICE, $WORKERS workers, out $OUT"
 setup

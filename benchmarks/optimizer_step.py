@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from l2l import CoordinateWiseLSTM, LearnedOptimizer
+from l2l.checkpoint import atomic_write
 from l2l.cli import output_file, positive_int, positive_int_list
 
 
@@ -68,6 +69,12 @@ def main() -> None:
     rule = CoordinateWiseLSTM(seed=0).to(device)
     state_dtype = getattr(torch, args.state_dtype)
     rows = []
+    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"optimizer.step() on {args.device} ({where}), torch {torch.__version__}, LSTM 2 x 20, "
+          f"state {args.state_dtype}, chunk {args.chunk_size or 'default'}; median step time")
+    fused = device.type == "cuda"
+    header = f"{'params':>11} {'Adam foreach':>13}" + (f" {'Adam fused':>11}" if fused else "")
+    print(header + f" {'Learned':>10} {'/foreach':>9}" + (f" {'/fused':>7}" if fused else ""), flush=True)
     for size, count in zip(sizes, repeats):
         model = make_model(size, device)
         params = list(model.parameters())
@@ -82,22 +89,17 @@ def main() -> None:
             row["ratio_fused"] = row["learned_s"] / row["adam_fused_s"]
         rows.append(row)
         del learned, model, params
-    where = f"{args.threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"optimizer.step() on {args.device} ({where}), torch {torch.__version__}, LSTM 2 x 20, "
-          f"state {args.state_dtype}, chunk {args.chunk_size or 'default'}; median step time")
-    fused = device.type == "cuda"
-    header = f"{'params':>11} {'Adam foreach':>13}" + (f" {'Adam fused':>11}" if fused else "")
-    print(header + f" {'Learned':>10} {'/foreach':>9}" + (f" {'/fused':>7}" if fused else ""))
-    for row in rows:
+        # Each size printed and saved as soon as it is measured: the GPU session runs this under
+        # what is left of its time budget, and a kill during the next size keeps this one.
         line = f"{row['params']:>11,} {row['adam_foreach_s'] * 1e3:>10.2f} ms"
         line += f" {row['adam_fused_s'] * 1e3:>8.2f} ms" if fused else ""
         line += f" {row['learned_s'] * 1e3:>7.1f} ms {row['ratio_foreach']:>8.0f}x"
         line += f" {row['ratio_fused']:>6.0f}x" if fused else ""
-        print(line)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": args.device, "threads": args.threads, "torch": str(torch.__version__),
-                       "chunk_size": args.chunk_size, "state_dtype": args.state_dtype, "rows": rows}, handle, indent=1)
+        print(line, flush=True)
+        if args.json:
+            text = json.dumps({"device": args.device, "threads": args.threads, "torch": str(torch.__version__),
+                               "chunk_size": args.chunk_size, "state_dtype": args.state_dtype, "rows": rows}, indent=1)
+            atomic_write(args.json, lambda handle: handle.write(text.encode()))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ write d h, d c = 968). Roofline = copy bandwidth / bytes. The timed inference ke
 stores the update (656 bytes), so its fraction of the 652-byte roofline is conservative by 0.6%.
 
 A figure that fails (out of memory, a compile error) is recorded as that row's ``error`` and the
-run goes on; with ``--json`` the report is rewritten after every row, so a run cut short by a
+run goes on; with ``--json`` the report (or the sweep's rows) is rewritten after every row, so a run cut short by a
 time limit keeps what it measured.
 
     python benchmarks/unroll_throughput.py --device cpu|cuda [--json OUT] [--precision tf32x3|tf32|ieee]
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from l2l import LearnedOptimizer
+from l2l.checkpoint import atomic_write
 from l2l.kernels import fused
 from l2l.meta.graphs import GraphedTruncation
 from l2l.meta.unroll import start, unroll
@@ -322,13 +323,16 @@ def benchmark_jobs(precision: str, sizes: tuple[int, ...] = CUDA_SIZES,
 
 
 def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
-          sizes: tuple[int, int] = SWEEP_SIZES) -> list[dict[str, Any]]:
+          sizes: tuple[int, int] = SWEEP_SIZES,
+          on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
     """Times the fused kernels' launch settings: the forward by inference at sizes[0], the backward by meta-training at sizes[1].
 
     The two kernels are swept separately (their settings are independent): the forward over
     ``FORWARD_SETTINGS`` x ``maxnreg`` in (None, 128), the backward over ``BACKWARD_SETTINGS`` x
     ``fused.WEIGHT_GRADS`` with the forward at its default. With ``workers > 1`` every setting
-    is compiled first in that many processes (:func:`precompile`).
+    is compiled first in that many processes (:func:`precompile`). ``on_row(rows)`` is called
+    after every setting with the rows so far (``main`` saves them: a sweep cut short by a time
+    limit keeps what it measured).
     """
     rule = CoordinateWiseLSTM(seed=0, kernel="fused").to(device)
     rows = []
@@ -344,6 +348,7 @@ def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
             row["error"] = str(error).splitlines()[0][:120]
         rows.append(row)
         print(row, flush=True)
+        on_row(rows)
 
     for changes in forward_changes:
         measure({"kernel": "forward", "precision": precision, **changes}, changes,
@@ -354,6 +359,13 @@ def sweep(device: torch.device, seconds, precision: str, workers: int = 1,
         measure(row, changes,
                 lambda: {"meta_cs_per_s": sizes[1] * 5 / meta_training(rule, sizes[1], 5, device, seconds, kept=False)[0]})
     return rows
+
+
+def save_json(path: str | None, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` atomically (nothing where ``path`` is None): a kill mid-write keeps the last copy."""
+    if path:
+        text = json.dumps(data, indent=1)
+        atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def main() -> None:
@@ -376,10 +388,7 @@ def main() -> None:
     seconds = timer(device)
     fused.set_config(precision=args.precision)
     if args.sweep:
-        rows = sweep(device, seconds, args.precision, args.workers)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(rows, handle, indent=1)
+        sweep(device, seconds, args.precision, args.workers, on_row=lambda rows: save_json(args.json, rows))
         return
     sizes = list(args.sizes) if args.sizes else (
         [1280, 16_000] if device.type == "cpu" else list(CUDA_SIZES))
@@ -399,12 +408,8 @@ def main() -> None:
     drop_in_sizes = CUDA_DROP_IN_SIZES if device.type == "cuda" else (100_000,)
 
     def save() -> None:
-        if args.json:
-            report["targets"] = targets(report)
-            temporary = f"{args.json}.tmp"
-            with open(temporary, "w") as handle:
-                json.dump(report, handle, indent=1)
-            os.replace(temporary, args.json)
+        report["targets"] = targets(report)
+        save_json(args.json, report)
 
     if "fused" in kernels and args.workers > 1:
         precompile(benchmark_jobs(args.precision, tuple(sizes), drop_in_sizes), args.workers)

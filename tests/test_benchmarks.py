@@ -117,6 +117,29 @@ def test_a_failing_row_is_recorded_and_a_run_cut_short_keeps_its_figures(through
     assert rows[0]["inference_cs_per_s"] == 200 / 1e-3 and rows[2]["meta_cs_per_s"] == 400 * 20 / 2e-3
 
 
+def test_a_sweep_cut_short_keeps_the_settings_it_measured(throughput, monkeypatch, tmp_path):
+    # The sweep is a step of the GPU session under a time limit; its JSON came only at the end.
+    class Killed(BaseException):
+        pass
+
+    timed = iter(range(100))
+
+    def inference(rule, kernel, n, device, seconds):
+        if next(timed) == 2:
+            raise Killed  # as `timeout` ends the step: nothing after this runs
+        return 1e-3
+
+    monkeypatch.setattr(throughput, "inference", inference)
+    out = tmp_path / "sweep.json"
+    monkeypatch.setattr(sys, "argv", ["unroll_throughput.py", "--device", "cpu", "--sweep", "--workers", "1",
+                                      "--json", str(out)])
+    with pytest.raises(Killed):
+        throughput.main()
+    rows = json.loads(out.read_text())
+    assert [(row["kernel"], row["block"], row["maxnreg"]) for row in rows] == [("forward", 32, None), ("forward", 32, 128)]
+    assert rows[0]["inference_cs_per_s"] == throughput.SWEEP_SIZES[0] / 1e-3
+
+
 def test_meta_iteration_smoke(monkeypatch, tmp_path, capsys):
     out = tmp_path / "meta.json"
     run_main(script("meta_iteration"), monkeypatch, "--instances", "3", "--dim", "2", "--unroll", "2", "--repeats", "1",
@@ -155,6 +178,30 @@ def test_optimizer_step_smoke(monkeypatch, tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["params"] == 4 * (15 * 15 + 15)  # four Linear(15, 15): the width closest to 1e3 parameters
     assert row["ratio_foreach"] == row["learned_s"] / row["adam_foreach_s"] and "adam_fused_s" not in row
+    assert f"{row['params']:>11,}" in capsys.readouterr().out
+
+
+def test_optimizer_step_cut_short_keeps_and_prints_the_sizes_it_measured(monkeypatch, tmp_path, capsys):
+    # The GPU session's last step runs this under what is left of its budget: a kill during the
+    # largest size lost every figure (the table and the JSON came only at the end).
+    module = script("optimizer_step")
+
+    class Killed(BaseException):
+        pass
+
+    calls = iter(range(100))
+
+    def median_step_seconds(optimizer, repeats, device):
+        if next(calls) == 3:  # the second size's learned step: as `timeout` ends the step
+            raise Killed
+        return 1e-3
+
+    monkeypatch.setattr(module, "median_step_seconds", median_step_seconds)
+    out = tmp_path / "step.json"
+    with pytest.raises(Killed):
+        run_main(module, monkeypatch, "--sizes", "1e3,2e3", "--repeats", "1", "--threads", "1", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["params"] == 4 * (15 * 15 + 15) and row["learned_s"] == 1e-3
     assert f"{row['params']:>11,}" in capsys.readouterr().out
 
 

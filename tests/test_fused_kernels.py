@@ -235,15 +235,42 @@ def test_bfloat16_state_matches_reference(interpreter):
     (update, h_new, c_new), (ref_update, ref_h, ref_c) = both_paths(rule, grad, h, c)
     assert h_new.dtype == c_new.dtype == torch.bfloat16
     torch.testing.assert_close(update, ref_update, rtol=1e-5, atol=1e-6)
-    # Both round the same float32 values to bfloat16; a last-bit difference of the float32 math
-    # can flip a rounding, so allow one bfloat16 ulp.
+    # Both round the same float32 values to bfloat16 to nearest; a last-bit difference of the
+    # float32 math can flip a rounding, so allow one bfloat16 ulp, in a few numbers only (a
+    # truncating conversion differs in half of them).
     torch.testing.assert_close(h_new.float(), ref_h.float(), rtol=8e-3, atol=1e-5)
     torch.testing.assert_close(c_new.float(), ref_c.float(), rtol=8e-3, atol=1e-5)
+    assert (h_new != ref_h).float().mean() < 0.02 and (c_new != ref_c).float().mean() < 0.02
     weights = [torch.ones(n), torch.ones(h.shape, dtype=torch.bfloat16), torch.ones(c.shape, dtype=torch.bfloat16)]
     ours, reference = all_grads(rule, grad, h, c, weights)
     for a, b in zip(ours, reference):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float64_rule_rounds_16_bit_states_and_updates_as_the_reference(interpreter, dtype):
+    """A float64 rule with a 16-bit gradient and state: every 16-bit output rounded as torch rounds it.
+
+    A float64 value went to bfloat16 through one conversion, which Triton's interpreter did as
+    an integer cast (every new state 0) and which rounds once where torch goes through float32.
+    """
+    rule = CoordinateWiseLSTM(hidden_size=4, seed=8, state_dtype=dtype).double()
+    n = 20
+    grad = edge_gradients(n).clamp(-6e4, 6e4).to(dtype)  # finite in float16
+    h, c = (t.to(dtype) for t in random_state(rule, n))
+    (update, h_new, c_new), (ref_update, ref_h, ref_c) = both_paths(rule, grad, h, c)
+    assert update.dtype == h_new.dtype == c_new.dtype == dtype
+    # The float64 values agree to ~1e-16, so each rounds to the same 16-bit number.
+    for ours, reference in ((update, ref_update), (h_new, ref_h), (c_new, ref_c)):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(t.shape, generator=generator).to(dtype) for t in (grad, h, c)]
+    ours, reference = all_grads(rule, grad, h, c, weights)
+    for a, b in zip(ours, reference):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **(TIGHT[torch.float64] if a.dtype == torch.float64 else dict(rtol=0, atol=0)))
 
 
 @needs_triton
@@ -598,6 +625,7 @@ def test_cuda_nonfinite_and_bfloat16():
     grad = torch.randn(300, device=CUDA)
     for ours, reference in zip(*both_paths(compact, grad, hb, cb)):
         torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-3)
+        assert (ours != reference).float().mean() < 0.02  # rounded to nearest as torch rounds (truncation: half)
 
 
 @pytest.mark.cuda

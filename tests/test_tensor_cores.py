@@ -66,14 +66,29 @@ def test_tf32x3_of_an_infinite_operand_is_infinite_as_in_float32():
     assert np.isnan(nan_operand[0, 0])  # a NaN stays NaN through the big dot
 
 
+def test_bfloat16_rounding_is_torchs_bit_for_bit():
+    x = np.random.default_rng(3).standard_normal(10_000).astype(np.float32) * 10.0 ** np.random.default_rng(4).integers(
+        -40, 39, 10_000)
+    info = np.finfo(np.float32)
+    ties = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF], dtype=np.uint32).view(np.float32)  # even, odd, below
+    x = np.concatenate([x, ties, f32(0.0, -0.0, info.max, -info.max, info.tiny, 1e-45, np.inf, -np.inf)])
+    expected = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(tensor_cores.round_to_bfloat16(x), expected)
+    nan = tensor_cores.round_to_bfloat16(np.array([0x7FFFFFFF, 0xFF800001], dtype=np.uint32).view(np.float32))
+    assert np.isnan(torch.from_numpy(nan.view(np.int16)).view(torch.bfloat16).float().numpy()).all()
+
+
 @needs_triton
 def test_emulation_patches_the_interpreter_inside_the_block_only():
     from triton.runtime import interpreter as triton_interpreter
 
     original = triton_interpreter.InterpreterBuilder.create_dot
+    original_cast = triton_interpreter.InterpreterBuilder.cast_impl
     with tensor_cores.emulated():
         assert triton_interpreter.InterpreterBuilder.create_dot is not original
+        assert triton_interpreter.InterpreterBuilder.cast_impl is not original_cast
     assert triton_interpreter.InterpreterBuilder.create_dot is original
+    assert triton_interpreter.InterpreterBuilder.cast_impl is original_cast
 
 
 @needs_triton

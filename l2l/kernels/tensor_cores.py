@@ -1,4 +1,4 @@
-"""Tensor-core rounding of float32 ``tl.dot`` for Triton's CPU interpreter: tf32 and tf32x3 as compiled.
+"""Rounding of Triton's CPU interpreter as in the compiled kernels: float32 ``tl.dot`` in tf32 and tf32x3, float32 to bfloat16.
 
 Triton's interpreter computes every ``tl.dot`` with numpy in full float32 whatever its
 ``input_precision``, so on the CPU the kernels' precision setting would go untested. Inside
@@ -14,6 +14,10 @@ and later:
   adds ``big_a @ big_b`` (three tf32 dots) and then the accumulator; ``small_a @ small_b`` is
   dropped.
 - ``ieee`` and float64 dots are left to numpy.
+
+And it rounds float32 to bfloat16 to nearest, ties to even, as the compiled kernels
+(``cvt.rn.bf16.f32``) and torch do; the interpreter itself truncates, so a bfloat16 state
+would differ from the reference's in the last bit of every other number.
 
 What is not modelled: the order in which the tensor cores add products within a dot (numpy's
 float32 matmul adds in its own order); the difference is at float32 rounding, far below the
@@ -71,6 +75,14 @@ def tf32x3_matmul(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
         return (out + acc.astype(np.float32)).astype(np.float32)
 
 
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16, to nearest with ties to even, as bit patterns (``uint16``; NaN stays NaN)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    quiet = ((bits >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)  # a NaN's carry would reach the sign bit
+    return np.where(np.isnan(x), quiet, rounded)
+
+
 def _precision_name(input_precision: Any) -> str:
     name = getattr(input_precision, "name", None) or str(input_precision).rsplit(".", 1)[-1]
     return name.lower()
@@ -78,13 +90,14 @@ def _precision_name(input_precision: Any) -> str:
 
 @contextlib.contextmanager
 def emulated() -> Iterator[None]:
-    """Inside the block, Triton's interpreter computes float32 tf32 and tf32x3 dots as the GPU does.
+    """Inside the block, Triton's interpreter computes float32 tf32 and tf32x3 dots, and rounds float32 to bfloat16, as the GPU does.
 
     Raises:
-        RuntimeError: this Triton's interpreter has no ``create_dot`` of the known signature
-            (the emulation would silently not apply).
+        RuntimeError: this Triton's interpreter has no ``create_dot`` or ``cast_impl`` of the
+            known signature (the emulation would silently not apply).
     """
     from triton.runtime import interpreter as triton_interpreter
+    import triton.language as tl
 
     builder = getattr(triton_interpreter, "InterpreterBuilder", None)
     original = getattr(builder, "create_dot", None)
@@ -92,6 +105,10 @@ def emulated() -> Iterator[None]:
     if original is None or list(inspect.signature(original).parameters) != expected:
         raise RuntimeError("this Triton's interpreter has no InterpreterBuilder.create_dot(a, b, d, input_precision, "
                            "max_num_imprecise_acc): tensor-core rounding cannot be emulated with it")
+    original_cast = getattr(builder, "cast_impl", None)
+    if original_cast is None or list(inspect.signature(original_cast).parameters) != ["self", "src", "dst_type"]:
+        raise RuntimeError("this Triton's interpreter has no InterpreterBuilder.cast_impl(src, dst_type): "
+                           "bfloat16 rounding cannot be emulated with it")
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         precision = _precision_name(input_precision)
@@ -104,8 +121,13 @@ def emulated() -> Iterator[None]:
             data = tf32x3_matmul(a.data, b.data, d.data)
         return triton_interpreter.TensorHandle(data, d.dtype.scalar)
 
-    builder.create_dot = create_dot
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return triton_interpreter.TensorHandle(round_to_bfloat16(src.data), dst_type.scalar)
+        return original_cast(self, src, dst_type)
+
+    builder.create_dot, builder.cast_impl = create_dot, cast_impl
     try:
         yield
     finally:
-        builder.create_dot = original
+        builder.create_dot, builder.cast_impl = original, original_cast

@@ -242,8 +242,19 @@ def _load_tile(ptr, rows, cols, stride_col, mask, CT: tl.constexpr):
 
 
 @triton.jit
+def _narrow(x, ET: tl.constexpr):
+    """``x`` in the storage dtype ``ET``; a 16-bit float through float32, as torch rounds float64 to one.
+
+    Also, Triton's interpreter casts float64 straight to bfloat16 as an integer (zeros).
+    """
+    if ET == tl.bfloat16 or ET == tl.float16:
+        x = x.to(tl.float32)
+    return x.to(ET)
+
+
+@triton.jit
 def _store_tile(ptr, value, rows, cols, stride_col, mask):
-    tl.store(ptr + cols[None, :] * stride_col + rows[:, None], value.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + cols[None, :] * stride_col + rows[:, None], _narrow(value, ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -324,14 +335,14 @@ def lstm_forward_kernel(
     out = _sum(top * wout[None, :], 1) + tl.load(bout_ptr).to(CT)
     UT: tl.constexpr = upd_ptr.dtype.element_ty
     # Rounded to the update's dtype before lr_scale, as CoordinateWiseLSTM then learned_step do.
-    update = (out * out_scale).to(UT).to(CT) * lr_scale
+    update = _narrow(out * out_scale, UT).to(CT) * lr_scale
     if MASK_NONFINITE:
         update = tl.where(finite, update, 0.0)
     if HAS_PARAMS:
         params = tl.load(p_ptr + n, mask=n_ok, other=0.0)
-        tl.store(p_ptr + n, (params.to(CT) + update.to(UT).to(CT)).to(p_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(p_ptr + n, _narrow(params.to(CT) + _narrow(update, UT).to(CT), p_ptr.dtype.element_ty), mask=n_ok)
     tl.debug_barrier()  # the update may overwrite the gradient in place
-    tl.store(upd_ptr + n, update.to(UT), mask=n_ok)
+    tl.store(upd_ptr + n, _narrow(update, UT), mask=n_ok)
 
 
 # The loop bounds are not specialised on (divisibility by 16, equality to 1): they carry no
@@ -505,7 +516,7 @@ def lstm_backward_kernel(
             else:
                 dx1 = dx0
             dg = _preprocess_backward(g, dx0, dx1, p, threshold, exp_p, LOG_SIGN)
-            tl.store(dg_ptr + n, dg.to(dg_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(dg_ptr + n, _narrow(dg, dg_ptr.dtype.element_ty), mask=n_ok)
         if DW_SCRATCH:
             tl.debug_barrier()  # the next block's read-add-write of the row sees this one's in every thread
 
