@@ -46,6 +46,18 @@ def test_infinite_and_nan_gradients_are_not_hidden(dtype):
     assert math.isnan(out[1, 2])  # NaN reaches the rule as NaN (the drop-in skips such steps), not as a plausible number
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [10.0, 12.0, 20.0, 80.0])
+def test_16_bit_gradients_are_encoded_as_their_float32_values_rounded_once(dtype, p):
+    # In float16, exp(-p) rounds to 0 above p = 16.6 (so g = 0 gave log 0 = -inf) and exp(p)
+    # overflows above p = 11.1 (the small branch gave inf).
+    info = torch.finfo(dtype)
+    values = torch.tensor([0.0, -0.0, info.tiny / 4, -info.tiny, 1e-3, -0.5, info.max, -info.max], dtype=dtype)
+    out = log_and_sign(values, p)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert torch.equal(out, log_and_sign(values.float(), p).to(dtype))
+
+
 def test_zero_gradient_is_minus_one_zero():
     assert log_and_sign(torch.zeros(3)).t().tolist() == [[-1.0, 0.0]] * 3
 

@@ -38,6 +38,10 @@ def log_and_sign(grad: Tensor, p: float = 10.0) -> Tensor:
         Tensor of shape ``[2, N]`` (feature-major, as the kernels take it).
     """
     check_p(p)
+    if grad.dtype in (torch.float16, torch.bfloat16):
+        # exp(-p) and exp(p) are float32 numbers: in float16, exp(-p) rounds to 0 for p > 16.6
+        # (log|0| = -inf) and exp(p) overflows for p > 11.1. Computed in float32, rounded once.
+        return log_and_sign(grad.float(), p).to(grad.dtype)
     magnitude = grad.abs()
     threshold = math.exp(-p)
     large = magnitude >= threshold
