@@ -434,7 +434,7 @@ def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_err
                             "(optimizee steps 0-5) (ValueError: loss raised at call 4); this process stops too"),
         "fails-at-the-start": ("ValueError: loss raised at call 1",
                                "RuntimeError: process 1 failed while sampling epoch 1's instances and their initial losses "
-                               "(ValueError: loss raised at call 1); this process stops too"),
+                               "and setting its meta-learning rate (ValueError: loss raised at call 1); this process stops too"),
         "fails-nowhere": ("trained", "trained"),
     }
     for scenario, (failing, other) in expected.items():
@@ -528,6 +528,16 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     attempt("gathering-the-meta-gradients-fails", flatten_fails_at=1)
     attempt("on-epoch-fails", on_epoch=lambda trainer: rank == 1 and 1 / 0)
     attempt("on-epoch-fails-after-the-last-epoch", on_epoch=lambda trainer: rank == 1 and trainer.epoch == 2 and 1 / 0)
+    # Process-local work between the collectives of an epoch: its meta-learning rate, and after each truncation's
+    # all-reduce counting the meta-step and keeping its meta-loss (the others go on to the next truncation's
+    # all-reduce, or to the epoch's closing one), and averaging the meta-losses (the others are in the closing one).
+    attempt("setting-the-meta-learning-rate-fails", prepare=lambda trainer: setattr(
+        trainer, "_set_learning_rate", failing_on_rank_1(trainer._set_learning_rate, 1, MemoryError("learning rate"))))
+    for at, where in ((1, "mid-epoch"), (2, "at-the-end-of-an-epoch")):
+        attempt(f"recording-a-meta-step-fails-{{where}}", prepare=lambda trainer: setattr(
+            trainer, "_record_truncation", failing_on_rank_1(trainer._record_truncation, at, MemoryError("recording"))))
+    attempt("averaging-the-meta-losses-fails", prepare=lambda trainer: setattr(
+        trainer, "_mean_meta_loss", failing_on_rank_1(trainer._mean_meta_loss, 1, MemoryError("averaging"))))
     # Between the collectives of an epoch: recording it (a validated one's copy of the best weights, or the history).
     attempt("recording-a-validation-fails", val_every=1,
             prepare=lambda trainer: setattr(trainer, "_consider", failing_on_rank_1(trainer._consider, 1, MemoryError("copying"))))
@@ -574,6 +584,16 @@ def test_a_process_failing_after_the_all_reduce_in_on_epoch_or_between_collectiv
         ),
         "on-epoch-fails": (callback, others("running the on_epoch callback after epoch 1", callback)),
         "on-epoch-fails-after-the-last-epoch": (callback, others("running the on_epoch callback after epoch 2", callback)),
+        "setting-the-meta-learning-rate-fails": (
+            "MemoryError: learning rate",
+            others("sampling epoch 1's instances and their initial losses and setting its meta-learning rate",
+                   "MemoryError: learning rate"),
+        ),
+        "recording-a-meta-step-fails-mid-epoch": (
+            "MemoryError: recording", others("recording the meta-step of epoch 1 (optimizee steps 0-5)", "MemoryError: recording")),
+        "recording-a-meta-step-fails-at-the-end-of-an-epoch": (
+            "MemoryError: recording", others("recording the meta-step of epoch 1 (optimizee steps 5-10)", "MemoryError: recording")),
+        "averaging-the-meta-losses-fails": ("MemoryError: averaging", others("averaging the meta-losses of epoch 1", "MemoryError: averaging")),
         "recording-a-validation-fails": ("MemoryError: copying", others("recording epoch 1", "MemoryError: copying")),
         "recording-an-epoch-fails": ("MemoryError: appending to the history",
                                      others("recording epoch 1", "MemoryError: appending to the history")),
