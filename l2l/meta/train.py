@@ -41,6 +41,7 @@ from l2l.checkpoint import (
 from l2l.config import ConfigError, TrainConfig
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import (
+    REPORTED,
     Collectives,
     ShardLayout,
     assign_grads,
@@ -87,7 +88,7 @@ class _MissedAllReduce(Exception):
     tells them of :attr:`error`.
     """
 
-    def __init__(self, error: Exception, what: str):
+    def __init__(self, error: BaseException, what: str):
         super().__init__(what)
         self.error, self.what = error, what
 
@@ -427,7 +428,7 @@ class MetaTrainer:
         """
         try:
             yield
-        except Exception as caught:
+        except REPORTED as caught:
             if not self.collectives.active:
                 raise
             raise _MissedAllReduce(caught, what) from caught
@@ -491,7 +492,7 @@ class MetaTrainer:
                     shard_loss.backward()  # frees this shard's graph before the next shard's unroll
                     shard_losses.append(shard_loss.detach())
                     next_carries.append(detach_carry(carry))
-            except Exception as caught:
+            except REPORTED as caught:
                 if not self.collectives.active:
                     raise
                 # The other processes are on their way to the all-reduce: this one joins it and says it failed.
@@ -509,7 +510,7 @@ class MetaTrainer:
                 # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
                 # the averaged loss or gradient non-finite, so every process skips the same steps.
                 finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
-            except Exception as caught:
+            except REPORTED as caught:
                 if not self.collectives.active:
                     raise
                 late, finite = caught, torch.zeros((), dtype=torch.bool)  # raised below, once the flags are read
@@ -564,7 +565,7 @@ class MetaTrainer:
             grads = flatten_grads(parameters)
             loss = torch.stack(shard_losses).sum().reshape(1) if error is None else grads.new_zeros(1)
             flat = self._meta_step_vector(torch.cat([grads, loss]), grad_presence(parameters), error)
-        except Exception as caught:
+        except REPORTED as caught:
             if not self.collectives.active:
                 raise
             raise _MissedAllReduce(error if error is not None else caught, what) from caught
