@@ -189,6 +189,7 @@ def test_sharded_runs_refuse_cuda_graphs_on(monkeypatch):
 # where the block-buffered stdouts of two processes sharing a pipe could interleave mid-line.
 COLLECTIVES_SCRIPT = textwrap.dedent(
     """
+    import os
     import torch, torch.distributed as dist
     from l2l.config import ConfigError
     from l2l.meta.distributed import Collectives, current_layout
@@ -219,6 +220,14 @@ COLLECTIVES_SCRIPT = textwrap.dedent(
         collectives.check_same("configuration", f"seed {rank}")
     except ConfigError as error:
         print(f"rank {rank}: refused: {error}", flush=True)
+    # Both fail, and rank 1 goes without telling the other its error (as a second Ctrl-C there can make it).
+    if rank == 1:
+        collectives._error_reports = lambda *arguments: os._exit(0)
+    try:
+        with collectives.together("failing on both"):
+            raise ValueError(f"rank {rank}'s own error")
+    except Exception as error:
+        print(f"rank {rank}: both failed: {type(error).__name__}: {error}", flush=True)
     dist.destroy_process_group()
     """
 )
@@ -238,6 +247,7 @@ def test_collectives_across_two_processes(tmp_path):
             in finished.stdout)
     assert "rank 0: refused: process 0 and process(es) 1 were started with a different configuration" in finished.stdout
     assert "rank 1: refused: process 1 and process(es) 0 were started with a different configuration" in finished.stdout
+    assert "rank 0: both failed: ValueError: rank 0's own error" in finished.stdout  # not the backend's error
 
 
 def test_distributed_training_benchmark_smoke(tmp_path):
@@ -362,7 +372,7 @@ def test_a_stop_asked_of_one_process_stops_every_process_at_the_same_epoch_with_
 
 FAILURE_SCRIPT = textwrap.dedent(
     """
-    import datetime, sys, time
+    import datetime, os, signal, sys, time
     import torch.distributed as dist
     from l2l.config import TrainConfig
     from l2l.meta.train import MetaTrainer, meta_train
@@ -375,10 +385,11 @@ FAILURE_SCRIPT = textwrap.dedent(
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank = dist.get_rank()
     report = open(f"{{sys.argv[2]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix
-    FAIL = {{"at": None, "calls": 0}}
+    FAIL = {{"at": None, "calls": 0, "interrupt": False}}
 
     class FailingFamily(QuadraticFamily):
-        # Quadratics whose loss raises on rank 1 at its FAIL["at"]-th call (the first is the initial loss).
+        # Quadratics whose loss raises on rank 1 at its FAIL["at"]-th call (the first is the initial loss), or
+        # there sends rank 1 a SIGINT (a Ctrl-C that reached it alone): Python raises KeyboardInterrupt mid-unroll.
         name = "test-failing-loss"
 
         def sample(self, num_instances, generator, device="cpu"):
@@ -387,7 +398,9 @@ FAILURE_SCRIPT = textwrap.dedent(
             class Task(QuadraticTask):
                 def loss(self, params, batch=None):  # overridden: autograd differentiates it, call by call
                     FAIL["calls"] += 1
-                    if rank == 1 and FAIL["calls"] == FAIL["at"]:
+                    if rank == 1 and FAIL["calls"] == FAIL["at"] and FAIL["interrupt"]:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    elif rank == 1 and FAIL["calls"] == FAIL["at"]:
                         raise ValueError(f"loss raised at call {{FAIL['calls']}}")
                     return super().loss(params, batch)
 
@@ -396,18 +409,19 @@ FAILURE_SCRIPT = textwrap.dedent(
     register_task("test-failing-loss", FailingFamily, replace=True)
     small = dict({small})
 
-    def attempt(scenario, fail_at):
-        FAIL.update(at=fail_at, calls=0)
+    def attempt(scenario, fail_at, interrupt=False):
+        FAIL.update(at=fail_at, calls=0, interrupt=interrupt)
         begin = time.perf_counter()
         try:
             meta_train(TrainConfig(task="test-failing-loss", **small), progress=False)
             outcome = "trained"
-        except Exception as error:
+        except (Exception, KeyboardInterrupt) as error:  # a Python session interrupted by hand goes on
             outcome = f"{{type(error).__name__}}: {{error}}"
         print(f"rank {{rank}} {{scenario}} after {{time.perf_counter() - begin:.1f}} s: {{outcome}}", file=report, flush=True)
 
     attempt("fails-at-step-3", 4)  # call 1 is the initial loss: step 3 of the first truncation
     attempt("fails-at-the-start", 1)
+    attempt("interrupted-at-step-3", 4, interrupt=True)
     attempt("fails-nowhere", None)  # the processes are still in step with each other
     trainer = MetaTrainer(TrainConfig(task=TinyMLPFamily.name, split=("conv", "fc"), epochs=1, hidden_size=4,
                                       val_problems=2, device="cpu"))
@@ -434,7 +448,10 @@ def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_err
                             "(optimizee steps 0-5) (ValueError: loss raised at call 4); this process stops too"),
         "fails-at-the-start": ("ValueError: loss raised at call 1",
                                "RuntimeError: process 1 failed while sampling epoch 1's instances and their initial losses "
-                               "(ValueError: loss raised at call 1); this process stops too"),
+                               "and setting its meta-learning rate (ValueError: loss raised at call 1); this process stops too"),
+        "interrupted-at-step-3": ("KeyboardInterrupt: ",
+                                  "RuntimeError: process 1 failed while unrolling and backpropagating its shards of epoch 1 "
+                                  "(optimizee steps 0-5) (KeyboardInterrupt); this process stops too"),
         "fails-nowhere": ("trained", "trained"),
     }
     for scenario, (failing, other) in expected.items():
@@ -447,7 +464,7 @@ def test_a_process_failing_mid_epoch_stops_every_process_promptly_naming_its_err
 
 LATE_FAILURE_SCRIPT = textwrap.dedent(
     """
-    import datetime, sys, time
+    import datetime, os, signal, sys, time
     import torch
     import torch.distributed as dist
     from l2l.config import TrainConfig
@@ -510,7 +527,7 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
                 trainer.restore(resume)
             trainer.run(progress=False, on_epoch=on_epoch)
             outcome = "trained"
-        except Exception as error:
+        except (Exception, KeyboardInterrupt) as error:
             outcome = f"{{type(error).__name__}}: {{error}}"
         finally:
             torch.nn.utils.clip_grad_norm_, train.flatten_grads = clip, flatten
@@ -528,6 +545,17 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     attempt("gathering-the-meta-gradients-fails", flatten_fails_at=1)
     attempt("on-epoch-fails", on_epoch=lambda trainer: rank == 1 and 1 / 0)
     attempt("on-epoch-fails-after-the-last-epoch", on_epoch=lambda trainer: rank == 1 and trainer.epoch == 2 and 1 / 0)
+    attempt("on-epoch-interrupted", on_epoch=lambda trainer: rank == 1 and os.kill(os.getpid(), signal.SIGINT))
+    # Process-local work between the collectives of an epoch: its meta-learning rate, and after each truncation's
+    # all-reduce counting the meta-step and keeping its meta-loss (the others go on to the next truncation's
+    # all-reduce, or to the epoch's closing one), and averaging the meta-losses (the others are in the closing one).
+    attempt("setting-the-meta-learning-rate-fails", prepare=lambda trainer: setattr(
+        trainer, "_set_learning_rate", failing_on_rank_1(trainer._set_learning_rate, 1, MemoryError("learning rate"))))
+    for at, where in ((1, "mid-epoch"), (2, "at-the-end-of-an-epoch")):
+        attempt(f"recording-a-meta-step-fails-{{where}}", prepare=lambda trainer: setattr(
+            trainer, "_record_truncation", failing_on_rank_1(trainer._record_truncation, at, MemoryError("recording"))))
+    attempt("averaging-the-meta-losses-fails", prepare=lambda trainer: setattr(
+        trainer, "_mean_meta_loss", failing_on_rank_1(trainer._mean_meta_loss, 1, MemoryError("averaging"))))
     # Between the collectives of an epoch: recording it (a validated one's copy of the best weights, or the history).
     attempt("recording-a-validation-fails", val_every=1,
             prepare=lambda trainer: setattr(trainer, "_consider", failing_on_rank_1(trainer._consider, 1, MemoryError("copying"))))
@@ -574,6 +602,17 @@ def test_a_process_failing_after_the_all_reduce_in_on_epoch_or_between_collectiv
         ),
         "on-epoch-fails": (callback, others("running the on_epoch callback after epoch 1", callback)),
         "on-epoch-fails-after-the-last-epoch": (callback, others("running the on_epoch callback after epoch 2", callback)),
+        "on-epoch-interrupted": ("KeyboardInterrupt: ", others("running the on_epoch callback after epoch 1", "KeyboardInterrupt")),
+        "setting-the-meta-learning-rate-fails": (
+            "MemoryError: learning rate",
+            others("sampling epoch 1's instances and their initial losses and setting its meta-learning rate",
+                   "MemoryError: learning rate"),
+        ),
+        "recording-a-meta-step-fails-mid-epoch": (
+            "MemoryError: recording", others("recording the meta-step of epoch 1 (optimizee steps 0-5)", "MemoryError: recording")),
+        "recording-a-meta-step-fails-at-the-end-of-an-epoch": (
+            "MemoryError: recording", others("recording the meta-step of epoch 1 (optimizee steps 5-10)", "MemoryError: recording")),
+        "averaging-the-meta-losses-fails": ("MemoryError: averaging", others("averaging the meta-losses of epoch 1", "MemoryError: averaging")),
         "recording-a-validation-fails": ("MemoryError: copying", others("recording epoch 1", "MemoryError: copying")),
         "recording-an-epoch-fails": ("MemoryError: appending to the history",
                                      others("recording epoch 1", "MemoryError: appending to the history")),

@@ -28,6 +28,10 @@ from l2l.config import ConfigError
 # How much of a failed process's error message the other processes receive.
 ERROR_MESSAGE_BYTES = 512
 
+# What a process of a group tells the others of, rather than leaving them waiting in a collective: its errors, and a
+# Ctrl-C that reached it alone (processes started by hand; torchrun signals them all), which then stops them all.
+REPORTED = (Exception, KeyboardInterrupt)
+
 
 @dataclass(frozen=True)
 class ShardLayout:
@@ -196,7 +200,7 @@ class Collectives:
             local = build().reshape(-1)
             if local.numel() != size or local.dtype != dtype:  # its gather would not fit the others'
                 raise ValueError(f"{what} made {local.numel()} elements of {local.dtype}, not {size} of {dtype}")
-        except Exception as caught:
+        except REPORTED as caught:
             error, local = caught, torch.zeros(size, dtype=dtype)
         flag = torch.tensor([error is not None], dtype=dtype, device=local.device)
         pieces = self.gather(torch.cat([local, flag]))
@@ -213,9 +217,9 @@ class Collectives:
     def together(self, what: str, sums: Tensor | None = None) -> Iterator[None]:
         """Runs a block of process-local work that stops every process if it fails on any.
 
-        A process whose block raised re-raises its own error; the others raise a RuntimeError
-        naming ``what``, the process that failed and its error, instead of waiting in their next
-        collective for a process that has gone. The block must not use collectives itself (a
+        A process whose block raised (a KeyboardInterrupt included) re-raises its own error; the
+        others raise a RuntimeError naming ``what``, the process that failed and its error, instead
+        of waiting in their next collective for a process that has gone. The block must not use collectives itself (a
         process leaving it early would leave the others waiting inside it).
 
         Args:
@@ -226,7 +230,7 @@ class Collectives:
         """
         try:
             yield
-        except Exception as error:
+        except REPORTED as error:
             self._settle(error, what, sums)
             raise
         self._settle(None, what, sums)
@@ -268,7 +272,13 @@ class Collectives:
         failed = [rank for rank, flag in enumerate(flags) if flag]
         if not failed:
             return
-        reports = self._error_reports(error, what)
+        try:
+            reports = self._error_reports(error, what)
+        except Exception:
+            if error is None:
+                raise
+            # Another failed process may have gone without the exchange (a Ctrl-C that reached it too): this one's own
+            # error still says best why it stops, not the backend's.
         if error is not None:
             raise error
         who = f"process {failed[0]}" if len(failed) == 1 else f"processes {', '.join(map(str, failed))}"
@@ -281,7 +291,7 @@ class Collectives:
 
     def _error_reports(self, error: BaseException | None, what: str) -> list[tuple[str, str]]:
         """Every process's ``(what, "TYPE: message")`` of ``error`` (empty where none), in rank order, cut to a few hundred bytes each."""
-        parts = ("", "") if error is None else (what, f"{type(error).__name__}: {error}")
+        parts = ("", "") if error is None else (what, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
         buffer = torch.zeros(2, ERROR_MESSAGE_BYTES, dtype=torch.uint8)
         for row, text in zip(buffer, parts):
             encoded = text.encode()[:ERROR_MESSAGE_BYTES]

@@ -41,6 +41,7 @@ from l2l.checkpoint import (
 from l2l.config import ConfigError, TrainConfig, home_path
 from l2l.kernels.dispatch import set_kernel
 from l2l.meta.distributed import (
+    REPORTED,
     Collectives,
     ShardLayout,
     assign_grads,
@@ -80,13 +81,14 @@ class _MissedAllReduce(Exception):
     """This process of a group failed where the others cannot learn of it in the all-reduce they are in or go to next.
 
     Raised by a truncation that failed before joining its all-reduce (gathering its
-    meta-gradients) or after it (clipping, the meta-optimizer's step). The epoch's closing
+    meta-gradients) or after it (clipping, the meta-optimizer's step, recording the step), or
+    by averaging the epoch's meta-losses. The epoch's closing
     all-reduce, shaped like a truncation's, meets the others in their next all-reduce,
     whichever it is (this truncation's, the next one's, or the epoch's closing one), and
     tells them of :attr:`error`.
     """
 
-    def __init__(self, error: Exception, what: str):
+    def __init__(self, error: BaseException, what: str):
         super().__init__(what)
         self.error, self.what = error, what
 
@@ -352,51 +354,93 @@ class MetaTrainer:
         """
         config = self.config
         non_finite = torch.zeros(1)  # summed over the processes in the collective that reports failures
-        with self.collectives.together(f"sampling epoch {self.epoch + 1}'s instances and their initial losses", non_finite):
+        starting = f"sampling epoch {self.epoch + 1}'s instances and their initial losses and setting its meta-learning rate"
+        with self.collectives.together(starting, non_finite):
             tasks = [self.family.sample(self.shard_instances, instances, self.device) for instances, _ in self.streams]
             carries = [start(self.rule, task, generator=batches) for task, (_, batches) in zip(tasks, self.streams)]
             non_finite[0] = float(not all(bool(torch.isfinite(carry.loss).all()) for carry in carries))
+            self._set_learning_rate(meta_learning_rate(config, self.epoch))
+            truncate = self._graphed_truncation(tasks[0]) if self.use_graphs else self._eager_truncation(tasks)
         if non_finite.item():  # every process raises, none waits on the others
             raise NonFiniteError(
                 f"task {config.task!r} gave a non-finite loss at its initial parameters; check the task's data and initialisation"
             )
-        self._set_learning_rate(meta_learning_rate(config, self.epoch))
-        truncate = self._graphed_truncation(tasks[0]) if self.use_graphs else self._eager_truncation(tasks)
-        meta_losses = []
+        # From here to the closing all-reduce, a failure of this process's own work between two truncations' all-reduces
+        # is told the others in their next one (_MissedAllReduce, then _close_epoch).
+        meta_losses: list[Tensor] = []
         step = 0
         missed, given_up = None, None
         while step < self.steps:
             length = min(self.unroll, self.steps - step)
             try:
                 result, carries = truncate(carries, length)
+                with self._told_in_the_next_all_reduce(f"recording the meta-step of epoch {self.epoch + 1} "
+                                                       f"(optimizee steps {step}-{step + length})"):
+                    given_up = self._record_truncation(result, meta_losses)
             except _MissedAllReduce as failure:
                 missed = failure
                 break
-            if result.stepped:
-                self.consecutive_skipped = 0
-                meta_losses.append(result.meta_loss.clone())  # a graph's output buffer is overwritten by the next replay
-            else:
-                self.skipped += 1
-                self.consecutive_skipped += 1
-                if self.consecutive_skipped >= config.max_nonfinite:
-                    given_up = NonFiniteError(
-                        f"{self.consecutive_skipped} meta-steps in a row had a non-finite meta-loss or meta-gradient "
-                        f"(epoch {self.epoch}); training stopped. {self._non_finite_advice()}"
-                    )
+            if not result.stepped:
                 break  # The trajectory diverged: the rest of this epoch would only repeat it.
             step += length
+        meta_loss = None
+        if missed is None:
+            try:
+                with self._told_in_the_next_all_reduce(f"averaging the meta-losses of epoch {self.epoch + 1}"):
+                    meta_loss = self._mean_meta_loss(meta_losses)
+            except _MissedAllReduce as failure:
+                missed = failure
         self._close_epoch(missed)
         if given_up is not None:
             raise given_up
+        return meta_loss
+
+    def _record_truncation(self, result: TruncationResult, meta_losses: list[Tensor]) -> NonFiniteError | None:
+        """Counts a truncation's meta-step (or its skip) and appends its meta-loss to ``meta_losses`` if it stepped.
+
+        Returns:
+            The error to stop with once ``max_nonfinite`` meta-steps in a row were skipped, else None.
+        """
+        if result.stepped:
+            self.consecutive_skipped = 0
+            meta_losses.append(result.meta_loss.clone())  # a graph's output buffer is overwritten by the next replay
+            return None
+        self.skipped += 1
+        self.consecutive_skipped += 1
+        if self.consecutive_skipped < self.config.max_nonfinite:
+            return None
+        return NonFiniteError(
+            f"{self.consecutive_skipped} meta-steps in a row had a non-finite meta-loss or meta-gradient "
+            f"(epoch {self.epoch}); training stopped. {self._non_finite_advice()}"
+        )
+
+    @staticmethod
+    def _mean_meta_loss(meta_losses: list[Tensor]) -> Tensor:
+        """The mean of an epoch's meta-losses (0-d tensors); NaN if it has none (every step was skipped)."""
         return torch.stack(meta_losses).mean() if meta_losses else torch.tensor(math.nan)
+
+    @contextlib.contextmanager
+    def _told_in_the_next_all_reduce(self, what: str) -> Iterator[None]:
+        """Runs process-local work between a truncation's all-reduce and the next; in a group, its failure becomes a :class:`_MissedAllReduce`.
+
+        The others are already on their way to their next all-reduce, where :meth:`_close_epoch`
+        tells them of it. Without a group the error is raised as it is.
+        """
+        try:
+            yield
+        except REPORTED as caught:
+            if not self.collectives.active:
+                raise
+            raise _MissedAllReduce(caught, what) from caught
 
     def _close_epoch(self, missed: _MissedAllReduce | None) -> None:
         """The epoch's closing all-reduce: where a process that failed outside the truncations' all-reduces tells the others.
 
-        A process whose clipping or meta-optimizer step failed cannot know where the others are
-        now: in the next truncation's all-reduce, or, the epoch over (or given up on non-finite
-        steps, which it may not have seen), in this one; one that failed gathering its
-        meta-gradients left them in this truncation's. All have one shape (every process
+        A process whose clipping, meta-optimizer step or record of the step failed cannot know
+        where the others are now: in the next truncation's all-reduce, or, the epoch over (or
+        given up on non-finite steps, which it may not have seen), in this one; one that failed
+        gathering its meta-gradients left them in this truncation's, one that failed averaging
+        the meta-losses finds them in this one. All have one shape (every process
         contributes zeros here), so its flag meets them in any and every process raises
         together, instead of the others waiting in their next collective until the backend's
         timeout. One all-reduce and one host synchronisation per epoch, none per step; a no-op
@@ -435,20 +479,20 @@ class MetaTrainer:
         parameters = list(self.rule.parameters())
 
         def truncate(carries: list[UnrollCarry], length: int) -> tuple[TruncationResult, list[UnrollCarry]]:
-            self.meta_optimizer.zero_grad(set_to_none=True)
             shard_losses, next_carries = [], []
-            weights = truncation_weights(self.weights, length)[:, None]
             steps = f"of epoch {self.epoch + 1} (optimizee steps {carries[0].step}-{carries[0].step + length})"
             unrolling = f"unrolling and backpropagating its shards {steps}"
             error = None
             try:
+                self.meta_optimizer.zero_grad(set_to_none=True)
+                weights = truncation_weights(self.weights, length)[:, None]
                 for task, carry, (_, batches) in zip(tasks, carries, self.streams):
                     losses, carry = unroll(self.rule, task, carry, length, generator=batches, second_order=config.second_order)
                     shard_loss = (weights * losses).sum(0).mean()
                     shard_loss.backward()  # frees this shard's graph before the next shard's unroll
                     shard_losses.append(shard_loss.detach())
                     next_carries.append(detach_carry(carry))
-            except Exception as caught:
+            except REPORTED as caught:
                 if not self.collectives.active:
                     raise
                 # The other processes are on their way to the all-reduce: this one joins it and says it failed.
@@ -466,7 +510,7 @@ class MetaTrainer:
                 # One host synchronisation per meta-step, outside the unroll. A non-finite shard anywhere makes
                 # the averaged loss or gradient non-finite, so every process skips the same steps.
                 finite = torch.isfinite(meta_loss) & torch.isfinite(grad_norm)
-            except Exception as caught:
+            except REPORTED as caught:
                 if not self.collectives.active:
                     raise
                 late, finite = caught, torch.zeros((), dtype=torch.bool)  # raised below, once the flags are read
@@ -485,12 +529,8 @@ class MetaTrainer:
                     if not count:  # no shard's graph reached it: no gradient, as with one shard (zeros would be an Adam step)
                         parameter.grad = None
             if stepped:
-                try:
+                with self._told_in_the_next_all_reduce(stepping):
                     self.meta_optimizer.step()
-                except Exception as caught:
-                    if not self.collectives.active:
-                        raise
-                    raise _MissedAllReduce(caught, stepping) from caught
             return TruncationResult(meta_loss, grad_norm.detach(), stepped, next_carries[0]), next_carries
 
         return truncate
@@ -525,7 +565,7 @@ class MetaTrainer:
             grads = flatten_grads(parameters)
             loss = torch.stack(shard_losses).sum().reshape(1) if error is None else grads.new_zeros(1)
             flat = self._meta_step_vector(torch.cat([grads, loss]), grad_presence(parameters), error)
-        except Exception as caught:
+        except REPORTED as caught:
             if not self.collectives.active:
                 raise
             raise _MissedAllReduce(error if error is not None else caught, what) from caught
