@@ -356,3 +356,31 @@ def test_sampling_leaves_the_cuda_generators_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
     ModuleFamily(small_mlp, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(1))
     assert reseeded == []
+
+
+class _Extra(nn.Module):
+    """small_mlp plus one extra parameter, to build the parameter sets ParamLayout must refuse."""
+
+    def __init__(self, extra: nn.Parameter):
+        super().__init__()
+        self.net, self.extra = small_mlp(), extra
+
+    def forward(self, x):
+        return self.net(x) + self.extra.real.to(x.dtype).sum()
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: nn.Sequential(nn.Flatten(), nn.Softmax(-1)), "has no trainable parameters"),
+        (lambda: small_mlp().requires_grad_(False), "has no trainable parameters"),
+        (lambda: _Extra(nn.Parameter(torch.zeros(3, dtype=torch.float64))),
+         r"must be of one dtype; the _Extra has extra: torch\.float64; net\.1\.weight, net\.1\.bias, net\.3\.weight and 1 more: torch\.float32: .*\.to\(dtype\)"),
+        (lambda: _Extra(nn.Parameter(torch.zeros(3, device="meta"))), r"on one device; the _Extra has extra: meta; net\.1\.weight, .* and 1 more: cpu"),
+        (lambda: _Extra(nn.Parameter(torch.zeros(3, dtype=torch.complex64))), r"real floating point.*extra: torch\.complex64"),
+    ],
+    ids=["no parameters", "all frozen", "two dtypes", "two devices", "complex"],
+)
+def test_modules_whose_parameters_cannot_form_one_flat_vector_are_refused_by_name(factory, message):
+    with pytest.raises(ValueError, match=message):
+        ModuleFamily(factory, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(0))

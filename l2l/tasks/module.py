@@ -76,6 +76,7 @@ class ParamLayout:
                 kind_of_param[f"{prefix}.{name}" if prefix else name] = kind
         # Frozen parameters (requires_grad=False) are not optimized: they travel with the buffers.
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        check_flat_parameters(type(module).__name__, named)
         return cls(
             names=tuple(name for name, _ in named),
             shapes=tuple(p.shape for _, p in named),
@@ -113,6 +114,48 @@ class ParamLayout:
             ranges = [torch.arange(offsets[i], offsets[i + 1]) for i, k in enumerate(self.kinds) if k == kind]
             groups[kind] = torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
         return groups
+
+
+def check_flat_parameters(module_name: str, named: list[tuple[str, Tensor]]) -> None:
+    """Raises a ValueError unless the trainable parameters can be one flat real vector per instance.
+
+    ``torch.cat`` would otherwise fail on no parameters, fail obscurely on several devices, and
+    silently promote several dtypes (or a complex one), so that the module later ran on
+    parameters of a dtype it was not built with.
+    """
+    if not named:
+        raise ValueError(
+            f"the {module_name} has no trainable parameters (none with requires_grad=True): "
+            "there is nothing to optimize; give the module at least one parameter"
+        )
+
+    def listing(attribute: str) -> str:
+        # A few names per value: a large module's full list would bury the one odd parameter.
+        by_value: dict[str, list[str]] = {}
+        for name, p in named:
+            by_value.setdefault(str(getattr(p, attribute)), []).append(name)
+        return "; ".join(
+            f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}: {value}"
+            for value, names in by_value.items()
+        )
+
+    unusable = [(name, p) for name, p in named if not p.is_floating_point()]
+    if unusable:
+        raise ValueError(
+            f"a module task's parameters must be real floating point, got "
+            f"{', '.join(f'{name}: {p.dtype}' for name, p in unusable)}: store a complex parameter as "
+            "its real and imaginary parts (torch.view_as_real), or freeze it (requires_grad_(False))"
+        )
+    if len({p.dtype for _, p in named}) > 1:
+        raise ValueError(
+            f"a module task keeps all trainable parameters in one flat tensor, so they must be of one dtype; "
+            f"the {module_name} has {listing('dtype')}: convert the module with .to(dtype) in its factory"
+        )
+    if len({p.device for _, p in named}) > 1:
+        raise ValueError(
+            f"a module task keeps all trainable parameters in one flat tensor, so they must be on one device; "
+            f"the {module_name} has {listing('device')}: build the module on one device (sample's device argument moves it)"
+        )
 
 
 def fixed_shuffle(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
