@@ -8,7 +8,7 @@ from l2l.meta.unroll import run, value_and_grad
 from l2l.tasks import get_task
 from l2l.meta.evaluate import evaluate
 from l2l.optimizers import SGD, Adam, CoordinateWiseLSTM, PerGroupRule
-from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
+from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData, cross_entropy
 
 from gpu import CUDA, RECORDING, needs_cuda
 from helpers import sensitive_rule
@@ -384,3 +384,34 @@ class _Extra(nn.Module):
 def test_modules_whose_parameters_cannot_form_one_flat_vector_are_refused_by_name(factory, message):
     with pytest.raises(ValueError, match=message):
         ModuleFamily(factory, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(0))
+
+
+class _PairOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = small_mlp()
+
+    def forward(self, x):
+        return self.net(x), x  # (logits, features): the default objective needs the logits alone
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize(
+    "factory, objective, error, message",
+    [
+        (small_mlp, lambda f, x, y: {"loss": nn.functional.cross_entropy(f(x), y)}, TypeError,
+         r"objective must return the instance's loss as a 0-d floating point tensor, got dict"),
+        (small_mlp, lambda f, x, y: nn.functional.cross_entropy(f(x), y, reduction="none"), ValueError,
+         r"got a tensor of shape \[16\]: reduce it to one number per instance \(\.mean\(\)\)"),
+        (small_mlp, lambda f, x, y: (f(x).argmax(1) == y).sum(), ValueError, r"got a torch\.int64 tensor: .*not differentiable"),
+        (_PairOutput, cross_entropy, TypeError,
+         r"the default objective \(cross_entropy\) needs the module to return logits \[B, C\], got tuple: pass objective="),
+    ],
+    ids=["dict", "per example", "integer", "tuple output"],
+)
+def test_an_objective_that_does_not_return_one_loss_names_what_it_returned(factory, objective, error, message, vectorize):
+    task = ModuleFamily(factory, fake_data, batch_size=16, objective=objective, vectorize=vectorize).sample(
+        2, torch.Generator().manual_seed(1)
+    )
+    with pytest.raises(error, match=message):
+        value_and_grad(task, task.init_params(), task.sample_batch(torch.Generator().manual_seed(0)))

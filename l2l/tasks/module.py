@@ -202,8 +202,37 @@ Objective = Callable[[Forward, Tensor, Tensor], Tensor]
 
 
 def cross_entropy(forward: Forward, inputs: Tensor, labels: Tensor) -> Tensor:
-    """The default objective: mean cross-entropy of ``forward(inputs)`` (logits ``[B, C]``) on ``labels [B]``."""
-    return nn.functional.cross_entropy(forward(inputs), labels)
+    """The default objective: mean cross-entropy of ``forward(inputs)`` (logits ``[B, C]``) on ``labels [B]``.
+
+    Raises:
+        TypeError: the module returned something else than a tensor (a tuple or dict of outputs).
+    """
+    logits = forward(inputs)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the default objective (cross_entropy) needs the module to return logits [B, C], got "
+            f"{type(logits).__name__}: pass objective=a function (forward, inputs, labels) -> loss that picks them out"
+        )
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def checked_loss(loss: Any) -> Tensor:
+    """The objective's value for one instance, if it is one differentiable number.
+
+    Raises:
+        TypeError: it is not a tensor (a dict or tuple of losses).
+        ValueError: it is not 0-d (per-example losses) or not floating point (no gradient).
+    """
+    expected = "objective must return the instance's loss as a 0-d floating point tensor"
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{expected}, got {type(loss).__name__}: return the loss itself (say out['loss'])")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{expected}, got a tensor of shape {list(loss.shape)}: reduce it to one number per instance (.mean())"
+        )
+    if not loss.is_floating_point():
+        raise ValueError(f"{expected}, got a {loss.dtype} tensor: it is not differentiable, so there is no gradient to optimize")
+    return loss
 
 
 VECTORIZE = ("auto", "vmap", "loop")
@@ -352,7 +381,7 @@ class ModuleTask(Task):
             def forward(x: Tensor) -> Tensor:
                 return self._call(instance_params, instance_buffers, x)
 
-            return self.objective(forward, instance_inputs, instance_labels)
+            return checked_loss(self.objective(forward, instance_inputs, instance_labels))
 
         with _momenta(self._cumulative_norms, 0.1), seeded_random_layers(seed, self.device):
             return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
