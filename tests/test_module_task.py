@@ -415,3 +415,35 @@ def test_an_objective_that_does_not_return_one_loss_names_what_it_returned(facto
     )
     with pytest.raises(error, match=message):
         value_and_grad(task, task.init_params(), task.sample_batch(torch.Generator().manual_seed(0)))
+
+
+class _Recurrent(nn.Module):
+    """An LSTM over the 8 rows of an 8x8 input: torch.func.vmap has no batching rule for aten::lstm."""
+
+    def __init__(self, cell=False):
+        super().__init__()
+        self.rnn, self.out = (nn.LSTMCell if cell else nn.LSTM)(8, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        rows = x.flatten(0, 1).transpose(0, 1)  # [8 rows, B, 8]
+        if isinstance(self.rnn, nn.LSTMCell):
+            state = None
+            for row in rows:
+                state = self.rnn(row, state)
+            return self.out(state[0])
+        return self.out(self.rnn(rows)[0][-1])
+
+
+@pytest.mark.parametrize("cell", [False, True], ids=["LSTM", "LSTMCell"])
+def test_auto_vectorize_loops_over_recurrent_modules_and_forced_vmap_names_the_fix(cell):
+    family = ModuleFamily(lambda: _Recurrent(cell), fake_data, batch_size=8)
+    task = family.sample(2, torch.Generator().manual_seed(0))
+    assert task.vectorize == "loop"
+    batch = task.sample_batch(torch.Generator().manual_seed(1))
+    loss, _ = value_and_grad(task, task.init_params(), batch)
+    module = _Recurrent(cell)
+    nn.utils.vector_to_parameters(task.init_params()[1], module.parameters())
+    torch.testing.assert_close(loss[1], nn.functional.cross_entropy(module(batch.inputs[1]), batch.labels[1]))
+    forced = ModuleFamily(lambda: _Recurrent(cell), fake_data, batch_size=8, vectorize="vmap").sample(2, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"vectorize='vmap' cannot batch this module.*Batching rule not implemented.*pass vectorize='loop'"):
+        forced.loss(forced.init_params(), batch)

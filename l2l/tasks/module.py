@@ -244,8 +244,15 @@ def resolve_vectorize(vectorize: str, module: nn.Module, device: torch.device) -
         raise ValueError(f"vectorize must be one of {', '.join(VECTORIZE)}, got {vectorize!r}")
     if vectorize != "auto":
         return vectorize
+    if any(isinstance(m, _UNBATCHABLE) for m in module.modules()):
+        return "loop"
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
     return "loop" if has_conv and device.type == "cpu" else "vmap"
+
+
+# torch.func.vmap has no batching rule for aten::lstm, gru, rnn_tanh or lstm_cell (the other
+# cells run through its slow per-example fallback), so "auto" loops over modules holding one.
+_UNBATCHABLE = (nn.RNNBase, nn.RNNCellBase)
 
 
 class ModuleTask(Task):
@@ -273,8 +280,9 @@ class ModuleTask(Task):
         bn_examples: training examples from which :meth:`metrics` re-estimates batch-norm
             statistics for the final parameters (the first ones of the training split).
         vectorize: how the K instances are batched: ``"vmap"``, ``"loop"`` (one functional call
-            per instance) or ``"auto"``: a loop for modules with convolutions on the CPU, where
-            vmap's grouped convolutions cost up to 1.9x a loop (benchmarks/RESULTS.md), vmap elsewhere.
+            per instance) or ``"auto"``: a loop for modules with recurrent layers (which vmap cannot
+            batch) and for modules with convolutions on the CPU, where vmap's grouped convolutions
+            cost up to 1.9x a loop (benchmarks/RESULTS.md), vmap elsewhere.
             The optimizer still sees all ``K * n`` coordinates in one call either way.
     """
 
@@ -354,7 +362,17 @@ class ModuleTask(Task):
     def _map(self, fn: Callable[..., Tensor], args: tuple, in_dims: tuple) -> Tensor:
         """``fn`` on each instance's slice of ``args`` (dim 0 where ``in_dims`` is 0, whole where None), stacked."""
         if self.vectorize == "vmap":
-            return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+            try:
+                return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+            except RuntimeError as error:
+                # Operators without a batching rule, .item() or data-dependent control flow in the
+                # module: torch's message names the operator but not the way out.
+                if "Batching rule" not in str(error) and "vmap: " not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"vectorize='vmap' cannot batch this module over the {self.num_instances} instances ({error}); "
+                    "pass vectorize='loop' to ModuleFamily (one module call per instance)"
+                ) from error
 
         def instance(arg, dim, k):
             if dim is None:
