@@ -447,3 +447,15 @@ def test_auto_vectorize_loops_over_recurrent_modules_and_forced_vmap_names_the_f
     forced = ModuleFamily(lambda: _Recurrent(cell), fake_data, batch_size=8, vectorize="vmap").sample(2, torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match=r"vectorize='vmap' cannot batch this module.*Batching rule not implemented.*pass vectorize='loop'"):
         forced.loss(forced.init_params(), batch)
+
+
+def test_parametrized_layers_keep_their_kind():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    layout = ParamLayout.of(nn.Sequential(weight_norm(nn.Conv2d(1, 2, 3)), nn.BatchNorm2d(2), nn.Flatten(), weight_norm(nn.Linear(8, 3))))
+    assert dict(zip(layout.names, layout.kinds)) == {
+        "0.bias": "conv", "0.parametrizations.weight.original0": "conv", "0.parametrizations.weight.original1": "conv",
+        "1.weight": "conv", "1.bias": "conv",
+        "3.bias": "fc", "3.parametrizations.weight.original0": "fc", "3.parametrizations.weight.original1": "fc",
+    }
+    layout.coordinates(("conv", "fc"))  # --split conv,fc covers every coordinate

@@ -72,8 +72,14 @@ class ParamLayout:
                 kind = previous
             else:
                 kind = "other"
+            dot = f"{prefix}." if prefix else ""
+            if nn.utils.parametrize.is_parametrized(child):
+                # A parametrized weight (weight_norm, spectral_norm) lives in child modules of the
+                # layer's ``parametrizations``, which would otherwise be of kind "other".
+                for name, _ in child.parametrizations.named_parameters():
+                    kind_of_param[f"{dot}parametrizations.{name}"] = kind
             for name, _ in child.named_parameters(recurse=False):
-                kind_of_param[f"{prefix}.{name}" if prefix else name] = kind
+                kind_of_param.setdefault(f"{dot}{name}", kind)
         # Frozen parameters (requires_grad=False) are not optimized: they travel with the buffers.
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         check_flat_parameters(type(module).__name__, named)
