@@ -290,30 +290,58 @@ def meta_loss(rule, model, lr_scale, x, y, steps=3):
         return mse(fmodel, x, y)
 
 
-def test_meta_gradient_matches_central_finite_differences():
-    x, y = data()
-    rule, model = sensitive_rule(dtype=F64), mlp()
-    lr_scale = torch.tensor(0.7, dtype=F64, requires_grad=True)
-    named = {**{f"rule.{k}": v for k, v in rule.named_parameters()}, **{f"model.{k}": v for k, v in model.named_parameters()}}
-    names = ["rule.weight_out", "rule.bias_l0", "rule.weight_ih_l0", "rule.weight_hh_l1", "model.0.weight", "model.2.bias"]
-    tensors = [named[name] for name in names] + [lr_scale]
-    grads = torch.autograd.grad(meta_loss(rule, model, lr_scale, x, y), tensors)
+def assert_gradients_match_central_differences(loss, named, samples=1):
+    """``loss()``'s gradient in each of ``named`` ({name: tensor}) equals central differences at ``samples`` random entries."""
+    tensors = list(named.values())
+    grads = torch.autograd.grad(loss(), tensors)
     generator = torch.Generator().manual_seed(0)
     eps = 1e-6
-    for name, tensor, grad in zip([*names, "lr_scale"], tensors, grads):
-        for _ in range(2):
+    for name, tensor, grad in zip(named, tensors, grads):
+        for _ in range(samples):
             index = tuple(torch.randint(0, size, (1,), generator=generator).item() for size in tensor.shape)
             original = tensor[index].item()
             values = []
             for shift in (eps, -eps):
                 with torch.no_grad():
                     tensor[index] = original + shift
-                values.append(meta_loss(rule, model, lr_scale, x, y).item())  # higher needs grad mode inside.
+                values.append(loss().item())  # higher needs grad mode inside.
             with torch.no_grad():
                 tensor[index] = original
             numeric = (values[0] - values[1]) / (2 * eps)
             assert grad[index].item() == pytest.approx(numeric, rel=1e-5, abs=1e-9), (name, index)
         assert grad.abs().sum() > 0, name
+
+
+def test_meta_gradient_matches_central_finite_differences():
+    x, y = data()
+    rule, model = sensitive_rule(dtype=F64), mlp()
+    lr_scale = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    named = {**{f"rule.{k}": v for k, v in rule.named_parameters()}, **{f"model.{k}": v for k, v in model.named_parameters()}}
+    names = ["rule.weight_out", "rule.bias_l0", "rule.weight_ih_l0", "rule.weight_hh_l1", "model.0.weight", "model.2.bias"]
+    assert_gradients_match_central_differences(
+        lambda: meta_loss(rule, model, lr_scale, x, y), {**{name: named[name] for name in names}, "lr_scale": lr_scale}, samples=2
+    )
+
+
+def test_meta_gradient_with_param_groups_matches_central_finite_differences():
+    """Two groups, each with its own LSTM and tensor lr; a frozen, an unused and a sometimes-used parameter."""
+    x, y = data()
+    rule, net = two_lstms(), Net()
+    with torch.no_grad():
+        net.sometimes[0] += 0.4  # Its sum starts near pi/2, where its gradient is ~0: too sharp for differences.
+    lrs = [torch.tensor(0.5, dtype=F64, requires_grad=True), torch.tensor(1.25, dtype=F64, requires_grad=True)]
+
+    def loss():
+        optimizer = LearnedOptimizer(two_groups(net), rule)
+        with higher.innerloop_ctx(net, optimizer, copy_initial_weights=False, override={"lr": lrs}) as (fnet, diffopt):
+            for use in (True, False, True):
+                diffopt.step(mse(fnet, x, y, use_sometimes=use))
+            return mse(fnet, x, y)
+
+    named = {**{f"rule.{k}": v for k, v in rule.named_parameters()}, **dict(net.named_parameters())}
+    names = ["rule.rules.a.weight_out", "rule.rules.a.weight_hh_l1", "rule.rules.b.bias_l0", "rule.rules.b.weight_ih_l0",
+             "first.weight", "second.bias", "sometimes"]
+    assert_gradients_match_central_differences(loss, {**{name: named[name] for name in names}, "lr a": lrs[0], "lr b": lrs[1]})
 
 
 def test_nonfinite_gradients_are_masked_and_meta_gradients_stay_finite():

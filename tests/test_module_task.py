@@ -8,7 +8,7 @@ from l2l.meta.unroll import run, value_and_grad
 from l2l.tasks import get_task
 from l2l.meta.evaluate import evaluate
 from l2l.optimizers import SGD, Adam, CoordinateWiseLSTM, PerGroupRule
-from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData
+from l2l.tasks.module import ModuleFamily, ModuleTask, ParamLayout, SupervisedData, cross_entropy
 
 from gpu import CUDA, RECORDING, needs_cuda
 from helpers import sensitive_rule
@@ -356,3 +356,106 @@ def test_sampling_leaves_the_cuda_generators_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
     ModuleFamily(small_mlp, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(1))
     assert reseeded == []
+
+
+class _Extra(nn.Module):
+    """small_mlp plus one extra parameter, to build the parameter sets ParamLayout must refuse."""
+
+    def __init__(self, extra: nn.Parameter):
+        super().__init__()
+        self.net, self.extra = small_mlp(), extra
+
+    def forward(self, x):
+        return self.net(x) + self.extra.real.to(x.dtype).sum()
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: nn.Sequential(nn.Flatten(), nn.Softmax(-1)), "has no trainable parameters"),
+        (lambda: small_mlp().requires_grad_(False), "has no trainable parameters"),
+        (lambda: _Extra(nn.Parameter(torch.zeros(3, dtype=torch.float64))),
+         r"must be of one dtype; the _Extra has extra: torch\.float64; net\.1\.weight, net\.1\.bias, net\.3\.weight and 1 more: torch\.float32: .*\.to\(dtype\)"),
+        (lambda: _Extra(nn.Parameter(torch.zeros(3, device="meta"))), r"on one device; the _Extra has extra: meta; net\.1\.weight, .* and 1 more: cpu"),
+        (lambda: _Extra(nn.Parameter(torch.zeros(3, dtype=torch.complex64))), r"real floating point.*extra: torch\.complex64"),
+    ],
+    ids=["no parameters", "all frozen", "two dtypes", "two devices", "complex"],
+)
+def test_modules_whose_parameters_cannot_form_one_flat_vector_are_refused_by_name(factory, message):
+    with pytest.raises(ValueError, match=message):
+        ModuleFamily(factory, fake_data, batch_size=16).sample(2, torch.Generator().manual_seed(0))
+
+
+class _PairOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = small_mlp()
+
+    def forward(self, x):
+        return self.net(x), x  # (logits, features): the default objective needs the logits alone
+
+
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
+@pytest.mark.parametrize(
+    "factory, objective, error, message",
+    [
+        (small_mlp, lambda f, x, y: {"loss": nn.functional.cross_entropy(f(x), y)}, TypeError,
+         r"objective must return the instance's loss as a 0-d floating point tensor, got dict"),
+        (small_mlp, lambda f, x, y: nn.functional.cross_entropy(f(x), y, reduction="none"), ValueError,
+         r"got a tensor of shape \[16\]: reduce it to one number per instance \(\.mean\(\)\)"),
+        (small_mlp, lambda f, x, y: (f(x).argmax(1) == y).sum(), ValueError, r"got a torch\.int64 tensor: .*not differentiable"),
+        (_PairOutput, cross_entropy, TypeError,
+         r"the default objective \(cross_entropy\) needs the module to return logits \[B, C\], got tuple: pass objective="),
+    ],
+    ids=["dict", "per example", "integer", "tuple output"],
+)
+def test_an_objective_that_does_not_return_one_loss_names_what_it_returned(factory, objective, error, message, vectorize):
+    task = ModuleFamily(factory, fake_data, batch_size=16, objective=objective, vectorize=vectorize).sample(
+        2, torch.Generator().manual_seed(1)
+    )
+    with pytest.raises(error, match=message):
+        value_and_grad(task, task.init_params(), task.sample_batch(torch.Generator().manual_seed(0)))
+
+
+class _Recurrent(nn.Module):
+    """An LSTM over the 8 rows of an 8x8 input: torch.func.vmap has no batching rule for aten::lstm."""
+
+    def __init__(self, cell=False):
+        super().__init__()
+        self.rnn, self.out = (nn.LSTMCell if cell else nn.LSTM)(8, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        rows = x.flatten(0, 1).transpose(0, 1)  # [8 rows, B, 8]
+        if isinstance(self.rnn, nn.LSTMCell):
+            state = None
+            for row in rows:
+                state = self.rnn(row, state)
+            return self.out(state[0])
+        return self.out(self.rnn(rows)[0][-1])
+
+
+@pytest.mark.parametrize("cell", [False, True], ids=["LSTM", "LSTMCell"])
+def test_auto_vectorize_loops_over_recurrent_modules_and_forced_vmap_names_the_fix(cell):
+    family = ModuleFamily(lambda: _Recurrent(cell), fake_data, batch_size=8)
+    task = family.sample(2, torch.Generator().manual_seed(0))
+    assert task.vectorize == "loop"
+    batch = task.sample_batch(torch.Generator().manual_seed(1))
+    loss, _ = value_and_grad(task, task.init_params(), batch)
+    module = _Recurrent(cell)
+    nn.utils.vector_to_parameters(task.init_params()[1], module.parameters())
+    torch.testing.assert_close(loss[1], nn.functional.cross_entropy(module(batch.inputs[1]), batch.labels[1]))
+    forced = ModuleFamily(lambda: _Recurrent(cell), fake_data, batch_size=8, vectorize="vmap").sample(2, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"vectorize='vmap' cannot batch this module.*Batching rule not implemented.*pass vectorize='loop'"):
+        forced.loss(forced.init_params(), batch)
+
+
+def test_parametrized_layers_keep_their_kind():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    layout = ParamLayout.of(nn.Sequential(weight_norm(nn.Conv2d(1, 2, 3)), nn.BatchNorm2d(2), nn.Flatten(), weight_norm(nn.Linear(8, 3))))
+    assert dict(zip(layout.names, layout.kinds)) == {
+        "0.bias": "conv", "0.parametrizations.weight.original0": "conv", "0.parametrizations.weight.original1": "conv",
+        "1.weight": "conv", "1.bias": "conv",
+        "3.bias": "fc", "3.parametrizations.weight.original0": "fc", "3.parametrizations.weight.original1": "fc",
+    }
+    layout.coordinates(("conv", "fc"))  # --split conv,fc covers every coordinate

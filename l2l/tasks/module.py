@@ -72,10 +72,17 @@ class ParamLayout:
                 kind = previous
             else:
                 kind = "other"
+            dot = f"{prefix}." if prefix else ""
+            if nn.utils.parametrize.is_parametrized(child):
+                # A parametrized weight (weight_norm, spectral_norm) lives in child modules of the
+                # layer's ``parametrizations``, which would otherwise be of kind "other".
+                for name, _ in child.parametrizations.named_parameters():
+                    kind_of_param[f"{dot}parametrizations.{name}"] = kind
             for name, _ in child.named_parameters(recurse=False):
-                kind_of_param[f"{prefix}.{name}" if prefix else name] = kind
+                kind_of_param.setdefault(f"{dot}{name}", kind)
         # Frozen parameters (requires_grad=False) are not optimized: they travel with the buffers.
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        check_flat_parameters(type(module).__name__, named)
         return cls(
             names=tuple(name for name, _ in named),
             shapes=tuple(p.shape for _, p in named),
@@ -113,6 +120,48 @@ class ParamLayout:
             ranges = [torch.arange(offsets[i], offsets[i + 1]) for i, k in enumerate(self.kinds) if k == kind]
             groups[kind] = torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
         return groups
+
+
+def check_flat_parameters(module_name: str, named: list[tuple[str, Tensor]]) -> None:
+    """Raises a ValueError unless the trainable parameters can be one flat real vector per instance.
+
+    ``torch.cat`` would otherwise fail on no parameters, fail obscurely on several devices, and
+    silently promote several dtypes (or a complex one), so that the module later ran on
+    parameters of a dtype it was not built with.
+    """
+    if not named:
+        raise ValueError(
+            f"the {module_name} has no trainable parameters (none with requires_grad=True): "
+            "there is nothing to optimize; give the module at least one parameter"
+        )
+
+    def listing(attribute: str) -> str:
+        # A few names per value: a large module's full list would bury the one odd parameter.
+        by_value: dict[str, list[str]] = {}
+        for name, p in named:
+            by_value.setdefault(str(getattr(p, attribute)), []).append(name)
+        return "; ".join(
+            f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}: {value}"
+            for value, names in by_value.items()
+        )
+
+    unusable = [(name, p) for name, p in named if not p.is_floating_point()]
+    if unusable:
+        raise ValueError(
+            f"a module task's parameters must be real floating point, got "
+            f"{', '.join(f'{name}: {p.dtype}' for name, p in unusable)}: store a complex parameter as "
+            "its real and imaginary parts (torch.view_as_real), or freeze it (requires_grad_(False))"
+        )
+    if len({p.dtype for _, p in named}) > 1:
+        raise ValueError(
+            f"a module task keeps all trainable parameters in one flat tensor, so they must be of one dtype; "
+            f"the {module_name} has {listing('dtype')}: convert the module with .to(dtype) in its factory"
+        )
+    if len({p.device for _, p in named}) > 1:
+        raise ValueError(
+            f"a module task keeps all trainable parameters in one flat tensor, so they must be on one device; "
+            f"the {module_name} has {listing('device')}: build the module on one device (sample's device argument moves it)"
+        )
 
 
 def fixed_shuffle(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,8 +208,37 @@ Objective = Callable[[Forward, Tensor, Tensor], Tensor]
 
 
 def cross_entropy(forward: Forward, inputs: Tensor, labels: Tensor) -> Tensor:
-    """The default objective: mean cross-entropy of ``forward(inputs)`` (logits ``[B, C]``) on ``labels [B]``."""
-    return nn.functional.cross_entropy(forward(inputs), labels)
+    """The default objective: mean cross-entropy of ``forward(inputs)`` (logits ``[B, C]``) on ``labels [B]``.
+
+    Raises:
+        TypeError: the module returned something else than a tensor (a tuple or dict of outputs).
+    """
+    logits = forward(inputs)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the default objective (cross_entropy) needs the module to return logits [B, C], got "
+            f"{type(logits).__name__}: pass objective=a function (forward, inputs, labels) -> loss that picks them out"
+        )
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def checked_loss(loss: Any) -> Tensor:
+    """The objective's value for one instance, if it is one differentiable number.
+
+    Raises:
+        TypeError: it is not a tensor (a dict or tuple of losses).
+        ValueError: it is not 0-d (per-example losses) or not floating point (no gradient).
+    """
+    expected = "objective must return the instance's loss as a 0-d floating point tensor"
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"{expected}, got {type(loss).__name__}: return the loss itself (say out['loss'])")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"{expected}, got a tensor of shape {list(loss.shape)}: reduce it to one number per instance (.mean())"
+        )
+    if not loss.is_floating_point():
+        raise ValueError(f"{expected}, got a {loss.dtype} tensor: it is not differentiable, so there is no gradient to optimize")
+    return loss
 
 
 VECTORIZE = ("auto", "vmap", "loop")
@@ -172,8 +250,15 @@ def resolve_vectorize(vectorize: str, module: nn.Module, device: torch.device) -
         raise ValueError(f"vectorize must be one of {', '.join(VECTORIZE)}, got {vectorize!r}")
     if vectorize != "auto":
         return vectorize
+    if any(isinstance(m, _UNBATCHABLE) for m in module.modules()):
+        return "loop"
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
     return "loop" if has_conv and device.type == "cpu" else "vmap"
+
+
+# torch.func.vmap has no batching rule for aten::lstm, gru, rnn_tanh or lstm_cell (the other
+# cells run through its slow per-example fallback), so "auto" loops over modules holding one.
+_UNBATCHABLE = (nn.RNNBase, nn.RNNCellBase)
 
 
 class ModuleTask(Task):
@@ -201,8 +286,9 @@ class ModuleTask(Task):
         bn_examples: training examples from which :meth:`metrics` re-estimates batch-norm
             statistics for the final parameters (the first ones of the training split).
         vectorize: how the K instances are batched: ``"vmap"``, ``"loop"`` (one functional call
-            per instance) or ``"auto"``: a loop for modules with convolutions on the CPU, where
-            vmap's grouped convolutions cost up to 1.9x a loop (benchmarks/RESULTS.md), vmap elsewhere.
+            per instance) or ``"auto"``: a loop for modules with recurrent layers (which vmap cannot
+            batch) and for modules with convolutions on the CPU, where vmap's grouped convolutions
+            cost up to 1.9x a loop (benchmarks/RESULTS.md), vmap elsewhere.
             The optimizer still sees all ``K * n`` coordinates in one call either way.
     """
 
@@ -282,7 +368,17 @@ class ModuleTask(Task):
     def _map(self, fn: Callable[..., Tensor], args: tuple, in_dims: tuple) -> Tensor:
         """``fn`` on each instance's slice of ``args`` (dim 0 where ``in_dims`` is 0, whole where None), stacked."""
         if self.vectorize == "vmap":
-            return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+            try:
+                return vmap(fn, in_dims=in_dims, randomness="different")(*args)
+            except RuntimeError as error:
+                # Operators without a batching rule, .item() or data-dependent control flow in the
+                # module: torch's message names the operator but not the way out.
+                if "Batching rule" not in str(error) and "vmap: " not in str(error):
+                    raise
+                raise RuntimeError(
+                    f"vectorize='vmap' cannot batch this module over the {self.num_instances} instances ({error}); "
+                    "pass vectorize='loop' to ModuleFamily (one module call per instance)"
+                ) from error
 
         def instance(arg, dim, k):
             if dim is None:
@@ -309,7 +405,7 @@ class ModuleTask(Task):
             def forward(x: Tensor) -> Tensor:
                 return self._call(instance_params, instance_buffers, x)
 
-            return self.objective(forward, instance_inputs, instance_labels)
+            return checked_loss(self.objective(forward, instance_inputs, instance_labels))
 
         with _momenta(self._cumulative_norms, 0.1), seeded_random_layers(seed, self.device):
             return self._map(instance_loss, (self.layout.unflatten(params), buffers, inputs, labels), (0, 0, 0, 0))
