@@ -275,3 +275,19 @@ def test_benchmarks_docstring_names_every_key_of_its_report():
     learned, baseline = report["results"]["lstm"], report["results"]["adam"]
     extra = set(baseline) - set(learned)  # what baselines add to summarize's figures
     assert extra <= quoted, f"baseline keys the docstring leaves out: {extra - quoted}"
+
+
+def test_the_report_names_the_exact_grid_and_each_baselines_fixed_settings_and_round_trips_as_json():
+    import json
+
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    grid = (10 ** -4.5, 0.1, 1e8)  # 10**-4.5 is '3.16228e-05' as an lr_scores key: the grid was not recoverable
+    report = benchmark(QuadraticFamily(), {}, baselines=("momentum", "adam"), steps=3, problems=1, tune_problems=2,
+                       lr_grid=grid, seed=0, device=torch.device("cpu"))
+    assert report["lr_grid"] == list(grid)
+    assert report["results"]["momentum"]["hyperparameters"] == {"beta": 0.9}
+    assert report["results"]["adam"]["hyperparameters"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    assert report["results"]["momentum"]["lr_scores"]["1e+08"] is None  # diverged, and strict JSON has no inf
+    assert json.loads(json.dumps(report, allow_nan=False)) == report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -171,10 +172,12 @@ def benchmark(
     the same minibatches.
 
     Returns:
-        ``{"task", "task_options", "steps", "problems", "tune_problems", "seed", "device", "results":
-        {name: summary}}`` where a summary is :func:`summarize`'s output plus ``"lr"`` (None for
-        learned rules) and, for baselines, ``"lr_scores"`` (mean final tuning loss per rate, None
-        where it diverged), ``"lr_at_grid_edge"`` (the best rate is an end of a grid of several)
+        ``{"task", "task_options", "steps", "problems", "tune_problems", "lr_grid", "seed", "device",
+        "results": {name: summary}}`` (``lr_grid`` the rates as given, None without baselines) where a
+        summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules) and, for
+        baselines, ``"hyperparameters"`` (the rule's fixed settings but its rate, e.g. ``{"beta": 0.9}``),
+        ``"lr_scores"`` (mean final tuning loss per rate, keyed to 6 significant digits, None where
+        it diverged), ``"lr_at_grid_edge"`` (the best rate is an end of a grid of several)
         and ``"tuning_diverged"`` (every rate diverged; the smallest is used).
 
     Raises:
@@ -199,12 +202,14 @@ def benchmark(
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")
         best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed)
-        summary = summarize(evaluate(get_baseline(name, best_lr), eval_task, steps, seed=seed))
+        tuned = get_baseline(name, best_lr)
+        summary = summarize(evaluate(tuned, eval_task, steps, seed=seed))
         edge = len(set(lr_grid)) > 1 and best_lr in (min(lr_grid), max(lr_grid))  # one rate is a choice, not a search
         results[name] = {
             "lr": best_lr,
             **summary,
             "lr_scores": {lr_key(lr): _finite_or_none(score) for lr, score in scores.items()},
+            "hyperparameters": {key: value for key, value in dataclasses.asdict(tuned).items() if key != "lr"},
             "lr_at_grid_edge": edge,
             "tuning_diverged": all(math.isinf(score) for score in scores.values()),
         }
@@ -214,6 +219,7 @@ def benchmark(
         "steps": steps,
         "problems": problems,
         "tune_problems": tune_problems,
+        "lr_grid": [float(lr) for lr in lr_grid] if baselines else None,
         "seed": seed,
         "device": str(device),
         "results": results,
