@@ -291,3 +291,16 @@ def test_the_report_names_the_exact_grid_and_each_baselines_fixed_settings_and_r
     assert report["results"]["adam"]["hyperparameters"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
     assert report["results"]["momentum"]["lr_scores"]["1e+08"] is None  # diverged, and strict JSON has no inf
     assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+def test_ratios_far_from_one_keep_their_significant_digits():
+    from l2l.meta.evaluate import RunResult, format_table, summarize
+
+    def row(final, lr):
+        return {"lr": lr, **summarize(RunResult(losses=torch.tensor([[1.0, 1.0], final]), metrics={}, seconds=0.0))}
+
+    report = {"task": "quadratic", "problems": 2, "steps": 1, "seed": 0, "tune_problems": 2,
+              "results": {"adam": row([1e-2, 1e-2], 0.1), "lstm": row([2e-6, 2e-6], None), "sgd": row([3e4, 3e4], 0.1)}}
+    lines = {line.split()[0]: line for line in format_table(report).splitlines()[3:]}
+    assert "0.0002x" in lines["lstm"]  # was 0.000x: as if the learned rule reached 0
+    assert "3e+06x" in lines["sgd"] and "1.000x" in lines["adam"]  # was 3000000.000x

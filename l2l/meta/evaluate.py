@@ -226,6 +226,11 @@ def benchmark(
     }
 
 
+def _ratio_text(ratio: float) -> str:
+    """``0.490x``; far from 1 in significant digits, since three decimals showed 2e-4 as ``0.000x``."""
+    return f"{ratio:.3f}x" if ratio == 0 or 1e-3 <= ratio < 1e3 else f"{ratio:.3g}x"
+
+
 def format_table(report: dict[str, Any], reference: str = "adam") -> str:
     """A plain-text table of :func:`benchmark`'s report, one row per optimizer, best first.
 
@@ -256,7 +261,7 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         rows.append(
             [name, lr, mean, "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
              fmt(final["median"]), fmt(r["summed_loss_mean"])]
-            + ["-" if ratio is None else f"{ratio:.3f}x"] * ratios
+            + ["-" if ratio is None else _ratio_text(ratio)] * ratios
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
         )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
