@@ -55,6 +55,33 @@ def test_matches_torch_optim_step_for_step(rule, make_torch_optimizer):
         torch.testing.assert_close(flat, expected, rtol=1e-12, atol=1e-12)
 
 
+BATCHED = [
+    (SGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (NAG(lr=0.05), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+    # A large eps, where inside or outside the square root (and before or after Adam's bias correction) differ.
+    (RMSProp(lr=0.01, eps=0.1), lambda p: torch.optim.RMSprop(p, lr=0.01, eps=0.1)),
+    (Adam(lr=0.01, eps=0.1), lambda p: torch.optim.Adam(p, lr=0.01, eps=0.1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule, make_torch_optimizer", BATCHED, ids=["sgd", "nag", "rmsprop", "adam"])
+def test_batched_instances_match_torch_optim_on_the_same_gradients(rule, make_torch_optimizer, dtype):
+    generator = torch.Generator().manual_seed(0)
+    params = torch.randn(3, 5, dtype=dtype, generator=generator)  # [instances, coordinates]
+    reference = params.clone().requires_grad_(True)
+    torch_optimizer = make_torch_optimizer([reference])
+    state = rule.init_state(5, dtype=dtype)
+    for _ in range(10):  # the first step checks the bias correction, the rest the running averages
+        grad = torch.randn(3, 5, dtype=dtype, generator=generator) * 0.1
+        update, state = rule(grad, state)
+        params = params + update
+        reference.grad = grad.clone()
+        torch_optimizer.step()
+        assert params.dtype == dtype
+        torch.testing.assert_close(params, reference.detach(), rtol=0, atol=8 * torch.finfo(dtype).eps)
+
+
 def test_rules_are_pure():
     grad = torch.randn(6)
     rule = Adam(lr=0.1)
