@@ -194,6 +194,23 @@ def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments,
         benchmark(QuadraticFamily(), **{"learned": {}, **defaults, **arguments})
 
 
+@pytest.mark.parametrize("baselines, message", [
+    (("adam", "lbfgs"), "unknown baseline 'lbfgs'; choose from sgd, momentum, nag, rmsprop, adam"),
+    (("adam", "Adam"), "unknown baseline 'Adam' \\(did you mean 'adam'\\?\\)"),
+    ("adam", "baselines must be a tuple such as \\('sgd', 'adam'\\), got 'adam'"),  # was "unknown baseline optimizer 'a'"
+    (("adam", "adam"), "baselines lists one more than once: adam,adam"),  # tuned twice for one row
+])
+def test_baseline_names_are_checked_before_any_instance_is_drawn(monkeypatch, baselines, message):
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    family = QuadraticFamily()
+    monkeypatch.setattr(family, "sample", lambda *args: pytest.fail("instances drawn before the names were checked"))
+    with pytest.raises(ValueError, match=message):  # was found after every learned rule had been evaluated
+        benchmark(family, {"lstm": SGD(lr=0.1)}, baselines=baselines, steps=3, problems=2, tune_problems=2,
+                  lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+
+
 def test_the_table_says_how_many_instances_diverged():
     from l2l.meta.evaluate import RunResult, format_table, summarize
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from l2l.config import check_lr_grid, lr_key
+from l2l.config import check_baselines, check_lr_grid, lr_key
 from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
@@ -181,10 +181,12 @@ def benchmark(
         and ``"tuning_diverged"`` (every rate diverged; the smallest is used).
 
     Raises:
-        ValueError: a count or the grid is out of range, or a learned rule has a baseline's name.
+        ValueError: a count or the grid is out of range, a baseline is unknown or listed twice, or a
+            learned rule has a baseline's name.
     """
     check_positive_int("steps", steps)
     check_positive_int("problems", problems)
+    check_baselines(baselines)
     if baselines:
         check_positive_int("tune_problems", tune_problems)
         check_lr_grid(lr_grid)
