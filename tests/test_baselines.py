@@ -127,6 +127,12 @@ def test_tuning_picks_the_lowest_mean_final_loss_and_never_a_divergent_rate(quad
     assert scores[1e-2] < scores[1e-4] and best == 1e-2
 
 
+@pytest.mark.parametrize("grid, message", [((), "lr_grid must not be empty"), ((0.1, 0.1), "lr_grid lists 0.1 more than once")])
+def test_tuning_refuses_a_grid_it_cannot_choose_from(quadratics, grid, message):
+    with pytest.raises(ValueError, match=message):  # was 'min() iterable argument is empty', or one rate run twice
+        tune_learning_rate(lambda lr: get_baseline("sgd", lr), quadratics, 3, grid)
+
+
 def test_summaries_use_the_true_median_and_no_spread_for_one_instance():
     from l2l.meta.evaluate import RunResult, summarize
 

@@ -141,7 +141,11 @@ def tune_learning_rate(
         ``(best_lr, scores)`` with ``scores[lr]`` the mean final loss (``inf`` if diverged). Ties
         go to the smallest rate; if every rate diverged, ``best_lr`` is the smallest (the one
         least likely to), and the caller should say so.
+
+    Raises:
+        ValueError: ``grid`` is empty, lists a rate twice or holds one that is not positive and finite.
     """
+    check_lr_grid(grid)
     scores: dict[float, float] = {}
     for lr in grid:
         final = evaluate(make_rule(lr), task, steps, seed=seed, batches=TUNING_BATCHES).losses[-1]
