@@ -43,10 +43,8 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
         ValueError: ``path`` names no format matplotlib writes (see :func:`figure_format`).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own, without pyplot: the caller's backend (a notebook's) and figures are left alone.
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'l2l[plot]'") from None
@@ -64,7 +62,8 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
     # negative one would vanish (or, with nothing positive, leave an empty axis or fail to draw).
     log_scale = bool((drawn > 0).any()) and not bool((drawn < 0).any())
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
     for name, result, mean, sem in curves:
         steps = np.arange(len(mean))
         label = name if result["lr"] is None else f"{name} (lr {result['lr']:.3g})"
@@ -82,8 +81,5 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    try:
-        # A temporary beside the file, renamed over it: an interrupted run leaves no half-written figure.
-        return atomic_write(path, lambda handle: figure.savefig(handle, format=image_format, dpi=130))
-    finally:
-        plt.close(figure)
+    # A temporary beside the file, renamed over it: an interrupted run leaves no half-written figure.
+    return atomic_write(path, lambda handle: figure.savefig(handle, format=image_format, dpi=130))

@@ -41,7 +41,8 @@ def test_curves_are_labelled_and_steps_are_whole_ticks(tmp_path, monkeypatch):
 
 
 def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for name in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # every module of it, as if it were not installed
     with pytest.raises(RuntimeError, match=r"pip install 'l2l\[plot\]'"):
         plot_curves(report(), tmp_path / "curves.png")
 
@@ -103,3 +104,18 @@ def test_a_report_whose_every_mean_diverged_still_draws(tmp_path):
     path = plot_curves({"task": "quadratic", "problems": 2, "results": {"adam": {"lr": 0.1, "curve_mean": [None] * 3,
                                                                               "curve_sem": [None] * 3}}}, tmp_path / "c.png")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_drawing_leaves_the_callers_matplotlib_backend_and_figures_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("pdf")  # as a notebook's inline backend: plot_curves switched every later figure to Agg
+    try:
+        figure = plt.figure()
+        plot_curves(report(), tmp_path / "curves.png")
+        assert matplotlib.get_backend() == "pdf" and plt.get_fignums() == [figure.number]
+        plt.close(figure)
+    finally:
+        matplotlib.use(backend)
