@@ -550,11 +550,11 @@ def _write_then_print(report: dict, write_files: Callable[[], None]) -> None:
     """Calls ``write_files``, then prints ``report``'s table, which a failed write prints before its error.
 
     The files come first so that a reader that goes away (``| head``) cannot lose them; the table
-    still reaches the terminal when they cannot be written, so the results are never lost.
+    still reaches the terminal when they cannot be written or drawn (any error), so the results are never lost.
     """
     try:
         write_files()
-    except ConfigError:
+    except Exception:
         print(format_table(report))
         raise
     print(format_table(report))

@@ -155,6 +155,15 @@ def check_lr_grid(lr_grid: Any) -> None:
     _require(not repeated, f"lr_grid lists {', '.join(repeated)} more than once (to 6 significant digits)")
 
 
+def check_baselines(baselines: Any) -> None:
+    """Raises ConfigError unless ``baselines`` is a sequence of distinct names from ``BASELINE_NAMES``."""
+    _check_sequence("baselines", baselines, "('sgd', 'adam')")
+    for name in baselines:
+        _require(name in BASELINE_NAMES,
+                 f"unknown baseline {name!r}{did_you_mean(str(name), BASELINE_NAMES)}; choose from {', '.join(BASELINE_NAMES)}")
+    _require(len(set(baselines)) == len(baselines), f"baselines lists one more than once: {','.join(baselines)}")
+
+
 def _check_device(value: str) -> None:
     _require(
         isinstance(value, str) and (value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value) is not None),
@@ -332,14 +341,10 @@ class BenchConfig(_JSONConfig):
         _check_task_options(self.task_options)
         if isinstance(self.baselines, str):  # "sgd,adam", as on the command line ("" for none)
             object.__setattr__(self, "baselines", tuple(name.strip() for name in self.baselines.split(",") if name.strip()))
-        _check_sequence("baselines", self.baselines, "('sgd', 'adam')")
+        check_baselines(self.baselines)
         _check_sequence("optimizers", self.optimizers, "('quadratic',) (checkpoint paths or shipped names)")
         for name in self.optimizers:
             _require(isinstance(name, str) and name, f"every optimizer must be a checkpoint path or shipped name, got {name!r}")
-        for name in self.baselines:
-            _require(name in BASELINE_NAMES,
-                     f"unknown baseline {name!r}{did_you_mean(name, BASELINE_NAMES)}; choose from {', '.join(BASELINE_NAMES)}")
-        _require(len(set(self.baselines)) == len(self.baselines), f"baselines lists one more than once: {','.join(self.baselines)}")
         if self.steps is not None:
             _positive_int("steps", self.steps)
         _positive_int("problems", self.problems)

@@ -30,7 +30,9 @@ def figure_format(path: str | os.PathLike) -> str:
 
 
 def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Mean loss per step on a log scale, with a band of one standard error, one line per optimizer.
+    """Mean loss per step, with a band of one standard error, one line per optimizer.
+
+    The scale is logarithmic unless some mean loss is negative (or none is positive): then linear.
 
     Args:
         report: the output of :func:`l2l.meta.evaluate.benchmark`.
@@ -41,10 +43,8 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
         ValueError: ``path`` names no format matplotlib writes (see :func:`figure_format`).
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own, without pyplot: the caller's backend (a notebook's) and figures are left alone.
+        from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'l2l[plot]'") from None
@@ -52,18 +52,28 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
 
     image_format = figure_format(path)
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    curves = []
     for name, result in sorted(report["results"].items(), key=lambda item: item[0] != "lstm"):
         mean = np.array([np.nan if v is None else v for v in result["curve_mean"]], dtype=float)
         sem = np.array([np.nan if v is None else v for v in result["curve_sem"]], dtype=float)
+        curves.append((name, result, mean, sem))
+    drawn = np.concatenate([mean[np.isfinite(mean)] for _, _, mean, _ in curves] or [np.zeros(0)])
+    # A loss that reaches 0 drops off the bottom of a log axis ranged by the positive losses, but a
+    # negative one would vanish (or, with nothing positive, leave an empty axis or fail to draw).
+    log_scale = bool((drawn > 0).any()) and not bool((drawn < 0).any())
+
+    figure = Figure(figsize=(6.4, 4.4))
+    axes = figure.subplots()
+    for name, result, mean, sem in curves:
         steps = np.arange(len(mean))
         label = name if result["lr"] is None else f"{name} (lr {result['lr']:.3g})"
         width = 2.2 if result["lr"] is None else 1.3
         (line,) = axes.plot(steps, mean, label=label, linewidth=width)
         # On the log axis a band reaching 0 (sem >= mean: heavy tails, few instances) would stretch
         # it over decades and squash every curve; its lower edge stops at a tenth of the mean.
-        axes.fill_between(steps, np.maximum(mean - sem, mean / 10), mean + sem, color=line.get_color(), alpha=0.2)
-    axes.set_yscale("log")
+        lower = np.maximum(mean - sem, mean / 10) if log_scale else mean - sem
+        axes.fill_between(steps, lower, mean + sem, color=line.get_color(), alpha=0.2)
+    axes.set_yscale("log" if log_scale else "linear")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 2.5
     axes.set_xlabel("optimizee step")
     axes.set_ylabel("mean loss")
@@ -71,8 +81,5 @@ def plot_curves(report: dict[str, Any], path: str | os.PathLike, *, title: str |
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    try:
-        # A temporary beside the file, renamed over it: an interrupted run leaves no half-written figure.
-        return atomic_write(path, lambda handle: figure.savefig(handle, format=image_format, dpi=130))
-    finally:
-        plt.close(figure)
+    # A temporary beside the file, renamed over it: an interrupted run leaves no half-written figure.
+    return atomic_write(path, lambda handle: figure.savefig(handle, format=image_format, dpi=130))

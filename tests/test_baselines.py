@@ -55,6 +55,33 @@ def test_matches_torch_optim_step_for_step(rule, make_torch_optimizer):
         torch.testing.assert_close(flat, expected, rtol=1e-12, atol=1e-12)
 
 
+BATCHED = [
+    (SGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (NAG(lr=0.05), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+    # A large eps, where inside or outside the square root (and before or after Adam's bias correction) differ.
+    (RMSProp(lr=0.01, eps=0.1), lambda p: torch.optim.RMSprop(p, lr=0.01, eps=0.1)),
+    (Adam(lr=0.01, eps=0.1), lambda p: torch.optim.Adam(p, lr=0.01, eps=0.1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rule, make_torch_optimizer", BATCHED, ids=["sgd", "nag", "rmsprop", "adam"])
+def test_batched_instances_match_torch_optim_on_the_same_gradients(rule, make_torch_optimizer, dtype):
+    generator = torch.Generator().manual_seed(0)
+    params = torch.randn(3, 5, dtype=dtype, generator=generator)  # [instances, coordinates]
+    reference = params.clone().requires_grad_(True)
+    torch_optimizer = make_torch_optimizer([reference])
+    state = rule.init_state(5, dtype=dtype)
+    for _ in range(10):  # the first step checks the bias correction, the rest the running averages
+        grad = torch.randn(3, 5, dtype=dtype, generator=generator) * 0.1
+        update, state = rule(grad, state)
+        params = params + update
+        reference.grad = grad.clone()
+        torch_optimizer.step()
+        assert params.dtype == dtype
+        torch.testing.assert_close(params, reference.detach(), rtol=0, atol=8 * torch.finfo(dtype).eps)
+
+
 def test_rules_are_pure():
     grad = torch.randn(6)
     rule = Adam(lr=0.1)
@@ -98,6 +125,12 @@ def test_tuning_picks_the_lowest_mean_final_loss_and_never_a_divergent_rate(quad
     for lr in grid[:2]:
         assert scores[lr] == evaluate(SGD(lr=lr), quadratics, 30).losses[-1].double().mean().item()
     assert scores[1e-2] < scores[1e-4] and best == 1e-2
+
+
+@pytest.mark.parametrize("grid, message", [((), "lr_grid must not be empty"), ((0.1, 0.1), "lr_grid lists 0.1 more than once")])
+def test_tuning_refuses_a_grid_it_cannot_choose_from(quadratics, grid, message):
+    with pytest.raises(ValueError, match=message):  # was 'min() iterable argument is empty', or one rate run twice
+        tune_learning_rate(lambda lr: get_baseline("sgd", lr), quadratics, 3, grid)
 
 
 def test_summaries_use_the_true_median_and_no_spread_for_one_instance():
@@ -165,6 +198,23 @@ def test_benchmark_arguments_are_checked_before_any_instance_is_drawn(arguments,
     defaults = dict(baselines=("adam",), steps=5, problems=2, tune_problems=2, lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=message):
         benchmark(QuadraticFamily(), **{"learned": {}, **defaults, **arguments})
+
+
+@pytest.mark.parametrize("baselines, message", [
+    (("adam", "lbfgs"), "unknown baseline 'lbfgs'; choose from sgd, momentum, nag, rmsprop, adam"),
+    (("adam", "Adam"), "unknown baseline 'Adam' \\(did you mean 'adam'\\?\\)"),
+    ("adam", "baselines must be a tuple such as \\('sgd', 'adam'\\), got 'adam'"),  # was "unknown baseline optimizer 'a'"
+    (("adam", "adam"), "baselines lists one more than once: adam,adam"),  # tuned twice for one row
+])
+def test_baseline_names_are_checked_before_any_instance_is_drawn(monkeypatch, baselines, message):
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    family = QuadraticFamily()
+    monkeypatch.setattr(family, "sample", lambda *args: pytest.fail("instances drawn before the names were checked"))
+    with pytest.raises(ValueError, match=message):  # was found after every learned rule had been evaluated
+        benchmark(family, {"lstm": SGD(lr=0.1)}, baselines=baselines, steps=3, problems=2, tune_problems=2,
+                  lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
 
 
 def test_the_table_says_how_many_instances_diverged():
@@ -275,3 +325,32 @@ def test_benchmarks_docstring_names_every_key_of_its_report():
     learned, baseline = report["results"]["lstm"], report["results"]["adam"]
     extra = set(baseline) - set(learned)  # what baselines add to summarize's figures
     assert extra <= quoted, f"baseline keys the docstring leaves out: {extra - quoted}"
+
+
+def test_the_report_names_the_exact_grid_and_each_baselines_fixed_settings_and_round_trips_as_json():
+    import json
+
+    from l2l.meta.evaluate import benchmark
+    from l2l.tasks import QuadraticFamily
+
+    grid = (10 ** -4.5, 0.1, 1e8)  # 10**-4.5 is '3.16228e-05' as an lr_scores key: the grid was not recoverable
+    report = benchmark(QuadraticFamily(), {}, baselines=("momentum", "adam"), steps=3, problems=1, tune_problems=2,
+                       lr_grid=grid, seed=0, device=torch.device("cpu"))
+    assert report["lr_grid"] == list(grid)
+    assert report["results"]["momentum"]["hyperparameters"] == {"beta": 0.9}
+    assert report["results"]["adam"]["hyperparameters"] == {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    assert report["results"]["momentum"]["lr_scores"]["1e+08"] is None  # diverged, and strict JSON has no inf
+    assert json.loads(json.dumps(report, allow_nan=False)) == report
+
+
+def test_ratios_far_from_one_keep_their_significant_digits():
+    from l2l.meta.evaluate import RunResult, format_table, summarize
+
+    def row(final, lr):
+        return {"lr": lr, **summarize(RunResult(losses=torch.tensor([[1.0, 1.0], final]), metrics={}, seconds=0.0))}
+
+    report = {"task": "quadratic", "problems": 2, "steps": 1, "seed": 0, "tune_problems": 2,
+              "results": {"adam": row([1e-2, 1e-2], 0.1), "lstm": row([2e-6, 2e-6], None), "sgd": row([3e4, 3e4], 0.1)}}
+    lines = {line.split()[0]: line for line in format_table(report).splitlines()[3:]}
+    assert "0.0002x" in lines["lstm"]  # was 0.000x: as if the learned rule reached 0
+    assert "3e+06x" in lines["sgd"] and "1.000x" in lines["adam"]  # was 3000000.000x

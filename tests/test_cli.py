@@ -284,6 +284,21 @@ def test_a_failed_report_write_keeps_the_previous_report_and_is_one_clear_line(t
     assert json.loads(path.read_text()) == {"previous": True} and list(tmp_path.iterdir()) == [path]
 
 
+def test_a_figure_that_fails_to_draw_still_prints_the_table(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import l2l.plotting
+
+    def fails_to_draw(report, path, **kwargs):
+        raise ValueError("Data cannot be log-scaled")  # what matplotlib raised for an all-diverged report
+
+    monkeypatch.setattr(l2l.plotting, "plot_curves", fails_to_draw)
+    status = main(["bench", "--steps", "3", "--problems", "2", "--tune-problems", "2", "--lr-grid", "0.1", "--baselines",
+                   "adam", "--quiet", "--device", "cpu", "--plot", str(tmp_path / "curves.png")])
+    captured = capsys.readouterr()
+    assert status == 2 and "Data cannot be log-scaled" in captured.err
+    assert "adam" in captured.out  # the benchmark's results were lost with the figure
+
+
 def test_two_checkpoints_with_one_file_name_get_two_rows(tmp_path, capsys):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     train = ["train", "--epochs", "1", "--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -10,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from l2l.config import check_lr_grid, lr_key
+from l2l.config import check_baselines, check_lr_grid, lr_key
 from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
@@ -140,7 +141,11 @@ def tune_learning_rate(
         ``(best_lr, scores)`` with ``scores[lr]`` the mean final loss (``inf`` if diverged). Ties
         go to the smallest rate; if every rate diverged, ``best_lr`` is the smallest (the one
         least likely to), and the caller should say so.
+
+    Raises:
+        ValueError: ``grid`` is empty, lists a rate twice or holds one that is not positive and finite.
     """
+    check_lr_grid(grid)
     scores: dict[float, float] = {}
     for lr in grid:
         final = evaluate(make_rule(lr), task, steps, seed=seed, batches=TUNING_BATCHES).losses[-1]
@@ -171,17 +176,21 @@ def benchmark(
     the same minibatches.
 
     Returns:
-        ``{"task", "task_options", "steps", "problems", "tune_problems", "seed", "device", "results":
-        {name: summary}}`` where a summary is :func:`summarize`'s output plus ``"lr"`` (None for
-        learned rules) and, for baselines, ``"lr_scores"`` (mean final tuning loss per rate, None
-        where it diverged), ``"lr_at_grid_edge"`` (the best rate is an end of a grid of several)
+        ``{"task", "task_options", "steps", "problems", "tune_problems", "lr_grid", "seed", "device",
+        "results": {name: summary}}`` (``lr_grid`` the rates as given, None without baselines) where a
+        summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules) and, for
+        baselines, ``"hyperparameters"`` (the rule's fixed settings but its rate, e.g. ``{"beta": 0.9}``),
+        ``"lr_scores"`` (mean final tuning loss per rate, keyed to 6 significant digits, None where
+        it diverged), ``"lr_at_grid_edge"`` (the best rate is an end of a grid of several)
         and ``"tuning_diverged"`` (every rate diverged; the smallest is used).
 
     Raises:
-        ValueError: a count or the grid is out of range, or a learned rule has a baseline's name.
+        ValueError: a count or the grid is out of range, a baseline is unknown or listed twice, or a
+            learned rule has a baseline's name.
     """
     check_positive_int("steps", steps)
     check_positive_int("problems", problems)
+    check_baselines(baselines)
     if baselines:
         check_positive_int("tune_problems", tune_problems)
         check_lr_grid(lr_grid)
@@ -199,12 +208,14 @@ def benchmark(
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")
         best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed)
-        summary = summarize(evaluate(get_baseline(name, best_lr), eval_task, steps, seed=seed))
+        tuned = get_baseline(name, best_lr)
+        summary = summarize(evaluate(tuned, eval_task, steps, seed=seed))
         edge = len(set(lr_grid)) > 1 and best_lr in (min(lr_grid), max(lr_grid))  # one rate is a choice, not a search
         results[name] = {
             "lr": best_lr,
             **summary,
             "lr_scores": {lr_key(lr): _finite_or_none(score) for lr, score in scores.items()},
+            "hyperparameters": {key: value for key, value in dataclasses.asdict(tuned).items() if key != "lr"},
             "lr_at_grid_edge": edge,
             "tuning_diverged": all(math.isinf(score) for score in scores.values()),
         }
@@ -214,10 +225,16 @@ def benchmark(
         "steps": steps,
         "problems": problems,
         "tune_problems": tune_problems,
+        "lr_grid": [float(lr) for lr in lr_grid] if baselines else None,
         "seed": seed,
         "device": str(device),
         "results": results,
     }
+
+
+def _ratio_text(ratio: float) -> str:
+    """``0.490x``; far from 1 in significant digits, since three decimals showed 2e-4 as ``0.000x``."""
+    return f"{ratio:.3f}x" if ratio == 0 or 1e-3 <= ratio < 1e3 else f"{ratio:.3g}x"
 
 
 def format_table(report: dict[str, Any], reference: str = "adam") -> str:
@@ -250,7 +267,7 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
         rows.append(
             [name, lr, mean, "-" if final["sem"] is None and final["mean"] is not None else fmt(final["sem"], ".2g"),
              fmt(final["median"]), fmt(r["summed_loss_mean"])]
-            + ["-" if ratio is None else f"{ratio:.3f}x"] * ratios
+            + ["-" if ratio is None else _ratio_text(ratio)] * ratios
             + [fmt(r[key]["mean"]) if key in r else "-" for key in extra]
         )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
