@@ -310,6 +310,29 @@ def test_a_cuda_benchmark_does_not_move_the_callers_cpu_rule_to_the_gpu():
     assert on_gpu["results"]["lstm"]["final_loss"]["mean"] == pytest.approx(on_cpu["results"]["lstm"]["final_loss"]["mean"], rel=1e-4)
 
 
+def test_the_report_records_the_versions_and_each_learned_rules_kernel_and_its_table_counts_in_words(monkeypatch):
+    import sys
+
+    evaluation = sys.modules["l2l.meta.evaluate"]  # the package re-exports the function evaluate under that name
+    from l2l.checkpoint import versions
+    from l2l.meta.evaluate import benchmark, format_table
+    from l2l.optimizers.grouped import PerGroupRule
+    from l2l.tasks import QuadraticFamily
+
+    report = benchmark(QuadraticFamily(dim=3), {"lstm": CoordinateWiseLSTM(seed=0)}, baselines=("sgd",),
+                       steps=1, problems=1, tune_problems=1, lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+    assert report["versions"] == versions() and report["versions"]["torch"] == torch.__version__
+    assert report["results"]["lstm"]["kernel"] == "reference" and "kernel" not in report["results"]["sgd"]
+    # A per-group rule whose groups take different paths names both (the CUDA choice faked: no GPU here).
+    grouped = PerGroupRule({"conv": CoordinateWiseLSTM(seed=0), "fc": CoordinateWiseLSTM(seed=1)})
+    grouped.rules["fc"].kernel = "fused"
+    monkeypatch.setattr(evaluation, "select_kernel", lambda kernel, rule, device: "fused" if kernel == "fused" else "reference")
+    assert evaluation.kernel_taken(grouped, torch.device("cuda")) == "reference+fused"
+    assert evaluation.kernel_taken(get_baseline("adam", 0.1), torch.device("cpu")) is None
+    assert format_table(report).splitlines()[0] == (
+        "quadratic: 1 held-out instance, 1 step, seed 0 (baseline lr tuned on 1 separate instance)")
+
+
 def test_benchmarks_docstring_names_every_key_of_its_report():
     import inspect
     import re

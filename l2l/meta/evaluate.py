@@ -11,7 +11,9 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from l2l.checkpoint import versions
 from l2l.config import check_baselines, check_lr_grid, lr_key
+from l2l.kernels.dispatch import select_kernel
 from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
@@ -177,8 +179,10 @@ def benchmark(
 
     Returns:
         ``{"task", "task_options", "steps", "problems", "tune_problems", "lr_grid", "seed", "device",
-        "results": {name: summary}}`` (``lr_grid`` the rates as given, None without baselines) where a
-        summary is :func:`summarize`'s output plus ``"lr"`` (None for learned rules) and, for
+        "versions", "results": {name: summary}}`` (``lr_grid`` the rates as given, None without
+        baselines; ``versions`` of l2l and torch, as checkpoints record them) where a summary is
+        :func:`summarize`'s output plus ``"lr"`` (None for learned rules), for learned rules
+        ``"kernel"`` (the LSTM path taken, see :func:`kernel_taken`) and, for
         baselines, ``"hyperparameters"`` (the rule's fixed settings but its rate, e.g. ``{"beta": 0.9}``),
         ``"lr_scores"`` (mean final tuning loss per rate, keyed to 6 significant digits, None where
         it diverged), ``"lr_at_grid_edge"`` (the best rate is an end of a grid of several)
@@ -204,7 +208,7 @@ def benchmark(
     for name, rule in learned.items():
         say(f"evaluating {name}")
         rule = on_device(rule, device)
-        results[name] = {"lr": None, **summarize(evaluate(rule, eval_task, steps, seed=seed))}
+        results[name] = {"lr": None, "kernel": kernel_taken(rule, device), **summarize(evaluate(rule, eval_task, steps, seed=seed))}
     for name in baselines:
         say(f"tuning {name} over {len(lr_grid)} learning rates")
         best_lr, scores = tune_learning_rate(lambda lr: get_baseline(name, lr), tune_task, steps, lr_grid, seed=seed)
@@ -228,8 +232,21 @@ def benchmark(
         "lr_grid": [float(lr) for lr in lr_grid] if baselines else None,
         "seed": seed,
         "device": str(device),
+        "versions": versions(),
         "results": results,
     }
+
+
+def kernel_taken(rule: UpdateRule, device: torch.device) -> str | None:
+    """``"reference"``, ``"fused"`` or ``"reference+fused"``: the path(s) ``rule``'s LSTMs take on ``device``; None for other rules."""
+    taken = {select_kernel(sub.kernel, sub, device) for sub in rule.modules() if hasattr(sub, "kernel") and hasattr(sub, "hidden_size")} \
+        if isinstance(rule, torch.nn.Module) else set()
+    return "+".join(sorted(taken, reverse=True)) or None
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 step``, ``3 steps``."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _ratio_text(ratio: float) -> str:
@@ -273,8 +290,8 @@ def format_table(report: dict[str, Any], reference: str = "adam") -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     tuned = any(r["lr"] is not None for r in results.values())
     lines = [
-        f"{report['task']}: {report['problems']} held-out instances, {report['steps']} steps, seed {report['seed']}"
-        + (f" (baseline lr tuned on {report['tune_problems']} separate instances)" if tuned else ""),
+        f"{report['task']}: {_count(report['problems'], 'held-out instance')}, {_count(report['steps'], 'step')}, seed {report['seed']}"
+        + (f" (baseline lr tuned on {_count(report['tune_problems'], 'separate instance')})" if tuned else ""),
         "  ".join(cell.ljust(width) for cell, width in zip(header, widths)),
         "  ".join("-" * width for width in widths),
     ]
