@@ -98,6 +98,7 @@ def test_rules_are_pure():
         (lambda: SGD(lr=-1.0), "Invalid learning rate: -1.0"),
         (lambda: SGD(lr=float("nan")), "Invalid learning rate"),
         (lambda: Adam(lr=0.0), "Invalid learning rate: 0.0"),
+        (lambda: get_baseline("adam", True), "Invalid learning rate: True"),
         (lambda: Momentum(beta=1.0), "Invalid momentum value: 1.0"),
         (lambda: RMSProp(alpha=-0.1), "Invalid alpha value"),
         (lambda: RMSProp(eps=-1e-8), "Invalid epsilon value"),

@@ -15,7 +15,8 @@ from torch import Tensor
 
 
 def _check_lr(lr: float) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0.0):
+    # A bool is an int to Python: True would be a learning rate of 1.
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0.0):
         raise ValueError(f"Invalid learning rate: {lr} (must be a positive finite number)")
 
 
