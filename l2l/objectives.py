@@ -246,18 +246,34 @@ def _transform(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _is_zero(weight: Any) -> bool:
+    """Whether ``weight`` is the number 0: its term is skipped, so the result is the plain loss exactly.
+
+    ``0 * penalty`` is not: it is NaN where the penalty is infinite (an infinite input gradient
+    at a finite loss, sqrt at 0), and the penalty would still cost its double backward.
+    Tensors are not read (under torch.func or on an accelerator that would trace or sync).
+    """
+    return not isinstance(weight, Tensor) and weight == 0
+
+
+def _per_example_losses(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> Tensor:
+    """``loss(forward(inputs), labels)``, checked to be one loss per example ``[B]``."""
+    per_example = loss(forward(inputs), labels)
+    if per_example.shape != (inputs.shape[0],):
+        raise ValueError(
+            f"loss must return one loss per example, shape [{inputs.shape[0]}], got {list(per_example.shape)}: "
+            "use reduction='none' (as per_example_cross_entropy does) and reshape the result to [B]"
+        )
+    return per_example
+
+
 def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
     """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
     if inputs.dim() == 0:
         raise ValueError("inputs must be [B, ...] (one row per example), got a 0-d tensor")
 
     def summed(x: Tensor) -> tuple[Tensor, Tensor]:
-        per_example = loss(forward(x), labels)
-        if per_example.shape != (x.shape[0],):
-            raise ValueError(
-                f"loss must return one loss per example, shape [{x.shape[0]}], got {list(per_example.shape)}: "
-                "use reduction='none' (as per_example_cross_entropy does) and reshape the result to [B]"
-            )
+        per_example = _per_example_losses(forward, x, labels, loss)
         return per_example.sum(), per_example
 
     gradients, per_example = _transform(grad(summed, has_aux=True))(inputs)
@@ -328,7 +344,8 @@ def input_gradient_penalty(
         forward: the network, ``[B, ...] -> outputs [B, ...]``.
         inputs: ``[B, ...]``.
         labels: ``[B, ...]``, passed to ``loss``.
-        eps: the perturbation radius, >= 0.
+        eps: the perturbation radius, >= 0. The number 0 gives the plain loss exactly, without
+            the input gradient.
         norm: the norm of the perturbation ball: ``"l1"``, ``"l2"`` or ``"linf"``.
         loss: per-example loss, ``loss(outputs, labels) -> [B]`` (default: cross-entropy).
         reduction: ``"mean"`` (default) or ``"sum"`` over examples, or ``"none"`` for ``[B]``.
@@ -339,6 +356,10 @@ def input_gradient_penalty(
     _check_nonnegative("eps", eps)
     _check_choice("norm", norm, NORMS)
     _check_choice("reduction", reduction, REDUCTIONS)
+    if _is_zero(eps):
+        if inputs.dim() == 0:
+            raise ValueError("inputs must be [B, ...] (one row per example), got a 0-d tensor")
+        return _reduce(_per_example_losses(forward, inputs, labels, loss), reduction)
     per_example, gradients = _losses_and_input_gradients(forward, inputs, labels, loss)
     return _reduce(per_example + eps * _dual_norm(gradients, norm), reduction)
 
@@ -403,14 +424,15 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
     Args:
         loss_fn: ``loss_fn(params) -> []`` or ``[K]``.
         params: a tensor or a pytree (dict, list, tuple) of tensors.
-        lr: the step size h, >= 0.
+        lr: the step size h, >= 0. The number 0 gives ``loss_fn(params)`` exactly, without the
+            gradient.
 
     Returns:
         The penalized loss, shaped like ``loss_fn(params)``.
     """
     _check_nonnegative("lr", lr)
 
-    def summed(p: Any) -> tuple[Tensor, Tensor]:
+    def checked(p: Any) -> Tensor:
         value = loss_fn(p)
         if not isinstance(value, Tensor):
             raise ValueError(
@@ -419,6 +441,13 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
             )
         if value.dim() > 1:
             raise ValueError(f"loss_fn must return a scalar or one loss per instance [K], got shape {list(value.shape)}")
+        return value
+
+    if _is_zero(lr):
+        return checked(params)
+
+    def summed(p: Any) -> tuple[Tensor, Tensor]:
+        value = checked(p)
         return value.sum(), value
 
     gradients, value = grad(summed, has_aux=True)(params)

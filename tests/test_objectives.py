@@ -592,3 +592,28 @@ def test_an_empty_batch_gives_empty_or_zero_penalties():
     total.backward()
     assert gradient_supervision_loss(model, empty_x, empty_x, empty_y, reduction="none").shape == (0,)
     assert adversarial_example(model, empty_x, empty_y, 0.5, "l1").shape == (0, 5)
+
+
+def sqrt_net():
+    """A net on sqrt(x): at a zero input its loss is finite and its input gradient infinite."""
+    net = tanh_net()
+    return net, lambda v: net(v.sqrt())
+
+
+def test_a_zero_weight_is_the_plain_loss_exactly_even_where_a_gradient_is_infinite():
+    # 0 * ||inf|| was NaN: eps = 0 (the "plain training" point of an eps sweep) returned NaN.
+    net, forward = sqrt_net()
+    x, y = batch()
+    x = x.abs()
+    x[0, 0] = 0.0
+    plain = per_example_cross_entropy(forward(x), y)
+    assert torch.isfinite(plain).all()
+    penalized = input_gradient_penalty(forward, x, y, 0.0, reduction="none")
+    assert torch.equal(penalized, plain)
+    ours = torch.autograd.grad(penalized.mean(), list(net.parameters()))
+    for a, b in zip(ours, torch.autograd.grad(plain.mean(), list(net.parameters()))):
+        assert torch.equal(a, b)
+    theta = torch.tensor([0.0, 4.0], dtype=torch.float64)
+    assert parameter_gradient_penalty(lambda p: p.sqrt().sum(), theta, 0.0) == 2.0
+    with pytest.raises(ValueError, match=r"loss must return one loss per example, shape \[6\], got \[\]"):
+        input_gradient_penalty(forward, x, y, 0.0, loss=nn.functional.cross_entropy)
