@@ -267,10 +267,26 @@ def _per_example_losses(forward: Forward, inputs: Tensor, labels: Tensor, loss: 
     return per_example
 
 
-def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
-    """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
+def _check_inputs(inputs: Tensor) -> None:
+    """Inputs to differentiate: ``[B, ...]`` and floating point (torch's own error names neither)."""
     if inputs.dim() == 0:
         raise ValueError("inputs must be [B, ...] (one row per example), got a 0-d tensor")
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs must be floating point, got {inputs.dtype}: convert them first (inputs.float() / 255 for bytes)")
+
+
+def _check_like_inputs(name: str, tensor: Tensor, inputs: Tensor) -> None:
+    """``tensor`` of ``inputs``' dtype and device: promotion would hide bytes beside [0, 1] floats."""
+    if tensor.dtype != inputs.dtype or tensor.device != inputs.device:
+        raise ValueError(
+            f"{name} must have the inputs' dtype {inputs.dtype} and device {inputs.device}, "
+            f"got {tensor.dtype} on {tensor.device}: convert them with {name}.to(inputs)"
+        )
+
+
+def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
+    """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
+    _check_inputs(inputs)
 
     def summed(x: Tensor) -> tuple[Tensor, Tensor]:
         per_example = _per_example_losses(forward, x, labels, loss)
@@ -357,8 +373,7 @@ def input_gradient_penalty(
     _check_choice("norm", norm, NORMS)
     _check_choice("reduction", reduction, REDUCTIONS)
     if _is_zero(eps):
-        if inputs.dim() == 0:
-            raise ValueError("inputs must be [B, ...] (one row per example), got a 0-d tensor")
+        _check_inputs(inputs)
         return _reduce(_per_example_losses(forward, inputs, labels, loss), reduction)
     per_example, gradients = _losses_and_input_gradients(forward, inputs, labels, loss)
     return _reduce(per_example + eps * _dual_norm(gradients, norm), reduction)
@@ -485,11 +500,8 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         ``(outputs [B, ...], derivatives)``: ``derivatives`` is ``J_f(x_i) t_i`` for every
         example, ``[B, ...out]`` or ``[T, B, ...out]`` like ``tangents``.
     """
-    if tangents.dtype != inputs.dtype or tangents.device != inputs.device:
-        raise ValueError(
-            f"tangents must have the inputs' dtype {inputs.dtype} and device {inputs.device}, "
-            f"got {tangents.dtype} on {tangents.device}: convert them with tangents.to(inputs)"
-        )
+    _check_inputs(inputs)
+    _check_like_inputs("tangents", tangents, inputs)
     if tangents.shape == inputs.shape:
         return _transform(jvp)(forward, (inputs,), (tangents,))
     if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
@@ -600,7 +612,7 @@ def gradient_supervision_loss(
     Args:
         forward: the network, ``[B, ...] -> logits [B, C]``.
         inputs: ``x``, ``[B, ...]``.
-        counterfactuals: ``x_cf``, ``[B, ...]``.
+        counterfactuals: ``x_cf``, ``[B, ...]``, of the inputs' dtype and device.
         counterfactual_labels: integer ``[B]`` (any integer dtype), the ground-truth classes of
             ``x_cf``, each from 0 to C - 1. On the CPU a ValueError names one outside (under
             ``torch.func.vmap`` and ``grad`` too). On an accelerator they are not checked, which
@@ -613,6 +625,8 @@ def gradient_supervision_loss(
         The loss: a scalar, or ``[B]`` with ``reduction="none"``.
     """
     _check_choice("reduction", reduction, REDUCTIONS)
+    _check_inputs(inputs)
+    _check_like_inputs("counterfactuals", counterfactuals, inputs)
     if counterfactuals.shape != inputs.shape:
         raise ValueError(f"counterfactuals {list(counterfactuals.shape)} must be shaped like inputs {list(inputs.shape)}")
     if (

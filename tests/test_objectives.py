@@ -617,3 +617,20 @@ def test_a_zero_weight_is_the_plain_loss_exactly_even_where_a_gradient_is_infini
     assert parameter_gradient_penalty(lambda p: p.sqrt().sum(), theta, 0.0) == 2.0
     with pytest.raises(ValueError, match=r"loss must return one loss per example, shape \[6\], got \[\]"):
         input_gradient_penalty(forward, x, y, 0.0, loss=nn.functional.cross_entropy)
+
+
+def test_byte_counterfactuals_and_integer_inputs_get_errors_naming_the_conversion():
+    # uint8 counterfactuals beside float inputs were promoted silently: x_cf - x then mixed 0..255
+    # with 0..1, a wrong direction and a wrong loss.
+    model, (x, y) = tanh_net(), batch()
+    images = (x.abs() * 100).clamp(max=255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"^counterfactuals must have the inputs' dtype torch.float64 and device cpu, "
+                                         r"got torch.uint8 on cpu: convert them with counterfactuals.to\(inputs\)"):
+        gradient_supervision_loss(model, x, images, y)
+    with pytest.raises(ValueError, match=r"counterfactuals must have the inputs' dtype torch.float64 .* got torch.float32"):
+        gradient_supervision_loss(model, x, x.float(), y)
+    for call in (lambda: input_gradient_penalty(model, images, y, 0.5), lambda: adversarial_example(model, images, y, 0.5),
+                 lambda: tangent_penalty(model, images, images), lambda: gradient_supervision_loss(model, images, images, y)):
+        with pytest.raises(ValueError, match=r"^inputs must be floating point, got torch.uint8: convert them first "
+                                             r"\(inputs.float\(\) / 255 for bytes\)$"):
+            call()
