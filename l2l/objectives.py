@@ -173,13 +173,25 @@ def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
 
     Args:
         x: any tensor ``[...]``.
-        coeff: the reversal strength λ >= 0 (a float, or a tensor for schedules; see
-            :func:`reversal_coefficient`).
+        coeff: the reversal strength λ >= 0 (a float, or a tensor for schedules, see
+            :func:`reversal_coefficient`; a tensor of several elements must broadcast to ``x``'s shape).
 
     Returns:
         ``x`` unchanged ``[...]`` (a view), whose backward multiplies gradients by ``-coeff``.
     """
     _check_nonnegative("coeff", coeff)
+    if isinstance(coeff, Tensor) and coeff.dim():
+        # The forward is the identity, so a coeff broadcasting past x goes unnoticed there; in
+        # backward autograd sums the too-large gradient back to x's shape.
+        try:
+            fits = torch.broadcast_shapes(coeff.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"coeff of shape {list(coeff.shape)} does not broadcast to the input's shape {list(x.shape)}: "
+                "use a number, a 0-d tensor or one that broadcasts to the input (per-feature [F], per-example [B, 1])"
+            )
     return _GradReverse.apply(x, coeff)
 
 

@@ -634,3 +634,15 @@ def test_byte_counterfactuals_and_integer_inputs_get_errors_naming_the_conversio
         with pytest.raises(ValueError, match=r"^inputs must be floating point, got torch.uint8: convert them first "
                                              r"\(inputs.float\(\) / 255 for bytes\)$"):
             call()
+
+
+def test_a_reversal_coefficient_that_would_broadcast_beyond_its_input_is_refused():
+    # coeff [4, 2, 3] on x [2, 3]: backward broadcast the gradient to [4, 2, 3] and autograd summed
+    # it back, a silent 4x reversal; per-feature and per-example coefficients still broadcast.
+    x = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^coeff of shape \[4, 2, 3\] does not broadcast to the input's shape \[2, 3\]"):
+        grad_reverse(x, torch.ones(4, 2, 3))
+    with pytest.raises(ValueError, match=r"coeff of shape \[3, 1\] does not broadcast"):
+        grad_reverse(x, torch.ones(3, 1))
+    (gx,) = torch.autograd.grad(grad_reverse(x, torch.tensor([[1.0], [2.0]])).sum(), x)
+    assert torch.equal(gx, -torch.tensor([[1.0] * 3, [2.0] * 3]))
