@@ -506,7 +506,7 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         forward: the network, ``[B, ...] -> outputs [B, ...]``.
         inputs: ``[B, ...]``.
         tangents: one direction per example ``[B, ...]`` (shaped like ``inputs``) or T of
-            them ``[T, B, ...]``.
+            them ``[T, B, ...]`` (T = 0: no derivatives, a zero penalty).
 
     Returns:
         ``(outputs [B, ...], derivatives)``: ``derivatives`` is ``J_f(x_i) t_i`` for every
@@ -518,6 +518,9 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         return _transform(jvp)(forward, (inputs,), (tangents,))
     if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
         raise ValueError(f"tangents must be shaped like inputs {list(inputs.shape)} or [T, *that], got {list(tangents.shape)}")
+    if tangents.shape[0] == 0:  # no directions: vmap would give no outputs to return
+        outputs = forward(inputs)
+        return outputs, outputs.new_zeros(0, *outputs.shape)
     # One vmapped call yields the outputs with the derivatives, so a random layer (dropout) uses
     # one mask for the outputs and every direction.
     outputs, derivatives = _transform(vmap(lambda t: jvp(forward, (inputs,), (t,)), randomness="same"))(tangents)

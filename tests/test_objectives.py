@@ -646,3 +646,11 @@ def test_a_reversal_coefficient_that_would_broadcast_beyond_its_input_is_refused
         grad_reverse(x, torch.ones(3, 1))
     (gx,) = torch.autograd.grad(grad_reverse(x, torch.tensor([[1.0], [2.0]])).sum(), x)
     assert torch.equal(gx, -torch.tensor([[1.0] * 3, [2.0] * 3]))
+
+
+def test_no_tangent_directions_give_the_outputs_and_a_zero_penalty():
+    # [0, B, ...] tangents (an empty list of directions stacked) raised "index 0 is out of bounds".
+    model, (x, _) = tanh_net(), batch()
+    outputs, derivatives = directional_derivatives(model, x, x.new_zeros(0, *x.shape))
+    assert torch.equal(outputs, model(x)) and derivatives.shape == (0, 6, 3)
+    assert torch.equal(tangent_penalty(model, x, x.new_zeros(0, *x.shape), reduction="none"), x.new_zeros(6))
