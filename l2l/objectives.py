@@ -173,13 +173,25 @@ def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
 
     Args:
         x: any tensor ``[...]``.
-        coeff: the reversal strength λ >= 0 (a float, or a tensor for schedules; see
-            :func:`reversal_coefficient`).
+        coeff: the reversal strength λ >= 0 (a float, or a tensor for schedules, see
+            :func:`reversal_coefficient`; a tensor of several elements must broadcast to ``x``'s shape).
 
     Returns:
         ``x`` unchanged ``[...]`` (a view), whose backward multiplies gradients by ``-coeff``.
     """
     _check_nonnegative("coeff", coeff)
+    if isinstance(coeff, Tensor) and coeff.dim():
+        # The forward is the identity, so a coeff broadcasting past x goes unnoticed there; in
+        # backward autograd sums the too-large gradient back to x's shape.
+        try:
+            fits = torch.broadcast_shapes(coeff.shape, x.shape) == x.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"coeff of shape {list(coeff.shape)} does not broadcast to the input's shape {list(x.shape)}: "
+                "use a number, a 0-d tensor or one that broadcasts to the input (per-feature [F], per-example [B, 1])"
+            )
     return _GradReverse.apply(x, coeff)
 
 
@@ -246,18 +258,50 @@ def _transform(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
-    """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
+def _is_zero(weight: Any) -> bool:
+    """Whether ``weight`` is the number 0: its term is skipped, so the result is the plain loss exactly.
+
+    ``0 * penalty`` is not: it is NaN where the penalty is infinite (an infinite input gradient
+    at a finite loss, sqrt at 0), and the penalty would still cost its double backward.
+    Tensors are not read (under torch.func or on an accelerator that would trace or sync).
+    """
+    return not isinstance(weight, Tensor) and weight == 0
+
+
+def _per_example_losses(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> Tensor:
+    """``loss(forward(inputs), labels)``, checked to be one loss per example ``[B]``."""
+    per_example = loss(forward(inputs), labels)
+    if per_example.shape != (inputs.shape[0],):
+        raise ValueError(
+            f"loss must return one loss per example, shape [{inputs.shape[0]}], got {list(per_example.shape)}: "
+            "use reduction='none' (as per_example_cross_entropy does) and reshape the result to [B]"
+        )
+    return per_example
+
+
+def _check_inputs(inputs: Tensor) -> None:
+    """Inputs to differentiate: ``[B, ...]`` and floating point (torch's own error names neither)."""
     if inputs.dim() == 0:
         raise ValueError("inputs must be [B, ...] (one row per example), got a 0-d tensor")
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs must be floating point, got {inputs.dtype}: convert them first (inputs.float() / 255 for bytes)")
+
+
+def _check_like_inputs(name: str, tensor: Tensor, inputs: Tensor) -> None:
+    """``tensor`` of ``inputs``' dtype and device: promotion would hide bytes beside [0, 1] floats."""
+    if tensor.dtype != inputs.dtype or tensor.device != inputs.device:
+        raise ValueError(
+            f"{name} must have the inputs' dtype {inputs.dtype} and device {inputs.device}, "
+            f"got {tensor.dtype} on {tensor.device}: convert them with {name}.to(inputs)"
+        )
+
+
+def _losses_and_input_gradients(forward: Forward, inputs: Tensor, labels: Tensor, loss: PerExampleLoss) -> tuple[Tensor, Tensor]:
+    """Per-example losses ``[B]`` and their input gradients ``[B, ...]`` (differentiable)."""
+    _check_inputs(inputs)
 
     def summed(x: Tensor) -> tuple[Tensor, Tensor]:
-        per_example = loss(forward(x), labels)
-        if per_example.shape != (x.shape[0],):
-            raise ValueError(
-                f"loss must return one loss per example, shape [{x.shape[0]}], got {list(per_example.shape)}: "
-                "use reduction='none' (as per_example_cross_entropy does) and reshape the result to [B]"
-            )
+        per_example = _per_example_losses(forward, x, labels, loss)
         return per_example.sum(), per_example
 
     gradients, per_example = _transform(grad(summed, has_aux=True))(inputs)
@@ -328,7 +372,8 @@ def input_gradient_penalty(
         forward: the network, ``[B, ...] -> outputs [B, ...]``.
         inputs: ``[B, ...]``.
         labels: ``[B, ...]``, passed to ``loss``.
-        eps: the perturbation radius, >= 0.
+        eps: the perturbation radius, >= 0. The number 0 gives the plain loss exactly, without
+            the input gradient.
         norm: the norm of the perturbation ball: ``"l1"``, ``"l2"`` or ``"linf"``.
         loss: per-example loss, ``loss(outputs, labels) -> [B]`` (default: cross-entropy).
         reduction: ``"mean"`` (default) or ``"sum"`` over examples, or ``"none"`` for ``[B]``.
@@ -339,6 +384,9 @@ def input_gradient_penalty(
     _check_nonnegative("eps", eps)
     _check_choice("norm", norm, NORMS)
     _check_choice("reduction", reduction, REDUCTIONS)
+    if _is_zero(eps):
+        _check_inputs(inputs)
+        return _reduce(_per_example_losses(forward, inputs, labels, loss), reduction)
     per_example, gradients = _losses_and_input_gradients(forward, inputs, labels, loss)
     return _reduce(per_example + eps * _dual_norm(gradients, norm), reduction)
 
@@ -403,14 +451,15 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
     Args:
         loss_fn: ``loss_fn(params) -> []`` or ``[K]``.
         params: a tensor or a pytree (dict, list, tuple) of tensors.
-        lr: the step size h, >= 0.
+        lr: the step size h, >= 0. The number 0 gives ``loss_fn(params)`` exactly, without the
+            gradient.
 
     Returns:
         The penalized loss, shaped like ``loss_fn(params)``.
     """
     _check_nonnegative("lr", lr)
 
-    def summed(p: Any) -> tuple[Tensor, Tensor]:
+    def checked(p: Any) -> Tensor:
         value = loss_fn(p)
         if not isinstance(value, Tensor):
             raise ValueError(
@@ -419,6 +468,13 @@ def parameter_gradient_penalty(loss_fn: Callable[[Any], Tensor], params: Any, lr
             )
         if value.dim() > 1:
             raise ValueError(f"loss_fn must return a scalar or one loss per instance [K], got shape {list(value.shape)}")
+        return value
+
+    if _is_zero(lr):
+        return checked(params)
+
+    def summed(p: Any) -> tuple[Tensor, Tensor]:
+        value = checked(p)
         return value.sum(), value
 
     gradients, value = grad(summed, has_aux=True)(params)
@@ -450,21 +506,21 @@ def directional_derivatives(forward: Forward, inputs: Tensor, tangents: Tensor) 
         forward: the network, ``[B, ...] -> outputs [B, ...]``.
         inputs: ``[B, ...]``.
         tangents: one direction per example ``[B, ...]`` (shaped like ``inputs``) or T of
-            them ``[T, B, ...]``.
+            them ``[T, B, ...]`` (T = 0: no derivatives, a zero penalty).
 
     Returns:
         ``(outputs [B, ...], derivatives)``: ``derivatives`` is ``J_f(x_i) t_i`` for every
         example, ``[B, ...out]`` or ``[T, B, ...out]`` like ``tangents``.
     """
-    if tangents.dtype != inputs.dtype or tangents.device != inputs.device:
-        raise ValueError(
-            f"tangents must have the inputs' dtype {inputs.dtype} and device {inputs.device}, "
-            f"got {tangents.dtype} on {tangents.device}: convert them with tangents.to(inputs)"
-        )
+    _check_inputs(inputs)
+    _check_like_inputs("tangents", tangents, inputs)
     if tangents.shape == inputs.shape:
         return _transform(jvp)(forward, (inputs,), (tangents,))
     if tangents.dim() != inputs.dim() + 1 or tangents.shape[1:] != inputs.shape:
         raise ValueError(f"tangents must be shaped like inputs {list(inputs.shape)} or [T, *that], got {list(tangents.shape)}")
+    if tangents.shape[0] == 0:  # no directions: vmap would give no outputs to return
+        outputs = forward(inputs)
+        return outputs, outputs.new_zeros(0, *outputs.shape)
     # One vmapped call yields the outputs with the derivatives, so a random layer (dropout) uses
     # one mask for the outputs and every direction.
     outputs, derivatives = _transform(vmap(lambda t: jvp(forward, (inputs,), (t,)), randomness="same"))(tangents)
@@ -571,7 +627,7 @@ def gradient_supervision_loss(
     Args:
         forward: the network, ``[B, ...] -> logits [B, C]``.
         inputs: ``x``, ``[B, ...]``.
-        counterfactuals: ``x_cf``, ``[B, ...]``.
+        counterfactuals: ``x_cf``, ``[B, ...]``, of the inputs' dtype and device.
         counterfactual_labels: integer ``[B]`` (any integer dtype), the ground-truth classes of
             ``x_cf``, each from 0 to C - 1. On the CPU a ValueError names one outside (under
             ``torch.func.vmap`` and ``grad`` too). On an accelerator they are not checked, which
@@ -584,6 +640,8 @@ def gradient_supervision_loss(
         The loss: a scalar, or ``[B]`` with ``reduction="none"``.
     """
     _check_choice("reduction", reduction, REDUCTIONS)
+    _check_inputs(inputs)
+    _check_like_inputs("counterfactuals", counterfactuals, inputs)
     if counterfactuals.shape != inputs.shape:
         raise ValueError(f"counterfactuals {list(counterfactuals.shape)} must be shaped like inputs {list(inputs.shape)}")
     if (

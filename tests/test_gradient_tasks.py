@@ -10,7 +10,7 @@ from l2l.meta.unroll import run, start, unroll, value_and_grad
 from l2l.objectives import adversarial_example, input_gradient_penalty
 from l2l.optimizers import Adam, CoordinateWiseLSTM
 from l2l.tasks import get_task
-from l2l.tasks.gradient_tasks import TwoHeadNet, two_head_loss, zero_composites
+from l2l.tasks.gradient_tasks import TangentPropObjective, TwoHeadNet, two_head_loss, zero_composites
 from l2l.tasks.mnist import mlp
 
 
@@ -219,3 +219,14 @@ def test_second_order_is_refused_for_any_module_task_with_a_reversal_layer():
     assert plain_task.second_order_problem is None
     losses, _ = unroll(rule, plain_task, start(rule, plain_task), 1, second_order=True)
     assert losses.shape == (1, 1)
+
+
+def test_tangent_objective_of_weight_zero_is_plain_least_squares_exactly():
+    # 0 * slope**2 was NaN where the slope is infinite (sqrt at 0), and the fit came from the
+    # JVP's primal output, which may differ from the forward in the last float32 bits.
+    torch.manual_seed(0)
+    net = mlp(20, 1, "tanh", 1, 1)
+    x = torch.linspace(0, 1, 5).unsqueeze(1)
+    forward = lambda v: net(v.sqrt())  # noqa: E731
+    value = TangentPropObjective(0.0)(forward, x, x)
+    assert torch.equal(value, (forward(x) - x).pow(2).mean())

@@ -592,3 +592,65 @@ def test_an_empty_batch_gives_empty_or_zero_penalties():
     total.backward()
     assert gradient_supervision_loss(model, empty_x, empty_x, empty_y, reduction="none").shape == (0,)
     assert adversarial_example(model, empty_x, empty_y, 0.5, "l1").shape == (0, 5)
+
+
+def sqrt_net():
+    """A net on sqrt(x): at a zero input its loss is finite and its input gradient infinite."""
+    net = tanh_net()
+    return net, lambda v: net(v.sqrt())
+
+
+def test_a_zero_weight_is_the_plain_loss_exactly_even_where_a_gradient_is_infinite():
+    # 0 * ||inf|| was NaN: eps = 0 (the "plain training" point of an eps sweep) returned NaN.
+    net, forward = sqrt_net()
+    x, y = batch()
+    x = x.abs()
+    x[0, 0] = 0.0
+    plain = per_example_cross_entropy(forward(x), y)
+    assert torch.isfinite(plain).all()
+    penalized = input_gradient_penalty(forward, x, y, 0.0, reduction="none")
+    assert torch.equal(penalized, plain)
+    ours = torch.autograd.grad(penalized.mean(), list(net.parameters()))
+    for a, b in zip(ours, torch.autograd.grad(plain.mean(), list(net.parameters()))):
+        assert torch.equal(a, b)
+    theta = torch.tensor([0.0, 4.0], dtype=torch.float64)
+    assert parameter_gradient_penalty(lambda p: p.sqrt().sum(), theta, 0.0) == 2.0
+    with pytest.raises(ValueError, match=r"loss must return one loss per example, shape \[6\], got \[\]"):
+        input_gradient_penalty(forward, x, y, 0.0, loss=nn.functional.cross_entropy)
+
+
+def test_byte_counterfactuals_and_integer_inputs_get_errors_naming_the_conversion():
+    # uint8 counterfactuals beside float inputs were promoted silently: x_cf - x then mixed 0..255
+    # with 0..1, a wrong direction and a wrong loss.
+    model, (x, y) = tanh_net(), batch()
+    images = (x.abs() * 100).clamp(max=255).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"^counterfactuals must have the inputs' dtype torch.float64 and device cpu, "
+                                         r"got torch.uint8 on cpu: convert them with counterfactuals.to\(inputs\)"):
+        gradient_supervision_loss(model, x, images, y)
+    with pytest.raises(ValueError, match=r"counterfactuals must have the inputs' dtype torch.float64 .* got torch.float32"):
+        gradient_supervision_loss(model, x, x.float(), y)
+    for call in (lambda: input_gradient_penalty(model, images, y, 0.5), lambda: adversarial_example(model, images, y, 0.5),
+                 lambda: tangent_penalty(model, images, images), lambda: gradient_supervision_loss(model, images, images, y)):
+        with pytest.raises(ValueError, match=r"^inputs must be floating point, got torch.uint8: convert them first "
+                                             r"\(inputs.float\(\) / 255 for bytes\)$"):
+            call()
+
+
+def test_a_reversal_coefficient_that_would_broadcast_beyond_its_input_is_refused():
+    # coeff [4, 2, 3] on x [2, 3]: backward broadcast the gradient to [4, 2, 3] and autograd summed
+    # it back, a silent 4x reversal; per-feature and per-example coefficients still broadcast.
+    x = torch.ones(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^coeff of shape \[4, 2, 3\] does not broadcast to the input's shape \[2, 3\]"):
+        grad_reverse(x, torch.ones(4, 2, 3))
+    with pytest.raises(ValueError, match=r"coeff of shape \[3, 1\] does not broadcast"):
+        grad_reverse(x, torch.ones(3, 1))
+    (gx,) = torch.autograd.grad(grad_reverse(x, torch.tensor([[1.0], [2.0]])).sum(), x)
+    assert torch.equal(gx, -torch.tensor([[1.0] * 3, [2.0] * 3]))
+
+
+def test_no_tangent_directions_give_the_outputs_and_a_zero_penalty():
+    # [0, B, ...] tangents (an empty list of directions stacked) raised "index 0 is out of bounds".
+    model, (x, _) = tanh_net(), batch()
+    outputs, derivatives = directional_derivatives(model, x, x.new_zeros(0, *x.shape))
+    assert torch.equal(outputs, model(x)) and derivatives.shape == (0, 6, 3)
+    assert torch.equal(tangent_penalty(model, x, x.new_zeros(0, *x.shape), reduction="none"), x.new_zeros(6))

@@ -32,6 +32,7 @@ from l2l.objectives import (
     GradReverse,
     _check_choice,
     _check_nonnegative,
+    _is_zero,
     adversarial_example,
     directional_derivatives,
     input_gradient_penalty,
@@ -349,7 +350,8 @@ class TangentPropObjective:
     """Squared error plus ``weight`` times the mean squared slope at the data: tangent prop with tangent 1.
 
     For a scalar function of one input, ``J_f(x) · 1 = f'(x)``, so this is
-    ``mean (f(x_i) - y_i)² + weight * mean f'(x_i)²`` (:func:`l2l.objectives.tangent_penalty`).
+    ``mean (f(x_i) - y_i)² + weight * mean f'(x_i)²`` (:func:`l2l.objectives.tangent_penalty`);
+    weight 0 is plain least squares exactly (no JVP).
     """
 
     weight: float = 1.0
@@ -358,6 +360,8 @@ class TangentPropObjective:
         _check_nonnegative("weight", self.weight)
 
     def __call__(self, forward: Forward, inputs: Tensor, targets: Tensor) -> Tensor:
+        if _is_zero(self.weight):  # plain least squares exactly: no 0 * inf slope, no JVP-primal rounding
+            return (forward(inputs) - targets).pow(2).mean()
         outputs, slopes = directional_derivatives(forward, inputs, torch.ones_like(inputs))
         return (outputs - targets).pow(2).mean() + self.weight * slopes.pow(2).mean()
 
