@@ -670,7 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``l2l`` argument parser."""
     from l2l.version import __version__
 
-    parser = argparse.ArgumentParser(prog="l2l", description="Learned optimizers: meta-train, benchmark, list tasks.")
+    parser = argparse.ArgumentParser(
+        prog="l2l", description="Learned optimizers: meta-train, benchmark, list tasks.",
+        epilog=f"Errors are one line; {DEBUG_ENV}=1 shows their tracebacks. Environment: {DATA_ENV} (the dataset "
+        f"directory), {DOWNLOAD_ENV}=1 (as --download).",
+    )
     parser.add_argument("--version", action="version", version=f"l2l {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="{train,bench,tasks}", required=True)
     _add_train(subparsers)
@@ -679,14 +683,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "L2L_DEBUG"
+
+
+def _raised_in_l2l(error: BaseException) -> bool:
+    """Whether the innermost Python frame of ``error``'s traceback is l2l's own code (a deliberate refusal, say)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (errors print one line, status 2)."""
+    """Runs the command line; returns the exit status.
+
+    An error is one line on stderr: status 2 for l2l's own (bad input, a missing file, a run that
+    cannot go on), 1 for a ValueError or RuntimeError raised elsewhere (torch, a user's task
+    family: likely a bug), whose line names its type. ``L2L_DEBUG=1`` lets every error through
+    with its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:
-        print(f"l2l {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if _raised_in_l2l(error):
+            print(f"l2l {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        print(f"l2l {args.command}: error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # l2l train reports its own, saying how to continue
         print(f"\nl2l {args.command}: interrupted", file=sys.stderr)
         return 130

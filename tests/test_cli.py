@@ -611,3 +611,24 @@ def test_the_resume_command_a_stopped_run_prints_runs_as_printed(tmp_path, capsy
     assert main(command[1:]) == 0
     assert "trained 3 epochs" in capsys.readouterr().out
     assert not (out / "bench.json").exists()
+
+
+def test_an_error_raised_outside_l2l_names_its_type_and_l2l_debug_shows_its_traceback(capsys, monkeypatch):
+    # Every ValueError and RuntimeError was one line with status 2, and nothing gave the traceback a bug report needs.
+    import l2l.cli
+
+    def broken(*args, **kwargs):  # as torch raises, or a user's task family
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x1)")
+
+    monkeypatch.setattr(l2l.cli, "benchmark", broken)
+    argv = ["bench", "--baselines", "adam", "--steps", "2", "--problems", "2", "--quiet", "--device", "cpu"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == ("l2l bench: error: RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+                                               "(4x3 and 5x1) (set L2L_DEBUG=1 for the traceback)")
+    assert main(["bench", "--task", "nope"]) == 2  # l2l's own refusal: no hint
+    assert capsys.readouterr().err.strip().endswith("(see `l2l tasks`)")
+    monkeypatch.setenv("L2L_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        main(argv)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        main(["bench", "--task", "nope"])
