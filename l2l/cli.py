@@ -400,7 +400,7 @@ def _train(args: argparse.Namespace) -> int:
     report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
     report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
     _write_then_print(report, lambda: _write_report(out / BENCH_REPORT, report, "the comparison"))
-    print(f"comparison written to {out / BENCH_REPORT}")
+    print(f"comparison written to {out / BENCH_REPORT}", file=sys.stderr)
     return 0
 
 
@@ -583,10 +583,11 @@ def _bench_and_write(config: BenchConfig, family, learned: dict, sources: dict, 
                 raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
 
     _write_then_print(report, write_files)
+    # Stderr: `l2l bench ... > table.txt` keeps the table alone.
     if args.json:
-        print(f"report written to {args.json}")
+        print(f"report written to {args.json}", file=sys.stderr)
     if args.plot:
-        print(f"figure written to {args.plot}")
+        print(f"figure written to {args.plot}", file=sys.stderr)
 
 
 def _write_then_print(report: dict, write_files: Callable[[], None]) -> None:

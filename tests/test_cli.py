@@ -632,3 +632,15 @@ def test_an_error_raised_outside_l2l_names_its_type_and_l2l_debug_shows_its_trac
         main(argv)
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         main(["bench", "--task", "nope"])
+
+
+def test_bench_stdout_holds_the_table_alone(tmp_path, capsys):
+    # `l2l bench ... --json r.json > table.txt` ended the table file with "report written to r.json".
+    from l2l.meta.evaluate import format_table
+
+    report = tmp_path / "r.json"
+    assert main(["bench", "--optimizer", "quadratic", "--baselines", "adam", "--lr-grid", "0.1", "--steps", "2", "--problems", "2",
+                 "--tune-problems", "2", "--device", "cpu", "--json", str(report)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == format_table(json.loads(report.read_text())) + "\n"
+    assert f"report written to {report}" in captured.err and "tuning adam" in captured.err
