@@ -687,6 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
 DEBUG_ENV = "L2L_DEBUG"
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``l2l COMMAND``."""
+    action = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return action.choices[command]
+
+
 def _raised_in_l2l(error: BaseException) -> bool:
     """Whether the innermost Python frame of ``error``'s traceback is l2l's own code (a deliberate refusal, say)."""
     frame = error.__traceback__
@@ -703,7 +709,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     family: likely a bug), whose line names its type. ``L2L_DEBUG=1`` lets every error through
     with its traceback.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's parser says it, with its usage (the top-level one lists none of its flags)
+        _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:

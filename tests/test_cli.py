@@ -644,3 +644,12 @@ def test_bench_stdout_holds_the_table_alone(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == format_table(json.loads(report.read_text())) + "\n"
     assert f"report written to {report}" in captured.err and "tuning adam" in captured.err
+
+
+def test_an_unknown_flag_is_named_by_its_command_with_that_commands_usage(capsys):
+    # It was reported by the top-level parser, "l2l: error", with a usage line that lists no flag of train.
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--epochs", "1", "--bogus"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "l2l train: error: unrecognized arguments: --bogus" in error
+    assert error.startswith("usage: l2l train ")
