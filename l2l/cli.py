@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -284,6 +285,10 @@ _TRAIN_FLAGS = [
 ]
 
 
+# The final comparison of l2l train: not the defaults of l2l bench, whose seed 0 would compare on other instances.
+_BENCH_PROBLEMS, _BENCH_SEED = 512, 1
+
+
 def _add_train(subparsers) -> None:
     defaults = TrainConfig()
     parser = subparsers.add_parser(
@@ -307,8 +312,9 @@ def _add_train(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoints of another run in --out, and remove its bench.json (refused otherwise)")
     parser.add_argument("--no-bench", action="store_true", help="skip the comparison with tuned baselines")
-    parser.add_argument("--bench-problems", type=positive_int, default=512, help="held-out instances of the final comparison (default: 512)")
-    parser.add_argument("--bench-seed", type=int, default=1, help="seed of the final comparison's instances (default: 1)")
+    parser.add_argument("--bench-problems", type=positive_int, default=_BENCH_PROBLEMS,
+                        help=f"held-out instances of the final comparison (default: {_BENCH_PROBLEMS})")
+    parser.add_argument("--bench-seed", type=int, default=_BENCH_SEED, help=f"seed of the final comparison's instances (default: {_BENCH_SEED})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_flags(parser)
     parser.set_defaults(handler=_train)
@@ -360,11 +366,11 @@ def _train(args: argparse.Namespace) -> int:
                                     overwrite=args.overwrite, stop=stop)
         except TrainingInterrupted as stopped:
             if layout.is_main:
-                _report_interruption(out, config, stopped)
+                _report_interruption(out, config, args, stopped)
             return 128 + (stopped.signal_number or signal.SIGINT)
         except KeyboardInterrupt:
             if layout.is_main:
-                _report_interruption(out, config)
+                _report_interruption(out, config, args)
             return 130
     if not layout.is_main:
         return 0
@@ -375,8 +381,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"use checkpoint: {result.use_checkpoint}\nresume checkpoint: {result.resume_checkpoint}")
     if stop.requested:
         # Asked to stop during the last epoch: training is complete, the comparison is left out.
-        print(f"{stop.reason}: the final comparison is left out; run it with: l2l bench --task {config.task} "
-              f"--optimizer {result.use_checkpoint}", file=sys.stderr)
+        print(f"{stop.reason}: the final comparison is left out; run it with: "
+              f"{_bench_command(config, args, result.use_checkpoint, out)}", file=sys.stderr)
         return 128 + (stop.signal_number or signal.SIGINT)
     if args.no_bench:
         return 0
@@ -385,22 +391,59 @@ def _train(args: argparse.Namespace) -> int:
         steps=config.optimizee_steps, problems=args.bench_problems, seed=args.bench_seed, device=config.device,
         kernel=config.kernel,
     )
-    report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
+    try:
+        report = _run_bench(bench, family, {"lstm": set_kernel(result.rule, config.kernel)}, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during the final comparison; training is complete ({result.use_checkpoint}); run it with: "
+              f"{_bench_command(config, args, result.use_checkpoint, out)}", file=sys.stderr)
+        return 130
     report["optimizers"] = list(bench.optimizers)  # as l2l bench reports them
     report["optimizer_labels"] = {"lstm": bench.optimizers[0]}
     _write_then_print(report, lambda: _write_report(out / BENCH_REPORT, report, "the comparison"))
-    print(f"comparison written to {out / BENCH_REPORT}")
+    print(f"comparison written to {out / BENCH_REPORT}", file=sys.stderr)
     return 0
 
 
-def _report_interruption(out: Path, config: TrainConfig, stopped: TrainingInterrupted | None = None) -> None:
+def _data_flags(args: argparse.Namespace) -> list[str]:
+    """The data flags ``args`` was given, as command-line words."""
+    return [*(["--data-dir", str(args.data_dir)] if args.data_dir is not None else []), *(["--download"] if args.download else [])]
+
+
+def _resume_command(resume: Path, args: argparse.Namespace) -> str:
+    """The shell command that continues this run from ``resume``, with the flags a checkpoint does not keep."""
+    words = ["l2l", "train", "--resume", str(resume)]
+    if args.no_bench:
+        words.append("--no-bench")
+    else:  # = : a negative seed is no flag
+        words += [f"--{flag}={value}" for flag, value, default in (("bench-problems", args.bench_problems, _BENCH_PROBLEMS),
+                                                                   ("bench-seed", args.bench_seed, _BENCH_SEED)) if value != default]
+    words += _data_flags(args) + (["--quiet"] if args.quiet else [])
+    return shlex.join(words)
+
+
+def _bench_command(config: TrainConfig, args: argparse.Namespace, use_checkpoint: Path, out: Path) -> str:
+    """The shell command that runs (and writes) the final comparison ``l2l train`` makes of ``use_checkpoint``."""
+    words = ["l2l", "bench", "--task", config.task]
+    for key, value in sorted(config.task_options.items()):
+        words += ["--task-option", f"{key}={_option_value_text(value)}"]
+    words += ["--optimizer", str(use_checkpoint)]
+    if config.optimizee_steps is not None:
+        words += ["--steps", str(config.optimizee_steps)]
+    words += [f"--problems={args.bench_problems}", f"--seed={args.bench_seed}"]  # = : a negative seed is no flag
+    words += [f"--{name}={value}" for name, value in (("device", config.device), ("kernel", config.kernel)) if value != "auto"]
+    words += ["--json", str(out / BENCH_REPORT), *_data_flags(args)] + (["--quiet"] if args.quiet else [])
+    return shlex.join(words)
+
+
+def _report_interruption(out: Path, config: TrainConfig, args: argparse.Namespace,
+                         stopped: TrainingInterrupted | None = None) -> None:
     """Says on stderr where an interrupted run stopped and how to continue it (``stopped``: a graceful stop)."""
     resume = out / RESUME_CHECKPOINT
     if stopped is not None and stopped.resume_checkpoint is not None:
         print(f"\n{stopped.reason}: stopped after epoch {stopped.epoch} of {config.epochs} with the checkpoints "
-              f"written; continue with: l2l train --resume {stopped.resume_checkpoint}", file=sys.stderr)
+              f"written; continue with: {_resume_command(Path(stopped.resume_checkpoint), args)}", file=sys.stderr)
     elif stopped is None and resume.is_file():
-        print(f"\ninterrupted; continue with: l2l train --resume {resume}", file=sys.stderr)
+        print(f"\ninterrupted; continue with: {_resume_command(resume, args)}", file=sys.stderr)
     else:
         print(f"\n{stopped.reason if stopped else 'interrupted'} before the first checkpoint (every "
               f"{config.checkpoint_every} epochs): nothing was written; start again", file=sys.stderr)
@@ -540,10 +583,11 @@ def _bench_and_write(config: BenchConfig, family, learned: dict, sources: dict, 
                 raise ConfigError(f"cannot write --plot {args.plot}: {error.strerror or error}") from None
 
     _write_then_print(report, write_files)
+    # Stderr: `l2l bench ... > table.txt` keeps the table alone.
     if args.json:
-        print(f"report written to {args.json}")
+        print(f"report written to {args.json}", file=sys.stderr)
     if args.plot:
-        print(f"figure written to {args.plot}")
+        print(f"figure written to {args.plot}", file=sys.stderr)
 
 
 def _write_then_print(report: dict, write_files: Callable[[], None]) -> None:
@@ -627,7 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``l2l`` argument parser."""
     from l2l.version import __version__
 
-    parser = argparse.ArgumentParser(prog="l2l", description="Learned optimizers: meta-train, benchmark, list tasks.")
+    parser = argparse.ArgumentParser(
+        prog="l2l", description="Learned optimizers: meta-train, benchmark, list tasks.",
+        epilog=f"Errors are one line; {DEBUG_ENV}=1 shows their tracebacks. Environment: {DATA_ENV} (the dataset "
+        f"directory), {DOWNLOAD_ENV}=1 (as --download).",
+    )
     parser.add_argument("--version", action="version", version=f"l2l {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="{train,bench,tasks}", required=True)
     _add_train(subparsers)
@@ -636,14 +684,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "L2L_DEBUG"
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of ``l2l COMMAND``."""
+    action = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _raised_in_l2l(error: BaseException) -> bool:
+    """Whether the innermost Python frame of ``error``'s traceback is l2l's own code (a deliberate refusal, say)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (errors print one line, status 2)."""
-    args = build_parser().parse_args(argv)
+    """Runs the command line; returns the exit status.
+
+    An error is one line on stderr: status 2 for l2l's own (bad input, a missing file, a run that
+    cannot go on), 1 for a ValueError or RuntimeError raised elsewhere (torch, a user's task
+    family: likely a bug), whose line names its type. ``L2L_DEBUG=1`` lets every error through
+    with its traceback.
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's parser says it, with its usage (the top-level one lists none of its flags)
+        _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
     except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:
-        print(f"l2l {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        if _raised_in_l2l(error):
+            print(f"l2l {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        print(f"l2l {args.command}: error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # l2l train reports its own, saying how to continue
+        print(f"\nl2l {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`l2l tasks | head`): stop quietly as other Unix tools do. Stdout is
         # pointed at devnull so that the interpreter's final flush does not raise a second time.

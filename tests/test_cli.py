@@ -542,3 +542,129 @@ def test_a_path_flag_starting_with_a_tilde_means_the_home_directory(tmp_path, mo
     assert "init_from: checkpoint None, asked" in capsys.readouterr().err  # the checkpoint was read: only init_from differs
     assert main(["bench", "--optimizer=~/run/optimizer.pt", "--steps", "4", "--problems", "4", "--tune-problems", "4",
                  "--baselines", "sgd", "--quiet", "--device", "cpu"]) == 0
+
+
+TINY = ["--instances", "4", "--optimizee-steps", "4", "--unroll", "2", "--val-problems", "4", "--quiet", "--device", "cpu"]
+
+
+def test_ctrl_c_during_a_benchmark_is_one_line_and_status_130(capsys, monkeypatch):
+    # It was a KeyboardInterrupt traceback.
+    import l2l.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(l2l.cli, "benchmark", interrupted)
+    assert main(["bench", "--baselines", "adam", "--steps", "2", "--problems", "2", "--quiet", "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.strip() == "l2l bench: interrupted"
+
+
+def test_ctrl_c_during_the_final_comparison_names_the_command_that_runs_it(tmp_path, capsys, monkeypatch):
+    # The training was complete, yet the comparison's Ctrl-C was a traceback that said nothing of it;
+    # and the bench command a run stopped in its last epoch printed compared on other instances
+    # (seed 0, not --bench-seed's 1), for the family's steps and options, not the run's.
+    import shlex
+
+    import l2l.cli
+
+    calls = []
+
+    def benchmark(family, learned, **settings):
+        calls.append((family.name, family.config(), {name: rule.state_dict() for name, rule in learned.items()}, settings))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {"results": {}}
+
+    monkeypatch.setattr(l2l.cli, "benchmark", benchmark)
+    monkeypatch.setattr(l2l.cli, "format_table", lambda report: "")
+    out = tmp_path / "my run"
+    assert main(["train", "--epochs", "2", *TINY, "--task-option", "dim=3", "--bench-problems", "8", "--bench-seed", "4",
+                 "--out", str(out)]) == 130
+    error = capsys.readouterr().err
+    assert f"interrupted during the final comparison; training is complete ({out / 'optimizer.pt'}); run it with: " in error
+    command = shlex.split(error.split("run it with: ")[1].strip())
+    assert command[:2] == ["l2l", "bench"] and command[command.index("--json") + 1] == str(out / "bench.json")
+    assert main(command[1:]) == 0
+    (task, options, weights, settings), (task_again, options_again, weights_again, settings_again) = calls
+    assert (task_again, options_again, settings_again) == (task, options, settings)  # the same comparison
+    assert options == {"dim": 3} and (settings["steps"], settings["problems"], settings["seed"]) == (4, 8, 4)
+    assert all(weights_again["lstm"][key].equal(value) for key, value in weights["lstm"].items())
+    assert json.loads((out / "bench.json").read_text())["optimizer_labels"] == {"lstm": str(out / "optimizer.pt")}
+
+
+def test_the_resume_command_a_stopped_run_prints_runs_as_printed(tmp_path, capsys, monkeypatch):
+    # It was not quoted (a path with a space broke it) and dropped the run's --no-bench and --data-dir:
+    # run as printed, it ran the 512-instance comparison the run was started without.
+    import contextlib
+    import shlex
+    import signal
+
+    import l2l.cli
+    from l2l.meta import StopRequest
+
+    class AfterOneEpoch(StopRequest):  # a Ctrl-C during the first epoch
+        checks = 0
+
+        @property
+        def requested(self):
+            self.checks += 1
+            if self.checks == 2:
+                self.request("SIGINT", signal.SIGINT)
+            return self.reason is not None
+
+    monkeypatch.setenv("L2L_DATA", str(tmp_path))  # restored afterwards: --data-dir sets it
+    out = tmp_path / "my run"
+    with monkeypatch.context() as patched:
+        patched.setattr(l2l.cli, "stop_on_signals", lambda announce: contextlib.nullcontext(AfterOneEpoch()))
+        assert main(["train", "--epochs", "3", *TINY, "--no-bench", "--data-dir", str(tmp_path / "data dir"),
+                     "--out", str(out)]) == 130
+    error = capsys.readouterr().err
+    assert "SIGINT: stopped after epoch 1 of 3" in error
+    command = shlex.split(error.split("continue with: ")[1].strip())
+    assert command[:4] == ["l2l", "train", "--resume", str(out / "resume.pt")]
+    assert "--no-bench" in command and command[command.index("--data-dir") + 1] == str(tmp_path / "data dir")
+    assert main(command[1:]) == 0
+    assert "trained 3 epochs" in capsys.readouterr().out
+    assert not (out / "bench.json").exists()
+
+
+def test_an_error_raised_outside_l2l_names_its_type_and_l2l_debug_shows_its_traceback(capsys, monkeypatch):
+    # Every ValueError and RuntimeError was one line with status 2, and nothing gave the traceback a bug report needs.
+    import l2l.cli
+
+    def broken(*args, **kwargs):  # as torch raises, or a user's task family
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x1)")
+
+    monkeypatch.setattr(l2l.cli, "benchmark", broken)
+    argv = ["bench", "--baselines", "adam", "--steps", "2", "--problems", "2", "--quiet", "--device", "cpu"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == ("l2l bench: error: RuntimeError: mat1 and mat2 shapes cannot be multiplied "
+                                               "(4x3 and 5x1) (set L2L_DEBUG=1 for the traceback)")
+    assert main(["bench", "--task", "nope"]) == 2  # l2l's own refusal: no hint
+    assert capsys.readouterr().err.strip().endswith("(see `l2l tasks`)")
+    monkeypatch.setenv("L2L_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        main(argv)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        main(["bench", "--task", "nope"])
+
+
+def test_bench_stdout_holds_the_table_alone(tmp_path, capsys):
+    # `l2l bench ... --json r.json > table.txt` ended the table file with "report written to r.json".
+    from l2l.meta.evaluate import format_table
+
+    report = tmp_path / "r.json"
+    assert main(["bench", "--optimizer", "quadratic", "--baselines", "adam", "--lr-grid", "0.1", "--steps", "2", "--problems", "2",
+                 "--tune-problems", "2", "--device", "cpu", "--json", str(report)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == format_table(json.loads(report.read_text())) + "\n"
+    assert f"report written to {report}" in captured.err and "tuning adam" in captured.err
+
+
+def test_an_unknown_flag_is_named_by_its_command_with_that_commands_usage(capsys):
+    # It was reported by the top-level parser, "l2l: error", with a usage line that lists no flag of train.
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--epochs", "1", "--bogus"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "l2l train: error: unrecognized arguments: --bogus" in error
+    assert error.startswith("usage: l2l train ")

@@ -1,10 +1,13 @@
 """Graceful stops: SIGTERM or a first Ctrl-C stop meta-training at an epoch boundary with the checkpoints written there."""
 
+import fcntl
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -118,17 +121,35 @@ def test_sigterm_stops_l2l_train_after_an_epoch_with_the_checkpoints_written_and
     out = tmp_path / "run"
     command = [sys.executable, "-m", "l2l", "train", "--epochs", "100000", "--instances", "8", "--optimizee-steps", "10",
                "--unroll", "5", "--val-problems", "8", "--checkpoint-every", "100000", "--out", str(out), "--no-bench"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # Stderr is a terminal, where the bar shows every epoch (into a pipe or a file it is redrawn every 30 s).
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 0 columns would draw an empty bar
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=follower, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(follower)
     progress = bytearray()
+
+    def read_terminal():
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the process has exited
+                chunk = b""
+            if not chunk:
+                return
+            progress.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
     # Wait for the progress bar to show two finished epochs, so the stop is one the schedule would have lost.
     deadline = time.monotonic() + 120
     while not re.search(rb"\| *([2-9]|\d\d+)/100000", bytes(progress)):
-        chunk = os.read(process.stderr.fileno(), 4096)
-        assert chunk and time.monotonic() < deadline, progress.decode(errors="replace")[-2000:]
-        progress += chunk
+        assert reader.is_alive() and time.monotonic() < deadline, progress.decode(errors="replace")[-2000:]
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
-    stdout, rest = process.communicate(timeout=120)
-    stderr = (progress + rest).decode(errors="replace")
+    stdout, _ = process.communicate(timeout=120)
+    reader.join(timeout=10)
+    os.close(leader)
+    stderr = bytes(progress).decode(errors="replace")
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "SIGTERM: stopping at the end of this epoch" in stderr
     epoch = load_resume_checkpoint(out / "resume.pt")["epoch"]

@@ -836,3 +836,16 @@ def test_a_damaged_meta_optimizer_state_is_refused_on_resume_naming_the_tensor(t
     trainer = MetaTrainer(TrainConfig(epochs=2, **SMALL), tmp_path, warm_start=False)
     with pytest.raises(CheckpointError, match=rf"has a damaged meta_optimizer entry \(ValueError: Adam {message}"):
         trainer.restore(tmp_path / "resume.pt")
+
+
+def test_the_progress_bar_does_not_flood_a_log_file(capsys):
+    # Piped to a file (a cluster job's log), the bar was redrawn twice per epoch: some 2,000 lines for the quick start.
+    import time
+
+    config = TrainConfig(task="quadratic", epochs=8, instances=4, optimizee_steps=4, unroll=2, val_every=4, val_problems=4,
+                         device="cpu")
+    MetaTrainer(config, None).run(progress=True, on_epoch=lambda trainer: time.sleep(0.12))
+    draws = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    bars = [line for line in draws if line.startswith("meta-train quadratic")]
+    assert len(bars) <= 3, bars  # the start and the final line, which the log keeps
+    assert "8/8" in bars[-1] and "best_val=" in bars[-1]

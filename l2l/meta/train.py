@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -906,9 +907,10 @@ class MetaTrainer:
             self.history.append(record)
         else:
             self._consider(score, record)
-        bar.update(1)
+        # One redraw per epoch, by the update; a postfix that redraws too doubled the lines a log file gets.
         bar.set_postfix(meta_loss=f"{running:.4g}" if running is not None else "nan",
-                        best_val=f"{self.best_score:.4g}", skipped=self.skipped)
+                        best_val=f"{self.best_score:.4g}", skipped=self.skipped, refresh=False)
+        bar.update(1)
         return running
 
     def _stop_requested(self, stop: StopRequest) -> bool:
@@ -951,6 +953,7 @@ class MetaTrainer:
                 bar = tqdm(
                     total=config.epochs, initial=self.epoch, desc=f"meta-train {config.task}", unit="epoch",
                     disable=not (progress and self.layout.is_main), dynamic_ncols=True,
+                    mininterval=_progress_interval(sys.stderr),
                 )
                 if self.epoch < config.epochs:
                     self._undo_final_validation()  # resumed with more epochs than the finished run had
@@ -1002,6 +1005,20 @@ class MetaTrainer:
             use_checkpoint=None if self.out_dir is None else self.out_dir / USE_CHECKPOINT,
             resume_checkpoint=None if self.out_dir is None else self.out_dir / RESUME_CHECKPOINT,
         )
+
+
+def _progress_interval(stream: Any) -> float:
+    """Seconds between progress-bar redraws: tqdm's 0.1 on a terminal (or in a notebook), 30 where ``stream`` is a file or pipe.
+
+    A log keeps every redraw, so tqdm's rate there is a line per epoch; 30 s keeps it readable
+    and still shows the run is alive. The bar's last line is written on close either way.
+    """
+    if any(kind.__name__ == "tqdm_notebook" for kind in tqdm.__mro__):
+        return 0.1  # tqdm.auto chose a notebook widget, which redraws in place
+    try:
+        return 0.1 if stream.isatty() else 30.0
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return 30.0
 
 
 def meta_train(
