@@ -718,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        if _raised_in_l2l(error):
+        if isinstance(error, (ConfigError, CheckpointError, NonFiniteError, DataError)) or _raised_in_l2l(error):
             print(f"l2l {args.command}: error: {error}", file=sys.stderr)
             return 2
         print(f"l2l {args.command}: error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)

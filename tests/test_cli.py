@@ -642,6 +642,15 @@ def test_an_error_raised_outside_l2l_names_its_type_and_l2l_debug_shows_its_trac
                                                "(4x3 and 5x1) (set L2L_DEBUG=1 for the traceback)")
     assert main(["bench", "--task", "nope"]) == 2  # l2l's own refusal: no hint
     assert capsys.readouterr().err.strip().endswith("(see `l2l tasks`)")
+    from l2l.data.base import DataError
+
+    def missing_data(*args, **kwargs):  # l2l's own error types are refusals wherever raised (a user's family)
+        raise DataError("MNIST not found in /nowhere")
+
+    monkeypatch.setattr(l2l.cli, "benchmark", missing_data)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == "l2l bench: error: MNIST not found in /nowhere"
+    monkeypatch.setattr(l2l.cli, "benchmark", broken)
     monkeypatch.setenv("L2L_DEBUG", "1")
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         main(argv)
