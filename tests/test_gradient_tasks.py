@@ -195,8 +195,9 @@ def test_second_order_meta_gradients_through_gradient_reversal_are_refused(real_
         MetaTrainer(config)
     task = get_task("mnist-grl", train_examples=300, eval_examples=100).sample(1, torch.Generator().manual_seed(0))
     rule = CoordinateWiseLSTM(hidden_size=4)
+    batches = torch.Generator().manual_seed(1)
     with pytest.raises(ValueError, match="second_order=True is not available for TwoHeadTask"):
-        unroll(rule, task, start(rule, task), 1, second_order=True)
+        unroll(rule, task, start(rule, task, generator=batches), 1, generator=batches, second_order=True)
 
 
 def test_second_order_is_refused_for_any_module_task_with_a_reversal_layer():
@@ -208,16 +209,17 @@ def test_second_order_is_refused_for_any_module_task_with_a_reversal_layer():
         return SupervisedData(x[:20], (x[:20, 0] > 0).long(), x[20:], (x[20:, 0] > 0).long())
 
     rule = CoordinateWiseLSTM(hidden_size=4)
+    batches = torch.Generator().manual_seed(1)
     reversed_task = ModuleFamily(lambda: nn.Sequential(nn.Linear(3, 4), GradReverse(0.5), nn.Linear(4, 2)), data, batch_size=4).sample(
         1, torch.Generator().manual_seed(0)
     )
     with pytest.raises(ValueError, match="second_order=True is not available for ModuleTask: its module has a GradReverse layer"):
-        unroll(rule, reversed_task, start(rule, reversed_task), 1, second_order=True)
+        unroll(rule, reversed_task, start(rule, reversed_task, generator=batches), 1, generator=batches, second_order=True)
     plain_task = ModuleFamily(lambda: nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), data, batch_size=4).sample(
         1, torch.Generator().manual_seed(0)
     )
     assert plain_task.second_order_problem is None
-    losses, _ = unroll(rule, plain_task, start(rule, plain_task), 1, second_order=True)
+    losses, _ = unroll(rule, plain_task, start(rule, plain_task, generator=batches), 1, generator=batches, second_order=True)
     assert losses.shape == (1, 1)
 
 

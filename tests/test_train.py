@@ -849,3 +849,43 @@ def test_the_progress_bar_does_not_flood_a_log_file(capsys):
     bars = [line for line in draws if line.startswith("meta-train quadratic")]
     assert len(bars) <= 3, bars  # the start and the final line, which the log keeps
     assert "8/8" in bars[-1] and "best_val=" in bars[-1]
+
+
+def test_training_benchmarking_and_the_drop_in_follow_their_seeds_alone_and_leave_the_global_rng_alone():
+    # The README's promise: every stream derives from the run's seed, and the caller's torch RNG is
+    # neither read (the results do not depend on it) nor moved; dropout exercises the seeded layers.
+    from torch import nn
+
+    from l2l import LearnedOptimizer, benchmark
+    from l2l.tasks import ModuleFamily, SupervisedData
+
+    from helpers import TinyMLPFamily
+
+    data = TinyMLPFamily().data("cpu")
+    dropout = ModuleFamily(lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.Dropout(0.5), nn.Linear(6, 3)),
+                           lambda device: SupervisedData(*data), batch_size=4)
+
+    def everything():
+        config = TrainConfig(task=TinyMLPFamily.name, epochs=1, optimizee_steps=2, unroll=1, instances=2, val_problems=2,
+                             val_every=1, device="cpu")
+        rule = meta_train(config, progress=False).rule
+        report = benchmark(dropout, {"lstm": rule}, baselines=("sgd",), steps=2, problems=2, tune_problems=2,
+                           lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
+        weight = nn.Parameter(torch.linspace(-1, 1, 5))
+        optimizer = LearnedOptimizer([weight], rule)
+        for _ in range(2):
+            optimizer.zero_grad()
+            weight.pow(2).sum().backward()
+            optimizer.step()
+        curves = {name: result["curve_mean"] for name, result in report["results"].items()}
+        return rule.state_dict(), curves, weight.detach().clone()
+
+    outcomes = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        outcomes.append(everything())
+        assert torch.equal(torch.random.get_rng_state(), before)
+    (weights, curves, stepped), (weights_again, curves_again, stepped_again) = outcomes
+    assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
+    assert curves == curves_again and torch.equal(stepped, stepped_again)

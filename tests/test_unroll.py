@@ -236,3 +236,28 @@ def test_nothing_in_the_unroll_or_its_backward_reads_a_tensor_on_the_host(monkey
             losses, carry = unroll(rule, task, carry, 3, generator=batches, second_order=second_order)
             losses.sum().backward()
         assert all(p.grad is not None for p in rule.parameters()), type(task).__name__
+
+
+def test_a_task_that_draws_minibatches_refuses_to_run_without_a_generator_and_leaves_the_global_rng_alone():
+    # generator=None drew every step's minibatch (and dropout masks) from torch's global RNG: two
+    # identical calls gave different losses and the caller's random stream moved, though every
+    # other l2l entry point follows a seed and leaves the global RNG alone.
+    from helpers import TinyMLPFamily
+
+    task = TinyMLPFamily().sample(2, torch.Generator().manual_seed(0))
+    rule = Adam(lr=0.1)
+    before = torch.random.get_rng_state()
+    needs = r"ModuleTask draws a new minibatch every step.*pass generator=torch\.Generator\(device='cpu'\)\.manual_seed\(0\)"
+    with pytest.raises(ValueError, match=needs):
+        run(rule, task, 2)
+    with pytest.raises(ValueError, match=needs):
+        start(rule, task)
+    carry = start(rule, task, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=needs):
+        unroll(rule, task, carry, 1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    # With a generator a run is a function of its seed; tasks without minibatches need none.
+    first, _ = run(rule, task, 2, generator=torch.Generator().manual_seed(1))
+    again, _ = run(rule, task, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    run(rule, QuadraticFamily(dim=3).sample(2, torch.Generator().manual_seed(0)), 2)

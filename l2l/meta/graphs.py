@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from l2l.meta.unroll import UnrollCarry, detach_carry, unroll
 from l2l.optimizers.base import map_tensors, tensors_of
-from l2l.tasks.base import Task, check_positive_int
+from l2l.tasks.base import Task, batches_are_fixed, check_positive_int
 
 # Optimizers whose lazily created state (at their first step) is all zeros, so that the state a
 # capture's warm-up creates can be reset to a fresh optimizer's. NAdam (mu_product = 1) and ASGD
@@ -71,12 +71,6 @@ def graph_unsupported_reason(
             f"relies on; use one of {', '.join(t.__name__ for t in ZERO_INITIAL_STATE)}, or step it once first"
         )
     return None
-
-
-def batches_are_fixed(task: Task) -> bool:
-    """Whether ``task.sample_batch`` returns the same data at every step (:attr:`~l2l.tasks.base.Task.fixed_batches`)."""
-    declared = getattr(type(task), "fixed_batches", None)  # a duck-typed task need not subclass Task
-    return type(task).sample_batch is Task.sample_batch if declared is None else declared
 
 
 def task_tensors(task: Task) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from l2l.optimizers.base import UpdateRule, detach_state
-from l2l.tasks.base import Task
+from l2l.tasks.base import Task, check_batch_generator
 
 
 class UnrollCarry(NamedTuple):
@@ -77,9 +77,11 @@ def start(rule: UpdateRule, task: Task, *, generator: torch.Generator | None = N
     Args:
         rule: the update rule.
         task: the optimizee instances.
-        generator: draws the first minibatch (stochastic tasks only); lives on ``task.device``.
+        generator: draws the first minibatch; lives on ``task.device``. Required for tasks that draw
+            minibatches (a ValueError otherwise), which it then makes a function of its seed.
         params: start from these ``[K, n]`` instead of ``task.init_params()``.
     """
+    check_batch_generator(task, generator)
     params = task.init_params() if params is None else params
     loss, grad = value_and_grad(task, params, task.sample_batch(generator))
     return UnrollCarry(params, init_rule_state(rule, task, params), loss, grad, 0)
@@ -118,7 +120,7 @@ def unroll(
         task: the optimizee instances.
         carry: from :func:`start` or a previous unroll (see :func:`detach_carry`).
         steps: T, the number of updates.
-        generator: draws each step's minibatch (stochastic tasks only).
+        generator: draws each step's minibatch; required for tasks that draw minibatches (see :func:`start`).
         second_order: differentiate through the optimizee gradients too (refused for tasks
             whose ``second_order_problem`` says why it would be wrong).
 
@@ -130,6 +132,7 @@ def unroll(
         raise ValueError(f"unroll: steps must be a non-negative integer, got {steps!r}")
     if second_order and task.second_order_problem:
         raise ValueError(f"second_order=True is not available for {type(task).__name__}: {task.second_order_problem}")
+    check_batch_generator(task, generator)
     params, opt_state, _, grad, step = carry
     shape = params.shape
     losses = []
@@ -152,6 +155,8 @@ def run(
     rule: UpdateRule, task: Task, steps: int, *, generator: torch.Generator | None = None
 ) -> tuple[Tensor, UnrollCarry]:
     """Runs ``rule`` from the task's initial parameters without tracking meta-gradients.
+
+    ``generator`` draws the minibatches; required for tasks that draw them (see :func:`start`).
 
     Returns:
         ``(losses, carry)`` with ``losses: [steps + 1, K]`` including the initial loss.

@@ -108,6 +108,28 @@ class TaskFamily(abc.ABC):
         return {}
 
 
+def batches_are_fixed(task: Task) -> bool:
+    """Whether ``task.sample_batch`` returns the same data at every step (:attr:`Task.fixed_batches`)."""
+    declared = getattr(type(task), "fixed_batches", None)  # a duck-typed task need not subclass Task
+    return type(task).sample_batch is Task.sample_batch if declared is None else declared
+
+
+def check_batch_generator(task: Task, generator: torch.Generator | None) -> None:
+    """Raises a ValueError if ``task`` draws minibatches and ``generator`` is None.
+
+    None would draw them (and the dropout masks that follow them) from torch's global RNG: a run
+    would not follow any seed, and the caller's random stream, which l2l never touches, would move.
+    """
+    if generator is None and not batches_are_fixed(task):
+        device = task.device
+        raise ValueError(
+            f"{type(task).__name__} draws a new minibatch every step (its sample_batch), so it needs a generator: "
+            f"pass generator=torch.Generator(device={str(device)!r}).manual_seed(0) (any seed; a generator on the task's "
+            "device), so the run follows that seed; without one the minibatches would come from torch's global RNG. "
+            "A task whose sample_batch returns the same data every step says so with fixed_batches = True"
+        )
+
+
 def check_positive_int(name: str, value: Any, *, optional: bool = False) -> None:
     """Raises a ValueError naming ``name`` unless ``value`` is a positive integer (or None, if ``optional``)."""
     if optional and value is None:
