@@ -2,6 +2,7 @@
 
 import collections
 import io
+import sys
 
 import pytest
 import torch
@@ -191,6 +192,27 @@ def test_meta_training_reads_the_host_once_per_truncation(task_name, accumulate)
         assert len(finite_reads) == per_truncation * truncations
     grown = [read for read in counts[4] if read not in counts[1]]
     assert len(counts[4]) - len(counts[1]) == 3 * per_truncation, "\n".join(map(str, grown))
+
+
+def test_a_sharded_truncation_copies_nothing_from_the_host(monkeypatch):
+    # torch.tensor(data, device="cuda") copies from pageable host memory, which synchronises with the
+    # device: the flags appended to every truncation's all-reduce were one such copy, a second host
+    # synchronisation per meta-step besides the one reading of the summed flags.
+    trainer = MetaTrainer(TrainConfig(task="quadratic", device="cpu", instances=4, optimizee_steps=4, unroll=1, accumulate=2,
+                                      val_problems=2))
+    trainer.train_epoch()
+    stepped = trainer.meta_optimizer.state_dict()["state"][0]["step"].item()
+    made, original = [], torch.tensor
+
+    def tensor(*args, **kwargs):
+        made.append(f"{sys._getframe(1).f_code.co_filename}:{sys._getframe(1).f_lineno}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", tensor)
+    trainer.train_epoch()
+    monkeypatch.setattr(torch, "tensor", original)
+    assert made == []
+    assert trainer.meta_optimizer.state_dict()["state"][0]["step"].item() == stepped + 4  # every truncation stepped
 
 
 def test_the_graphed_truncation_off_cuda_reads_the_host_once():
