@@ -345,6 +345,7 @@ class MetaTrainer:
         self.before_final: tuple[float, int, dict[str, Tensor]] | None = None
         self.history: list[dict[str, Any]] = []
         self.resumed_from: Path | None = None  # set by restore: a resumed run may change only RESUMABLE_OVERRIDES
+        self._flag_vectors: dict[tuple, Tensor] = {}  # _meta_step_vector's flags on the device, by value
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self) -> Tensor:
@@ -583,8 +584,17 @@ class MetaTrainer:
         :meth:`Collectives.failure_flags` of ``error``. The epoch's closing all-reduce
         (:meth:`_close_epoch`) contributes one of the same shape.
         """
-        flags = [0.0, *presence, *self.collectives.failure_flags(error)]
-        return torch.cat([values, torch.tensor(flags, dtype=values.dtype, device=values.device)])
+        flags = (0.0, *presence, *self.collectives.failure_flags(error))
+        key = (flags, values.dtype, values.device)
+        cached = self._flag_vectors.get(key)
+        if cached is None:
+            # A copy from pageable host memory synchronises with the device: made every truncation, it was a
+            # second host synchronisation per meta-step. The flags rarely change (presence is fixed by the rule
+            # and task, a failure ends training), so each pattern is copied once; the cat below only reads it.
+            if len(self._flag_vectors) >= 16:
+                self._flag_vectors.clear()
+            cached = self._flag_vectors[key] = torch.tensor(flags, dtype=values.dtype, device=values.device)
+        return torch.cat([values, cached])
 
     def _graphed_truncation(self, task) -> Truncate:
         """The truncation replayed from CUDA graphs, holding this epoch's instances (deterministic tasks only)."""
