@@ -378,8 +378,10 @@ class _Extra(nn.Module):
          r"must be of one dtype; the _Extra has extra: torch\.float64; net\.1\.weight, net\.1\.bias, net\.3\.weight and 1 more: torch\.float32: .*\.to\(dtype\)"),
         (lambda: _Extra(nn.Parameter(torch.zeros(3, device="meta"))), r"on one device; the _Extra has extra: meta; net\.1\.weight, .* and 1 more: cpu"),
         (lambda: _Extra(nn.Parameter(torch.zeros(3, dtype=torch.complex64))), r"real floating point.*extra: torch\.complex64"),
+        # Only the CPU generator is seeded around the factory: a module built elsewhere (a GPU) would not follow the seed.
+        (lambda: small_mlp().to("meta"), r"the module factory built the Sequential on meta: build it on the CPU \(sample moves"),
     ],
-    ids=["no parameters", "all frozen", "two dtypes", "two devices", "complex"],
+    ids=["no parameters", "all frozen", "two dtypes", "two devices", "complex", "not on the cpu"],
 )
 def test_modules_whose_parameters_cannot_form_one_flat_vector_are_refused_by_name(factory, message):
     with pytest.raises(ValueError, match=message):

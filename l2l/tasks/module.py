@@ -492,6 +492,20 @@ def _momenta(norms: list[nn.Module], momentum: float) -> Iterator[None]:
             m.momentum = value
 
 
+def check_built_on_cpu(module: nn.Module) -> None:
+    """Raises a ValueError unless every parameter and buffer of the factory's ``module`` is on the CPU.
+
+    Only the CPU's generator is seeded around the factory: a module built on a GPU would be
+    initialised from that device's unseeded global generator (and move it), not from the seed.
+    """
+    elsewhere = sorted({str(t.device) for t in (*module.parameters(), *module.buffers()) if t.device.type != "cpu"})
+    if elsewhere:
+        raise ValueError(
+            f"the module factory built the {type(module).__name__} on {', '.join(elsewhere)}: build it on the CPU "
+            "(sample moves the instances to their device), so that its initialisation follows the instance seeds"
+        )
+
+
 def init_instances(factory: Callable[[], nn.Module], num_instances: int, generator: torch.Generator) -> tuple[nn.Module, Tensor, dict[str, Tensor]]:
     """Builds ``num_instances`` independently initialised copies of ``factory()``'s module.
 
@@ -510,6 +524,7 @@ def init_instances(factory: Callable[[], nn.Module], num_instances: int, generat
         if template is None:
             template = module
             layout = ParamLayout.of(module)
+            check_built_on_cpu(module)
         flats.append(layout.flatten(module))
         constants = {name: p for name, p in module.named_parameters() if not p.requires_grad}
         constants.update(module.named_buffers())
