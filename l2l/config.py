@@ -213,7 +213,7 @@ class _JSONConfig:
 
 @dataclass(frozen=True)
 class TrainConfig(_JSONConfig):
-    """Everything that defines a meta-training run. Defaults reproduce the paper's quadratic setting.
+    """Everything that defines a meta-training run. Defaults are the paper's quadratic setting but for preprocessing and output scale (README).
 
     ``optimizee_steps`` and ``unroll`` default (None) to the task family's own defaults.
     """

@@ -2,7 +2,7 @@
 
 from _experiment import bench, parse, parser, train
 
-RECIPE = ["--task", "quadratic"]  # l2l train defaults are the paper's setting
+RECIPE = ["--task", "quadratic"]  # the l2l train defaults: the paper's but for the preprocessing (README, "Where l2l departs from the paper")
 
 if __name__ == "__main__":
     options = parse(parser(__doc__, checkpoint="quadratic", problems=512))

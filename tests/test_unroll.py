@@ -173,6 +173,49 @@ def test_first_order_meta_gradient_matches_finite_differences_when_exact():
     _finite_difference_check(lstm, task, steps=5, second_order=False)
 
 
+def test_first_order_meta_gradient_is_that_of_the_meta_loss_with_the_optimizee_gradients_held_fixed():
+    """The paper's assumption (section 2.1): the gradients fed to the LSTM do not depend on its weights."""
+    lstm = CoordinateWiseLSTM(hidden_size=4, seed=2).double()
+    sample = QuadraticFamily(dim=3).sample(2, torch.Generator().manual_seed(4))
+    task = QuadraticTask(sample.W.double(), sample.y.double())
+    fed = []
+    forward = lstm.forward
+
+    def recording(grad, state):
+        fed.append(grad)
+        return forward(grad, state)
+
+    lstm.forward = recording
+    meta_loss = _meta_loss(lstm, task, 4, second_order=False)
+    del lstm.forward
+    assert len(fed) == 4 and not any(grad.requires_grad for grad in fed)
+
+    def held_fixed():  # the same unroll, each step's gradient the recorded constant
+        params, state, total = task.init_params(), lstm.init_state(task.num_instances * task.num_params), 0.0
+        for grad in fed:
+            update, state = lstm(grad, state)
+            params = params + update.view(params.shape)
+            total = total + task.loss(params)
+        return total.mean()
+
+    assert held_fixed().item() == pytest.approx(meta_loss.item(), rel=1e-12)
+    names = ("weight_out", "bias_l1", "weight_hh_l0")
+    parameters = dict(lstm.named_parameters())
+    grads = torch.autograd.grad(meta_loss, [parameters[name] for name in names])
+    eps = 1e-6
+    for name, grad in zip(names, grads):
+        parameter = parameters[name]
+        for index in [(0,) * parameter.dim(), tuple(s - 1 for s in parameter.shape)]:
+            with torch.no_grad():
+                original = parameter[index].item()
+                parameter[index] = original + eps
+                plus = held_fixed().item()
+                parameter[index] = original - eps
+                minus = held_fixed().item()
+                parameter[index] = original
+            assert grad[index].item() == pytest.approx((plus - minus) / (2 * eps), rel=1e-5, abs=1e-8), (name, index)
+
+
 def test_first_order_differs_from_second_order_on_curved_tasks():
     lstm = CoordinateWiseLSTM(hidden_size=6, seed=2).double()
     sample = QuadraticFamily(dim=4).sample(3, torch.Generator().manual_seed(4))
