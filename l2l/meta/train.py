@@ -1005,6 +1005,9 @@ class MetaTrainer:
         finally:
             if bar is not None:
                 bar.close()
+        if self.best_epoch == -1 and self.layout.is_main:
+            # The weights handed back were never validated finite: the caller must not take them for trained ones.
+            warnings.warn(f"{no_finite_validation(config)}, and so does the rule returned", RuntimeWarning, stacklevel=2)
         return TrainResult(
             rule=best,
             best_score=self.best_score,
@@ -1015,6 +1018,13 @@ class MetaTrainer:
             use_checkpoint=None if self.out_dir is None else self.out_dir / USE_CHECKPOINT,
             resume_checkpoint=None if self.out_dir is None else self.out_dir / RESUME_CHECKPOINT,
         )
+
+
+def no_finite_validation(config: TrainConfig) -> str:
+    """What a run whose validation scores were all non-finite hands back (its best epoch is -1)."""
+    origin = "its fresh initialisation" if config.init_from is None else f"--init-from {config.init_from}"
+    return (f"no validation score was finite (every validation diverged: null in {HISTORY_FILE}), so {USE_CHECKPOINT} "
+            f"holds the weights training started from ({origin}), not trained ones")
 
 
 def _progress_interval(stream: Any) -> float:
