@@ -87,6 +87,7 @@ def test_non_finite_meta_steps_are_skipped_and_never_written():
     before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
     trainer.run(progress=False)
     assert trainer.skipped == 3  # one per epoch: each epoch's trajectory is abandoned
+    assert [(record["meta_loss"], record["skipped"]) for record in trainer.history] == [(None, 1)] * 3
     for name, value in trainer.rule.state_dict().items():
         assert torch.equal(value, before[name]), name
         assert torch.isfinite(value).all()
@@ -516,6 +517,8 @@ def test_max_nonfinite_counts_skipped_steps_in_a_row_only(monkeypatch):
     calls = _poison_clipping(monkeypatch, {2, 4, 6})
     trainer.run(progress=False)
     assert len(calls) == 6 and (trainer.skipped, trainer.consecutive_skipped) == (3, 1)
+    # Each epoch's meta-loss is its first truncation's alone: the history says that a step was skipped.
+    assert all(record["meta_loss"] is not None and record["skipped"] == 1 for record in trainer.history)
 
 
 def test_validation_scores_the_mean_loss_over_the_last_tenth_of_the_steps():

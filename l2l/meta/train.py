@@ -898,11 +898,14 @@ class MetaTrainer:
             self.best_score, self.best_epoch, self.best_state = self.before_final
             self.before_final = None
 
-    def _record_epoch(self, meta_loss: Tensor, score: float | None, running: float | None, bar: tqdm) -> float | None:
+    def _record_epoch(
+        self, meta_loss: Tensor, skipped: int, score: float | None, running: float | None, bar: tqdm
+    ) -> float | None:
         """Records the epoch just trained in the history (with its validation ``score``, if validated) and on the progress bar.
 
         Args:
             meta_loss: what :meth:`train_epoch` returned.
+            skipped: the meta-steps the epoch skipped (its meta-loss is the mean over the others).
             score: the epoch's validation score, or None if it was not validated.
             running: the running mean of the meta-losses so far (None before the first finite one).
 
@@ -912,7 +915,7 @@ class MetaTrainer:
         loss = meta_loss.item()
         if math.isfinite(loss):
             running = loss if running is None else 0.95 * running + 0.05 * loss
-        record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": loss if math.isfinite(loss) else None}
+        record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": loss if math.isfinite(loss) else None, "skipped": skipped}
         if score is None:
             self.history.append(record)
         else:
@@ -988,12 +991,13 @@ class MetaTrainer:
                     raise TrainingInterrupted(
                         self.epoch, stop.reason, stop.signal_number, self.out_dir / RESUME_CHECKPOINT if written else None
                     )
+                skipped_before = self.skipped
                 meta_loss = self.train_epoch()
                 self.epoch += 1
                 last = self.epoch == config.epochs
                 score = self.validate() if self.epoch % config.val_every == 0 or last else None
                 with together(f"recording epoch {self.epoch}"):  # the one collective an epoch adds to a group's
-                    running = self._record_epoch(meta_loss, score, running, bar)
+                    running = self._record_epoch(meta_loss, self.skipped - skipped_before, score, running, bar)
                 if self.epoch % config.checkpoint_every == 0 or last:
                     self.save()
                     saved_epoch = self.epoch
