@@ -865,3 +865,27 @@ def test_training_benchmarking_and_the_drop_in_follow_their_seeds_alone_and_leav
     (weights, curves, stepped), (weights_again, curves_again, stepped_again) = outcomes
     assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
     assert curves == curves_again and torch.equal(stepped, stepped_again)
+
+
+def test_weights_made_non_finite_by_a_meta_step_stop_training_before_they_are_written(tmp_path):
+    # Adam with a finite meta-gradient can still write NaN or inf (an extreme learning rate or moment): every later step
+    # would be skipped as a non-finite meta-loss, and the checkpoints would hold weights that no resume can load.
+    config = TrainConfig(epochs=3, optimizee_steps=4, unroll=2, checkpoint_every=1, max_nonfinite=100, **TINY)
+    trainer = MetaTrainer(config, tmp_path)
+    real_step, steps = trainer.meta_optimizer.step, []
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # the first meta-step of epoch 2
+            with torch.no_grad():
+                trainer.rule.weight_out.view(-1)[0] = math.nan
+        return result
+
+    trainer.meta_optimizer.step = step
+    with pytest.raises(NonFiniteError, match=r"the meta-optimizer's steps of epoch 2 made the learned optimizer's weight_out "
+                                             r"NaN or infinite, .*not written.*Lower --meta-lr"):
+        trainer.run(progress=False)
+    resumed = MetaTrainer(dataclasses.replace(config, epochs=4))
+    resumed.restore(tmp_path / "resume.pt")  # epoch 1's, which loads
+    assert resumed.epoch == 1 and all(torch.isfinite(value).all() for value in resumed.rule.state_dict().values())

@@ -393,9 +393,30 @@ class MetaTrainer:
             except _MissedAllReduce as failure:
                 missed = failure
         self._close_epoch(missed)
+        broken = self._non_finite_state()  # before given_up: the cause of the skips, where it is this
+        if broken:
+            # Every process holds the same weights and Adam state, so every process raises here.
+            raise NonFiniteError(
+                f"the meta-optimizer's steps of epoch {self.epoch + 1} made the learned optimizer's {', '.join(broken)} NaN or "
+                "infinite, though every meta-gradient stepped on was finite; training stopped and they were not written "
+                f"(the checkpoints hold the last epoch written before). {self._non_finite_advice()}"
+            )
         if given_up is not None:
             raise given_up
         return meta_loss
+
+    def _non_finite_state(self) -> list[str]:
+        """The rule's weights and Adam moments holding NaN or infinite values, by name (one host read per epoch).
+
+        A meta-step on a finite meta-gradient can still write them (an extreme learning rate); they
+        would turn every later meta-loss into NaN, skipped as if the task had diverged, and the
+        checkpoints written from them could not be resumed.
+        """
+        named = [(name, weight) for name, weight in self.rule.named_parameters()]
+        named += [(f"Adam {key} of {name}", state[key]) for name, weight in self.rule.named_parameters()
+                  for state in [self.meta_optimizer.state.get(weight, {})] for key in ("exp_avg", "exp_avg_sq") if key in state]
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+        return [name for (name, _), ok in zip(named, finite) if not ok]
 
     def _record_truncation(self, result: TruncationResult, meta_losses: list[Tensor]) -> NonFiniteError | None:
         """Counts a truncation's meta-step (or its skip) and appends its meta-loss to ``meta_losses`` if it stepped.
