@@ -10,6 +10,7 @@ import os
 import shlex
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,7 +24,7 @@ from l2l.meta.distributed import current_layout, process_group_from_environment
 from l2l.meta.evaluate import benchmark, format_table, resolve_device
 from l2l.meta.stopping import TrainingInterrupted, stop_on_signals
 from l2l.meta.train import (BENCH_REPORT, NonFiniteError, RESUME_CHECKPOINT, config_from_resume, make_writable_directory,
-                            meta_train, missing_directories, remove_empty_directories)
+                            meta_train, missing_directories, no_finite_validation, remove_empty_directories)
 from l2l.tasks.registry import check_task_name, get_task, task_names
 
 
@@ -361,7 +362,8 @@ def _train(args: argparse.Namespace) -> int:
         try:
             # SIGTERM (a scheduler's notice before preemption) or a first Ctrl-C stops at the next
             # epoch boundary with the checkpoints written there; a second Ctrl-C stops at once.
-            with stop_on_signals(announce=layout.is_main) as stop:
+            with stop_on_signals(announce=layout.is_main) as stop, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="no validation score was finite")  # the summary says it
                 result = meta_train(config, out, resume=args.resume, progress=not args.quiet,
                                     overwrite=args.overwrite, stop=stop)
         except TrainingInterrupted as stopped:
@@ -374,10 +376,9 @@ def _train(args: argparse.Namespace) -> int:
             return 130
     if not layout.is_main:
         return 0
-    print(
-        f"trained {result.epochs} epochs; best validation loss {result.best_score:.4g} at epoch {result.best_epoch}; "
-        f"{result.skipped_steps} non-finite meta-steps skipped"
-    )
+    best = (no_finite_validation(config) if result.best_epoch == -1
+            else f"best validation loss {result.best_score:.4g} at epoch {result.best_epoch}")
+    print(f"trained {result.epochs} epochs; {best}; {result.skipped_steps} non-finite meta-steps skipped")
     print(f"use checkpoint: {result.use_checkpoint}\nresume checkpoint: {result.resume_checkpoint}")
     if stop.requested:
         # Asked to stop during the last epoch: training is complete, the comparison is left out.

@@ -1,5 +1,7 @@
 """Shared test helpers: a learned rule whose updates depend visibly on its inputs, a task that draws minibatches, a tiny MLP."""
 
+import math
+
 import torch
 
 from torch import nn
@@ -41,6 +43,34 @@ class NoisyQuadraticFamily(QuadraticFamily):
 
 
 register_task("test-noisy-quadratic", NoisyQuadraticFamily, replace=True)
+
+
+class NaNAfterFamily(QuadraticFamily):
+    """Quadratics whose loss turns NaN once the parameters move far enough from 0."""
+
+    name = "test-nan-after"
+
+    def __init__(self, threshold: float = 0.0):
+        super().__init__(dim=4)
+        self.threshold = threshold
+
+    def sample(self, num_instances, generator, device="cpu"):
+        base = super().sample(num_instances, generator, device)
+        threshold = self.threshold
+
+        class Task(QuadraticTask):
+            def loss(self, params, batch=None):
+                loss = super().loss(params)
+                moved = params.abs().sum(-1) > threshold
+                return torch.where(moved, loss * math.nan, loss)
+
+        return Task(base.W, base.y)
+
+    def config(self):
+        return {"threshold": self.threshold}
+
+
+register_task("test-nan-after", NaNAfterFamily, replace=True)
 
 
 def _random_digits(device="cpu"):

@@ -378,3 +378,19 @@ def test_ratios_far_from_one_keep_their_significant_digits():
     lines = {line.split()[0]: line for line in format_table(report).splitlines()[3:]}
     assert "0.0002x" in lines["lstm"]  # was 0.000x: as if the learned rule reached 0
     assert "3e+06x" in lines["sgd"] and "1.000x" in lines["adam"]  # was 3000000.000x
+
+
+def test_a_diverged_instance_has_no_held_out_accuracy():
+    # NaN weights give NaN logits, whose argmax is class 0: a finite accuracy of chance level, reported as a result.
+    from helpers import TinyMLPFamily
+    from l2l.meta.evaluate import format_table, summarize
+
+    task = TinyMLPFamily().sample(3, torch.Generator().manual_seed(0))
+    diverged, fine = evaluate(SGD(lr=1e38), task, 4), evaluate(SGD(lr=0.1), task, 4)
+    assert not torch.isfinite(diverged.losses[-1]).any()
+    assert diverged.metrics["test_accuracy"].isnan().all() and diverged.metrics["test_loss"].isnan().all()
+    assert torch.isfinite(fine.metrics["test_accuracy"]).all()
+    report = {"task": "test-tiny-mlp", "problems": 3, "steps": 4, "seed": 0, "tune_problems": 3,
+              "results": {"sgd": {"lr": 1e38, **summarize(diverged)}}}
+    assert report["results"]["sgd"]["test_accuracy"] == {"mean": None}
+    assert format_table(report).splitlines()[-1].split()[-1] == "diverged"  # the accuracy column

@@ -678,3 +678,17 @@ def test_an_unknown_flag_is_named_by_its_command_with_that_commands_usage(capsys
     error = capsys.readouterr().err
     assert exit_.value.code == 2 and "l2l train: error: unrecognized arguments: --bogus" in error
     assert error.startswith("usage: l2l train ")
+
+
+def test_train_says_when_no_validation_was_finite(tmp_path, capsys):
+    # Every validation diverges: the use checkpoint holds the starting weights, which the summary must say.
+    from helpers import NaNAfterFamily  # registers it
+
+    out = tmp_path / "run"
+    assert main(["train", "--task", NaNAfterFamily.name, "--epochs", "1", "--instances", "2", "--optimizee-steps", "2",
+                 "--unroll", "1", "--val-problems", "2", "--max-nonfinite", "5", "--out", str(out), "--quiet", "--no-bench"]) == 0
+    captured = capsys.readouterr()
+    assert "best validation loss inf" not in captured.out and "epoch -1" not in captured.out
+    assert "no validation score was finite (every validation diverged: null in history.json), so optimizer.pt holds the weights " \
+           "training started from (its fresh initialisation), not trained ones; 1 non-finite meta-steps skipped" in captured.out
+    assert captured.err.count("no validation score was finite") == 0  # the summary says it; no second, Python-style warning

@@ -13,9 +13,8 @@ from l2l.checkpoint import CheckpointError
 from l2l.config import BenchConfig, ConfigError, TrainConfig
 from l2l.meta.graphs import truncation_weights
 from l2l.meta.train import MetaTrainer, NonFiniteError, loss_weight_table, loss_weights, meta_train
-from l2l.tasks import QuadraticFamily, QuadraticTask, register_task
 
-from helpers import NoisyQuadraticFamily
+from helpers import NaNAfterFamily, NoisyQuadraticFamily
 
 SMALL = dict(instances=8, optimizee_steps=10, unroll=5, val_every=2, val_problems=16, device="cpu")
 
@@ -37,7 +36,7 @@ def test_meta_training_lowers_the_meta_loss():
         # starting ones (epoch 0), restored from the checkpoint and handed back by the resumed run.
         ("quadratic", {"meta_lr": 5.0, "init_from": "trained"}),
         (NoisyQuadraticFamily.name, {}),  # minibatches: the batch stream must resume too
-        ("test-nan-after", {"max_nonfinite": 100}),  # every epoch skips a step: the counts must resume
+        (NaNAfterFamily.name, {"max_nonfinite": 100}),  # every epoch skips a step: the counts must resume
     ],
     ids=["quadratic", "best-before-interruption", "minibatches", "skipped-steps"],
 )
@@ -73,7 +72,7 @@ def test_resume_equals_uninterrupted(tmp_path, task, options):
     assert final.batch_generator.get_state().equal(uninterrupted.batch_generator.get_state())
     if "init_from" in options:
         assert uninterrupted.best_epoch == 0
-    if task == "test-nan-after":
+    if task == NaNAfterFamily.name:
         assert uninterrupted.skipped == 6
 
 
@@ -83,53 +82,26 @@ def test_resume_rejects_a_changed_configuration(tmp_path):
         meta_train(TrainConfig(epochs=4, **{**SMALL, "meta_lr": 1e-2}), tmp_path, resume=tmp_path / "resume.pt", progress=False)
 
 
-class NaNAfterFamily(QuadraticFamily):
-    """Quadratics whose loss turns NaN once the parameters move far enough from 0."""
-
-    name = "test-nan-after"
-
-    def __init__(self, threshold: float = 0.0):
-        super().__init__(dim=4)
-        self.threshold = threshold
-
-    def sample(self, num_instances, generator, device="cpu"):
-        base = super().sample(num_instances, generator, device)
-        threshold = self.threshold
-
-        class Task(QuadraticTask):
-            def loss(self, params, batch=None):
-                loss = super().loss(params)
-                moved = params.abs().sum(-1) > threshold
-                return torch.where(moved, loss * math.nan, loss)
-
-        return Task(base.W, base.y)
-
-    def config(self):
-        return {"threshold": self.threshold}
-
-
-register_task("test-nan-after", NaNAfterFamily, replace=True)
-
-
 def test_non_finite_meta_steps_are_skipped_and_never_written():
-    trainer = MetaTrainer(TrainConfig(task="test-nan-after", epochs=3, max_nonfinite=100, **SMALL))
+    trainer = MetaTrainer(TrainConfig(task=NaNAfterFamily.name, epochs=3, max_nonfinite=100, **SMALL))
     before = {k: v.clone() for k, v in trainer.rule.state_dict().items()}
     trainer.run(progress=False)
     assert trainer.skipped == 3  # one per epoch: each epoch's trajectory is abandoned
+    assert [(record["meta_loss"], record["skipped"]) for record in trainer.history] == [(None, 1)] * 3
     for name, value in trainer.rule.state_dict().items():
         assert torch.equal(value, before[name]), name
         assert torch.isfinite(value).all()
 
 
 def test_training_stops_with_a_clear_message_when_non_finite_persists():
-    trainer = MetaTrainer(TrainConfig(task="test-nan-after", epochs=10, max_nonfinite=3, **SMALL))
+    trainer = MetaTrainer(TrainConfig(task=NaNAfterFamily.name, epochs=10, max_nonfinite=3, **SMALL))
     with pytest.raises(NonFiniteError, match="3 meta-steps in a row had a non-finite meta-loss"):
         trainer.run(progress=False)
     assert trainer.skipped == 3
 
 
 def test_the_non_finite_advice_of_a_resumed_run_names_only_what_it_can_do(tmp_path):
-    config = TrainConfig(task="test-nan-after", epochs=1, max_nonfinite=100, instances=3, optimizee_steps=2, unroll=1,
+    config = TrainConfig(task=NaNAfterFamily.name, epochs=1, max_nonfinite=100, instances=3, optimizee_steps=2, unroll=1,
                          val_problems=2, device="cpu")
     meta_train(config, tmp_path, progress=False)
     resumed = dataclasses.replace(config, epochs=3, max_nonfinite=1)
@@ -145,7 +117,7 @@ def test_the_non_finite_advice_of_a_resumed_run_names_only_what_it_can_do(tmp_pa
 
 
 def test_non_finite_initial_loss_is_a_task_error():
-    trainer = MetaTrainer(TrainConfig(task="test-nan-after", task_options={"threshold": -1.0}, epochs=1, **SMALL))
+    trainer = MetaTrainer(TrainConfig(task=NaNAfterFamily.name, task_options={"threshold": -1.0}, epochs=1, **SMALL))
     with pytest.raises(NonFiniteError, match="non-finite loss at its initial parameters"):
         trainer.run(progress=False)
 
@@ -545,6 +517,8 @@ def test_max_nonfinite_counts_skipped_steps_in_a_row_only(monkeypatch):
     calls = _poison_clipping(monkeypatch, {2, 4, 6})
     trainer.run(progress=False)
     assert len(calls) == 6 and (trainer.skipped, trainer.consecutive_skipped) == (3, 1)
+    # Each epoch's meta-loss is its first truncation's alone: the history says that a step was skipped.
+    assert all(record["meta_loss"] is not None and record["skipped"] == 1 for record in trainer.history)
 
 
 def test_validation_scores_the_mean_loss_over_the_last_tenth_of_the_steps():
@@ -731,8 +705,10 @@ def test_a_rule_that_never_validates_finite_has_no_best_epoch_and_writes_strict_
     from l2l.checkpoint import load_use_checkpoint
 
     # Every update makes these losses NaN, so every validation score is infinite: none is an improvement.
-    config = TrainConfig(task="test-nan-after", epochs=2, max_nonfinite=100, **{**SMALL, "val_every": 1})
-    result = meta_train(config, tmp_path, progress=False)
+    config = TrainConfig(task=NaNAfterFamily.name, epochs=2, max_nonfinite=100, **{**SMALL, "val_every": 1})
+    with pytest.warns(RuntimeWarning, match=r"no validation score was finite .*optimizer.pt holds the weights training "
+                                            r"started from \(its fresh initialisation\), not trained ones"):
+        result = meta_train(config, tmp_path, progress=False)
     history = _refuse_non_finite_json((tmp_path / "history.json").read_text())
     assert [(record["epoch"], record["validation"]) for record in history] == [(1, None), (2, None)]
     assert (result.best_epoch, result.best_score) == (-1, math.inf)
@@ -889,3 +865,27 @@ def test_training_benchmarking_and_the_drop_in_follow_their_seeds_alone_and_leav
     (weights, curves, stepped), (weights_again, curves_again, stepped_again) = outcomes
     assert all(torch.equal(weights[name], weights_again[name]) for name in weights)
     assert curves == curves_again and torch.equal(stepped, stepped_again)
+
+
+def test_weights_made_non_finite_by_a_meta_step_stop_training_before_they_are_written(tmp_path):
+    # Adam with a finite meta-gradient can still write NaN or inf (an extreme learning rate or moment): every later step
+    # would be skipped as a non-finite meta-loss, and the checkpoints would hold weights that no resume can load.
+    config = TrainConfig(epochs=3, optimizee_steps=4, unroll=2, checkpoint_every=1, max_nonfinite=100, **TINY)
+    trainer = MetaTrainer(config, tmp_path)
+    real_step, steps = trainer.meta_optimizer.step, []
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # the first meta-step of epoch 2
+            with torch.no_grad():
+                trainer.rule.weight_out.view(-1)[0] = math.nan
+        return result
+
+    trainer.meta_optimizer.step = step
+    with pytest.raises(NonFiniteError, match=r"the meta-optimizer's steps of epoch 2 made the learned optimizer's weight_out "
+                                             r"NaN or infinite, .*not written.*Lower --meta-lr"):
+        trainer.run(progress=False)
+    resumed = MetaTrainer(dataclasses.replace(config, epochs=4))
+    resumed.restore(tmp_path / "resume.pt")  # epoch 1's, which loads
+    assert resumed.epoch == 1 and all(torch.isfinite(value).all() for value in resumed.rule.state_dict().values())

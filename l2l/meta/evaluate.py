@@ -48,7 +48,8 @@ def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0, batches
 
     Minibatches (stochastic tasks) are drawn from a generator seeded by ``seed`` and the stream's
     purpose ``batches`` alone, so every rule evaluated with the same seed sees the same data
-    (common random numbers); learning-rate tuning passes its own purpose.
+    (common random numbers); learning-rate tuning passes its own purpose. An instance that
+    diverged (a loss along the way or a final parameter NaN or infinite) has every metric NaN.
     """
     generator = make_generator(seed, batches, task.device)
     if task.device.type == "cuda":
@@ -56,9 +57,20 @@ def evaluate(rule: UpdateRule, task: Task, steps: int, *, seed: int = 0, batches
     begin = time.perf_counter()
     losses, carry = run(rule, task, steps, generator=generator)
     with torch.no_grad():
-        metrics = {name: value.detach().cpu() for name, value in task.metrics(carry.params).items()}
+        # A net with NaN weights has no accuracy (argmax reads NaN logits as class 0, a finite figure of
+        # chance level): a diverged instance's held-out figures are NaN, as its losses are. On the device,
+        # so no host read is added.
+        diverged = ~(torch.isfinite(losses).all(0) & torch.isfinite(carry.params.detach().flatten(1)).all(1))
+        metrics = {name: _blank_diverged(value.detach(), diverged).cpu() for name, value in task.metrics(carry.params).items()}
     losses = losses.cpu()
     return RunResult(losses, metrics, time.perf_counter() - begin)
+
+
+def _blank_diverged(values: Tensor, diverged: Tensor) -> Tensor:
+    """``values [K]`` with NaN where ``diverged [K]`` (integer figures become float64 to hold it)."""
+    if not values.is_floating_point():
+        values = values.double()
+    return values.masked_fill(diverged.to(values.device), math.nan)
 
 
 def on_device(rule: UpdateRule, device: torch.device) -> UpdateRule:

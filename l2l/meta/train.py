@@ -393,9 +393,30 @@ class MetaTrainer:
             except _MissedAllReduce as failure:
                 missed = failure
         self._close_epoch(missed)
+        broken = self._non_finite_state()  # before given_up: the cause of the skips, where it is this
+        if broken:
+            # Every process holds the same weights and Adam state, so every process raises here.
+            raise NonFiniteError(
+                f"the meta-optimizer's steps of epoch {self.epoch + 1} made the learned optimizer's {', '.join(broken)} NaN or "
+                "infinite, though every meta-gradient stepped on was finite; training stopped and they were not written "
+                f"(the checkpoints hold the last epoch written before). {self._non_finite_advice()}"
+            )
         if given_up is not None:
             raise given_up
         return meta_loss
+
+    def _non_finite_state(self) -> list[str]:
+        """The rule's weights and Adam moments holding NaN or infinite values, by name (one host read per epoch).
+
+        A meta-step on a finite meta-gradient can still write them (an extreme learning rate); they
+        would turn every later meta-loss into NaN, skipped as if the task had diverged, and the
+        checkpoints written from them could not be resumed.
+        """
+        named = [(name, weight) for name, weight in self.rule.named_parameters()]
+        named += [(f"Adam {key} of {name}", state[key]) for name, weight in self.rule.named_parameters()
+                  for state in [self.meta_optimizer.state.get(weight, {})] for key in ("exp_avg", "exp_avg_sq") if key in state]
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+        return [name for (name, _), ok in zip(named, finite) if not ok]
 
     def _record_truncation(self, result: TruncationResult, meta_losses: list[Tensor]) -> NonFiniteError | None:
         """Counts a truncation's meta-step (or its skip) and appends its meta-loss to ``meta_losses`` if it stepped.
@@ -898,11 +919,14 @@ class MetaTrainer:
             self.best_score, self.best_epoch, self.best_state = self.before_final
             self.before_final = None
 
-    def _record_epoch(self, meta_loss: Tensor, score: float | None, running: float | None, bar: tqdm) -> float | None:
+    def _record_epoch(
+        self, meta_loss: Tensor, skipped: int, score: float | None, running: float | None, bar: tqdm
+    ) -> float | None:
         """Records the epoch just trained in the history (with its validation ``score``, if validated) and on the progress bar.
 
         Args:
             meta_loss: what :meth:`train_epoch` returned.
+            skipped: the meta-steps the epoch skipped (its meta-loss is the mean over the others).
             score: the epoch's validation score, or None if it was not validated.
             running: the running mean of the meta-losses so far (None before the first finite one).
 
@@ -912,7 +936,7 @@ class MetaTrainer:
         loss = meta_loss.item()
         if math.isfinite(loss):
             running = loss if running is None else 0.95 * running + 0.05 * loss
-        record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": loss if math.isfinite(loss) else None}
+        record: dict[str, Any] = {"epoch": self.epoch, "meta_loss": loss if math.isfinite(loss) else None, "skipped": skipped}
         if score is None:
             self.history.append(record)
         else:
@@ -988,12 +1012,13 @@ class MetaTrainer:
                     raise TrainingInterrupted(
                         self.epoch, stop.reason, stop.signal_number, self.out_dir / RESUME_CHECKPOINT if written else None
                     )
+                skipped_before = self.skipped
                 meta_loss = self.train_epoch()
                 self.epoch += 1
                 last = self.epoch == config.epochs
                 score = self.validate() if self.epoch % config.val_every == 0 or last else None
                 with together(f"recording epoch {self.epoch}"):  # the one collective an epoch adds to a group's
-                    running = self._record_epoch(meta_loss, score, running, bar)
+                    running = self._record_epoch(meta_loss, self.skipped - skipped_before, score, running, bar)
                 if self.epoch % config.checkpoint_every == 0 or last:
                     self.save()
                     saved_epoch = self.epoch
@@ -1005,6 +1030,9 @@ class MetaTrainer:
         finally:
             if bar is not None:
                 bar.close()
+        if self.best_epoch == -1 and self.layout.is_main:
+            # The weights handed back were never validated finite: the caller must not take them for trained ones.
+            warnings.warn(f"{no_finite_validation(config)}, and so does the rule returned", RuntimeWarning, stacklevel=2)
         return TrainResult(
             rule=best,
             best_score=self.best_score,
@@ -1015,6 +1043,13 @@ class MetaTrainer:
             use_checkpoint=None if self.out_dir is None else self.out_dir / USE_CHECKPOINT,
             resume_checkpoint=None if self.out_dir is None else self.out_dir / RESUME_CHECKPOINT,
         )
+
+
+def no_finite_validation(config: TrainConfig) -> str:
+    """What a run whose validation scores were all non-finite hands back (its best epoch is -1)."""
+    origin = "its fresh initialisation" if config.init_from is None else f"--init-from {config.init_from}"
+    return (f"no validation score was finite (every validation diverged: null in {HISTORY_FILE}), so {USE_CHECKPOINT} "
+            f"holds the weights training started from ({origin}), not trained ones")
 
 
 def _progress_interval(stream: Any) -> float:
