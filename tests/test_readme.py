@@ -430,6 +430,18 @@ def test_documented_script_command_parses_with_exact_flags(where, argv, monkeypa
     assert not unknown, f"{where}: {argv[0]} has no flag {', '.join(unknown)}"
 
 
+def test_ci_runs_the_quick_starts_install_and_test_command():
+    """.ci/run installs the project and runs the suite exactly as the README's quick start says (``pip`` run as ``python -m pip``)."""
+    blocks = fences("README.md")
+    quick = blocks[0]
+    assert (quick.heading, quick.language) == ("Quick start", "bash"), "the README's first code block is no longer the quick start"
+    train, test = quick.code.splitlines()
+    assert "l2l train" in train and "pytest" in test
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    expected = re.sub(r"^pip ", "python -m pip ", test)
+    assert expected in ci, f".ci/run does not run the quick start's `{test}`"
+
+
 def test_the_documented_commands_are_found():
     assert sum(where.startswith("README.md: Command line") for where, _ in COMMANDS) >= 5
     assert {argv[0] for _, argv in COMMANDS} == {"train", "bench", "tasks"}
