@@ -155,17 +155,17 @@ def test_cuda_graph_replays_equal_eager_truncations(kernel):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.cuda
-@needs_cuda
 def graphs_match_eager_over_two_epochs(family, lengths, *, seed, new_lr=None):
     """Two epochs of 16 instances of ``family`` (loaded into the runner), truncations of ``lengths``, graphed and eager.
 
     ``new_lr`` is set as the second epoch's learning rate (a schedule step, which recaptures).
     """
-    tasks = [family.sample(16, torch.Generator().manual_seed(k), CUDA) for k in range(2)]
     weights = torch.ones(max(lengths), device=CUDA)
     outcomes = []
     for use_graph in (False, True):
+        # Each run samples its own instances: load_task copies the second epoch's into the first
+        # task (the runner's static one), so shared tasks would start the second run on epoch 2's.
+        tasks = [family.sample(16, torch.Generator().manual_seed(k), CUDA) for k in range(2)]
         rule = CoordinateWiseLSTM(seed=seed).to(CUDA)
         optimizer = torch.optim.Adam(rule.parameters(), lr=1e-3, capturable=True)
         runner = GraphedTruncation(rule, optimizer, tasks[0], weights, 1.0, use_graph=use_graph)
