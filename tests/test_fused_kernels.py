@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from l2l import LearnedOptimizer
+from l2l.config import TrainConfig
 from l2l.kernels import dispatch, fused, tensor_cores
+from l2l.meta.train import MetaTrainer
 from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, LSTMState
 from l2l.optimizers.grouped import PerGroupRule
@@ -476,6 +478,20 @@ def test_fused_on_cpu_raises_naming_why():
     rule = CoordinateWiseLSTM(kernel="fused")
     with pytest.raises(fused.FusedUnavailableError, match="CUDA|Triton"):
         rule(torch.randn(3), rule.init_state(3))
+
+
+@pytest.mark.parametrize("options, interpreted, message", [
+    (dict(), False, "the fused kernel runs on CUDA tensors"),
+    (dict(num_layers=3), True, "the fused kernel has 1 or 2 LSTM layers, this rule 3"),  # as on a GPU: the rule refused
+])
+def test_meta_training_refuses_a_fused_kernel_that_cannot_run_before_drawing_any_instance(monkeypatch, options, interpreted,
+                                                                                        message):
+    # It was refused at the first LSTM step, inside the first epoch: after the data, the validation
+    # instances and the epoch's instances had been drawn, and a progress bar drawn.
+    monkeypatch.setattr(QuadraticFamily, "sample", lambda *args, **kwargs: pytest.fail("instances drawn before the refusal"))
+    config = TrainConfig(device="cpu", kernel="fused", epochs=1, instances=2, optimizee_steps=4, unroll=2, **options)
+    with fused.interpreter(interpreted), pytest.raises(fused.FusedUnavailableError, match=f"kernel='fused' cannot run: {message}"):
+        MetaTrainer(config)
 
 
 def test_unknown_kernel_and_unsupported_configurations():
