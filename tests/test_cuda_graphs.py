@@ -16,6 +16,7 @@ from l2l.kernels import fused
 from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason, task_tensors
 from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, map_tensors
+from l2l.optimizers.base import tensors_of
 from l2l.tasks import ModuleFamily, QuadraticFamily, QuadraticTask, SupervisedData, get_task
 
 from gpu import CUDA, RECORDING, needs_cuda
@@ -106,6 +107,49 @@ def test_trainer_through_the_graph_runner_equals_eager_training():
         torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)
     untouched = MetaTrainer(TrainConfig(device="cpu", **GRAPHABLE)).rule.state_dict()
     assert all(not torch.equal(untouched[name], value) for name, value in eager.rule.state_dict().items())
+
+
+class EagerReplay:
+    """Stands in for a captured CUDA graph on the CPU: replay() reruns what the capture recorded."""
+
+    def __init__(self, replay):
+        self.replay = replay
+
+
+def capture_as_eager_replays(runner, steps):
+    """GraphedTruncation._capture without CUDA: static outputs, written in place by each replay as a graph's are."""
+    def body():
+        runner.meta_optimizer.zero_grad(set_to_none=True)
+        meta_loss, grad_norm, finite, carry = runner._body(runner._static, steps)
+        for target, value in zip(tensors_of(runner._static), tensors_of(carry), strict=True):
+            target.copy_(value)
+        for target, value in zip(outputs, (meta_loss, grad_norm, finite)):
+            target.copy_(value)
+
+    outputs = (torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.bool))
+    runner._graphs[steps] = (EagerReplay(body), EagerReplay(runner.meta_optimizer.step), outputs)
+    runner._captured_settings = runner._settings()
+
+
+def test_the_trainer_captures_each_truncation_length_once_for_all_its_epochs(monkeypatch):
+    """Three epochs of truncations (4, 4, 2): one capture of 4 steps and one of the shorter last, none per epoch.
+
+    The captures are stood in for by eager replays into static buffers, so the runner's
+    bookkeeping (static carry, graphs by length, settings that would recapture) is what runs.
+    """
+    lengths = []
+    monkeypatch.setattr("l2l.meta.graphs.graph_unsupported_reason", lambda task, optimizer, device: None)  # as on CUDA
+    monkeypatch.setattr(GraphedTruncation, "_capture",
+                        lambda runner, steps: lengths.append(steps) or capture_as_eager_replays(runner, steps))
+    eager = MetaTrainer(TrainConfig(device="cpu", cuda_graphs="off", **GRAPHABLE))
+    graphed = MetaTrainer(TrainConfig(device="cpu", **GRAPHABLE))
+    graphed.use_graphs = True  # what auto chooses on CUDA
+    eager.run(progress=False)
+    graphed.run(progress=False)
+    assert graphed.graphed.use_graph and lengths == [4, 2] and sorted(graphed.graphed._graphs) == [2, 4]
+    assert [r["meta_loss"] for r in graphed.history] == pytest.approx([r["meta_loss"] for r in eager.history], rel=1e-6)
+    for name, value in eager.rule.state_dict().items():
+        torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)
 
 
 def test_cuda_graphs_on_is_refused_where_unsupported_naming_why():
