@@ -3,6 +3,7 @@
 Also its use by meta-training (``TrainConfig.cuda_graphs``): choice, refusal, resume across the two.
 """
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -150,6 +151,45 @@ def test_the_trainer_captures_each_truncation_length_once_for_all_its_epochs(mon
     assert [r["meta_loss"] for r in graphed.history] == pytest.approx([r["meta_loss"] for r in eager.history], rel=1e-6)
     for name, value in eager.rule.state_dict().items():
         torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_truncation_that_cannot_be_captured_says_why_and_how_to_train_it(monkeypatch):
+    """A fixed-batch task whose loss synchronises with the host (.item(), a data-dependent shape) fails its capture.
+
+    torch's own error ("operation not permitted when stream is capturing") came out bare, from
+    inside the first epoch of a run that asked for nothing (cuda_graphs 'auto'); it must say that
+    the graph capture failed and how to train the task instead. The CUDA pieces are stood in for:
+    the capture raises as torch's capture_end does.
+    """
+    class FailingCapture:
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr("l2l.meta.graphs.graph_unsupported_reason", lambda task, optimizer, device: None)  # as on CUDA
+    for name, value in (("Stream", _Stream), ("current_stream", _Stream), ("stream", lambda s: contextlib.nullcontext()),
+                        ("CUDAGraph", object), ("graph_pool_handle", lambda: None), ("graph", FailingCapture)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    task = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM(seed=0)
+    runner = GraphedTruncation(rule, torch.optim.Adam(rule.parameters()), task, torch.ones(3), 1.0)
+    assert runner.use_graph
+    before = [p.detach().clone() for p in rule.parameters()]
+    with pytest.raises(RuntimeError, match=r"could not capture QuadraticTask's truncation of 3 steps as a CUDA graph "
+                                           r"\(CUDA error: operation not permitted when stream is capturing\).*"
+                                           r"cuda_graphs='off' \(l2l train --cuda-graphs off\)"):
+        runner(start(rule, task), 3)
+    assert all(torch.equal(p, q) for p, q in zip(rule.parameters(), before))  # the warm-up's steps were undone
 
 
 def test_cuda_graphs_on_is_refused_where_unsupported_naming_why():
