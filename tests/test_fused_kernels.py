@@ -639,8 +639,13 @@ def test_cuda_nonfinite_and_bfloat16():
     compact = CoordinateWiseLSTM(seed=22, state_dtype=torch.bfloat16).to(CUDA)
     hb, cb = h.bfloat16(), c.bfloat16()
     grad = torch.randn(300, device=CUDA)
-    for ours, reference in zip(*both_paths(compact, grad, hb, cb)):
-        torch.testing.assert_close(ours.float(), reference.float(), rtol=1e-2, atol=1e-3)
+    (update, h_new, c_new), (ref_update, ref_h, ref_c) = both_paths(compact, grad, hb, cb)
+    assert h_new.dtype == c_new.dtype == torch.bfloat16 and update.dtype == torch.float32
+    # The update is float32 (read out before the state is rounded): its last bits differ in most
+    # coordinates, so it is compared to float32 tolerance, not counted.
+    torch.testing.assert_close(update, ref_update, rtol=1e-5, atol=1e-6)
+    for ours, reference in ((h_new, ref_h), (c_new, ref_c)):
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=8e-3, atol=1e-5)
         assert (ours != reference).float().mean() < 0.02  # rounded to nearest as torch rounds (truncation: half)
 
 
