@@ -9,6 +9,8 @@ from torch import nn
 from l2l.meta.evaluate import evaluate, tune_learning_rate
 from l2l.optimizers import NAG, SGD, Adam, CoordinateWiseLSTM, Momentum, RMSProp, get_baseline
 
+from gpu import CUDA, needs_cuda
+
 CASES = [
     (SGD(lr=0.1), lambda p: torch.optim.SGD(p, lr=0.1)),
     (Momentum(lr=0.05, beta=0.9), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
@@ -297,7 +299,8 @@ def test_a_rule_already_on_the_benchmark_device_is_not_copied_whatever_the_spell
     assert same_device(torch.device("cuda", 0), torch.device("cuda", 0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
+@needs_cuda
 def test_a_cuda_benchmark_does_not_move_the_callers_cpu_rule_to_the_gpu():
     from l2l.meta.evaluate import benchmark
     from l2l.tasks import QuadraticFamily
@@ -306,7 +309,7 @@ def test_a_cuda_benchmark_does_not_move_the_callers_cpu_rule_to_the_gpu():
     on_cpu = benchmark(QuadraticFamily(dim=3), {"lstm": rule}, baselines=(), steps=3, problems=2, tune_problems=2,
                        lr_grid=(0.1,), seed=0, device=torch.device("cpu"))
     on_gpu = benchmark(QuadraticFamily(dim=3), {"lstm": rule}, baselines=(), steps=3, problems=2, tune_problems=2,
-                       lr_grid=(0.1,), seed=0, device=torch.device("cuda"))
+                       lr_grid=(0.1,), seed=0, device=CUDA)
     assert {value.device.type for value in rule.state_dict().values()} == {"cpu"}
     assert on_gpu["results"]["lstm"]["final_loss"]["mean"] == pytest.approx(on_cpu["results"]["lstm"]["final_loss"]["mean"], rel=1e-4)
 

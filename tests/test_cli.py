@@ -359,7 +359,7 @@ def test_a_bad_task_fails_before_the_output_directory_is_created(tmp_path, capsy
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directories_it_created(tmp_path, capsys):
-    flags = ["--kernel", "fused", "--device", "cpu", "--epochs", "1", "--quiet", "--no-bench"]  # fails at the first step
+    flags = ["--kernel", "fused", "--device", "cpu", "--epochs", "1", "--quiet", "--no-bench"]  # fails after the directories are made
     assert main(["train", *flags, "--out", str(tmp_path / "new" / "run")]) == 2
     assert "kernel='fused' cannot run" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 Also its use by meta-training (``TrainConfig.cuda_graphs``): choice, refusal, resume across the two.
 """
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -16,6 +17,7 @@ from l2l.kernels import fused
 from l2l.meta.graphs import GraphedTruncation, graph_unsupported_reason, task_tensors
 from l2l.meta.unroll import detach_carry, start, unroll
 from l2l.optimizers import CoordinateWiseLSTM, map_tensors
+from l2l.optimizers.base import tensors_of
 from l2l.tasks import ModuleFamily, QuadraticFamily, QuadraticTask, SupervisedData, get_task
 
 from gpu import CUDA, RECORDING, needs_cuda
@@ -108,6 +110,88 @@ def test_trainer_through_the_graph_runner_equals_eager_training():
     assert all(not torch.equal(untouched[name], value) for name, value in eager.rule.state_dict().items())
 
 
+class EagerReplay:
+    """Stands in for a captured CUDA graph on the CPU: replay() reruns what the capture recorded."""
+
+    def __init__(self, replay):
+        self.replay = replay
+
+
+def capture_as_eager_replays(runner, steps):
+    """GraphedTruncation._capture without CUDA: static outputs, written in place by each replay as a graph's are."""
+    def body():
+        runner.meta_optimizer.zero_grad(set_to_none=True)
+        meta_loss, grad_norm, finite, carry = runner._body(runner._static, steps)
+        for target, value in zip(tensors_of(runner._static), tensors_of(carry), strict=True):
+            target.copy_(value)
+        for target, value in zip(outputs, (meta_loss, grad_norm, finite)):
+            target.copy_(value)
+
+    outputs = (torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.bool))
+    runner._graphs[steps] = (EagerReplay(body), EagerReplay(runner.meta_optimizer.step), outputs)
+    runner._captured_settings = runner._settings()
+
+
+def test_the_trainer_captures_each_truncation_length_once_for_all_its_epochs(monkeypatch):
+    """Three epochs of truncations (4, 4, 2): one capture of 4 steps and one of the shorter last, none per epoch.
+
+    The captures are stood in for by eager replays into static buffers, so the runner's
+    bookkeeping (static carry, graphs by length, settings that would recapture) is what runs.
+    """
+    lengths = []
+    monkeypatch.setattr("l2l.meta.graphs.graph_unsupported_reason", lambda task, optimizer, device: None)  # as on CUDA
+    monkeypatch.setattr(GraphedTruncation, "_capture",
+                        lambda runner, steps: lengths.append(steps) or capture_as_eager_replays(runner, steps))
+    eager = MetaTrainer(TrainConfig(device="cpu", cuda_graphs="off", **GRAPHABLE))
+    graphed = MetaTrainer(TrainConfig(device="cpu", **GRAPHABLE))
+    graphed.use_graphs = True  # what auto chooses on CUDA
+    eager.run(progress=False)
+    graphed.run(progress=False)
+    assert graphed.graphed.use_graph and lengths == [4, 2] and sorted(graphed.graphed._graphs) == [2, 4]
+    assert [r["meta_loss"] for r in graphed.history] == pytest.approx([r["meta_loss"] for r in eager.history], rel=1e-6)
+    for name, value in eager.rule.state_dict().items():
+        torch.testing.assert_close(graphed.rule.state_dict()[name], value, rtol=1e-6, atol=1e-9, msg=name)
+
+
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+def test_a_truncation_that_cannot_be_captured_says_why_and_how_to_train_it(monkeypatch):
+    """A fixed-batch task whose loss synchronises with the host (.item(), a data-dependent shape) fails its capture.
+
+    torch's own error ("operation not permitted when stream is capturing") came out bare, from
+    inside the first epoch of a run that asked for nothing (cuda_graphs 'auto'); it must say that
+    the graph capture failed and how to train the task instead. The CUDA pieces are stood in for:
+    the capture raises as torch's capture_end does.
+    """
+    class FailingCapture:
+        def __init__(self, graph, pool=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr("l2l.meta.graphs.graph_unsupported_reason", lambda task, optimizer, device: None)  # as on CUDA
+    for name, value in (("Stream", _Stream), ("current_stream", _Stream), ("stream", lambda s: contextlib.nullcontext()),
+                        ("CUDAGraph", object), ("graph_pool_handle", lambda: None), ("graph", FailingCapture)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    task = QuadraticFamily().sample(2, torch.Generator().manual_seed(0))
+    rule = CoordinateWiseLSTM(seed=0)
+    runner = GraphedTruncation(rule, torch.optim.Adam(rule.parameters()), task, torch.ones(3), 1.0)
+    assert runner.use_graph
+    before = [p.detach().clone() for p in rule.parameters()]
+    with pytest.raises(RuntimeError, match=r"could not capture QuadraticTask's truncation of 3 steps as a CUDA graph "
+                                           r"\(CUDA error: operation not permitted when stream is capturing\).*"
+                                           r"cuda_graphs='off' \(l2l train --cuda-graphs off\)"):
+        runner(start(rule, task), 3)
+    assert all(torch.equal(p, q) for p, q in zip(rule.parameters(), before))  # the warm-up's steps were undone
+
+
 def test_cuda_graphs_on_is_refused_where_unsupported_naming_why():
     with pytest.raises(ConfigError, match="cuda_graphs='on' cannot be honoured: CUDA graphs need a CUDA device"):
         MetaTrainer(TrainConfig(device="cpu", cuda_graphs="on", **GRAPHABLE))
@@ -155,17 +239,17 @@ def test_cuda_graph_replays_equal_eager_truncations(kernel):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.cuda
-@needs_cuda
 def graphs_match_eager_over_two_epochs(family, lengths, *, seed, new_lr=None):
     """Two epochs of 16 instances of ``family`` (loaded into the runner), truncations of ``lengths``, graphed and eager.
 
     ``new_lr`` is set as the second epoch's learning rate (a schedule step, which recaptures).
     """
-    tasks = [family.sample(16, torch.Generator().manual_seed(k), CUDA) for k in range(2)]
     weights = torch.ones(max(lengths), device=CUDA)
     outcomes = []
     for use_graph in (False, True):
+        # Each run samples its own instances: load_task copies the second epoch's into the first
+        # task (the runner's static one), so shared tasks would start the second run on epoch 2's.
+        tasks = [family.sample(16, torch.Generator().manual_seed(k), CUDA) for k in range(2)]
         rule = CoordinateWiseLSTM(seed=seed).to(CUDA)
         optimizer = torch.optim.Adam(rule.parameters(), lr=1e-3, capturable=True)
         runner = GraphedTruncation(rule, optimizer, tasks[0], weights, 1.0, use_graph=use_graph)

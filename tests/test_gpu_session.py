@@ -1,5 +1,6 @@
 """The prepared GPU-session script runs its steps within its budget and writes its log (checked on the CPU)."""
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -82,3 +83,37 @@ def test_tests_step_names_each_test_and_where_a_slow_one_hangs(tmp_path):
     assert "Timeout" in log and "in test_slow" in log, log  # the stuck test's stack, at its limit
     # Where pytest-timeout is installed (the GPU machine) the slow test fails at its limit; else it only logs its stack.
     assert result.returncode == (1 if importlib.util.find_spec("pytest_timeout") else 0), log
+
+
+def unmarked_cuda_tests(directory: Path) -> list[str]:
+    """Tests in ``directory`` that skip without CUDA but lack ``@pytest.mark.cuda``, as ``file::name``.
+
+    A test skips without CUDA through ``needs_cuda``/``needs_cuda_and_triton`` (tests/gpu.py) or a
+    ``skipif`` on ``torch.cuda.is_available()``; a module-level ``pytestmark`` may carry the mark.
+    """
+    found = []
+    for path in sorted(directory.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_marks = "".join(ast.unparse(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                               and any(getattr(target, "id", None) == "pytestmark" for target in node.targets))
+        for node in ast.walk(tree):
+            if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test")):
+                continue
+            decorators = [ast.unparse(decorator) for decorator in node.decorator_list]
+            skips = any("needs_cuda" in d or ("skipif" in d and "cuda.is_available" in d) for d in decorators)
+            if skips and "pytest.mark.cuda" not in decorators and "pytest.mark.cuda" not in module_marks:
+                found.append(f"{path.name}::{node.name}")
+    return found
+
+
+def test_every_test_that_needs_cuda_is_selected_by_the_sessions_cuda_marker(tmp_path):
+    """The session's tests step runs ``pytest -m cuda``: a CUDA test without the mark skips here and never runs there."""
+    assert "pytest -v -m cuda" in SCRIPT.read_text()
+    assert unmarked_cuda_tests(Path(__file__).resolve().parent) == []
+    # The scan finds both ways of skipping, and takes a module's pytestmark as the mark.
+    (tmp_path / "test_a.py").write_text(
+        "@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')\ndef test_skipif():\n    pass\n\n"
+        "@needs_cuda\ndef test_helper_mark():\n    pass\n\n"
+        "@pytest.mark.cuda\n@needs_cuda\ndef test_marked():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("pytestmark = [pytest.mark.cuda]\n\n@needs_cuda\ndef test_module_marked():\n    pass\n")
+    assert unmarked_cuda_tests(tmp_path) == ["test_a.py::test_skipif", "test_a.py::test_helper_mark"]

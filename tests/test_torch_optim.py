@@ -894,6 +894,7 @@ def test_learning_rates_that_are_not_a_finite_real_number_are_refused(checkpoint
         LearnedOptimizer([nn.Parameter(torch.zeros(2))], checkpoint, lr=lr)
 
 
+@pytest.mark.cuda
 @needs_cuda
 def test_a_cuda_tensor_lr_scales_the_update_of_cpu_and_cuda_parameters(checkpoint):
     grad = torch.tensor([1.0, -2.0, 0.5, 3.0])

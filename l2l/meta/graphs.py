@@ -297,12 +297,22 @@ class GraphedTruncation:
         self.meta_optimizer.zero_grad(set_to_none=True)  # the graph allocates .grad from its pool
         body_graph, step_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         self._pool = self._pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(body_graph, pool=self._pool):
-            meta_loss, grad_norm, finite, carry = self._body(static, steps)
-            for target, value in zip(tensors_of(static), tensors_of(carry), strict=True):
-                target.copy_(value)
-        with torch.cuda.graph(step_graph, pool=self._pool):
-            self.meta_optimizer.step()
+        try:
+            with torch.cuda.graph(body_graph, pool=self._pool):
+                meta_loss, grad_norm, finite, carry = self._body(static, steps)
+                for target, value in zip(tensors_of(static), tensors_of(carry), strict=True):
+                    target.copy_(value)
+            with torch.cuda.graph(step_graph, pool=self._pool):
+                self.meta_optimizer.step()
+        except RuntimeError as error:
+            # torch's own message ("operation not permitted when stream is capturing") names neither
+            # the capture nor a way out; the eager warm-up ran, so only the capture is refused.
+            raise RuntimeError(
+                f"could not capture {type(self.task).__name__}'s truncation of {steps} steps as a CUDA graph ({error}); "
+                "a task or rule whose step synchronises with the host (.item(), a data-dependent shape such as "
+                "nonzero or boolean indexing) cannot be replayed: train it eagerly with cuda_graphs='off' "
+                "(l2l train --cuda-graphs off)"
+            ) from error
         self._graphs[steps] = (body_graph, step_graph, (meta_loss, grad_norm, finite))
         self._captured_settings = self._settings()
 
