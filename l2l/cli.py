@@ -706,8 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status.
 
     An error is one line on stderr: status 2 for l2l's own (bad input, a missing file, a run that
-    cannot go on), 1 for a ValueError or RuntimeError raised elsewhere (torch, a user's task
-    family: likely a bug), whose line names its type. ``L2L_DEBUG=1`` lets every error through
+    cannot go on), 1 for any other raised elsewhere (torch, a user's task family, the operating
+    system: a full disk), whose line names its type. ``L2L_DEBUG=1`` lets every error through
     with its traceback.
     """
     parser = build_parser()
@@ -716,10 +716,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.handler(args)
-    except (ConfigError, CheckpointError, NonFiniteError, DataError, ValueError, RuntimeError) as error:
+    except BrokenPipeError:
+        # The reader went away (`l2l tasks | head`): stop quietly as other Unix tools do. Stdout is
+        # pointed at devnull so that the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as error:  # a TypeError in a user's family or an OSError is one line too (with the hint)
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        if isinstance(error, (ConfigError, CheckpointError, NonFiniteError, DataError)) or _raised_in_l2l(error):
+        # l2l refuses with these; any other type, even raised in l2l (an AttributeError), is likely a bug.
+        refusal = isinstance(error, (ValueError, RuntimeError)) and _raised_in_l2l(error)
+        if isinstance(error, (ConfigError, CheckpointError, NonFiniteError, DataError)) or refusal:
             print(f"l2l {args.command}: error: {error}", file=sys.stderr)
             return 2
         print(f"l2l {args.command}: error: {type(error).__name__}: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
@@ -727,8 +734,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # l2l train reports its own, saying how to continue
         print(f"\nl2l {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # The reader went away (`l2l tasks | head`): stop quietly as other Unix tools do. Stdout is
-        # pointed at devnull so that the interpreter's final flush does not raise a second time.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1

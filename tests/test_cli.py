@@ -651,6 +651,14 @@ def test_an_error_raised_outside_l2l_names_its_type_and_l2l_debug_shows_its_trac
     monkeypatch.setattr(l2l.cli, "benchmark", missing_data)
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == "l2l bench: error: MNIST not found in /nowhere"
+    for error in (TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'"), OSError(28, "No space left on device")):
+        def raising(*args, error=error, **kwargs):  # a user's family's bug, a full disk: one line too, not a traceback
+            raise error
+
+        monkeypatch.setattr(l2l.cli, "benchmark", raising)
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip() == (f"l2l bench: error: {type(error).__name__}: {error} "
+                                                   "(set L2L_DEBUG=1 for the traceback)")
     monkeypatch.setattr(l2l.cli, "benchmark", broken)
     monkeypatch.setenv("L2L_DEBUG", "1")
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
