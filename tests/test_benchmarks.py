@@ -152,6 +152,20 @@ def test_meta_iteration_smoke(monkeypatch, tmp_path, capsys):
     assert "batched path" in printed and "per-parameter loop" in printed and f"{report['ratio']:9.1f}x" in printed
 
 
+def test_untracked_step_smoke_compares_the_same_bits(monkeypatch, tmp_path, capsys):
+    from l2l.kernels import reference
+
+    out = tmp_path / "untracked.json"
+    untracked = reference._untracked
+    run_main(script("untracked_step"), monkeypatch, "--workloads", "quadratic,dropin100", "--repeats", "1", "--steps", "2",
+             "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["workload"] for row in rows] == ["quadratic", "dropin100"] and all(row["bit_identical"] for row in rows)
+    assert all(row[clock]["before_s"] > 0 and row[clock]["after_s"] > 0 for row in rows for clock in ("wall", "cpu"))
+    assert reference._untracked is untracked  # the script leaves the untracked path switched on
+    assert "before/after" in capsys.readouterr().out
+
+
 def test_compare_trees_worker_times_one_unit_per_request(monkeypatch, capsys):
     import argparse
     import io

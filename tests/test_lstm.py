@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from l2l.optimizers import CoordinateWiseLSTM
+from l2l.optimizers.lstm import LSTMState
 
 from helpers import sensitive_rule
 
@@ -246,3 +247,25 @@ def test_settings_changed_after_construction_are_checked_too(name, value, messag
     setattr(rule, name, 2)
     assert getattr(rule, name) == 2.0 and isinstance(getattr(rule, name), float)
     assert rule.config()[name] == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layers, coords", [(1, 1), (2, 17), (2, 1000), (3, 333), (2, 0)])
+def test_a_step_without_autograd_computes_the_tracked_step_bit_for_bit(monkeypatch, dtype, layers, coords):
+    """Evaluation and the drop-in step take the in-place path: it must give the meta-trained path's bits."""
+    from l2l.kernels import reference
+
+    lstm = CoordinateWiseLSTM(hidden_size=7, num_layers=layers, seed=3).to(dtype)
+    generator = torch.Generator().manual_seed(coords)
+    grad = torch.randn(coords, generator=generator, dtype=dtype) * 10.0 ** torch.randint(-8, 3, (coords,), generator=generator)
+    # Non-contiguous state, as the drop-in optimizer's chunks of its flat state are.
+    wide = torch.randn(2, layers, 7, 2 * coords + 1, generator=generator, dtype=dtype)
+    state = LSTMState(wide[0, :, :, 1::2], wide[1, :, :, :coords])
+    tracked = lstm(grad, state)  # grad mode on: the autograd path
+    untracked_calls, original = [], reference._step_untracked
+    monkeypatch.setattr(reference, "_step_untracked", lambda *args: untracked_calls.append(1) or original(*args))
+    with torch.no_grad():
+        untracked = lstm(grad, state)
+    assert untracked_calls == [1]
+    for got, want in zip((untracked[0], *untracked[1]), (tracked[0], *tracked[1])):
+        assert got.dtype == want.dtype and torch.equal(got, want.detach())

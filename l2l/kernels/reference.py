@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
 class LSTMWeights(NamedTuple):
@@ -64,6 +65,8 @@ def coordinatewise_lstm(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -
     Returns:
         ``(out, h_new, c_new)``: the read-out ``[N]`` and the new states ``[L, H, N]``.
     """
+    if _untracked(x, h, c, weights):
+        return _step_untracked(x, h, c, weights)
     hidden = h.shape[1]
     layer_input = x
     hs, cs = [], []
@@ -88,3 +91,37 @@ def coordinatewise_lstm(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -
         return torch.mv(layer_input.t(), weights.w_out) + weights.b_out, torch.stack(hs), torch.stack(cs)
     out = torch.addmv(weights.b_out, layer_input.t(), weights.w_out)
     return out, torch.stack(hs), torch.stack(cs)
+
+
+def _untracked(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -> bool:
+    """Whether no derivative of this step can be asked for (grad mode off, no forward AD, no torch.func transform) and all dtypes agree."""
+    return (
+        not torch.is_grad_enabled()
+        and forward_ad._current_level < 0  # dual tensors: out= variants refuse forward AD
+        and not torch._C._are_functorch_transforms_active()
+        and x.dtype == h.dtype == c.dtype == weights.w_out.dtype  # out= would not promote as the tracked path does
+    )
+
+
+def _step_untracked(x: Tensor, h: Tensor, c: Tensor, weights: LSTMWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`coordinatewise_lstm` with nothing to differentiate (evaluation, the drop-in step): the same kernels, bit for bit.
+
+    The activations are taken in place and the new states written straight into their
+    ``[L, H, N]`` outputs: no per-layer stack and fewer temporaries (about 1.1x an evaluation
+    on the CPU, benchmarks/RESULTS.md). Shapes as :func:`coordinatewise_lstm`'s.
+    """
+    hidden = h.shape[1]
+    h_out = torch.empty(h.shape, dtype=x.dtype, device=x.device)
+    c_out = torch.empty(c.shape, dtype=x.dtype, device=x.device)
+    layer_input = x
+    for layer, (w_ih, w_hh, bias) in enumerate(zip(weights.w_ih, weights.w_hh, weights.bias, strict=True)):
+        gates = torch.addmm(bias.unsqueeze(1), torch.cat((w_ih, w_hh), 1), torch.cat((layer_input, h[layer]), 0))
+        sigmoid_part, cell_part = gates.split_with_sizes((3 * hidden, hidden))
+        in_gate, forget_gate, out_gate = sigmoid_part.sigmoid_().chunk(3)
+        cell_gate = cell_part.tanh_()
+        c_new = torch.mul(forget_gate, c[layer], out=c_out[layer]).addcmul_(in_gate, cell_gate)
+        # tanh(c) * o, not o * tanh(c): multiplication commutes exactly, and the product lands in h_out.
+        layer_input = torch.tanh(c_new, out=h_out[layer]).mul_(out_gate)
+    if layer_input.shape[1] == 0:  # as in coordinatewise_lstm
+        return torch.mv(layer_input.t(), weights.w_out) + weights.b_out, h_out, c_out
+    return torch.addmv(weights.b_out, layer_input.t(), weights.w_out), h_out, c_out
