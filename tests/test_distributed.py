@@ -194,6 +194,8 @@ COLLECTIVES_SCRIPT = textwrap.dedent(
     from l2l.config import ConfigError
     from l2l.meta.distributed import Collectives, current_layout
 
+    import torch._dynamo  # noqa: F401  (before the group starts, as l2l train does: see process_group_from_environment)
+
     dist.init_process_group("gloo")
     layout = current_layout()
     collectives = Collectives(layout)
@@ -285,6 +287,8 @@ MISMATCH_SCRIPT = textwrap.dedent(
     from l2l.config import TrainConfig
     from l2l.meta.train import meta_train
 
+    import torch._dynamo  # noqa: F401  (before the group starts, as l2l train does: see process_group_from_environment)
+
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a regression waits a minute, not 30
     rank = dist.get_rank()
     out, other, fixture_resume, early_resume = sys.argv[1:5]
@@ -326,6 +330,37 @@ def test_processes_given_different_arguments_or_failing_alone_all_stop_with_a_me
     assert lines.count(": trained") == 2 and "rank 0 resume-from-one-checkpoint: trained" in lines
 
 
+GROUP_THREADS_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import torch
+    from l2l.meta.distributed import process_group_from_environment
+
+    def threads():
+        return sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
+
+    with process_group_from_environment(torch.device("cpu")) as started:
+        assert started
+        weight = torch.nn.Parameter(torch.ones(3))
+        weight.grad = torch.ones(3)
+        torch.optim.Adam([weight]).step()  # imports torch._dynamo, as every meta-training run's first step does
+    print("left after the group:", [name for name in threads() if "gloo" in name], flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the threads from /proc (Linux)")
+def test_the_process_group_is_gone_with_its_threads_when_the_block_ends(tmp_path):
+    # torch._dynamo imported after the group started kept it alive past destroy_process_group: Gloo's
+    # threads outlived it and, freeing a collective's tensors as the interpreter exited, aborted one
+    # process in some 5% of successful runs ("terminate called without an active exception", exit -6).
+    script = tmp_path / "threads.py"
+    script.write_text(GROUP_THREADS_SCRIPT)
+    finished = torchrun([str(script)])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.count("left after the group: []") == 2, finished.stdout
+
+
 def test_an_explicit_gpu_under_torchrun_with_several_processes_per_node_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -346,6 +381,8 @@ STOP_SCRIPT = textwrap.dedent(
     from l2l.config import TrainConfig
     from l2l.meta import StopRequest, TrainingInterrupted
     from l2l.meta.train import MetaTrainer
+
+    import torch._dynamo  # noqa: F401  (before the group starts, as l2l train does: see process_group_from_environment)
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -382,6 +419,7 @@ FAILURE_SCRIPT = textwrap.dedent(
     from helpers import TinyMLPFamily
 
     # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
+    import torch._dynamo  # noqa: F401  (before the group starts, as l2l train does: see process_group_from_environment)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank = dist.get_rank()
     report = open(f"{{sys.argv[2]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix
@@ -472,6 +510,7 @@ LATE_FAILURE_SCRIPT = textwrap.dedent(
     from l2l.meta.train import MetaTrainer
 
     # A regression (a process left waiting in a collective) fails after 20 s, not the default 30 minutes.
+    import torch._dynamo  # noqa: F401  (before the group starts, as l2l train does: see process_group_from_environment)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))
     rank = dist.get_rank()
     report = open(f"{{sys.argv[1]}}/rank-{{rank}}.txt", "w")  # not stdout, where the two processes' lines can mix

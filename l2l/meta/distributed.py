@@ -123,6 +123,12 @@ def process_group_from_environment(device: torch.device) -> Iterator[bool]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # torch._dynamo imported after the group starts (torch.optim imports it at its first step) keeps
+    # the group alive past destroy_process_group: Gloo's worker threads then outlive it and, if one
+    # frees a finished collective's tensors while the interpreter exits, abort the process
+    # ("terminate called without an active exception", exit -6, after a successful run).
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group(backend)
     try:
         yield True
