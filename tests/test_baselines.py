@@ -330,7 +330,9 @@ def test_the_report_records_the_versions_and_each_learned_rules_kernel_and_its_t
     # A per-group rule whose groups take different paths names both (the CUDA choice faked: no GPU here).
     grouped = PerGroupRule({"conv": CoordinateWiseLSTM(seed=0), "fc": CoordinateWiseLSTM(seed=1)})
     grouped.rules["fc"].kernel = "fused"
-    monkeypatch.setattr(evaluation, "select_kernel", lambda kernel, rule, device: "fused" if kernel == "fused" else "reference")
+    from l2l.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "select_kernel", lambda kernel, rule, device: "fused" if kernel == "fused" else "reference")
     assert evaluation.kernel_taken(grouped, torch.device("cuda")) == "reference+fused"
     assert evaluation.kernel_taken(get_baseline("adam", 0.1), torch.device("cpu")) is None
     assert format_table(report).splitlines()[0] == (

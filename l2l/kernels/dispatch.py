@@ -9,7 +9,7 @@ runtime setting of a module (``rule.kernel``), not part of its trained configura
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -45,10 +45,23 @@ def select_kernel(kernel: str, rule: Any, device: torch.device) -> str:
     return "reference"
 
 
+def lstm_modules(module: nn.Module) -> Iterator[nn.Module]:
+    """The coordinatewise LSTMs inside ``module``: itself, or a per-group rule's."""
+    return (sub for sub in module.modules() if hasattr(sub, "kernel") and hasattr(sub, "hidden_size"))
+
+
 def set_kernel(module: nn.Module, kernel: str) -> nn.Module:
     """Sets ``kernel`` on every coordinatewise LSTM inside ``module`` (itself, or a per-group rule's); returns it."""
     check_kernel(kernel)
-    for sub in module.modules():
-        if hasattr(sub, "kernel") and hasattr(sub, "hidden_size"):
-            sub.kernel = kernel
+    for sub in lstm_modules(module):
+        sub.kernel = kernel
     return module
+
+
+def kernels_taken(module: nn.Module, device: torch.device) -> set[str]:
+    """The paths (``"reference"``, ``"fused"``) the LSTMs inside ``module`` take on ``device``.
+
+    Raises:
+        FusedUnavailableError: one asks for ``"fused"`` where it cannot run.
+    """
+    return {select_kernel(sub.kernel, sub, device) for sub in lstm_modules(module)}

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from l2l.checkpoint import versions
 from l2l.config import check_baselines, check_lr_grid, lr_key
-from l2l.kernels.dispatch import select_kernel
+from l2l.kernels.dispatch import kernels_taken
 from l2l.meta.unroll import run
 from l2l.optimizers.base import UpdateRule
 from l2l.optimizers.baselines import get_baseline
@@ -251,8 +251,7 @@ def benchmark(
 
 def kernel_taken(rule: UpdateRule, device: torch.device) -> str | None:
     """``"reference"``, ``"fused"`` or ``"reference+fused"``: the path(s) ``rule``'s LSTMs take on ``device``; None for other rules."""
-    taken = {select_kernel(sub.kernel, sub, device) for sub in rule.modules() if hasattr(sub, "kernel") and hasattr(sub, "hidden_size")} \
-        if isinstance(rule, torch.nn.Module) else set()
+    taken = kernels_taken(rule, device) if isinstance(rule, torch.nn.Module) else set()
     return "+".join(sorted(taken, reverse=True)) or None
 
 

@@ -40,7 +40,7 @@ from l2l.checkpoint import (
     save_use_checkpoint,
 )
 from l2l.config import ConfigError, TrainConfig, home_path
-from l2l.kernels.dispatch import select_kernel, set_kernel
+from l2l.kernels.dispatch import kernels_taken, set_kernel
 from l2l.meta.distributed import (
     REPORTED,
     Collectives,
@@ -317,9 +317,7 @@ class MetaTrainer:
         self.rule = set_kernel(self.rule.to(self.device), config.kernel)
         # kernel='fused' where it cannot run (the CPU, no Triton, a configuration it does not cover) is
         # refused now, before any instance is drawn, rather than at the first LSTM step of the first epoch.
-        for sub in self.rule.modules():
-            if hasattr(sub, "kernel") and hasattr(sub, "hidden_size"):
-                select_kernel(sub.kernel, sub, self.device)
+        kernels_taken(self.rule, self.device)
         # One (instances, minibatches) generator pair per shard this process computes.
         self.streams = [shard_streams(config.seed, shard, self.layout.total, self.device) for shard in self.layout.local]
         self.instance_generator, self.batch_generator = self.streams[0]
