@@ -675,10 +675,11 @@ class MetaTrainer:
                 if not isinstance(value, Tensor) or tuple(value.shape) != shape:
                     found = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                     raise ValueError(f"Adam {key} of {name} has shape {found}, expected {shape}")
-                if not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"Adam {key} of {name} holds NaN or infinite values")
             if bool((state["exp_avg_sq"] < 0).any()):
                 raise ValueError(f"Adam exp_avg_sq of {name} holds negative values (a second moment is never below 0)")
+        moments = [name for name in self._non_finite_state() if name.startswith("Adam ")]  # the weights: checked on loading
+        if moments:
+            raise ValueError(f"{moments[0]} holds NaN or infinite values")
 
     def _align_meta_optimizer(self) -> None:
         """After loading a state saved with or without graphs: this run's ``capturable`` and where Adam's steps live."""
